@@ -404,6 +404,8 @@ def bulyan(updates: ArrayLike, *, f: int | None = None) -> AggregateResult:
        coordinate-wise median of the selection.
 
     Same result as Flower's ``aggregate_bulyan(aggregation_rule=aggregate_krum)``.
+    Cost grows as ``n^3`` in the clients per round (about 6 ms for 100 clients, 4 s for 1,000
+    on one core); it is meant for tens to a few hundred clients per round.
 
     Args:
         updates: ``[n_clients, n_params]`` stack.
