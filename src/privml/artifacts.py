@@ -1,0 +1,130 @@
+"""Writing and reading run folders: results.json, model.pt, model.json, report.html.
+
+A run folder is written into a temporary sibling folder and moved into place only when every
+file is complete, so a failed or interrupted run never leaves a half-written folder and never
+damages an earlier run's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privml.data.encoding import Encoder, Task
+from privml.errors import DataError
+from privml.models.nets import ModelSpec, build_model, load_flat_params
+
+MODEL_FORMAT = "privml-model/1"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def model_metadata(
+    spec: ModelSpec, encoder: Encoder, task: Task, *, config_hash: str, weights_sha256: str
+) -> dict[str, Any]:
+    from privml import __version__
+
+    return {
+        "format": MODEL_FORMAT,
+        "privml_version": __version__,
+        "architecture": spec.to_dict(),
+        "task": task.to_dict(),
+        "encoding": encoder.to_dict(),
+        "config_hash": config_hash,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def save_model(
+    folder: Path,
+    spec: ModelSpec,
+    params: torch.Tensor,
+    encoder: Encoder,
+    task: Task,
+    *,
+    config_hash: str,
+) -> dict[str, Any]:
+    """Write ``model.pt`` (a state dict) and ``model.json`` (everything to rebuild and encode)."""
+    model = build_model(spec)
+    load_flat_params(model, params)
+    torch.save(model.state_dict(), folder / "model.pt")
+    meta = model_metadata(
+        spec,
+        encoder,
+        task,
+        config_hash=config_hash,
+        weights_sha256=sha256_file(folder / "model.pt"),
+    )
+    write_json(folder / "model.json", meta)
+    return meta
+
+
+def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task, dict[str, Any]]:
+    """Load a saved model; refuses one whose weights do not match the hash in model.json."""
+    folder = Path(folder)
+    meta_path, weights = folder / "model.json", folder / "model.pt"
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise DataError(f"{str(p)!r} not found: pass a run folder written by `privml run`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise DataError(f"{str(meta_path)!r}: unknown model format {meta.get('format')!r}")
+    if sha256_file(weights) != meta.get("weights_sha256"):
+        raise DataError(f"{str(weights)!r} does not match the hash in model.json; refusing it")
+    spec = ModelSpec.from_dict(meta["architecture"])
+    model = build_model(spec)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    enc = Encoder.from_dict(meta["encoding"])
+    t = meta["task"]
+    task = Task(t["kind"], t["target"], tuple(t["classes"]))
+    return model, spec, enc, task, meta
+
+
+def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create ``final`` by filling a temporary sibling folder, then renaming it into place.
+
+    If ``fill`` raises, the temporary folder is removed and ``final`` (if it existed) is left
+    exactly as it was. An existing ``final`` is replaced only after the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        for p in tmp.iterdir():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

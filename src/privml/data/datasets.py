@@ -1,0 +1,112 @@
+"""Built-in datasets, loaded offline, as per-site frames with a declared public schema.
+
+* ``breast_cancer``: scikit-learn's Wisconsin diagnostic data (569 patients, 30 features).
+  Bounds come from the summary-statistics table published with the dataset (its DESCR), not
+  from a computation on the records.
+* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images); pixel bounds [0, 16] are
+  the sensor's range.
+* ``synthetic``: patient-like records with a known ground-truth logistic model, for any number
+  of sites and rows (scale tests); bounds are the generator's own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from privml.config import ColumnSchema
+
+
+@dataclass
+class BuiltinData:
+    """A built-in dataset: one pooled frame, its public schema, target and classes."""
+
+    frame: pd.DataFrame
+    schema: dict[str, ColumnSchema]
+    target: str
+    classes: list[str]
+    truth: dict[str, object] | None = None
+
+
+def _bc_name(descr_name: str) -> str:
+    m = re.fullmatch(r"(.+) \((mean|standard error|worst)\)", descr_name.strip())
+    if not m:
+        raise ValueError(descr_name)
+    base, kind = m.group(1).replace(" ", "_"), m.group(2)
+    return {"mean": f"mean_{base}", "standard error": f"{base}_error", "worst": f"worst_{base}"}[
+        kind
+    ]
+
+
+def breast_cancer() -> BuiltinData:
+    """Breast cancer Wisconsin (diagnostic); positive class ``malignant``."""
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    bounds: dict[str, tuple[float, float]] = {}
+    for line in bunch.DESCR.splitlines():
+        m = re.match(r"^([a-z ]+\((?:mean|standard error|worst)\)):\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            bounds[_bc_name(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    cols = [c.replace(" error", "_error").replace(" ", "_") for c in bunch.feature_names]
+    if set(cols) != set(bounds):
+        raise RuntimeError("scikit-learn's breast cancer description changed; update privml")
+    df = pd.DataFrame(bunch.data, columns=cols)
+    df["diagnosis"] = np.where(bunch.target == 0, "malignant", "benign")
+    schema = {c: ColumnSchema(type="numeric", min=bounds[c][0], max=bounds[c][1]) for c in cols}
+    return BuiltinData(df, schema, "diagnosis", ["benign", "malignant"])
+
+
+def digits() -> BuiltinData:
+    """8x8 digits; 64 pixel columns in [0, 16]; ten classes ``"0"``..``"9"``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    cols = [f"px{i:02d}" for i in range(64)]
+    df = pd.DataFrame(bunch.data, columns=cols)
+    df["digit"] = bunch.target.astype(str)
+    schema = {c: ColumnSchema(type="numeric", min=0.0, max=16.0) for c in cols}
+    return BuiltinData(df, schema, "digit", [str(i) for i in range(10)])
+
+
+def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int = 1) -> BuiltinData:
+    """Records from a known logistic model: ``P(y=1|x) = sigmoid(x . w + b)``.
+
+    Features: ``n_features - 2`` standard-normal numeric columns clipped to [-4, 4] with a
+    per-site mean shift (covariate shift across sites), an ``age`` in [18, 90] and a
+    categorical ``smoker`` in {never, former, current}. The true weights act on the encoded
+    features and are returned in ``truth`` so tests can check recovery.
+    """
+    rng = np.random.default_rng(seed)
+    n_num = max(n_features - 2, 1)
+    site = rng.integers(0, n_sites, size=n_rows)
+    shift = rng.normal(0, 0.3, size=(n_sites, n_num))
+    x = np.clip(rng.normal(size=(n_rows, n_num)) + shift[site], -4, 4)
+    age = np.clip(rng.normal(55, 15, size=n_rows), 18, 90)
+    smoker = rng.choice(["never", "former", "current"], p=[0.5, 0.3, 0.2], size=n_rows)
+    w = rng.normal(0, 1.5, size=n_num) / np.sqrt(n_num) * 2
+    w_age, w_smoke = 1.5, {"never": 0.0, "former": 0.5, "current": 1.2}
+    logit = (
+        ((x + 4) / 8) @ w * 4
+        - 2 * w.sum()
+        + w_age * (age - 18) / 72
+        + np.vectorize(w_smoke.get)(smoker)
+        - 1.2
+    )
+    y = rng.random(n_rows) < 1 / (1 + np.exp(-logit))
+    cols = [f"x{i}" for i in range(n_num)]
+    df = pd.DataFrame(x, columns=cols)
+    df["age"] = age
+    df["smoker"] = smoker
+    df["outcome"] = np.where(y, "event", "none")
+    df["_site"] = site
+    schema: dict[str, ColumnSchema] = {
+        c: ColumnSchema(type="numeric", min=-4.0, max=4.0) for c in cols
+    }
+    schema["age"] = ColumnSchema(type="numeric", min=18.0, max=90.0)
+    schema["smoker"] = ColumnSchema(type="categorical", values=["never", "former", "current"])
+    truth = {"weights": w.tolist(), "bayes_accuracy": float(np.mean((logit > 0) == y))}
+    return BuiltinData(df, schema, "outcome", ["none", "event"], truth)

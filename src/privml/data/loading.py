@@ -1,0 +1,154 @@
+"""Reading sites' files (CSV or Parquet) and checking them against each other and the schema."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from privml.config import ColumnSchema
+from privml.errors import DataError
+
+#: Strings read as a missing value in a CSV.
+NA_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
+_MAX_LISTED = 5
+
+
+def read_site_file(path: Path, *, site: str) -> pd.DataFrame:
+    """Read one site's file. Every column is read as text-or-number; nothing is coerced silently."""
+    if not path.exists():
+        raise DataError(
+            f"site {site!r}: file {str(path)!r} not found; fix data.sites path "
+            "(relative paths are resolved against the config file's folder)"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".txt", ".gz"):
+            df = pd.read_csv(path, na_values=NA_VALUES, keep_default_na=False, dtype=object)
+        else:
+            raise DataError(
+                f"site {site!r}: {path.name!r} is neither CSV (.csv) nor Parquet (.parquet)"
+            )
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"site {site!r}: file {str(path)!r} is empty (no header, no rows)"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise DataError(f"site {site!r}: cannot read {str(path)!r}: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _rows(mask: pd.Series) -> str:
+    """1-based data row numbers (the header is not counted) for a boolean mask."""
+    idx = [int(i) + 1 for i in mask[mask].index[:_MAX_LISTED]]
+    more = int(mask.sum()) - len(idx)
+    return ", ".join(map(str, idx)) + (f" and {more} more" if more > 0 else "")
+
+
+def check_sites(
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    schema: Mapping[str, ColumnSchema],
+    target: str,
+    exclude: tuple[str, ...] = (),
+) -> list[str]:
+    """Every problem in the sites' frames, as messages naming site, row and column.
+
+    Checks: empty sites, the target column present, the same columns at every site as in the
+    schema, numeric columns parse as numbers, categories and binary values are declared, and
+    missing values only where the schema allows them.
+    """
+    problems: list[str] = []
+    expected = set(schema) | {target}
+    for site, df in frames.items():
+        if len(df) == 0:
+            problems.append(f"site {site!r}: no rows; remove the site or give it data")
+            continue
+        cols = set(df.columns) - set(exclude)
+        if target not in cols:
+            problems.append(
+                f"site {site!r}: target column {target!r} is missing "
+                f"(columns: {', '.join(sorted(cols)[:10])}); fix data.target or the file"
+            )
+        missing_cols = sorted(expected - cols - {target})
+        extra_cols = sorted(cols - expected)
+        if missing_cols:
+            problems.append(
+                f"site {site!r}: columns {missing_cols} of the schema are missing from the file"
+            )
+        if extra_cols:
+            problems.append(
+                f"site {site!r}: columns {extra_cols} are not in the schema nor at the other "
+                "sites; declare them in [data.schema] or list them in data.exclude"
+            )
+        for col, spec in schema.items():
+            if col not in df.columns:
+                continue
+            problems += _check_column(site, col, df[col], spec)
+    return problems
+
+
+def _check_column(site: str, col: str, values: pd.Series, spec: ColumnSchema) -> list[str]:
+    out: list[str] = []
+    na = values.isna()
+    if na.any() and not spec.missing:
+        out.append(
+            f"site {site!r}, column {col!r}: missing values at rows {_rows(na)}; "
+            f"set missing = true in [data.schema.{col}] to impute them"
+        )
+    present = values[~na]
+    if spec.type == "numeric":
+        num = pd.to_numeric(present, errors="coerce")
+        bad = num.isna()
+        if bad.any():
+            first = present[bad].iloc[0]
+            out.append(
+                f"site {site!r}, column {col!r}: non-numeric value {str(first)!r} at rows "
+                f"{_rows(bad.reindex(values.index, fill_value=False))}; "
+                "fix the file or declare the column categorical"
+            )
+    elif spec.type == "categorical" and not spec.other:
+        allowed = set(spec.values or [])
+        bad = ~present.astype(str).isin(allowed)
+        if bad.any():
+            first = present[bad].iloc[0]
+            out.append(
+                f"site {site!r}, column {col!r}: value {str(first)!r} at rows "
+                f"{_rows(bad.reindex(values.index, fill_value=False))} is not one of the "
+                f"declared values {spec.values}; add it to values or set other = true"
+            )
+    elif spec.type == "binary":
+        try:
+            binary_codes(present, spec)
+        except ValueError as exc:
+            out.append(f"site {site!r}, column {col!r}: {exc}")
+    return out
+
+
+def binary_codes(values: pd.Series, spec: ColumnSchema) -> pd.Series:
+    """Map a binary column's present values to 0.0/1.0 (raises ValueError naming bad rows)."""
+    if spec.values is not None:
+        neg, pos = spec.values
+        s = values.astype(str)
+        bad = ~s.isin([neg, pos])
+        if bad.any():
+            raise ValueError(
+                f"value {str(values[bad].iloc[0])!r} at rows {_rows(bad)} is neither "
+                f"{neg!r} nor {pos!r}"
+            )
+        return (s == pos).astype(float)
+    low = values.astype(str).str.strip().str.lower()
+    mapped = low.map({"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0, "true": 1.0, "false": 0.0})
+    bad = mapped.isna()
+    if bad.any():
+        raise ValueError(
+            f"value {str(values[bad].iloc[0])!r} at rows {_rows(bad)} is not 0/1/true/false; "
+            "declare values = [negative, positive]"
+        )
+    return mapped.astype(float)

@@ -1,0 +1,128 @@
+"""Public schemas: inferring one for review, and writing it as TOML.
+
+A schema is public metadata: column types, declared bounds, declared categories. Encoding and
+every DP sensitivity use only the schema, so every site encodes identically without seeing the
+others, and nothing about one patient leaks through a bound. A schema *inferred* from the data
+(:func:`infer_schema`) is marked ``derived_from_data`` and must be reviewed by a person: its
+bounds are the private data's own minimum and maximum.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from privml.config import ColumnSchema
+
+#: A string column with at most this many distinct values is inferred as categorical.
+MAX_INFERRED_CATEGORIES = 50
+
+_TRUE = {"true", "yes", "y", "t", "1"}
+_FALSE = {"false", "no", "n", "f", "0"}
+
+
+def _round_out(lo: float, hi: float) -> tuple[float, float]:
+    """Widen [lo, hi] to 'nice' numbers so the inferred bounds are not the exact extremes."""
+    if lo == hi:
+        return lo - 1.0, hi + 1.0
+    span = hi - lo
+    step = 10 ** math.floor(math.log10(span)) / 10
+    return math.floor(lo / step) * step, math.ceil(hi / step) * step
+
+
+def infer_column(values: pd.Series) -> ColumnSchema | None:
+    """Infer one column's schema from its values (private data!). None if it looks like an id."""
+    nonnull = values.dropna()
+    missing = bool(values.isna().any())
+    if len(nonnull) == 0:
+        return None
+    numeric = pd.to_numeric(nonnull, errors="coerce")
+    if numeric.notna().all():
+        uniq = np.unique(numeric.to_numpy(dtype=float))
+        if len(uniq) <= 2 and set(uniq.tolist()) <= {0.0, 1.0}:
+            return ColumnSchema(type="binary", missing=missing, derived_from_data=True)
+        lo, hi = _round_out(float(uniq.min()), float(uniq.max()))
+        return ColumnSchema(
+            type="numeric",
+            min=lo,
+            max=hi,
+            missing=missing,
+            derived_from_data=True,
+            impute=float(np.median(numeric.to_numpy(dtype=float))),
+        )
+    cats = sorted({str(v) for v in nonnull})
+    if len(cats) == 2:
+        low = {c.lower() for c in cats}
+        if low <= _TRUE | _FALSE and low & _TRUE and low & _FALSE:
+            cats = sorted(cats, key=lambda c: c.lower() in _TRUE)
+        return ColumnSchema(type="binary", values=cats, missing=missing, derived_from_data=True)
+    if len(cats) <= MAX_INFERRED_CATEGORIES:
+        return ColumnSchema(
+            type="categorical", values=cats, missing=missing, derived_from_data=True
+        )
+    return None
+
+
+def infer_schema(
+    frames: Mapping[str, pd.DataFrame], *, target: str | None = None, exclude: tuple[str, ...] = ()
+) -> tuple[dict[str, ColumnSchema], list[str]]:
+    """Infer a schema over all sites' frames together.
+
+    Returns ``(schema, skipped)`` where ``skipped`` lists columns that look like identifiers
+    (many distinct strings) and are left out; they should be listed in ``data.exclude``.
+    Every inferred column is marked ``derived_from_data``.
+    """
+    if not frames:
+        return {}, []
+    cols: list[str] = []
+    for df in frames.values():
+        cols += [c for c in df.columns if c not in cols]
+    schema: dict[str, ColumnSchema] = {}
+    skipped: list[str] = []
+    for col in cols:
+        if col == target or col in exclude:
+            continue
+        series = pd.concat(
+            [df[col] for df in frames.values() if col in df.columns], ignore_index=True
+        )
+        spec = infer_column(series)
+        if spec is None:
+            skipped.append(col)
+        else:
+            schema[col] = spec
+    return schema, skipped
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(float(v)) if isinstance(v, float) else str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_\-]+", k) else _toml_value(k)
+
+
+def schema_to_toml(schema: Mapping[str, ColumnSchema], *, header: str | None = None) -> str:
+    """Render a schema as ``[data.schema.COL]`` tables, ready to paste into a config."""
+    lines: list[str] = []
+    if header:
+        lines += [f"# {h}" if h else "#" for h in header.splitlines()]
+        lines.append("")
+    for col, spec in schema.items():
+        lines.append(f"[data.schema.{_toml_key(col)}]")
+        lines.append(f'type = "{spec.type}"')
+        for key, val in spec.model_dump(exclude_defaults=True).items():
+            if key != "type" and val is not None:
+                lines.append(f"{key} = {_toml_value(val)}")
+        lines.append("")
+    return "\n".join(lines)
