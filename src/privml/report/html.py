@@ -20,9 +20,6 @@ def _plot_rounds(rounds: list[dict[str, Any]]) -> str:
     for key in ("accuracy", "auc"):
         ys = [float(x[key]) if x.get(key) is not None else float("nan") for x in rounds]
         ax.plot(r, ys, label=key, marker="o", ms=3)
-            marker="o",
-            ms=3,
-        )
     ax.set_xlabel("round")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
