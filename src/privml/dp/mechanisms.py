@@ -443,7 +443,7 @@ def gaussian(
             sigma = analytic_gaussian_sigma(epsilon=eps, delta=d, sensitivity=sens)
         else:
             sigma = classic_gaussian_sigma(epsilon=eps, delta=d, sensitivity=sens)
-        noisy = samplers.numpy_gaussian(val, sigma=sigma, rng=generator)
+        noisy = float(samplers.numpy_gaussian(val, sigma=sigma, rng=generator))
         event: DpEvent = GaussianDpEvent(sigma / sens)
         return Release(noisy, eps, d, event, func, samplers.INSECURE_SAMPLER, sigma)
     step, grid_sens = gaussian_grid(sens)
