@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -91,15 +92,25 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
     if meta.get("format") != MODEL_FORMAT:
         raise DataError(f"{str(meta_path)!r}: unknown model format {meta.get('format')!r}")
     if sha256_file(weights) != meta.get("weights_sha256"):
-        raise DataError(f"{str(weights)!r} does not match the hash in model.json; refusing it")
-    spec = ModelSpec.from_dict(meta["architecture"])
-    model = build_model(spec)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+        raise DataError(
+            f"{str(weights)!r} does not match the weights_sha256 in model.json: the weights were "
+            "changed or replaced after the run; refusing them (re-run `privml run` to get a "
+            "consistent folder)"
+        )
+    try:
+        spec = ModelSpec.from_dict(meta["architecture"])
+        model = build_model(spec)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        enc = Encoder.from_dict(meta["encoding"])
+        t = meta["task"]
+        task = Task(t["kind"], t["target"], tuple(t["classes"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise DataError(
+            f"{str(folder)!r}: model.json and model.pt do not fit together "
+            f"({type(exc).__name__}: {exc}); re-run `privml run` to get a consistent folder"
+        ) from None
     model.eval()
-    enc = Encoder.from_dict(meta["encoding"])
-    t = meta["task"]
-    task = Task(t["kind"], t["target"], tuple(t["classes"]))
     return model, spec, enc, task, meta
 
 
@@ -114,9 +125,10 @@ def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         fill(tmp)
-        for p in tmp.iterdir():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                with p.open("rb") as f:
+                    os.fsync(f.fileno())
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)

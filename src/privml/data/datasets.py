@@ -77,8 +77,14 @@ def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int 
 
     Features: ``n_features - 2`` standard-normal numeric columns clipped to [-4, 4] with a
     per-site mean shift (covariate shift across sites), an ``age`` in [18, 90] and a
-    categorical ``smoker`` in {never, former, current}. The true weights act on the encoded
-    features and are returned in ``truth`` so tests can check recovery.
+    categorical ``smoker`` in {never, former, current}.
+
+    ``truth`` holds the model in the space of the *encoded* features (numeric columns scaled
+    into [0, 1] by the declared bounds, ``smoker`` one-hot), so a trained model's weights can be
+    compared with it directly: ``coef`` (feature name -> weight; the one-hot ``smoker``
+    weights are relative to ``smoker=never`` = 0), ``intercept``, ``weights`` (the raw
+    generator weights of ``x0..``), and ``bayes_accuracy`` (the true model's accuracy on
+    these records).
     """
     rng = np.random.default_rng(seed)
     n_num = max(n_features - 2, 1)
@@ -108,5 +114,14 @@ def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int 
     }
     schema["age"] = ColumnSchema(type="numeric", min=18.0, max=90.0)
     schema["smoker"] = ColumnSchema(type="categorical", values=["never", "former", "current"])
-    truth = {"weights": w.tolist(), "bayes_accuracy": float(np.mean((logit > 0) == y))}
+    # logit = 0.5 x.w + ... ; on the encoded feature e = (x + 4) / 8 that is 4 w.e - 2 sum(w)
+    coef: dict[str, float] = {c: float(4 * wi) for c, wi in zip(cols, w, strict=True)}
+    coef["age"] = w_age
+    coef.update({f"smoker={k}": v for k, v in w_smoke.items()})
+    truth = {
+        "coef": coef,
+        "intercept": float(-2 * w.sum() - 1.2),
+        "weights": w.tolist(),
+        "bayes_accuracy": float(np.mean((logit > 0) == y)),
+    }
     return BuiltinData(df, schema, "outcome", ["none", "event"], truth)

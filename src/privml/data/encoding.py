@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema
-from privml.data.loading import _rows, binary_codes
+from privml.data.loading import _rows, binary_codes, numeric_values
 from privml.errors import DataError, SchemaError
 
 
@@ -54,6 +54,8 @@ def resolve_task(
 ) -> Task:
     """Decide the task from the config and check every site's labels against it."""
     seen: dict[str, str] = {}  # label -> first site having it
+    where: dict[str, str] = {}  # label -> "site 'x', row r" of its first occurrence
+    counts: dict[str, int] = {}
     problems: list[str] = []
     for site, df in frames.items():
         if target not in df.columns:
@@ -62,11 +64,17 @@ def resolve_task(
         na = col.isna()
         if na.any():
             problems.append(
-                f"site {site!r}, target {target!r}: missing label at rows {_rows(na)}; "
+                f"site {site!r}, target {target!r}: missing label at {_rows(na)}; "
                 "drop those rows or fill them in"
             )
-        for v in pd.unique(col[~na].map(_label_str)):
-            seen.setdefault(str(v), site)
+        labels_here = col[~na].map(_label_str)
+        for v, k in labels_here.value_counts(sort=False).items():
+            counts[str(v)] = counts.get(str(v), 0) + int(k)
+        for v in pd.unique(labels_here):
+            if str(v) not in seen:
+                seen[str(v)] = site
+                first = labels_here.index[(labels_here == v).to_numpy()][0]
+                where[str(v)] = f"site {site!r}, row {int(first) + 1}"
     if problems:
         raise DataError(problems)
     labels = sorted(seen)
@@ -74,7 +82,7 @@ def resolve_task(
         unknown = [v for v in labels if v not in classes]
         if unknown:
             raise DataError(
-                f"target {target!r}: values {unknown} (first at site {seen[unknown[0]]!r}) are "
+                f"target {target!r}: values {unknown} (first at {where[unknown[0]]}) are "
                 f"not in data.classes {classes}; add them or fix the files"
             )
         if len(classes) == 2:
@@ -89,10 +97,13 @@ def resolve_task(
             )
         others = [v for v in labels if v != pos]
         if len(others) > 1:
-            third = others[1]
+            third = min(others, key=lambda v: counts[v])  # the rarest is the likeliest typo
+            n3 = counts[third]
             raise DataError(
                 f"target {target!r}: a binary task has two label values but found "
-                f"{len(labels)}: {labels[:10]} (value {third!r} first at site {seen[third]!r}); "
+                f"{len(labels)}: {labels[:10]} (value {third!r} in {n3} record"
+                f"{'s' if n3 > 1 else ''}, "
+                f"first at {where[third]}); "
                 "fix the files, or set data.classes for a multiclass task"
             )
         neg = others[0] if others else f"not {pos}"
@@ -168,18 +179,19 @@ class Encoder:
             na = values.isna().to_numpy()
             if na.any() and not spec.missing:
                 problems.append(
-                    f"site {site!r}, column {col!r}: missing values at rows "
+                    f"site {site!r}, column {col!r}: missing values at "
                     f"{_rows(pd.Series(na))}; set missing = true in [data.schema.{col}]"
                 )
                 continue
             if spec.type == "numeric":
                 assert spec.min is not None and spec.max is not None
-                num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+                num = numeric_values(values).to_numpy(dtype=np.float64)
                 bad = np.isnan(num) & ~na
                 if bad.any():
                     problems.append(
-                        f"site {site!r}, column {col!r}: non-numeric values at rows "
-                        f"{_rows(pd.Series(bad))}"
+                        f"site {site!r}, column {col!r}: non-numeric value "
+                        f"{str(values[bad].iloc[0])!r} at {_rows(pd.Series(bad))}; "
+                        "fix the file or declare the column categorical"
                     )
                     continue
                 impute = (
@@ -212,7 +224,7 @@ class Encoder:
                         onehot[:, -1] = unknown
                     else:
                         problems.append(
-                            f"site {site!r}, column {col!r}: value {s[unknown][0]!r} at rows "
+                            f"site {site!r}, column {col!r}: value {s[unknown][0]!r} at "
                             f"{_rows(pd.Series(unknown))} is not one of the declared values "
                             f"{cats}; add it to values or set other = true"
                         )

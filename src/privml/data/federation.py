@@ -16,7 +16,7 @@ import pandas as pd
 from privml.config import ColumnSchema, Config
 from privml.data import datasets, partition
 from privml.data.encoding import Encoder, Task, encode_labels, resolve_task
-from privml.data.loading import check_sites, read_site_file
+from privml.data.loading import check_columns_agree, check_sites, read_site_file
 from privml.data.schema import infer_schema
 from privml.errors import DataError, PrivacyLeakWarning
 
@@ -42,6 +42,13 @@ class SiteData:
 
 @dataclass
 class FederatedData:
+    """Every site's encoded data, the shared encoder and the task.
+
+    ``inferred_columns`` lists the columns whose schema came from the private data (inferred
+    at load time, or declared with ``derived_from_data = true``); ``truth`` is the generator's
+    ground truth for the synthetic dataset.
+    """
+
     sites: list[SiteData]
     encoder: Encoder
     task: Task
@@ -185,7 +192,13 @@ def load_federation(config: Config) -> FederatedData:
         ]
         if problems:
             raise DataError(problems)
+        problems = check_columns_agree(
+            frames, declared=d.schema, target=target, exclude=tuple(d.exclude)
+        )
+        if problems:
+            raise DataError(problems)
         schema, inferred = resolve_schema(config, frames)
+        _warn_reviewed(schema, inferred)
         problems = check_sites(frames, schema=schema, target=target, exclude=tuple(d.exclude))
         if problems:
             raise DataError(problems)
@@ -209,4 +222,19 @@ def load_federation(config: Config) -> FederatedData:
     notes = []
     if inferred:
         notes.append(f"schema inferred from private data for columns: {', '.join(inferred)}")
-    return FederatedData(sites, encoder, task, inferred, notes, truth)
+    derived = [c for c, spec in schema.items() if spec.derived_from_data]
+    return FederatedData(sites, encoder, task, derived, notes, truth)
+
+
+def _warn_reviewed(schema: dict[str, ColumnSchema], inferred: list[str]) -> None:
+    """Warn about declared columns still marked as derived from the private data."""
+    marked = [c for c, spec in schema.items() if spec.derived_from_data and c not in inferred]
+    if marked:
+        warnings.warn(
+            f"the schema of column(s) {marked[:8]}{'...' if len(marked) > 8 else ''} is marked "
+            "derived_from_data = true: its bounds and categories were read off the private "
+            "data. Review them, replace them with public knowledge, and set "
+            "derived_from_data = false.",
+            PrivacyLeakWarning,
+            stacklevel=3,
+        )

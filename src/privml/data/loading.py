@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema
@@ -44,11 +45,74 @@ def read_site_file(path: Path, *, site: str) -> pd.DataFrame:
     return df
 
 
+def numeric_values(values: pd.Series) -> pd.Series:
+    """Values as float64; NaN where a value is missing, not a number, or not finite.
+
+    ``inf`` and ``nan`` written in a file are refused like text: no bound can clip them into
+    meaning, and silently turning them into the bound would hide a broken record.
+    """
+    num = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    return num.where(np.isfinite(num))
+
+
 def _rows(mask: pd.Series) -> str:
-    """1-based data row numbers (the header is not counted) for a boolean mask."""
+    """``"row 8"`` or ``"rows 3, 8 and 2 more"`` for a boolean mask.
+
+    Rows are numbered from 1 at the first data row (the header is not counted), so data row
+    ``r`` of a CSV file is on line ``r + 1``.
+    """
+    mask = mask.astype(bool)
     idx = [int(i) + 1 for i in mask[mask].index[:_MAX_LISTED]]
     more = int(mask.sum()) - len(idx)
-    return ", ".join(map(str, idx)) + (f" and {more} more" if more > 0 else "")
+    word = "row" if len(idx) == 1 and more <= 0 else "rows"
+    return f"{word} " + ", ".join(map(str, idx)) + (f" and {more} more" if more > 0 else "")
+
+
+def check_columns_agree(
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    declared: Mapping[str, ColumnSchema],
+    target: str,
+    exclude: tuple[str, ...] = (),
+) -> list[str]:
+    """Problems with the sites' column sets, before any schema is inferred.
+
+    Every site must have the same columns: each column of the declared schema, the target,
+    and any undeclared column must be at every site (or listed in ``data.exclude``). A column
+    present at some sites only is reported once, naming where it is and where it is not.
+    """
+    problems: list[str] = []
+    names = list(frames)
+    cols = {site: set(df.columns) - set(exclude) for site, df in frames.items()}
+    for site in names:
+        if len(frames[site]) == 0:
+            continue
+        if target not in cols[site]:
+            shown = ", ".join(sorted(cols[site])[:10])
+            problems.append(
+                f"site {site!r}: target column {target!r} is missing (columns: {shown}); "
+                "fix data.target or add the column to the file"
+            )
+        missing = [c for c in declared if c not in cols[site] and c != target]
+        if missing:
+            problems.append(
+                f"site {site!r}: columns {missing} declared in [data.schema] are missing from "
+                "the file; add them to the file, or remove them from [data.schema]"
+            )
+    seen: list[str] = []
+    for site in names:
+        seen += [c for c in frames[site].columns if c not in seen]
+    for col in seen:
+        if col in declared or col == target or col in exclude:
+            continue
+        have = [s for s in names if col in cols[s]]
+        lack = [s for s in names if col not in cols[s]]
+        if lack:
+            problems.append(
+                f"column {col!r} is at sites {have} but not at sites {lack}: every site needs "
+                f"the same columns; add it where it is missing, or list it in data.exclude"
+            )
+    return problems
 
 
 def check_sites(
@@ -80,7 +144,8 @@ def check_sites(
         extra_cols = sorted(cols - expected)
         if missing_cols:
             problems.append(
-                f"site {site!r}: columns {missing_cols} of the schema are missing from the file"
+                f"site {site!r}: columns {missing_cols} of the schema are missing from the "
+                "file; add them to the file, or remove them from [data.schema]"
             )
         if extra_cols:
             problems.append(
@@ -99,17 +164,17 @@ def _check_column(site: str, col: str, values: pd.Series, spec: ColumnSchema) ->
     na = values.isna()
     if na.any() and not spec.missing:
         out.append(
-            f"site {site!r}, column {col!r}: missing values at rows {_rows(na)}; "
+            f"site {site!r}, column {col!r}: missing values at {_rows(na)}; "
             f"set missing = true in [data.schema.{col}] to impute them"
         )
     present = values[~na]
     if spec.type == "numeric":
-        num = pd.to_numeric(present, errors="coerce")
+        num = numeric_values(present)
         bad = num.isna()
         if bad.any():
             first = present[bad].iloc[0]
             out.append(
-                f"site {site!r}, column {col!r}: non-numeric value {str(first)!r} at rows "
+                f"site {site!r}, column {col!r}: non-numeric value {str(first)!r} at "
                 f"{_rows(bad.reindex(values.index, fill_value=False))}; "
                 "fix the file or declare the column categorical"
             )
@@ -119,7 +184,7 @@ def _check_column(site: str, col: str, values: pd.Series, spec: ColumnSchema) ->
         if bad.any():
             first = present[bad].iloc[0]
             out.append(
-                f"site {site!r}, column {col!r}: value {str(first)!r} at rows "
+                f"site {site!r}, column {col!r}: value {str(first)!r} at "
                 f"{_rows(bad.reindex(values.index, fill_value=False))} is not one of the "
                 f"declared values {spec.values}; add it to values or set other = true"
             )
@@ -139,7 +204,7 @@ def binary_codes(values: pd.Series, spec: ColumnSchema) -> pd.Series:
         bad = ~s.isin([neg, pos])
         if bad.any():
             raise ValueError(
-                f"value {str(values[bad].iloc[0])!r} at rows {_rows(bad)} is neither "
+                f"value {str(values[bad].iloc[0])!r} at {_rows(bad)} is neither "
                 f"{neg!r} nor {pos!r}"
             )
         return (s == pos).astype(float)
@@ -148,7 +213,7 @@ def binary_codes(values: pd.Series, spec: ColumnSchema) -> pd.Series:
     bad = mapped.isna()
     if bad.any():
         raise ValueError(
-            f"value {str(values[bad].iloc[0])!r} at rows {_rows(bad)} is not 0/1/true/false; "
+            f"value {str(values[bad].iloc[0])!r} at {_rows(bad)} is not 0/1/true/false; "
             "declare values = [negative, positive]"
         )
     return mapped.astype(float)

@@ -17,9 +17,14 @@ import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema
+from privml.errors import SchemaError
 
 #: A string column with at most this many distinct values is inferred as categorical.
 MAX_INFERRED_CATEGORIES = 50
+
+#: A column whose present values are numbers in at least this share, but not all, is taken
+#: for a numeric column with stray text in it (a typo, a comment): an error naming the rows.
+MOSTLY_NUMERIC = 0.9
 
 _TRUE = {"true", "yes", "y", "t", "1"}
 _FALSE = {"false", "no", "n", "f", "0"}
@@ -40,7 +45,9 @@ def infer_column(values: pd.Series) -> ColumnSchema | None:
     missing = bool(values.isna().any())
     if len(nonnull) == 0:
         return None
-    numeric = pd.to_numeric(nonnull, errors="coerce")
+    from privml.data.loading import numeric_values
+
+    numeric = numeric_values(nonnull)
     if numeric.notna().all():
         uniq = np.unique(numeric.to_numpy(dtype=float))
         if len(uniq) <= 2 and set(uniq.tolist()) <= {0.0, 1.0}:
@@ -75,6 +82,10 @@ def infer_schema(
     Returns ``(schema, skipped)`` where ``skipped`` lists columns that look like identifiers
     (many distinct strings) and are left out; they should be listed in ``data.exclude``.
     Every inferred column is marked ``derived_from_data``.
+
+    Raises :class:`~privml.errors.SchemaError` for columns that are numbers except for a few
+    text values (at least ``MOSTLY_NUMERIC`` of the present values parse as numbers), naming
+    the site, rows and value, rather than guessing a type for them.
     """
     if not frames:
         return {}, []
@@ -83,8 +94,12 @@ def infer_schema(
         cols += [c for c in df.columns if c not in cols]
     schema: dict[str, ColumnSchema] = {}
     skipped: list[str] = []
+    problems: list[str] = []
     for col in cols:
         if col == target or col in exclude:
+            continue
+        problems += _stray_text(frames, col)
+        if problems:
             continue
         series = pd.concat(
             [df[col] for df in frames.values() if col in df.columns], ignore_index=True
@@ -94,18 +109,78 @@ def infer_schema(
             skipped.append(col)
         else:
             schema[col] = spec
+    if problems:
+        raise SchemaError(problems)
     return schema, skipped
+
+
+def _stray_text(frames: Mapping[str, pd.DataFrame], col: str) -> list[str]:
+    """Messages for text values in a column that is otherwise numeric (one per site)."""
+    from privml.data.loading import _rows, numeric_values
+
+    n_present = n_numeric = 0
+    bad_by_site: dict[str, pd.Series] = {}
+    for site, df in frames.items():
+        if col not in df.columns:
+            continue
+        values = df[col]
+        present = values.notna()
+        is_num = numeric_values(values).notna()
+        n_present += int(present.sum())
+        n_numeric += int(is_num.sum())
+        bad = present & ~is_num
+        if bad.any():
+            bad_by_site[site] = bad
+    if not bad_by_site or n_present == 0 or n_numeric / n_present < MOSTLY_NUMERIC:
+        return []
+    share = f"{n_numeric} of {n_present} values"
+    out = []
+    for site, bad in bad_by_site.items():
+        first = frames[site][col][bad].iloc[0]
+        out.append(
+            f"site {site!r}, column {col!r}: non-numeric value {str(first)!r} at {_rows(bad)} "
+            f"in a column of numbers ({share} are numbers); fix the file, or declare "
+            f'the column in [data.schema.{_toml_key(col)}] (type = "categorical", values = [...])'
+        )
+    return out
+
+
+_TOML_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string: backslash, quote and control characters escaped."""
+    out = []
+    for ch in s:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(float(v)) if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return _toml_string(str(v))
 
 
 def _toml_key(k: str) -> str:
