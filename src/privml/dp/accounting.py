@@ -431,73 +431,53 @@ class NoiseCalibration:
 
 
 def _solve(
-    eps_of: Callable[[float], float], s0: float, eps_star: float, tol: float
-) -> tuple[float, float]:
-    """Finds log-sigma with (1 - tol) eps* <= eps_of(sigma) <= eps*; eps_of decreasing.
+    eps_of: Callable[[float], float],
+    s0: float,
+    eps_star: float,
+    tol: float,
+    slope: float = -1.0,
+) -> tuple[float, float, float]:
+    """Finds log-sigma with (1 - tol) eps* <= eps_of(sigma) <= eps*; eps_of is decreasing.
 
-    Returns (log_sigma, epsilon); if the window is too narrow for the accountant's resolution,
-    the smallest log-sigma seen whose epsilon is <= eps*.
+    Safeguarded secant on g(s) = log eps(e^s) - log(aim), aim the middle of the window:
+    secant (Newton with the latest slope estimate) steps, kept inside the bracket once one is
+    known, with a bisection every fourth iteration. Returns (log_sigma, epsilon, slope); if
+    the window is too narrow for the accountant's resolution, the smallest log-sigma seen
+    whose epsilon is <= eps*.
     """
     lower_ok = eps_star * (1.0 - tol)
     aim = math.log(eps_star * (1.0 - tol / 2.0))
-
-    def g(log_sigma: float) -> tuple[float, float]:
-        # g > 0: too little noise; g < 0: more noise than needed.
-        e = eps_of(math.exp(log_sigma))
-        val = 50.0 if not (e > 0 and math.isfinite(e)) else math.log(e) - aim
-        return val, e
-
-    g0, e0 = g(s0)
-    if lower_ok <= e0 <= eps_star:
-        return s0, e0
-    # lo: largest log-sigma seen with too little noise (g > 0); hi: smallest with enough.
-    lo: tuple[float, float, float] | None = None
-    hi: tuple[float, float, float] | None = None
-
-    def record(s: float, gs: float, es: float) -> None:
-        nonlocal lo, hi
-        if gs > 0:
+    lo: tuple[float, float] | None = None  # (s, g) with g > 0: too little noise
+    hi: tuple[float, float, float] | None = None  # (s, g, eps) with g < 0: enough noise
+    prev: tuple[float, float] | None = None
+    s = s0
+    for it in range(100):
+        e = eps_of(math.exp(s))
+        if lower_ok <= e <= eps_star:
+            return s, e, slope
+        g = 50.0 if not (e > 0 and math.isfinite(e)) else math.log(e) - aim
+        if g > 0:
             if lo is None or s > lo[0]:
-                lo = (s, gs, es)
+                lo = (s, g)
         elif hi is None or s < hi[0]:
-            hi = (s, gs, es)
-
-    record(s0, g0, e0)
-    # Walk outwards (the log-log slope is about -1) until the root is bracketed.
-    step = max(2e-3, min(2.0, 1.2 * abs(g0)))
-    for _ in range(60):
+            hi = (s, g, e)
+        if prev is not None and s != prev[0] and g < 50.0 and prev[1] < 50.0:
+            estimate = (g - prev[1]) / (s - prev[0])
+            if -50.0 < estimate < -1e-3:
+                slope = estimate
+        prev = (s, g)
+        candidate = s - g / slope
         if lo is not None and hi is not None:
-            break
-        s = lo[0] + step if hi is None else hi[0] - step  # type: ignore[index]
-        gs, es = g(s)
-        if lower_ok <= es <= eps_star:
-            return s, es
-        record(s, gs, es)
-        step *= 2.0
-    if lo is None or hi is None:  # pragma: no cover - 60 doublings cover any float sigma
-        raise UsageError("calibrate_noise_multiplier could not bracket the noise multiplier.")
-    # Illinois regula falsi in log-log space, with a bisection step every fourth iteration.
-    a, ga, _ = lo
-    b, gb, eb = hi
-    side = 0
-    for i in range(100):
-        s = 0.5 * (a + b) if i % 4 == 3 else b - gb * (b - a) / (gb - ga)
-        gs, es = g(s)
-        if lower_ok <= es <= eps_star:
-            return s, es
-        if gs > 0:
-            a, ga = s, gs
-            if side == 1:
-                gb /= 2.0
-            side = 1
+            if hi[0] - lo[0] < 1e-12:
+                break
+            if it % 4 == 3 or not lo[0] < candidate < hi[0]:
+                candidate = 0.5 * (lo[0] + hi[0])
         else:
-            b, gb, eb = s, gs, es
-            if side == -1:
-                ga /= 2.0
-            side = -1
-        if b - a < 1e-12:
-            break
-    return b, eb
+            candidate = min(s + 3.0, max(s - 3.0, candidate))
+        s = candidate
+    if hi is None:  # pragma: no cover - 100 steps of up to e^3 cover any float sigma
+        raise UsageError("calibrate_noise_multiplier could not bracket the noise multiplier.")
+    return hi[0], hi[2], slope
 
 
 def _calibrate(
@@ -537,11 +517,12 @@ def _calibrate(
 
     # First guess from the moments-accountant asymptotics eps ~ q sqrt(T log(1/delta)) / sigma.
     s0 = math.log(max(0.3, q * math.sqrt(t * math.log(1 / d)) / eps_star))
+    slope = -1.0
     if kind == "pld":
         # Coarse PLD grid first (cheap, pessimistic), then the exact compute_epsilon from there.
         coarse = _RELATIVE_INTERVAL * 10 * max(1.0, eps_star)
-        s0, _ = _solve(lambda sig: eps_of(sig, coarse), s0, eps_star, max(tol, 0.02))
-    s, e = _solve(eps_of, s0, eps_star, tol)
+        s0, _, slope = _solve(lambda sig: eps_of(sig, coarse), s0, eps_star, tol / 2, slope)
+    s, e, _ = _solve(eps_of, s0, eps_star, tol, slope)
     return NoiseCalibration(math.exp(s), e, evaluations)
 
 

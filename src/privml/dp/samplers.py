@@ -102,6 +102,7 @@ def _int_space(vector: bool, metric: Literal["l1", "l2"]) -> tuple[Any, Any]:
     return dp.vector_domain(atom), dp.l1_distance(T="i64")
 
 
+@lru_cache(maxsize=4096)
 def certified_laplace_scale(*, sensitivity: float, epsilon: float, integer: bool = False) -> float:
     """Smallest float scale >= sensitivity / epsilon that OpenDP's privacy map certifies.
 

@@ -1,0 +1,837 @@
+"""Bounded DP queries on one site's data, with sensitivities from declared bounds only.
+
+Queries: ``count``, ``sum``, ``mean``, ``variance``, ``histogram`` over declared categories,
+``quantile`` (exponential mechanism) and group-by over a declared categorical column, as
+functions on arrays (``bounded_*``) and as short expressions on a site's DataFrame
+(:func:`answer_query`, :func:`parse_query`)::
+
+    count()                      count(age)            sum(income)
+    mean(age)                    variance(age)         histogram(sex)
+    quantile(age, 0.9)           median(age)           mean(age) by sex
+
+Privacy model. Neighbouring datasets differ by adding or removing one record; epsilon and
+delta are per record, per query, and charged to the site's ledger *before* anything is
+computed. With ``delta == 0`` queries use (discrete) Laplace noise and are epsilon-DP; with
+``delta > 0`` they use (discrete) Gaussian noise and are (epsilon, delta)-DP (quantiles are
+always pure epsilon-DP and book delta = 0).
+
+Bounds. Numeric columns must declare ``min`` and ``max`` in the schema; values are clamped
+into [min, max] and sensitivities follow from the declared bounds alone -- never from the data
+(a sensitivity measured on the data leaks it). Undeclared bounds are refused with a
+:class:`~privml.errors.SchemaError` that shows the config lines to add. Bounds marked
+``derived_from_data`` are refused unless ``allow_data_derived_bounds=True``, which warns with
+:class:`~privml.errors.PrivacyLeakWarning`. Missing values (NaN / None) are dropped, a
+per-record transformation that keeps the guarantee; so are categorical values outside the
+declared categories.
+
+Estimators (epsilon split documented per function):
+
+* sum: Laplace with sensitivity max(|min|, |max|).
+* mean: c + S / N with c the bounds' midpoint, S the noisy sum of (x - c) (sensitivity
+  (max - min) / 2) and N the noisy count (sensitivity 1), each with epsilon / 2 (delta / 2);
+  the equal split minimises the worst-case variance. Clamped into [min, max].
+* variance: noisy count, noisy centred sum and noisy centred sum of squares, epsilon / 3 each;
+  Q / N - (S / N)^2 clamped into [0, ((max - min) / 2)^2].
+* histogram, group-by: each record falls in one cell, so every cell gets the full epsilon
+  (parallel composition) and the query costs epsilon once.
+* quantile: exponential mechanism over ``quantile_candidates`` evenly spaced public candidates
+  in [min, max] with utility -|#{x < c} - q n| (sensitivity max(q, 1 - q)).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from privml.dp import mechanisms as mech
+from privml.dp import samplers
+from privml.dp.events import (
+    ComposedDpEvent,
+    DiscreteGaussianDpEvent,
+    DiscreteLaplaceDpEvent,
+    DpEvent,
+    LaplaceDpEvent,
+    PureDpEvent,
+)
+from privml.errors import DataError, PrivacyLeakWarning, SchemaError, UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from privml.dp.ledger import ChargeRecord, PrivacyLedger
+
+__all__ = [
+    "QueryResult",
+    "QuerySpec",
+    "answer_query",
+    "bounded_count",
+    "bounded_histogram",
+    "bounded_mean",
+    "bounded_quantile",
+    "bounded_sum",
+    "bounded_variance",
+    "declared_bounds",
+    "declared_categories",
+    "parse_query",
+]
+
+_OPS = ("count", "sum", "mean", "variance", "histogram", "quantile")
+_ALIASES = {"var": "variance", "hist": "histogram", "avg": "mean", "median": "quantile"}
+_FORMS = (
+    "count(), count(col), sum(col), mean(col), variance(col), histogram(col), "
+    "quantile(col, q), median(col), each optionally followed by 'by col'"
+)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """A parsed query. ``str(spec)`` is its canonical text (used as the ledger label)."""
+
+    op: str
+    column: str | None = None
+    q: float | None = None
+    by: str | None = None
+
+    def __str__(self) -> str:
+        def name(col: str) -> str:
+            return col if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", col) else json_quote(col)
+
+        args = "" if self.column is None else name(self.column)
+        if self.op == "quantile":
+            args += f", {self.q:g}"
+        text = f"{self.op}({args})"
+        if self.by is not None:
+            text += f" by {name(self.by)}"
+        return text
+
+
+def json_quote(text: str) -> str:
+    """Double-quotes a column name for canonical query text."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<ident>[A-Za-z_][A-Za-z0-9_.\-]*)
+      | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+      | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+      | (?P<punct>[(),])
+    )""",
+    re.VERBOSE,
+)
+
+
+def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            col = len(text[:pos]) + len(text[pos:]) - len(text[pos:].lstrip())
+            raise UsageError(
+                f"Cannot parse query {text!r}: unexpected character {text[col]!r} at position "
+                f"{col}. Valid forms: {_FORMS}."
+            )
+        kind = m.lastgroup or ""
+        value = m.group(kind)
+        if kind == "string":
+            value = value[1:-1] if value[0] == "`" else re.sub(r"\\(.)", r"\1", value[1:-1])
+        tokens.append((kind, value, m.start(kind)))
+        pos = m.end()
+    return tokens
+
+
+def parse_query(text: str) -> QuerySpec:
+    """Parses a query expression (see the module docstring) into a :class:`QuerySpec`.
+
+    Function names and ``by`` are case-insensitive; column names are identifiers
+    (letters, digits, ``_ . -``) or quoted with ``"``, ``'`` or backticks.
+
+    Raises:
+        UsageError: the text is not one of the valid forms (the message lists them).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"A query must be a string. Got {type(text).__name__} instead.")
+    tokens = _tokenize(text)
+    i = 0
+
+    def fail(why: str) -> UsageError:
+        return UsageError(f"Cannot parse query {text!r}: {why}. Valid forms: {_FORMS}.")
+
+    def take(kind: str, value: str | None = None) -> str:
+        nonlocal i
+        if i >= len(tokens):
+            raise fail(f"expected {value or kind} at the end")
+        k, v, pos = tokens[i]
+        if k != kind or (value is not None and v != value):
+            raise fail(f"expected {value or kind} at position {pos}, found {v!r}")
+        i += 1
+        return v
+
+    def column() -> str:
+        nonlocal i
+        if i < len(tokens) and tokens[i][0] in ("ident", "string"):
+            i += 1
+            name = tokens[i - 1][1]
+            if not name:
+                raise fail("empty column name")
+            return name
+        found = repr(tokens[i][1]) if i < len(tokens) else "the end"
+        raise fail(f"expected a column name, found {found}")
+
+    if not tokens:
+        raise fail("the query is empty")
+    func = take("ident").lower()
+    op = _ALIASES.get(func, func)
+    if op not in _OPS:
+        raise fail(f"unknown function {func!r}")
+    take("punct", "(")
+    col: str | None = None
+    q: float | None = None
+    if op == "count":
+        if i < len(tokens) and tokens[i][1] != ")":
+            col = column()
+    else:
+        col = column()
+        if op == "quantile":
+            if func == "median":
+                q = 0.5
+            else:
+                take("punct", ",")
+                raw = take("number")
+                q = float(raw)
+                if not 0 < q < 1:
+                    raise UsageError(
+                        f"The quantile level in {text!r} must be in (0, 1). Got {raw} instead."
+                    )
+    take("punct", ")")
+    by: str | None = None
+    if i < len(tokens):
+        kind, value, pos = tokens[i]
+        if kind != "ident" or value.lower() != "by":
+            raise fail(f"unexpected {value!r} at position {pos}")
+        i += 1
+        by = column()
+    if i < len(tokens):
+        raise fail(f"unexpected {tokens[i][1]!r} at position {tokens[i][2]}")
+    return QuerySpec(op=op, column=col, q=q, by=by)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def _attr(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _declare_hint(column: str, kind: str) -> str:
+    if kind == "numeric":
+        return (
+            f'declare public bounds in the config:\n  [data.schema.{column}]\n  type = "numeric"'
+            "\n  min = <smallest possible value>\n  max = <largest possible value>\n"
+            "Use bounds known in advance (e.g. from the data dictionary), never ones read off "
+            "the private data."
+        )
+    return (
+        f'declare its categories in the config:\n  [data.schema.{column}]\n  type = "categorical"'
+        '\n  values = ["...", "..."]'
+    )
+
+
+def _column_schema(schema: Mapping[str, Any], column: str, kind: str) -> Any:
+    if not isinstance(schema, Mapping):
+        raise TypeError(
+            f"The 'schema' parameter must be a mapping column -> column schema. "
+            f"Got {type(schema).__name__} instead."
+        )
+    if column not in schema:
+        raise SchemaError(
+            f"Column {column!r} is not declared in the schema; " + _declare_hint(column, kind)
+        )
+    return schema[column]
+
+
+def _check_derived(column: str, col_schema: Any, allow: bool) -> None:
+    if bool(_attr(col_schema, "derived_from_data")):
+        if not allow:
+            raise SchemaError(
+                f"The bounds/categories of column {column!r} were derived from the private data "
+                "(derived_from_data = true); using them for DP leaks the data. "
+                + _declare_hint(
+                    column,
+                    "numeric" if _attr(col_schema, "type") != "categorical" else "categorical",
+                )
+                + "\nor pass allow_data_derived_bounds=True to accept the leak."
+            )
+        warnings.warn(
+            f"Column {column!r} uses bounds derived from the private data; the DP guarantee "
+            "does not cover what those bounds reveal.",
+            PrivacyLeakWarning,
+            stacklevel=4,
+        )
+
+
+def declared_bounds(
+    schema: Mapping[str, Any], column: str, *, allow_data_derived_bounds: bool = False
+) -> tuple[float, float]:
+    """The declared public (min, max) of a numeric or binary column.
+
+    A binary column without explicit bounds has bounds (0, 1).
+
+    Raises:
+        SchemaError: the column is undeclared, categorical, lacks finite ``min < max``, or
+            its bounds were derived from data (unless ``allow_data_derived_bounds``).
+    """
+    col_schema = _column_schema(schema, column, "numeric")
+    kind = _attr(col_schema, "type")
+    if kind == "categorical":
+        raise SchemaError(
+            f"Column {column!r} is categorical; numeric queries need a numeric column. Use "
+            f"histogram({column}) or group by it."
+        )
+    lo, hi = _attr(col_schema, "min"), _attr(col_schema, "max")
+    if kind == "binary" and lo is None and hi is None:
+        lo, hi = 0.0, 1.0
+    problems = []
+    for name, val in (("min", lo), ("max", hi)):
+        if val is None:
+            problems.append(f"no declared '{name}'")
+        elif isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            problems.append(f"'{name}' = {val!r} is not a finite number")
+    if not problems and not float(lo) < float(hi):
+        problems.append(f"min ({lo}) must be < max ({hi})")
+    if problems:
+        raise SchemaError(
+            f"Column {column!r} has {' and '.join(problems)}; " + _declare_hint(column, "numeric")
+        )
+    _check_derived(column, col_schema, allow_data_derived_bounds)
+    return float(lo), float(hi)
+
+
+def declared_categories(
+    schema: Mapping[str, Any], column: str, *, allow_data_derived_bounds: bool = False
+) -> list[Any]:
+    """The declared categories of a categorical (or binary) column, in declared order.
+
+    Raises:
+        SchemaError: the column is undeclared or declares no categories.
+    """
+    col_schema = _column_schema(schema, column, "categorical")
+    values = _attr(col_schema, "values")
+    kind = _attr(col_schema, "type")
+    if not values and kind == "binary":
+        values = [0, 1]
+    if not values:
+        raise SchemaError(
+            f"Column {column!r} declares no categories; " + _declare_hint(column, "categorical")
+        )
+    cats = list(values)
+    if len({repr(c) for c in cats}) != len(cats):
+        raise SchemaError(f"Column {column!r} declares duplicate categories: {cats!r}.")
+    _check_derived(column, col_schema, allow_data_derived_bounds)
+    return cats
+
+
+# ----------------------------------------------------------------------------- bounded queries
+
+
+def _clean(values: Any, func: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{func} needs numeric values: {exc}") from exc
+    return arr[~np.isnan(arr)]
+
+
+def _check_bounds(lower: float, upper: float, func: str) -> tuple[float, float]:
+    lo = mech._real("lower", func, lower)
+    hi = mech._real("upper", func, upper)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise UsageError(
+            f"The 'lower' and 'upper' parameters of {func} must be finite with lower < upper. "
+            f"Got lower={lower!r}, upper={upper!r} instead."
+        )
+    return lo, hi
+
+
+def _check_query_delta(delta: object, func: str) -> float:
+    d = mech._real("delta", func, delta)
+    if not 0 <= d < 1:
+        raise UsageError(
+            f"The 'delta' parameter of {func} must be in [0, 1) (0: pure DP with Laplace noise). "
+            f"Got {delta!r} instead."
+        )
+    return d
+
+
+def _noisy_real(
+    value: float, *, epsilon: float, delta: float, sensitivity: float, rng: Any
+) -> mech.Release[Any]:
+    if delta > 0:
+        return mech.gaussian(value, epsilon=epsilon, delta=delta, sensitivity=sensitivity, rng=rng)
+    return mech.laplace(value, epsilon=epsilon, sensitivity=sensitivity, rng=rng)
+
+
+def _noisy_count(n: int, *, epsilon: float, delta: float, rng: Any) -> mech.Release[Any]:
+    if delta > 0:
+        return mech.discrete_gaussian(n, epsilon=epsilon, delta=delta, sensitivity=1, rng=rng)
+    return mech.discrete_laplace(n, epsilon=epsilon, sensitivity=1, rng=rng)
+
+
+def _real_event(epsilon: float, delta: float, sensitivity: float) -> DpEvent:
+    if delta > 0:
+        _, grid_sens = mech.gaussian_grid(sensitivity)
+        return DiscreteGaussianDpEvent(mech._dg_sigma(epsilon, delta, grid_sens), grid_sens)
+    scale = samplers.certified_laplace_scale(sensitivity=sensitivity, epsilon=epsilon)
+    return LaplaceDpEvent(scale / sensitivity)
+
+
+def _count_event(epsilon: float, delta: float) -> DpEvent:
+    if delta > 0:
+        return DiscreteGaussianDpEvent(mech._dg_sigma(epsilon, delta, 1), 1)
+    scale = samplers.certified_laplace_scale(sensitivity=1.0, epsilon=epsilon, integer=True)
+    return DiscreteLaplaceDpEvent(noise_parameter=1.0 / scale, sensitivity=1)
+
+
+def _combine(value: Any, parts: Sequence[mech.Release[Any]], name: str) -> mech.Release[Any]:
+    event = parts[0].event if len(parts) == 1 else ComposedDpEvent([p.event for p in parts])
+    return mech.Release(
+        value,
+        math.fsum(p.epsilon for p in parts),
+        math.fsum(p.delta for p in parts),
+        event,
+        name,
+        parts[0].sampler,
+        parts[0].scale,
+    )
+
+
+def bounded_count(
+    n: int, *, epsilon: float, delta: float = 0.0, rng: np.random.Generator | None = None
+) -> mech.Release[int]:
+    """Noisy count of ``n`` records (sensitivity 1): discrete Laplace, or discrete Gaussian if
+    ``delta > 0``. The value is the unbiased noisy integer (it can be negative)."""
+    func = "bounded_count"
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise UsageError(f"The 'n' parameter of {func} must be an int >= 0. Got {n!r} instead.")
+    release = _noisy_count(int(n), epsilon=eps, delta=d, rng=rng)
+    return _combine(release.value, [release], "count")
+
+
+def bounded_sum(
+    values: Any,
+    *,
+    lower: float,
+    upper: float,
+    epsilon: float,
+    delta: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> mech.Release[float]:
+    """Noisy sum of ``values`` clamped into the public [lower, upper].
+
+    Sensitivity max(|lower|, |upper|) (add/remove one record). NaNs are dropped.
+    """
+    func = "bounded_sum"
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    lo, hi = _check_bounds(lower, upper, func)
+    x = np.clip(_clean(values, func), lo, hi)
+    sens = max(abs(lo), abs(hi))
+    release = _noisy_real(math.fsum(x), epsilon=eps, delta=d, sensitivity=sens, rng=rng)
+    return _combine(float(release.value), [release], "sum")
+
+
+def bounded_mean(
+    values: Any,
+    *,
+    lower: float,
+    upper: float,
+    epsilon: float,
+    delta: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> mech.Release[float]:
+    """Noisy mean of ``values`` clamped into [lower, upper] (count not assumed public).
+
+    ``c + S / max(N, 1)`` with c = (lower + upper) / 2, S the noisy sum of (x - c)
+    (sensitivity (upper - lower) / 2) and N the noisy count (sensitivity 1), each with half of
+    epsilon and of delta; the result is clamped into [lower, upper]. Its error is about
+    (L_S - (mean - c) L_N) / n for the two noises L_S, L_N. NaNs are dropped.
+    """
+    func = "bounded_mean"
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    lo, hi = _check_bounds(lower, upper, func)
+    x = np.clip(_clean(values, func), lo, hi)
+    center, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    s = _noisy_real(math.fsum(x - center), epsilon=eps / 2, delta=d / 2, sensitivity=half, rng=rng)
+    n = _noisy_count(int(x.size), epsilon=eps / 2, delta=d / 2, rng=rng)
+    value = min(hi, max(lo, center + float(s.value) / max(float(n.value), 1.0)))
+    return _combine(value, [s, n], "mean")
+
+
+def bounded_variance(
+    values: Any,
+    *,
+    lower: float,
+    upper: float,
+    epsilon: float,
+    delta: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> mech.Release[float]:
+    """Noisy (population) variance of ``values`` clamped into [lower, upper].
+
+    Noisy count N, centred sum S (sensitivity h = (upper - lower) / 2) and centred sum of
+    squares Q (sensitivity h^2), each with a third of epsilon and delta; returns
+    Q / N - (S / N)^2 clamped into [0, h^2]. NaNs are dropped.
+    """
+    func = "bounded_variance"
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    lo, hi = _check_bounds(lower, upper, func)
+    x = np.clip(_clean(values, func), lo, hi)
+    center, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    xc = x - center
+    n = _noisy_count(int(x.size), epsilon=eps / 3, delta=d / 3, rng=rng)
+    s = _noisy_real(math.fsum(xc), epsilon=eps / 3, delta=d / 3, sensitivity=half, rng=rng)
+    q = _noisy_real(
+        math.fsum(xc * xc), epsilon=eps / 3, delta=d / 3, sensitivity=half * half, rng=rng
+    )
+    count = max(float(n.value), 1.0)
+    var = float(q.value) / count - (float(s.value) / count) ** 2
+    return _combine(min(half * half, max(0.0, var)), [n, s, q], "variance")
+
+
+def bounded_quantile(
+    values: Any,
+    *,
+    lower: float,
+    upper: float,
+    q: float,
+    epsilon: float,
+    candidates: int = 1001,
+    rng: np.random.Generator | None = None,
+) -> mech.Release[float]:
+    """The ``q``-quantile of ``values`` by the exponential mechanism; epsilon-DP.
+
+    Candidates are ``candidates`` evenly spaced public points in [lower, upper]; the utility
+    of c is -|#{x < c} - q n| with sensitivity max(q, 1 - q) under add/remove. NaNs are
+    dropped and values clamped.
+    """
+    func = "bounded_quantile"
+    eps = mech.check_epsilon(epsilon, func)
+    lo, hi = _check_bounds(lower, upper, func)
+    level = mech._real("q", func, q)
+    if not 0 < level < 1:
+        raise UsageError(f"The 'q' parameter of {func} must be in (0, 1). Got {q!r} instead.")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise UsageError(
+            f"The 'candidates' parameter of {func} must be an int >= 2. Got {candidates!r}."
+        )
+    x = np.clip(_clean(values, func), lo, hi)
+    grid = np.linspace(lo, hi, candidates)
+    # below[j] = #{x < grid[j]}: x < grid[j] iff (number of grid points <= x) <= j.
+    idx = np.searchsorted(grid, x, side="right")
+    below = np.cumsum(np.bincount(idx, minlength=candidates + 1))[:candidates]
+    scores = -np.abs(below - level * x.size)
+    release = mech.exponential_mechanism(
+        [float(g) for g in grid],
+        scores,
+        epsilon=eps,
+        sensitivity=max(level, 1 - level),
+        rng=rng,
+    )
+    return _combine(float(release.value), [release], "quantile")
+
+
+def bounded_histogram(
+    values: Any,
+    *,
+    categories: Sequence[Any],
+    epsilon: float,
+    delta: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> mech.Release[dict[str, int]]:
+    """Noisy counts of each declared category (values outside them are dropped).
+
+    One record changes one count by 1, so every bin gets the full epsilon (and delta): discrete
+    Laplace with L1 sensitivity 1, or per-bin discrete Gaussian when ``delta > 0``. Keys are
+    ``str(category)``; counts are unbiased noisy integers (can be negative).
+    """
+    func = "bounded_histogram"
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    cats = list(categories)
+    if not cats:
+        raise UsageError(f"The 'categories' parameter of {func} must be non-empty.")
+    counts = _category_counts(values, cats)
+    if d > 0:
+        parts = [_noisy_count(int(c), epsilon=eps, delta=d, rng=rng) for c in counts]
+        noisy = [int(p.value) for p in parts]
+        release = parts[0]
+    else:
+        release = mech.discrete_laplace(counts, epsilon=eps, sensitivity=1, rng=rng)
+        noisy = [int(v) for v in release.value]
+    value = {str(c): v for c, v in zip(cats, noisy, strict=True)}
+    return _combine(value, [release], "histogram")
+
+
+def _category_codes(values: Any, cats: Sequence[Any]) -> np.ndarray:
+    """Index of each value's declared category, -1 for missing or undeclared values.
+
+    Numbers match numerically (1 == 1.0 == True); anything else matches by ``str``.
+    """
+    import pandas as pd
+
+    series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    codes = np.full(len(series), -1, dtype=np.int64)
+    present = series.notna().to_numpy()
+    numeric = pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)
+    as_float = series.to_numpy(dtype=np.float64, na_value=np.nan) if numeric else None
+    as_str: np.ndarray | None = None
+    for j, cat in enumerate(cats):
+        if numeric and isinstance(cat, (bool, int, float, np.bool_, np.integer, np.floating)):
+            assert as_float is not None
+            hit = as_float == float(cat)
+        else:
+            if as_str is None:
+                as_str = series.astype(str).to_numpy()
+            hit = as_str == str(cat)
+        codes[present & hit & (codes < 0)] = j
+    return codes
+
+
+def _category_counts(values: Any, cats: Sequence[Any]) -> np.ndarray:
+    codes = _category_codes(values, cats)
+    return np.bincount(codes[codes >= 0], minlength=len(cats)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- frame queries
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A released query answer.
+
+    Attributes:
+        query: canonical query text.
+        site: the site queried (None without a ledger).
+        value: float (count: int), or dict category -> value for histograms and group-bys.
+        epsilon, delta: what the query cost and was charged.
+        event: the query's privacy event (parallel parts of a group-by count once).
+        mechanism: ``"laplace"`` family, ``"gaussian"`` family or ``"exponential"``.
+        sampler: ``"opendp"`` or ``"numpy-insecure"``.
+        charge: the ledger record, if a ledger was charged.
+    """
+
+    query: str
+    site: str | None
+    value: Any
+    epsilon: float
+    delta: float
+    event: DpEvent
+    mechanism: str
+    sampler: str
+    charge: ChargeRecord | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    epsilon: float
+    delta: float
+    event: DpEvent
+    mechanism: str
+    run: Callable[[pd.DataFrame], mech.Release[Any]]
+
+
+def _plan(
+    spec: QuerySpec,
+    schema: Mapping[str, Any],
+    *,
+    epsilon: float,
+    delta: float,
+    allow: bool,
+    rng: Any,
+    quantile_candidates: int,
+) -> _Plan:
+    """Resolves bounds and the privacy cost of ``spec`` without touching any data."""
+    col = spec.column
+    mechanism = "gaussian" if delta > 0 else "laplace"
+    if spec.op == "count":
+
+        def run_count(df: pd.DataFrame) -> mech.Release[Any]:
+            n = len(df) if col is None else int(df[col].notna().sum())
+            return bounded_count(n, epsilon=epsilon, delta=delta, rng=rng)
+
+        return _Plan(epsilon, delta, _count_event(epsilon, delta), mechanism, run_count)
+    assert col is not None
+    if spec.op == "histogram":
+        cats = declared_categories(schema, col, allow_data_derived_bounds=allow)
+
+        def run_histogram(df: pd.DataFrame) -> mech.Release[Any]:
+            return bounded_histogram(
+                df[col], categories=cats, epsilon=epsilon, delta=delta, rng=rng
+            )
+
+        return _Plan(epsilon, delta, _count_event(epsilon, delta), mechanism, run_histogram)
+    lo, hi = declared_bounds(schema, col, allow_data_derived_bounds=allow)
+    half = (hi - lo) / 2.0
+    if spec.op == "sum":
+
+        def run_sum(df: pd.DataFrame) -> mech.Release[Any]:
+            return bounded_sum(df[col], lower=lo, upper=hi, epsilon=epsilon, delta=delta, rng=rng)
+
+        event = _real_event(epsilon, delta, max(abs(lo), abs(hi)))
+        return _Plan(epsilon, delta, event, mechanism, run_sum)
+    if spec.op == "mean":
+
+        def run_mean(df: pd.DataFrame) -> mech.Release[Any]:
+            return bounded_mean(df[col], lower=lo, upper=hi, epsilon=epsilon, delta=delta, rng=rng)
+
+        event = ComposedDpEvent(
+            [_real_event(epsilon / 2, delta / 2, half), _count_event(epsilon / 2, delta / 2)]
+        )
+        return _Plan(epsilon, delta, event, mechanism, run_mean)
+    if spec.op == "variance":
+
+        def run_variance(df: pd.DataFrame) -> mech.Release[Any]:
+            return bounded_variance(
+                df[col], lower=lo, upper=hi, epsilon=epsilon, delta=delta, rng=rng
+            )
+
+        e3, d3 = epsilon / 3, delta / 3
+        event = ComposedDpEvent(
+            [_count_event(e3, d3), _real_event(e3, d3, half), _real_event(e3, d3, half * half)]
+        )
+        return _Plan(epsilon, delta, event, mechanism, run_variance)
+    assert spec.op == "quantile" and spec.q is not None
+    level = spec.q
+
+    def run_quantile(df: pd.DataFrame) -> mech.Release[Any]:
+        return bounded_quantile(
+            df[col],
+            lower=lo,
+            upper=hi,
+            q=level,
+            epsilon=epsilon,
+            candidates=quantile_candidates,
+            rng=rng,
+        )
+
+    return _Plan(epsilon, 0.0, PureDpEvent(epsilon), "exponential", run_quantile)
+
+
+def answer_query(
+    frame: pd.DataFrame,
+    query: str | QuerySpec,
+    *,
+    schema: Mapping[str, Any],
+    epsilon: float,
+    delta: float = 0.0,
+    ledger: PrivacyLedger | None = None,
+    site: str | None = None,
+    allow_data_derived_bounds: bool = False,
+    quantile_candidates: int = 1001,
+    rng: np.random.Generator | None = None,
+) -> QueryResult:
+    """Answers one query on a site's DataFrame, charging the ledger before releasing.
+
+    Order of work: parse and validate the query, the privacy parameters and the schema (bad
+    input spends nothing); compute the query's (epsilon, delta) and privacy event from the
+    declared bounds alone; ``ledger.charge`` (refusal raises
+    :class:`~privml.errors.BudgetExceededError` and spends nothing); only then read the data
+    and add noise.
+
+    Args:
+        frame: the site's records, one row per individual.
+        query: an expression such as ``"mean(age) by sex"`` or a :class:`QuerySpec`.
+        schema: mapping column -> schema object with ``type``, ``min``, ``max``, ``values``
+            (and optionally ``derived_from_data``), e.g. privml.config's ``ColumnSchema``.
+        epsilon: epsilon > 0 (nats) for the whole query, per record.
+        delta: 0 (default, pure DP, Laplace) or in (0, 1) (Gaussian noise).
+        ledger: the budget ledger to charge; ``site`` is then required.
+        site: the site's name in the ledger.
+        allow_data_derived_bounds: accept schema bounds derived from the private data, with a
+            PrivacyLeakWarning.
+        quantile_candidates: number of public quantile candidates in [min, max].
+        rng: INSECURE numpy sampler for simulations (see :mod:`privml.dp.mechanisms`).
+    """
+    func = "answer_query"
+    spec = parse_query(query) if isinstance(query, str) else query
+    if not isinstance(spec, QuerySpec):
+        raise TypeError(f"The 'query' parameter of {func} must be a str or QuerySpec.")
+    eps = mech.check_epsilon(epsilon, func)
+    d = _check_query_delta(delta, func)
+    if ledger is not None and (not isinstance(site, str) or not site):
+        raise UsageError(f"The 'site' parameter of {func} is required when a ledger is given.")
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(
+            f"The 'frame' parameter of {func} must be a pandas DataFrame. "
+            f"Got {type(frame).__name__} instead."
+        )
+    plan = _plan(
+        spec,
+        schema,
+        epsilon=eps,
+        delta=d,
+        allow=allow_data_derived_bounds,
+        rng=rng,
+        quantile_candidates=quantile_candidates,
+    )
+    groups: list[Any] | None = None
+    if spec.by is not None:
+        groups = declared_categories(
+            schema, spec.by, allow_data_derived_bounds=allow_data_derived_bounds
+        )
+    needed = [c for c in (spec.column, spec.by) if c is not None]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError([f"column {c!r} is not in the site's data" for c in missing])
+    charge = None
+    if ledger is not None:
+        assert site is not None
+        charge = ledger.charge(
+            site=site,
+            epsilon=plan.epsilon,
+            delta=plan.delta,
+            label=str(spec),
+            event=plan.event,
+            metadata={"query": str(spec), "mechanism": plan.mechanism, "kind": "query"},
+        )
+    if groups is None:
+        release = plan.run(frame)
+        value = release.value
+        sampler = release.sampler
+    else:
+        codes = _category_codes(frame[spec.by], groups)
+        value = {}
+        sampler = samplers.SECURE_SAMPLER if rng is None else samplers.INSECURE_SAMPLER
+        for j, g in enumerate(groups):
+            value[str(g)] = plan.run(frame[codes == j]).value
+    return QueryResult(
+        query=str(spec),
+        site=site,
+        value=value,
+        epsilon=plan.epsilon,
+        delta=plan.delta,
+        event=plan.event,
+        mechanism=plan.mechanism,
+        sampler=sampler,
+        charge=charge,
+    )
