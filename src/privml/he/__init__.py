@@ -1,0 +1,67 @@
+"""Homomorphic encryption: CKKS (TenSEAL/SEAL) and Paillier (phe) behind one interface.
+
+* Keys: :func:`keygen` at the party that decrypts; ``keys.public.to_bytes()`` is safe to send,
+  ``keys.secret.save(path, passphrase=...)`` writes the secret key encrypted, mode 0600.
+* Encrypted inference: :func:`compile_model` turns a trained privml model into an evaluator
+  (logistic regression on both schemes, a polynomial-activation MLP on CKKS);
+  :func:`encrypt_features` / ``evaluator.predict`` / :func:`decrypt_scores`.
+* Encrypted aggregation for federated rounds: :class:`SecureAggregator`.
+* :func:`run_encrypted_inference_check`: the figures ``privml run`` reports.
+
+Security model and what each party learns: docs/threat-model.md.
+"""
+
+from privml.he._seal import HE_STANDARD_128
+from privml.he.aggregation import SecureAggregator
+from privml.he.api import (
+    KeyPair,
+    decrypt_scores,
+    encrypt_features,
+    keygen,
+    load_features,
+    load_public,
+    load_scores,
+    load_secret,
+)
+from privml.he.check import run_encrypted_inference_check
+from privml.he.ckks import CKKSCiphertexts, CKKSProfile, CKKSPublicContext, CKKSSecretKey
+from privml.he.evaluators import (
+    CKKSLinearEvaluator,
+    CKKSMLPEvaluator,
+    PaillierLinearEvaluator,
+    compile_model,
+)
+from privml.he.paillier import (
+    PaillierCiphertexts,
+    PaillierPublicKey,
+    PaillierRandomnessPool,
+    PaillierSecretKey,
+)
+from privml.he.requirements import EvaluatorRequirements
+
+__all__ = [
+    "HE_STANDARD_128",
+    "CKKSCiphertexts",
+    "CKKSLinearEvaluator",
+    "CKKSMLPEvaluator",
+    "CKKSProfile",
+    "CKKSPublicContext",
+    "CKKSSecretKey",
+    "EvaluatorRequirements",
+    "KeyPair",
+    "PaillierCiphertexts",
+    "PaillierLinearEvaluator",
+    "PaillierPublicKey",
+    "PaillierRandomnessPool",
+    "PaillierSecretKey",
+    "SecureAggregator",
+    "compile_model",
+    "decrypt_scores",
+    "encrypt_features",
+    "keygen",
+    "load_features",
+    "load_public",
+    "load_scores",
+    "load_secret",
+    "run_encrypted_inference_check",
+]
