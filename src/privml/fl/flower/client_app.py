@@ -1,0 +1,135 @@
+"""privml's Flower ClientApp: the site side of a deployment (message API).
+
+``app`` is the ClientApp Flower loads from the app bundle (component
+``privml.fl.flower.client_app:app``) when a stock ``flower-supernode`` runs it; it finds its
+site from the SuperNode's node config (``--node-config 'site="NAME" config="/path.toml"'``).
+privml's own SuperNode (:mod:`privml.fl.flower.node`) builds the same handlers with
+:func:`make_client_app` around the site runtime it loaded once at start.
+
+Every incoming message is untrusted input: the coordinator's config fingerprint must equal the
+site's, the parameters must be a finite float vector of the site model's size, and the round
+must be one of the config's; anything else is answered with an error, never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from privml.errors import UsageError
+from privml.fl.flower import protocol as P
+from privml.fl.flower.evaluation import EvalStats
+from privml.fl.flower.site import SiteRuntime
+
+__all__ = ["app", "make_client_app", "runtime_from_node_config", "stats_to_config"]
+
+
+def stats_to_config(stats: EvalStats) -> dict[str, Any]:
+    """Evaluation statistics as ConfigRecord values (arrays as ``np.save`` bytes)."""
+    return {
+        "n": int(stats["n"]),
+        "loss_sum": float(stats["loss_sum"]),
+        "confusion": P.array_to_bytes(np.asarray(stats["confusion"], dtype=np.int64)),
+        "hist": P.array_to_bytes(np.asarray(stats["hist"], dtype=np.int64)),
+    }
+
+
+def _settings(msg: Message) -> ConfigRecord:
+    if P.SETTINGS not in msg.content.config_records:
+        raise UsageError("message without privml settings; is this a privml run?")
+    return msg.content.config_records[P.SETTINGS]
+
+
+def _check(rt: SiteRuntime, settings: ConfigRecord) -> None:
+    raw = settings.get("fingerprint")
+    try:
+        theirs = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        theirs = None
+    rt.check_fingerprint(theirs)
+
+
+def _params(rt: SiteRuntime, msg: Message) -> np.ndarray:
+    params = P.unpack(msg.content, P.SETTINGS, P.PARAMS)
+    if params is None:
+        raise UsageError(f"site {rt.name!r}: the message carries no readable model parameters")
+    return params
+
+
+def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
+    """A ClientApp whose handlers run on the :class:`SiteRuntime` ``get_runtime(context)``."""
+    client = ClientApp()
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        rt = get_runtime(context)
+        _check(rt, _settings(msg))
+        info = rt.info()
+        record = ConfigRecord(
+            {
+                "site": info.name,
+                "site_index": info.index,
+                "n_train": info.n_train,
+                "n_test": info.n_test,
+                "n_features": info.n_features,
+                "task": json.dumps(info.task),
+                "encoding": json.dumps(info.encoding),
+                "fingerprint": json.dumps(info.fingerprint),
+            }
+        )
+        return Message(RecordDict({P.SITE: record}), reply_to=msg)
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt = get_runtime(context)
+        settings = _settings(msg)
+        _check(rt, settings)
+        params = _params(rt, msg)
+        rnd = settings.get("round")
+        result: dict[str, Any] = {"n_train": rt.data.n_train}
+        if settings.get("evaluate", False):
+            result.update(stats_to_config(rt.evaluate(params)))
+        update = rt.train(params, rnd=rnd)  # type: ignore[arg-type]
+        content = P.pack(result, P.UPDATE, update)
+        content[P.RESULT] = ConfigRecord(result)
+        return Message(RecordDict(content), reply_to=msg)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        rt = get_runtime(context)
+        _check(rt, _settings(msg))
+        stats = stats_to_config(rt.evaluate(_params(rt, msg)))
+        return Message(RecordDict({P.RESULT: ConfigRecord(stats)}), reply_to=msg)
+
+    return client
+
+
+_RUNTIMES: dict[tuple[str, float, str], SiteRuntime] = {}
+
+
+def runtime_from_node_config(context: Context) -> SiteRuntime:
+    """The site runtime named by the SuperNode's node config (``site``, ``config``), cached."""
+    site = context.node_config.get("site")
+    path = context.node_config.get("config")
+    if not isinstance(site, str) or not isinstance(path, str) or not site or not path:
+        raise UsageError(
+            "this SuperNode has no privml site: start it with `privml flower supernode --site "
+            'NAME --config FILE`, or pass --node-config \'site="NAME" config="/abs/file.toml"\' '
+            f"to flower-supernode. Got node config {dict(context.node_config)!r}."
+        )
+    p = Path(path)
+    key = (str(p.resolve()), p.stat().st_mtime if p.exists() else 0.0, site)
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()
+        _RUNTIMES[key] = SiteRuntime.from_file(p, site)
+    return _RUNTIMES[key]
+
+
+app = make_client_app(runtime_from_node_config)
+"""The ClientApp for a stock ``flower-supernode`` (site and config from its node config)."""

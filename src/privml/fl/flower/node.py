@@ -1,0 +1,259 @@
+"""privml's SuperNode: Flower's Fleet connection with the ClientApp run in-process.
+
+Flower 1.42's ``flower-supernode`` runs every message in a fresh process: in ``subprocess``
+isolation it starts ``flower-superexec``, which starts one ``flwr-clientapp`` process *per
+message*; that process installs the app bundle, imports the ClientApp (for privml: torch,
+pandas, scikit-learn) and loads the site's data, then exits. In ``process`` isolation the same
+per-message process is started by an external ``flower-superexec``. There is no in-process
+mode. Its worker loop also sleeps 3 s whenever a poll finds no message, and 0.5 s while
+waiting for a reply, so a round costs at least one such sleep. Measured here: about 16 s per
+round for a minimal app.
+
+This node keeps everything Flower provides on the wire: it connects through Flower's own Fleet
+client (:func:`flwr.supernode.fleet_http_connection.http_request_response`: registration,
+activation, heartbeats, TLS, SuperNode authentication with an EC key) and moves messages with
+Flower's object-tree transfer functions. What it changes is the execution: the site's data is
+loaded and encoded once at start, the privml ClientApp handlers are called in this process,
+and polling backs off from 10 ms to at most 1 s instead of sleeping 3 s.
+
+It runs only privml's installed ClientApp: the app bundle of a run must be privml's
+(:data:`privml.fl.flower.protocol.FAB_ID`, hash checked); code in a bundle is never executed,
+so a coordinator cannot make a site run code of its choosing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privml.errors import UsageError
+from privml.fl.flower import protocol as P
+from privml.fl.flower.site import SiteRuntime
+
+__all__ = ["NodeStats", "load_auth_key", "run_node"]
+
+log = logging.getLogger("privml.flower")
+
+
+@dataclass
+class NodeStats:
+    """Counters of a node's life (returned by :func:`run_node`)."""
+
+    node_id: int = 0
+    messages: int = 0
+    errors: int = 0
+    refused_runs: int = 0
+    busy_seconds: float = 0.0
+
+
+def load_auth_key(path: str | Path) -> tuple[Any, Any]:
+    """Load a SuperNode authentication private key (OpenSSH, NIST EC curve) and its public key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(
+            f"The 'auth_key' parameter must name an existing private key file. Got {str(p)!r} "
+            "instead; `privml certs DIR --site NAME` writes one."
+        )
+    try:
+        key = load_ssh_private_key(p.read_bytes(), None)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UsageError(f"cannot read the SuperNode key {str(p)!r}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(
+            f"the SuperNode key {str(p)!r} is a {type(key).__name__}; Flower's SuperNode "
+            "authentication needs an EC (NIST curve) key, e.g. from `privml certs`"
+        )
+    return key, key.public_key()
+
+
+def _check_bundle(run: Any, fab: Any) -> str | None:
+    """Why this run's app bundle is not privml's, or None if it is."""
+    from flwr.common.config import get_fab_config
+
+    if run.fab_id != P.FAB_ID:
+        return f"the run's app is {run.fab_id!r}, not {P.FAB_ID!r}"
+    if hashlib.sha256(fab.content).hexdigest() != run.fab_hash or fab.hash_str != run.fab_hash:
+        return "the app bundle does not match the run's hash"
+    try:
+        components = get_fab_config(fab.content)["tool"]["flwr"]["app"]["components"]
+    except (KeyError, ValueError, TypeError) as exc:
+        return f"the app bundle has no readable components ({exc})"
+    if components.get("clientapp") != "privml.fl.flower.client_app:app":
+        return f"the app bundle's clientapp is {components.get('clientapp')!r}"
+    return None
+
+
+def run_node(
+    runtime: SiteRuntime,
+    *,
+    superlink: str,
+    root_certificates: str | Path | None = None,
+    insecure: bool = False,
+    auth_key: str | Path | None = None,
+    max_wait_time: float | None = 60.0,
+    stop: threading.Event | None = None,
+    max_poll_interval: float = 1.0,
+    on_message: Callable[[str, float], None] | None = None,
+) -> NodeStats:
+    """Serve ``runtime``'s site to the SuperLink at ``superlink`` until ``stop`` is set.
+
+    Args:
+        runtime: the site, loaded once (:class:`SiteRuntime`).
+        superlink: the SuperLink's address, ``host:port``.
+        root_certificates: PEM CA file that signed the SuperLink's certificate (TLS).
+        insecure: plain HTTP, no TLS; only for tests on one machine (the caller warns).
+        auth_key: OpenSSH EC private key for SuperNode authentication (the SuperLink must run
+            with ``--enable-supernode-auth`` and have the public key registered).
+        max_wait_time: seconds to keep retrying to reach the SuperLink before giving up
+            (None: forever).
+        stop: set it to make the node deactivate and return.
+        max_poll_interval: longest pause between polls when idle, seconds (> 0).
+        on_message: called with (message type, seconds spent) after each message.
+
+    Returns:
+        :class:`NodeStats`.
+    """
+    from flwr.app import Context, Error, Message, RecordDict
+    from flwr.common.config import get_fused_config_from_fab
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        no_object_id_recompute,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+        push_objects,
+    )
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode.fleet_http_connection import http_request_response
+
+    from privml.fl.flower.client_app import make_client_app
+
+    if insecure and root_certificates is not None:
+        raise UsageError(
+            "The 'root_certificates' parameter of run_node must be None with insecure=True "
+            f"(TLS off). Got {str(root_certificates)!r} instead."
+        )
+    if not insecure and root_certificates is not None and not Path(root_certificates).is_file():
+        raise UsageError(
+            "The 'root_certificates' parameter of run_node must name the CA certificate file. "
+            f"Got {str(root_certificates)!r} instead."
+        )
+    if insecure and auth_key is not None:
+        raise UsageError("SuperNode authentication needs TLS; drop --insecure or the key")
+    if not max_poll_interval > 0:
+        raise UsageError(
+            f"The 'max_poll_interval' parameter of run_node must be > 0. Got {max_poll_interval}."
+        )
+    keys = load_auth_key(auth_key) if auth_key is not None else None
+    stop = stop or threading.Event()
+    client = make_client_app(lambda _ctx: runtime)
+    stats = NodeStats()
+    runs: dict[int, tuple[Any, dict[str, Any] | None, str | None]] = {}
+    node_config = {"site": runtime.name}
+    certs = str(Path(root_certificates).resolve()) if root_certificates is not None else None
+
+    def reply_error(message: Message, code: int, reason: str) -> Message:
+        return Message(Error(code=code, reason=reason), reply_to=message)
+
+    try:
+        connection = http_request_response(superlink, insecure, certs, keys, None, max_wait_time)
+        conn = connection.__enter__()
+    except SystemExit as exc:  # Flower exits the process when it cannot connect
+        raise UsageError(
+            f"could not connect to the SuperLink at {superlink} (Flower exit code {exc.code}); "
+            "check the address, that it runs, and its certificate (--root-certificates)"
+        ) from None
+    try:
+        node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
+        stats.node_id = node_id
+        log.info("site %s connected as SuperNode %s", runtime.name, node_id)
+        pause = 0.01
+        while not stop.is_set():
+            try:
+                got = receive()
+            except RunNotRunningException:
+                got = None
+            if got is None:
+                stop.wait(pause)
+                pause = min(pause * 1.5, max_poll_interval)
+                continue
+            pause = 0.01
+            t0 = time.perf_counter()
+            message, tree = got
+            run_id = message.metadata.run_id
+            try:
+                if run_id not in runs:
+                    run = get_run(run_id)
+                    fab = get_fab(run.fab_hash, run_id)
+                    why = _check_bundle(run, fab)
+                    run_config = (
+                        get_fused_config_from_fab(fab.content, run) if why is None else None
+                    )
+                    runs[run_id] = (run, run_config, why)
+                run, run_config, why = runs[run_id]
+                message = pull_and_inflate_object_from_tree(
+                    tree,
+                    functools.partial(pull_object, run_id),
+                    functools.partial(confirm, run_id),
+                    return_type=Message,
+                )
+                message.metadata.__dict__["_message_id"] = tree.object_id
+                if why is not None:
+                    stats.refused_runs += 1
+                    log.warning("refusing run %s: %s", run_id, why)
+                    reply = reply_error(
+                        message, ErrorCode.INVALID_FAB, f"privml site refuses: {why}"
+                    )
+                else:
+                    context = Context(
+                        run_id=run_id,
+                        node_id=node_id,
+                        node_config=dict(node_config),
+                        state=RecordDict(),
+                        run_config=dict(run_config or {}),
+                    )
+                    try:
+                        reply = client(message, context)
+                    except Exception as exc:  # the coordinator gets the reason, the site a log
+                        stats.errors += 1
+                        log.warning("%s message failed: %s", message.metadata.message_type, exc)
+                        reply = reply_error(
+                            message,
+                            ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                            f"{type(exc).__name__}: {exc}",
+                        )
+            except RunNotRunningException:
+                continue
+            busy = time.perf_counter() - t0
+            with no_object_id_recompute():
+                reply.metadata.__dict__["_message_id"] = reply.object_id
+                out_tree = get_object_tree(reply)
+                try:
+                    to_push, session = send(reply, out_tree, busy)
+                except RunNotRunningException:
+                    continue
+                push_objects(
+                    get_all_nested_objects(reply),
+                    functools.partial(push_object, run_id, session),
+                    object_ids_to_push=to_push,
+                )
+            stats.messages += 1
+            stats.busy_seconds += busy
+            if on_message is not None:
+                on_message(message.metadata.message_type, busy)
+    finally:
+        connection.__exit__(None, None, None)
+    return stats

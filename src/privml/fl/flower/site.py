@@ -1,0 +1,240 @@
+"""What runs at one site of a Flower deployment: its data, local training and evaluation.
+
+A :class:`SiteRuntime` is built once per SuperNode process from the site's config file and its
+name. It reads only that site's records (its own ``data.sites`` entry; for a built-in dataset,
+its part of the simulated partition), checks and encodes them with the public schema, splits
+them exactly as the simulation does, and keeps the encoded arrays in memory for every round.
+Local training is the engine's own site-side function :func:`privml.fl.engine.local_updates`,
+seeded with the site's index in the config, so a site computes the same update as in
+simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from privml.config import Config, load_config
+from privml.data.encoding import Encoder, Task, encode_labels, resolve_task
+from privml.data.federation import FederatedData, SiteData, load_federation
+from privml.data.loading import check_sites, read_site_file
+from privml.data.partition import train_test_split
+from privml.errors import ConfigError, DataError, UsageError
+from privml.fl.engine import DEFAULT_PROX_MU, local_updates
+from privml.fl.flower import protocol
+from privml.fl.flower.evaluation import EvalStats, site_stats
+from privml.fl.local import MeanGradient
+from privml.models.nets import ModelSpec, build_model
+from privml.pipeline import model_spec
+
+__all__ = [
+    "SiteInfo",
+    "SiteRuntime",
+    "check_supported",
+    "load_site",
+    "site_names",
+    "site_prox_mu",
+]
+
+
+def check_supported(config: Config) -> None:
+    """Raise UsageError for settings the Flower engine does not run (all listed at once)."""
+    problems = []
+    if config.privacy.mode != "none":
+        problems.append(
+            f"privacy.mode = {config.privacy.mode!r}: differentially private training runs in "
+            'the simulation engine only for now; use engine = "simulation" or mode = "none"'
+        )
+    if config.attack:
+        problems.append(
+            "[attack]: simulated attackers exist only in the simulation engine; remove the "
+            "[attack] section to deploy"
+        )
+    if config.training.aggregator == "fltrust":
+        problems.append(
+            'training.aggregator = "fltrust" needs a root dataset at the server, which the '
+            "Flower engine does not hold; choose another aggregator"
+        )
+    if problems:
+        raise UsageError("the Flower engine cannot run this config: " + "; ".join(problems))
+
+
+def site_prox_mu(training: Any) -> float:
+    """FedProx's proximal weight for local training, as the simulation engine sets it."""
+    if training.strategy != "fedprox":
+        return 0.0
+    return float(training.prox_mu if training.prox_mu is not None else DEFAULT_PROX_MU)
+
+
+def site_names(config: Config) -> list[str]:
+    """The names of the config's sites, in config order (their index seeds their training)."""
+    if config.data.sites is not None:
+        return [s.name for s in config.data.sites]
+    from privml.data.federation import load_site_frames
+
+    return list(load_site_frames(config))
+
+
+def load_site(config: Config, site: str) -> tuple[SiteData, Encoder, Task, int]:
+    """Read, check, split and encode the records of one site only.
+
+    Returns the encoded site, the encoder, the task and the site's index in the config.
+    A site cannot infer a schema that the other sites share, so every column of a CSV or
+    Parquet site must be declared in ``[data.schema]``.
+    """
+    d = config.data
+    if d.dataset is not None:
+        fed = load_federation(config)
+        names = [s.name for s in fed.sites]
+        if site not in names:
+            raise UsageError(
+                f"The 'site' parameter names no site of this config. Got {site!r} instead; "
+                f"the sites are {names}."
+            )
+        i = names.index(site)
+        return fed.sites[i], fed.encoder, fed.task, i
+    assert d.sites is not None and d.target is not None
+    names = [s.name for s in d.sites]
+    if site not in names:
+        raise UsageError(
+            f"The 'site' parameter names no site of this config. Got {site!r} instead; the "
+            f"sites are {names}."
+        )
+    i = names.index(site)
+    entry = d.sites[i]
+    df = read_site_file(Path(entry.path), site=site)
+    if len(df) == 0:
+        raise DataError(f"site {site!r}: no rows in {str(entry.path)!r}; give the site data")
+    undeclared = [
+        c for c in df.columns if c not in d.schema and c != d.target and c not in d.exclude
+    ]
+    if undeclared:
+        raise DataError(
+            f"site {site!r}: columns {undeclared} have no declared schema. In a deployment "
+            "every site must encode with the same public schema, which a site cannot infer "
+            "alone: declare them in [data.schema] (`privml schema infer` writes a draft) or "
+            "list them in data.exclude"
+        )
+    schema = dict(d.schema)
+    problems = check_sites({site: df}, schema=schema, target=d.target, exclude=tuple(d.exclude))
+    if problems:
+        raise DataError(problems)
+    task = resolve_task({site: df}, target=d.target, positive=d.positive, classes=d.classes)
+    encoder = Encoder(schema)
+    encoder.fit_check()
+    X = encoder.transform(df, site=site)
+    y = encode_labels(df[d.target], task)
+    tr, te = train_test_split(y, d.test_fraction, rng=np.random.default_rng([d.seed, i]))
+    return SiteData(site, X[tr], y[tr], X[te], y[te]), encoder, task, i
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a site tells the coordinator in the handshake (all public or aggregate)."""
+
+    name: str
+    index: int
+    n_train: int
+    n_test: int
+    n_features: int
+    task: dict[str, Any]
+    encoding: dict[str, Any]
+    fingerprint: dict[str, str]
+
+
+class SiteRuntime:
+    """One site's encoded data, model and training rule, kept for the whole deployment.
+
+    Args:
+        config: the deployment's config (the same file as the coordinator's).
+        site: this site's name in the config.
+    """
+
+    def __init__(self, config: Config, site: str) -> None:
+        check_supported(config)
+        self.config = config
+        self.data, self.encoder, self.task, self.index = load_site(config, site)
+        fed = FederatedData([self.data], self.encoder, self.task)
+        self.spec: ModelSpec = model_spec(config, fed)
+        self.model = build_model(self.spec)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.rule = MeanGradient(self.model, self.spec, binary=self.task.kind == "binary")
+        self.fingerprint = protocol.fingerprint(config)
+
+    @classmethod
+    def from_file(cls, config_path: str | Path, site: str) -> SiteRuntime:
+        """Load ``config_path`` (TOML) and build the runtime of ``site``."""
+        return cls(load_config(config_path), site)
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def info(self) -> SiteInfo:
+        return SiteInfo(
+            name=self.name,
+            index=self.index,
+            n_train=self.data.n_train,
+            n_test=self.data.n_test,
+            n_features=self.encoder.n_features,
+            task=self.task.to_dict(),
+            encoding=self.encoder.to_dict(),
+            fingerprint=self.fingerprint,
+        )
+
+    def check_params(self, params: object) -> torch.Tensor:
+        """The coordinator's parameters as a float32 tensor, or UsageError if malformed."""
+        if not isinstance(params, np.ndarray) or params.dtype.kind != "f":
+            raise UsageError(
+                f"site {self.name!r}: the global parameters must be a float array; got "
+                f"{type(params).__name__} {getattr(params, 'dtype', '')}"
+            )
+        if params.shape != (self.n_params,):
+            raise UsageError(
+                f"site {self.name!r}: the global parameters have shape {params.shape}, this "
+                f"site's model has ({self.n_params},); the coordinator's config differs"
+            )
+        if not np.isfinite(params).all():
+            raise UsageError(f"site {self.name!r}: the global parameters hold NaN or Inf")
+        return torch.from_numpy(params.astype(np.float32))
+
+    def train(self, params: np.ndarray, *, rnd: int) -> np.ndarray:
+        """Local training from the global ``params`` in round ``rnd``; the update (float64)."""
+        if (
+            isinstance(rnd, bool)
+            or not isinstance(rnd, int)
+            or not 1 <= rnd <= self.config.training.rounds
+        ):
+            raise UsageError(
+                f"site {self.name!r}: round must be an integer in [1, "
+                f"{self.config.training.rounds}]. Got {rnd!r} instead."
+            )
+        p = self.check_params(params)
+        updates = local_updates(
+            self.model,
+            p,
+            [self.data],
+            training=self.config.training,
+            rnd=rnd,
+            site_ids=np.array([self.index]),
+            rule=self.rule,
+            prox_mu=site_prox_mu(self.config.training),
+        )
+        return updates[0]
+
+    def evaluate(self, params: np.ndarray) -> EvalStats:
+        """Evaluation statistics of ``params`` on this site's test records."""
+        p = self.check_params(params)
+        return site_stats(self.model, p, self.data.X_test, self.data.y_test)
+
+    def check_fingerprint(self, theirs: Any) -> None:
+        diff = protocol.fingerprint_mismatch(self.fingerprint, theirs)
+        if diff:
+            raise ConfigError(
+                f"site {self.name!r}: the coordinator's config differs from this site's in "
+                f"{diff}; give both the same config file"
+            )

@@ -1,0 +1,272 @@
+"""privml's ServerApp coordinator and ClientApp, wired through an in-memory Flower grid.
+
+The grid below passes every message through Flower's own object serialization (deflate and
+inflate, as the SuperLink does), so these tests exercise the real message contents; the
+deployment itself (SuperLink, SuperNodes, TLS) is tested in test_flower_deploy.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
+
+from privml.config import load_config, parse_config
+from privml.errors import ConfigError, UsageError
+from privml.fl.engine import simulate
+from privml.fl.flower import protocol as P
+from privml.fl.flower.client_app import make_client_app
+from privml.fl.flower.server_app import Coordinator, SiteFailure
+from privml.fl.flower.site import SiteRuntime, site_names
+from privml.pipeline import model_spec
+
+RUN_ID = 42
+
+
+def _roundtrip(msg: Message) -> Message:
+    """Serialize and rebuild a message the way it crosses the SuperLink."""
+    objects = get_all_nested_objects(msg)
+    contents = {oid: obj.deflate() for oid, obj in objects.items()}
+    out = inflate_object_from_contents(msg.object_id, contents)
+    assert isinstance(out, Message)
+    out.metadata.__dict__["_message_id"] = msg.object_id
+    return out
+
+
+Tamper = Callable[[str, Message, Message], Message | None]
+"""(site, message received, its reply) -> the reply to deliver, or None for no reply."""
+
+
+class FakeGrid(Grid):
+    """Delivers messages to in-process ClientApps; ``tamper`` can alter or drop replies."""
+
+    def __init__(self, nodes: dict[int, tuple[Any, Context]], tamper: Tamper | None = None):
+        self.nodes = nodes
+        self.tamper = tamper
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self._run: Any = None
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.sent.append(msg)
+            received = _roundtrip(msg)
+            app, ctx = self.nodes[msg.metadata.dst_node_id]
+            try:
+                reply = app(received, ctx)
+            except Exception as exc:
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                    reply_to=received,
+                )
+            name = ctx.node_config["site"]
+            if self.tamper is not None:
+                reply = self.tamper(name, received, reply)
+            if reply is not None:
+                reply.metadata.__dict__["_message_id"] = reply.object_id
+                self.replies[msg.object_id] = _roundtrip(reply)
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        ids = list(self.push_messages(messages))
+        return self.pull_messages(ids)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterable[None]:
+    """As a SuperNode runs (`privml flower supernode --threads 1`): tiny models train faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterable[None]:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 0
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None  # type: ignore[assignment]
+
+
+def _config(rounds: int = 3, **training: Any) -> Any:
+    cfg = load_config(None)
+    raw = cfg.resolved()
+    raw["training"].update({"rounds": rounds, **training})
+    raw["inference"]["encrypted"] = False
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def demo_runtimes() -> dict[str, SiteRuntime]:
+    cfg = _config()
+    return {name: SiteRuntime(cfg, name) for name in site_names(cfg)}
+
+
+def _grid(runtimes: dict[str, SiteRuntime], tamper: Tamper | None = None) -> FakeGrid:
+    nodes = {}
+    for i, (name, rt) in enumerate(runtimes.items()):
+        app = make_client_app(lambda _ctx, _rt=rt: _rt)
+        ctx = Context(RUN_ID, 100 + i, {"site": name}, RecordDict(), {})
+        nodes[100 + i] = (app, ctx)
+    return FakeGrid(nodes, tamper)
+
+
+def test_flower_rounds_equal_the_simulation(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+    training = Coordinator(_grid(demo_runtimes), cfg).run()
+    from privml.data.federation import load_federation
+
+    fed = load_federation(cfg)
+    sim = simulate(fed, model_spec(cfg, fed), cfg.training)
+    res = training.result
+    assert [s.name for s in training.sites] == [s.name for s in fed.sites]
+    assert len(res.history) == len(sim.history) == 3
+    np.testing.assert_allclose(res.params.numpy(), sim.params.numpy(), rtol=0, atol=1e-5)
+    for a, b in zip(res.history, sim.history, strict=True):
+        assert a.accuracy == pytest.approx(b.accuracy, abs=1e-12)
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+        assert a.auc == pytest.approx(b.auc, abs=2e-3)
+        assert (a.clients, a.rejected, a.sampled) == (b.clients, b.rejected, b.sampled)
+    assert res.metrics["accuracy"] == pytest.approx(sim.metrics["accuracy"], abs=1e-12)
+    assert res.metrics["f1"] == pytest.approx(sim.metrics["f1"], abs=1e-12)
+    for name, m in sim.metrics["per_site"].items():
+        assert res.metrics["per_site"][name]["accuracy"] == pytest.approx(m["accuracy"])
+    assert res.extra["federation"]["engine"] == "flower"
+    assert res.extra["updates"]["accepted"] == 9
+
+
+def test_round_messages_share_one_content(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+    grid = _grid(demo_runtimes)
+    Coordinator(grid, cfg).run()
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train) == 9
+    by_round: dict[str, set[str]] = {}
+    for m in train:
+        by_round.setdefault(m.metadata.group_id, set()).add(m.content.object_id)
+        # one ConfigRecord carries settings and (small) parameters: 3 objects per message
+        assert len(get_all_nested_objects(m)) == 3
+    assert all(len(ids) == 1 for ids in by_round.values())
+
+
+def test_poisoned_update_is_rejected_and_counted(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+
+    def nan_from_b(site: str, received: Message, reply: Message) -> Message:
+        if site != "hospital_b" or received.metadata.message_type != "train":
+            return reply
+        values = dict(reply.content.config_records[P.RESULT])
+        update = P.array_from_bytes(values["update"])
+        update[0] = np.nan
+        values["update"] = P.array_to_bytes(update)
+        return Message(RecordDict({P.RESULT: ConfigRecord(values)}), reply_to=received)
+
+    res = Coordinator(_grid(demo_runtimes, tamper=nan_from_b), cfg).run().result
+    assert res.extra["updates"]["by_reason"]["non_finite"] == 3
+    assert res.rejected_updates == 3
+    assert all(r.rejected == 1 and r.clients == 3 for r in res.history)
+    assert np.isfinite(res.params.numpy()).all()
+    assert res.metrics["accuracy"] > 0.9
+
+
+def test_silent_and_failing_sites_are_left_out(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+
+    def drop_c(site: str, received: Message, reply: Message) -> Message | None:
+        if site == "hospital_c" and received.metadata.message_type == "train":
+            return None  # never answers: times out
+        if site == "hospital_a" and received.metadata.message_type == "train":
+            error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "disk full")
+            return Message(error, reply_to=received)
+        return reply
+
+    grid = _grid(demo_runtimes, tamper=drop_c)
+    res = Coordinator(grid, cfg, round_timeout=0.3).run().result
+    up = res.extra["updates"]
+    assert up["timed_out"] == 3 and up["site_errors"] == 3 and up["accepted"] == 3
+    assert all(r.clients == 1 and r.dropped == 2 for r in res.history)
+    assert res.metrics["accuracy"] is not None
+
+
+def test_site_with_another_config_is_refused(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    other = _config(rounds=3, lr=1.0)
+    rts = dict(demo_runtimes)
+    rts["hospital_b"] = SiteRuntime(other, "hospital_b")
+    cfg = next(iter(demo_runtimes.values())).config
+    with pytest.raises(SiteFailure, match=r"differs from this site's in \['training'\]"):
+        Coordinator(_grid(rts), cfg).run()
+
+
+def test_missing_and_duplicate_sites(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+    two = {k: v for k, v in demo_runtimes.items() if k != "hospital_c"}
+    with pytest.raises(UsageError, match=r"\['hospital_c'\] did not connect within"):
+        Coordinator(_grid(two), cfg, wait_for_sites=0.5).run()
+    grid = _grid(demo_runtimes)
+    app, ctx = grid.nodes[100]
+    grid.nodes[999] = (app, Context(RUN_ID, 999, {"site": "hospital_a"}, RecordDict(), {}))
+    with pytest.raises(UsageError, match="two SuperNodes .* serve site 'hospital_a'"):
+        Coordinator(grid, cfg).run()
+
+
+def test_client_refuses_malformed_parameters(demo_runtimes: dict[str, SiteRuntime]) -> None:
+    rt = demo_runtimes["hospital_a"]
+    with pytest.raises(UsageError, match="shape"):
+        rt.train(np.zeros(rt.n_params + 1, np.float32), rnd=1)
+    with pytest.raises(UsageError, match="NaN or Inf"):
+        rt.evaluate(np.full(rt.n_params, np.inf, np.float32))
+    with pytest.raises(UsageError, match="round must be an integer"):
+        rt.train(np.zeros(rt.n_params, np.float32), rnd=99)
+    with pytest.raises(UsageError, match="float array"):
+        rt.train(np.zeros(rt.n_params, np.int64), rnd=1)  # type: ignore[arg-type]
+
+
+def test_unsupported_settings_are_refused_up_front() -> None:
+    cfg = load_config(None)
+    raw = cfg.resolved()
+    raw["privacy"] = {"mode": "sample", "epsilon": 1.0}
+    raw["training"]["aggregator"] = "fltrust"
+    with pytest.raises(UsageError) as exc:
+        Coordinator(FakeGrid({}), parse_config(raw))
+    assert "privacy.mode" in str(exc.value) and "fltrust" in str(exc.value)
+    with pytest.raises(UsageError, match="'round_timeout' parameter of Coordinator"):
+        Coordinator(FakeGrid({}), cfg, round_timeout=0)
+
+
+def test_config_travels_in_the_run_config() -> None:
+    cfg = _config(rounds=2)
+    back = P.config_from_run_config({P.RUN_CONFIG_KEY: P.config_to_run_config(cfg)})
+    assert back.config_hash() == cfg.config_hash()
+    with pytest.raises(ConfigError, match="no privml config"):
+        P.config_from_run_config({})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        P.config_from_run_config({P.RUN_CONFIG_KEY: "{"})
