@@ -109,7 +109,7 @@ def test_bounds_never_come_from_the_data(schema: dict) -> None:
     """Sensitivity depends on declared bounds only: an outlier is clamped, not measured."""
     data = pd.DataFrame({"age": [30.0] * 99 + [1e9]})
     release = Q.bounded_sum(data["age"], lower=0, upper=100, epsilon=1.0)
-    assert release.scale == pytest.approx(100.0)  # max(|min|, |max|) / epsilon
+    assert release.scale == pytest.approx(100.0, rel=1e-8)  # max(|min|, |max|) / epsilon
     same = Q.bounded_sum(data["age"].clip(upper=50), lower=0, upper=100, epsilon=1.0)
     assert same.scale == release.scale  # the data never changes the noise
     gen = np.random.default_rng(0)
@@ -121,6 +121,19 @@ def test_bounds_never_come_from_the_data(schema: dict) -> None:
         ]
     # The clamped sum is 99 * 30 + 100 = 3070; the noise has scale 100.
     assert abs(np.mean(sums) - 3070) < 30
+
+
+def test_exact_sum_is_order_independent_and_exact() -> None:
+    gen = np.random.default_rng(2)
+    x = gen.uniform(-100, 100, 200_001)
+    total = Q.exact_sum(x, 100.0)
+    assert total == Q.exact_sum(x[::-1].copy(), 100.0) == Q.exact_sum(gen.permutation(x), 100.0)
+    assert total == pytest.approx(math.fsum(x), abs=200_001 * 100 * 2.0**-30)
+    # Adding one record moves the sum by at most the stated sensitivity.
+    for extra in (100.0, -100.0, 99.99999999):
+        moved = Q.exact_sum(np.append(x, extra), 100.0) - total
+        assert abs(moved) <= Q.sum_sensitivity(100.0)
+    assert Q.sum_sensitivity(100.0) == pytest.approx(100.0, rel=2**-29)
 
 
 def test_data_derived_bounds_need_explicit_consent(schema: dict, frame: pd.DataFrame) -> None:
