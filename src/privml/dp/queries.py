@@ -112,7 +112,7 @@ class QuerySpec:
 
         args = "" if self.column is None else name(self.column)
         if self.op == "quantile":
-            args += f", {self.q:g}"
+            args += f", {self.q!r}"
         text = f"{self.op}({args})"
         if self.by is not None:
             text += f" by {name(self.by)}"
