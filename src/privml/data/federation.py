@@ -78,7 +78,10 @@ def _site_names(n: int, hospitals: bool) -> list[str]:
     return [f"site_{i:0{width}d}" for i in range(n)]
 
 
-def _builtin(config: Config) -> tuple[dict[str, pd.DataFrame], datasets.BuiltinData]:
+def _builtin(
+    config: Config,
+) -> tuple[dict[str, pd.DataFrame], datasets.BuiltinData, list[np.ndarray]]:
+    """Per-site frames of a built-in dataset, the dataset, and each site's row indices."""
     d = config.data
     rng = np.random.default_rng(d.seed)
     if d.dataset == "synthetic":
@@ -108,7 +111,7 @@ def _builtin(config: Config) -> tuple[dict[str, pd.DataFrame], datasets.BuiltinD
     names = _site_names(len(parts), d.partition == "hospitals")
     frames = {n: frame.iloc[p].reset_index(drop=True) for n, p in zip(names, parts, strict=True)}
     data.frame = frame
-    return frames, data
+    return frames, data, parts
 
 
 def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
@@ -173,7 +176,7 @@ def load_federation(config: Config) -> FederatedData:
     d = config.data
     truth = None
     if d.dataset is not None:
-        frames, builtin = _builtin(config)
+        frames, builtin, parts = _builtin(config)
         target = builtin.target
         schema = {**builtin.schema, **config.data.schema}
         inferred: list[str] = []
@@ -207,14 +210,25 @@ def load_federation(config: Config) -> FederatedData:
     encoder.fit_check()
     sites: list[SiteData] = []
     problems = []
+    pooled: tuple[np.ndarray, np.ndarray] | None = None
+    if d.dataset is not None:
+        # Encoding is record by record from the schema alone, so encoding the pooled built-in
+        # data once and slicing it gives every site exactly what encoding its own rows gives.
+        pooled = (
+            encoder.transform(builtin.frame, site=d.dataset),
+            encode_labels(builtin.frame[target], task),
+        )
     for i, (name, df) in enumerate(frames.items()):
         rng = np.random.default_rng([d.seed, i])
-        try:
-            X = encoder.transform(df, site=name)
-        except DataError as exc:
-            problems += exc.problems
-            continue
-        y = encode_labels(df[target], task)
+        if pooled is not None:
+            X, y = pooled[0][parts[i]], pooled[1][parts[i]]
+        else:
+            try:
+                X = encoder.transform(df, site=name)
+            except DataError as exc:
+                problems += exc.problems
+                continue
+            y = encode_labels(df[target], task)
         tr, te = partition.train_test_split(y, d.test_fraction, rng=rng)
         sites.append(SiteData(name, X[tr], y[tr], X[te], y[te]))
     if problems:

@@ -51,8 +51,14 @@ def numeric_values(values: pd.Series) -> pd.Series:
     ``inf`` and ``nan`` written in a file are refused like text: no bound can clip them into
     meaning, and silently turning them into the bound would hide a broken record.
     """
-    num = pd.to_numeric(values, errors="coerce").astype(np.float64)
-    return num.where(np.isfinite(num))
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
+        values.dtype
+    ):
+        arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    arr = np.where(np.isfinite(arr), arr, np.nan)
+    return pd.Series(arr, index=values.index, name=values.name)
 
 
 def _rows(mask: pd.Series) -> str:

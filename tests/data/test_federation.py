@@ -1,0 +1,168 @@
+"""From a config to per-site encoded arrays: built-in partitions, users' CSV files, checks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from privml.config import parse_config
+from privml.data import load_federation
+from privml.data.encoding import Encoder
+from privml.errors import DataError, PrivacyLeakWarning
+from tests.data.sites import patient_frame, write_sites
+
+
+def _builtin(**data: object) -> dict[str, object]:
+    return {"data": {"dataset": "breast_cancer", **data}}
+
+
+def test_demo_hospitals_are_unequal_with_held_out_splits() -> None:
+    fed = load_federation(parse_config(_builtin()))
+    assert [s.name for s in fed.sites] == ["hospital_a", "hospital_b", "hospital_c"]
+    sizes = [s.n_train + s.n_test for s in fed.sites]
+    assert sum(sizes) == 569 and sizes[0] > sizes[1] > sizes[2]
+    for s in fed.sites:
+        assert s.n_test == pytest.approx(0.2 * (s.n_train + s.n_test), abs=2)
+        assert s.X_train.dtype == np.float32 and s.X_train.shape[1] == 30
+        assert set(np.unique(s.y_test)) == {0, 1}  # stratified: both classes held out
+    assert fed.task.classes == ("benign", "malignant") and fed.inferred_columns == []
+
+
+def test_each_record_lands_in_exactly_one_site_and_split() -> None:
+    fed = load_federation(parse_config(_builtin(partition="iid", n_sites=7)))
+    X = np.concatenate([np.concatenate([s.X_train, s.X_test]) for s in fed.sites])
+    assert len(X) == 569
+    from privml.data import datasets
+
+    d = datasets.breast_cancer()
+    full = Encoder(d.schema).transform(d.frame)
+    as_set = {r.tobytes() for r in full}
+    assert {r.tobytes() for r in X} == as_set  # identical encoding wherever a record lands
+
+
+def test_iid_into_100_sites() -> None:
+    fed = load_federation(parse_config(_builtin(partition="iid", n_sites=100)))
+    assert len(fed.sites) == 100 and fed.sites[0].name == "site_000"
+    assert {s.n_train + s.n_test for s in fed.sites} <= {5, 6}
+    assert all(s.n_train >= 1 for s in fed.sites)
+
+
+def test_dirichlet_and_column_partitions() -> None:
+    fed = load_federation(
+        parse_config({"data": {"dataset": "digits", "partition": "dirichlet", "n_sites": 5,
+                               "alpha": 0.2}})
+    )
+    mixes = [np.bincount(np.concatenate([s.y_train, s.y_test]), minlength=10) for s in fed.sites]
+    top_share = [m.max() / m.sum() for m in mixes]
+    assert np.mean(top_share) > 0.3  # label skew (IID would be about 0.1)
+    assert fed.task.kind == "multiclass" and fed.task.n_outputs == 10
+    cfg = parse_config(
+        _builtin(partition="column", partition_column="mean_radius", n_sites=4)
+    )
+    fed2 = load_federation(cfg)
+    assert len(fed2.sites) == 4
+
+
+def test_loading_is_deterministic_for_a_seed() -> None:
+    a = load_federation(parse_config(_builtin(partition="dirichlet", seed=3)))
+    b = load_federation(parse_config(_builtin(partition="dirichlet", seed=3)))
+    c = load_federation(parse_config(_builtin(partition="dirichlet", seed=4)))
+    for sa, sb in zip(a.sites, b.sites, strict=True):
+        np.testing.assert_array_equal(sa.X_train, sb.X_train)
+        np.testing.assert_array_equal(sa.y_test, sb.y_test)
+    assert any(
+        sa.n_train != sc.n_train or not np.array_equal(sa.y_train, sc.y_train)
+        for sa, sc in zip(a.sites, c.sites, strict=True)
+    )
+
+
+def _own(tmp_path: Path, **data: object) -> dict[str, object]:
+    paths = write_sites(tmp_path)
+    sites = [{"name": f"s{i}", "path": str(p)} for i, p in enumerate(paths)]
+    return {"data": {"target": "death", "positive": "dead", "sites": sites, **data}}
+
+
+def test_own_csvs_with_inferred_schema_warn_and_are_marked(tmp_path: Path) -> None:
+    with pytest.warns(PrivacyLeakWarning, match="inferred from the private data"):
+        fed = load_federation(parse_config(_own(tmp_path)))
+    assert fed.inferred_columns == ["age", "sex", "chol", "smoker"]
+    assert fed.task.classes == ("alive", "dead")
+    assert fed.encoder.feature_names == [
+        "age", "sex", "chol", "chol__missing",
+        "smoker=current", "smoker=former", "smoker=never", "smoker__missing",
+    ]  # fmt: skip
+    for s in fed.sites:
+        assert np.isfinite(s.X_train).all() and s.X_train.min() >= 0 and s.X_train.max() <= 1
+
+
+def test_declared_columns_are_not_inferred(tmp_path: Path) -> None:
+    raw = _own(tmp_path)
+    raw["data"]["schema"] = {  # type: ignore[index]
+        "age": {"type": "numeric", "min": 0, "max": 120},
+        "sex": {"type": "categorical", "values": ["F", "M"]},
+        "chol": {"type": "numeric", "min": 50, "max": 400, "missing": True},
+        "smoker": {"type": "categorical", "values": ["never", "former", "current"],
+                   "missing": True},
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fully declared schema warns about nothing
+        fed = load_federation(parse_config(raw))
+    assert fed.inferred_columns == []
+    raw["data"]["schema"]["age"]["derived_from_data"] = True  # type: ignore[index]
+    with pytest.warns(PrivacyLeakWarning, match=r"\['age'\] is marked derived_from_data"):
+        fed = load_federation(parse_config(raw))
+    assert fed.inferred_columns == ["age"]
+
+
+def test_all_site_problems_are_reported_together(tmp_path: Path) -> None:
+    raw = _own(tmp_path, allow_inferred_schema=False)
+    raw["data"]["schema"] = {  # type: ignore[index]
+        "age": {"type": "numeric", "min": 0, "max": 120},
+        "sex": {"type": "binary", "values": ["F", "M"]},
+        "chol": {"type": "numeric", "min": 50, "max": 400},  # but chol has missing values
+        "smoker": {"type": "categorical", "values": ["never", "current"], "missing": True},
+    }
+    with pytest.raises(DataError) as info:
+        load_federation(parse_config(raw))
+    problems = info.value.problems
+    assert len(problems) == 6  # chol and smoker, at each of the 3 sites
+    assert any("site 's2', column 'chol': missing values at rows" in p for p in problems)
+    assert any("site 's0', column 'smoker': value 'former'" in p for p in problems)
+
+
+def test_a_column_at_some_sites_only(tmp_path: Path) -> None:
+    raw = _own(tmp_path)
+    p = Path(raw["data"]["sites"][1]["path"])  # type: ignore[index]
+    pd.read_csv(p).assign(ward="x").to_csv(p, index=False)
+    with pytest.raises(DataError, match=r"column 'ward' is at sites \['s1'\] but not at sites "
+                       r"\['s0', 's2'\].*data\.exclude"):
+        load_federation(parse_config(raw))
+    raw["data"]["exclude"] = ["ward"]  # type: ignore[index]
+    with pytest.warns(PrivacyLeakWarning):
+        fed = load_federation(parse_config(raw))
+    assert "ward" not in fed.encoder.schema
+
+
+def test_parquet_sites(tmp_path: Path) -> None:
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"s{i}.parquet"
+        patient_frame(60, i).to_parquet(p)
+        paths.append(p)
+    raw = {"data": {"target": "death", "positive": "dead",
+                    "sites": [{"name": f"s{i}", "path": str(p)} for i, p in enumerate(paths)]}}
+    with pytest.warns(PrivacyLeakWarning):
+        fed = load_federation(parse_config(raw))
+    assert sum(s.n_train + s.n_test for s in fed.sites) == 120
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    p = tmp_path / "s.xlsx"
+    p.write_bytes(b"x")
+    raw = {"data": {"target": "y", "sites": [{"name": "a", "path": str(p)}]}}
+    with pytest.raises(DataError, match="neither CSV .* nor Parquet"):
+        load_federation(parse_config(raw))
