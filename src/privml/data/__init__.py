@@ -5,6 +5,7 @@ from privml.data.encoding import Encoder, Task
 from privml.data.federation import (
     FederatedData,
     SiteData,
+    declared_schema,
     load_federation,
     load_site_frames,
     resolve_schema,
@@ -15,6 +16,7 @@ __all__ = [
     "Encoder",
     "FederatedData",
     "SiteData",
+    "declared_schema",
     "Task",
     "infer_schema",
     "load_federation",

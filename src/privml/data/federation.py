@@ -114,6 +114,26 @@ def _builtin(
     return frames, data, parts
 
 
+def declared_schema(config: Config) -> dict[str, ColumnSchema]:
+    """The public schema as declared: a built-in dataset's own, overridden by [data.schema].
+
+    Nothing is inferred from the data here; this is what DP queries may rely on.
+    """
+    declared = dict(config.data.schema)
+    if config.data.dataset is not None:
+        builtin = {
+            "breast_cancer": datasets.breast_cancer,
+            "digits": datasets.digits,
+        }.get(config.data.dataset)
+        base = (
+            builtin().schema
+            if builtin is not None
+            else datasets.synthetic(n_rows=10, n_features=config.data.n_features).schema
+        )
+        declared = {**base, **declared}
+    return declared
+
+
 def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
     """Raw records of every site (for code that runs at the sites: training, DP queries)."""
     if config.data.dataset is not None:

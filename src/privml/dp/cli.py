@@ -232,6 +232,10 @@ def run_query(
     ledger = ledger_from_config(config)
     data = _section(config, "data")
     schema = getattr(data, "schema", None)
+    if getattr(data, "dataset", None) is not None:
+        from privml.data import declared_schema
+
+        schema = declared_schema(config)
     if schema is None:
         raise ConfigError("[data.schema] is missing: declare each column's type and bounds")
     frames = (load_frames or _default_loader)(config)
