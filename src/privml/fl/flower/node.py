@@ -31,11 +31,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privml.errors import UsageError
 from privml.fl.flower import protocol as P
-from privml.fl.flower.site import SiteRuntime
+
+if TYPE_CHECKING:
+    from privml.fl.flower.site import SiteRuntime
 
 __all__ = ["NodeStats", "load_auth_key", "run_node"]
 
@@ -123,6 +125,13 @@ def run_node(
 
     Returns:
         :class:`NodeStats`.
+
+    Raises:
+        UsageError: bad arguments, or the SuperLink cannot be reached, refuses the node's key
+            (HTTP 401) or presents a certificate ``root_certificates`` does not trust. Flower's
+            Fleet client then also ends *this process* 5 s later (``flwr_exit`` starts an
+            ``os._exit`` timer; on HTTP 401 it first sends the process SIGINT): run a node in
+            a process of its own, as ``privml flower supernode`` does.
     """
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.config import get_fused_config_from_fab

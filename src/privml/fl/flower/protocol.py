@@ -24,6 +24,7 @@ with the coordinator on every setting that changes the computation (:func:`finge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -140,8 +141,9 @@ clientapp = "privml.fl.flower.client_app:app"
 """
 
 
+@functools.cache
 def build_fab() -> tuple[bytes, str]:
-    """Build the app bundle in memory; return ``(bytes, sha256 hex)``."""
+    """Build the app bundle in memory; return ``(bytes, sha256 hex)`` (built once per process)."""
     from flwr.cli.build import build_fab_from_files
 
     fab, _meta = build_fab_from_files({"pyproject.toml": pyproject_toml().encode()})

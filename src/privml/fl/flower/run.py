@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from privml import __version__
 from privml.config import Config
 from privml.errors import PrivmlError, UsageError
@@ -100,6 +102,9 @@ def _control_client(dep: Deployment) -> Any:
 
 
 def _runtime_client(dep: Deployment, *, token: str | None = None) -> Any:
+    """A Runtime API client: with ``token`` for a claimed task (Flower's retries), else for
+    claiming tasks (signed with the SuperExec secret; no retries, so that a refusal surfaces as
+    an error here instead of Flower's retry policy sending this process SIGINT on HTTP 401)."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -123,7 +128,7 @@ def _runtime_client(dep: Deployment, *, token: str | None = None) -> Any:
         insecure=dep.insecure,
         root_certificates=None if dep.insecure else str(dep.root_certificates),
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=make_simple_http_retry_invoker() if token is not None else None,
     )
 
 
@@ -183,7 +188,23 @@ def serve_run(
     deadline = time.monotonic() + claim_timeout
     try:
         while token is None:
-            res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-serverapp"]))
+            try:
+                res = acquirer.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=["flwr-serverapp"])
+                )
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (401, 403):
+                    raise UsageError(
+                        f"the SuperLink at {dep.superlink} refused to hand over run {run_id}'s "
+                        "ServerApp task: pass the SuperExec secret it was started with "
+                        "(--superexec-secret, superexec.secret from `privml certs`)"
+                    ) from None
+                raise
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                continue
             if res.HasField("task") and res.token:
                 if res.task.run_id != run_id:
                     raise UsageError(
