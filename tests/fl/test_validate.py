@@ -90,7 +90,14 @@ def test_counts_details_and_stack() -> None:
     assert res.rejected == [(1, "dtype"), (2, "non_finite"), (3, "norm"), (4, "shape")]
     counts = res.counts()
     assert counts["accepted"] == 2 and counts["rejected"] == 4
-    assert counts["by_reason"] == {"type": 0, "dtype": 1, "shape": 1, "non_finite": 1, "norm": 1}
+    assert counts["by_reason"] == {
+        "type": 0,
+        "dtype": 1,
+        "shape": 1,
+        "non_finite": 1,
+        "norm": 1,
+        "weight": 0,
+    }
     json.dumps(counts)
     assert "shape (3,)" in res.details[4] and "int64" in res.details[1]
     stack = stack_accepted(ups, res)
@@ -125,3 +132,12 @@ def test_parameter_validation() -> None:
     # a 2-D array is a sequence of rows
     stack = np.vstack([_good(0), _good(1)])
     assert validate_updates(stack, n_params=P).accepted_indices == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "10", None, True])
+def test_bad_self_reported_weight_is_rejected(bad: object) -> None:
+    assert _only_rejection(_good(5), weights=[10, bad, 3]) == (1, "weight")
+    ok = validate_updates([_good(), _good(1)], n_params=P, weights=[0, np.int64(4)])
+    assert ok.accepted_indices == [0, 1]
+    with pytest.raises(UsageError, match="'weights'"):
+        validate_updates([_good(), _good(1)], n_params=P, weights=[1])

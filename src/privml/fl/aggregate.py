@@ -43,6 +43,7 @@ __all__ = [
     "AggregateResult",
     "AggregationContext",
     "AggregatorSpec",
+    "SERVER_DATA_PARAMS",
     "aggregate",
     "bulyan",
     "centered_clip",
@@ -696,6 +697,13 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
     )
 }
 """The aggregation rules by configuration name."""
+
+SERVER_DATA_PARAMS: dict[str, dict[str, Any]] = {"fltrust": {"root_size": 20, "root_site": None}}
+"""Keys of ``[training] aggregator_params`` that configure the engine rather than the rule, with
+their defaults. FLTrust's server needs a small clean root dataset: in simulation the engine
+holds out ``root_size`` training records of ``root_site`` (default: the largest site that is not
+a simulated attacker) as the server's data and trains on them each round to get
+``context.server_update``. These keys are removed before the rule's own parameters are checked."""
 
 
 def _unknown_aggregator(name: object) -> str:

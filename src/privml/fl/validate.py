@@ -24,10 +24,12 @@ from privml.errors import UsageError
 
 __all__ = ["REJECTION_REASONS", "ValidationResult", "stack_accepted", "validate_updates"]
 
-REJECTION_REASONS: tuple[str, ...] = ("type", "dtype", "shape", "non_finite", "norm")
+REJECTION_REASONS: tuple[str, ...] = ("type", "dtype", "shape", "non_finite", "norm", "weight")
 """Reason codes, in the order the checks run (an update gets the first that fails):
 ``type`` not a numpy array; ``dtype`` not a floating dtype; ``shape`` not ``(n_params,)``;
-``non_finite`` NaN or Inf; ``norm`` L2 norm above ``max_norm``."""
+``non_finite`` NaN or Inf; ``norm`` L2 norm above ``max_norm``; ``weight`` the client's
+self-reported weight (sample count) is not a finite number >= 0 (checked only when weights
+are given)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,21 @@ def _check_one(update: object, n_params: int, max_norm: float | None) -> tuple[s
     return None
 
 
+def _check_weight(weight: object) -> tuple[str, str] | None:
+    if isinstance(weight, bool) or not isinstance(weight, int | float | np.integer | np.floating):
+        return "weight", f"has weight {weight!r} ({type(weight).__name__}), not a number"
+    w = float(weight)
+    if not (math.isfinite(w) and w >= 0):
+        return "weight", f"has weight {w}, not a finite number >= 0"
+    return None
+
+
 def validate_updates(
-    updates_list: Sequence[object], *, n_params: int, max_norm: float | None = None
+    updates_list: Sequence[object],
+    *,
+    n_params: int,
+    max_norm: float | None = None,
+    weights: Sequence[object] | NDArray[Any] | None = None,
 ) -> ValidationResult:
     """Check each client update; return which are accepted and why the others are rejected.
 
@@ -87,12 +102,16 @@ def validate_updates(
         n_params: the model's number of parameters, >= 1.
         max_norm: the largest L2 norm (parameter units) an update may have, > 0; None
             disables the norm check.
+        weights: optional, one self-reported weight per update (its client's sample count);
+            an update whose weight is not a finite number >= 0 is rejected with reason
+            ``weight``. None skips the check.
 
     Returns:
         :class:`ValidationResult`; no update is modified or "repaired".
 
     Raises:
-        UsageError: ``updates_list`` not a sequence, or bad ``n_params`` / ``max_norm``.
+        UsageError: ``updates_list`` not a sequence, bad ``n_params`` / ``max_norm``, or
+            ``weights`` of another length than ``updates_list``.
     """
     if isinstance(updates_list, str | bytes) or not isinstance(updates_list, Sequence | np.ndarray):
         raise UsageError(
@@ -119,11 +138,23 @@ def validate_updates(
                 "The 'max_norm' parameter of validate_updates must be a finite number > 0 "
                 f"(or None to skip the norm check). Got {bound} instead."
             )
+    if weights is not None and (
+        isinstance(weights, str | bytes)
+        or not isinstance(weights, Sequence | np.ndarray)
+        or len(weights) != len(updates_list)
+    ):
+        raise UsageError(
+            "The 'weights' parameter of validate_updates must be a sequence with one weight per "
+            f"update ({len(updates_list)}). Got {type(weights).__name__} of length "
+            f"{len(weights) if hasattr(weights, '__len__') else 'unknown'} instead."
+        )
     accepted: list[int] = []
     rejected: list[tuple[int, str]] = []
     details: dict[int, str] = {}
     for i, update in enumerate(updates_list):
         problem = _check_one(update, int(n_params), bound)
+        if problem is None and weights is not None:
+            problem = _check_weight(weights[i])
         if problem is None:
             accepted.append(i)
         else:
