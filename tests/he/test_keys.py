@@ -181,3 +181,27 @@ def test_secret_file_policy(ckks_linear, tmp_path: Path) -> None:
     secret.save(path, passphrase="long enough", overwrite=True, scrypt_n=FAST_SCRYPT)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert "key_id" in repr(secret) and "SecretKey" in repr(secret)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (("layouts", "replicated", "Ip"), 3, "bad replicated layout"),
+        (("layouts", "replicated", "Ip"), 1 << 20, r"Ip must be an int in \[1, 2048\]"),
+        (("layouts", "replicated", "Hp"), 256, "exceeds the slots"),
+        (("layouts", "columns", "profile"), "nope", "names no profile"),
+        (("layouts", "columns", "scale_bits"), 70, "scale_bits must be an int"),
+        (("n_features",), 0, "n_features must be an int"),
+    ],
+)
+def test_malicious_requirements_refused(
+    ckks_linear, path: tuple[str, ...], value: object, match: str
+) -> None:
+    """A client validates what a server asks it to generate."""
+    reqs = ckks_linear.ev.requirements.to_dict()
+    node = reqs
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(CryptoError, match=match):
+        he.keygen(scheme="ckks", requirements=reqs)

@@ -32,14 +32,14 @@ def _quiet_2048() -> None:
 @HYP
 @given(
     st.integers(1, 6).flatmap(
-        lambda k: arrays(np.float64, (k, 30), elements=st.floats(-1.0, 1.0, allow_nan=False))
+        lambda k: arrays(np.float64, (k, 6), elements=st.floats(-1.0, 1.0, allow_nan=False))
     )
 )
-def test_matches_plaintext_model(paillier_linear, ref, X: np.ndarray) -> None:
+def test_matches_plaintext_model(paillier_small, ref, X: np.ndarray) -> None:
     """Signed inputs too: negatives exercise the balanced-digit packing."""
-    s = paillier_linear
+    s = paillier_small
     ct = he.encrypt_features(s.keys, X)
-    assert len(ct) == 30 and ct.per_ct == len(X)
+    assert len(ct) == 6 and ct.per_ct == len(X)
     got = he.decrypt_scores(s.keys.secret, s.ev.predict(ct))
     np.testing.assert_allclose(got, ref(s.model, X), atol=TOL)
 
@@ -53,22 +53,22 @@ def test_single_patient_one_ciphertext_per_feature(paillier_linear, ref, data) -
     np.testing.assert_allclose(got, ref(s.model, x[None, :]), atol=TOL)
 
 
-def test_batch_packs_patients(paillier_linear, ref, data) -> None:
-    s = paillier_linear
+def test_batch_packs_patients(paillier_small, ref, small_data) -> None:
+    s = paillier_small
     per_ct = (2048 - 2) // s.ev.requirements.data["slot_bits"]
-    X = data.X_test[: per_ct + 5]  # two chunks
+    X = small_data.X_test[: per_ct + 5]  # two chunks
     ct = he.encrypt_features(s.server_public, X)  # a party without the secret key
-    assert ct.per_ct == per_ct and len(ct) == 30 * 2
+    assert ct.per_ct == per_ct and len(ct) == 6 * 2
     out_bytes = s.ev.predict_bytes(ct.to_bytes(s.server_public.ciphertext_bytes), s.server_public)
     got = he.decrypt_scores(s.keys.secret, out_bytes)
     np.testing.assert_allclose(got, ref(s.model, X), atol=TOL)
 
 
-def test_randomness_pool(paillier_linear, ref, data) -> None:
-    s = paillier_linear
-    pool = he.PaillierRandomnessPool(s.keys.public, size=32)
+def test_randomness_pool(paillier_small, ref, small_data) -> None:
+    s = paillier_small
+    pool = he.PaillierRandomnessPool(s.keys.public, size=8)
     server_pool = he.PaillierRandomnessPool(s.server_public, size=1)
-    x = data.X_test[0]
+    x = small_data.X_test[0]
     ct = he.encrypt_features(s.keys, x, pool=pool)
     assert len(pool) == 2 and pool.misses == 0
     out = s.ev.predict(ct, pool=server_pool)
@@ -76,8 +76,8 @@ def test_randomness_pool(paillier_linear, ref, data) -> None:
     np.testing.assert_allclose(
         he.decrypt_scores(s.keys.secret, out), ref(s.model, x[None, :]), atol=TOL
     )
-    he.encrypt_features(s.keys, x, pool=pool)  # 2 left, 30 needed: 28 computed on the spot
-    assert len(pool) == 0 and pool.misses == 28
+    he.encrypt_features(s.keys, x, pool=pool)  # 2 left, 6 needed: 4 computed on the spot
+    assert len(pool) == 0 and pool.misses == 4
     with pytest.raises(TypeError, match="must not be pickled"):
         pickle.dumps(pool)
     with pytest.raises(TypeError, match="must not be pickled"):
@@ -87,9 +87,9 @@ def test_randomness_pool(paillier_linear, ref, data) -> None:
         he.encrypt_features(other, x, pool=he.PaillierRandomnessPool(s.keys.public, size=1))
 
 
-def test_results_are_rerandomized(paillier_linear, data) -> None:
-    s = paillier_linear
-    ct = he.encrypt_features(s.keys, data.X_test[0])
+def test_results_are_rerandomized(paillier_small, small_data) -> None:
+    s = paillier_small
+    ct = he.encrypt_features(s.keys, small_data.X_test[0])
     a, b = s.ev.predict(ct), s.ev.predict(ct)
     assert a.cts != b.cts
     np.testing.assert_allclose(
@@ -97,10 +97,12 @@ def test_results_are_rerandomized(paillier_linear, data) -> None:
     )
 
 
-def test_invalid_ciphertexts_rejected(paillier_linear, data) -> None:
-    s = paillier_linear
+def test_invalid_ciphertexts_rejected(paillier_small, small_data) -> None:
+    s = paillier_small
     pub = s.server_public
-    good = he.encrypt_features(s.keys, data.X_test[0]).to_bytes(pub.ciphertext_bytes)
+    good = he.encrypt_features(s.keys, small_data.X_test[0], packing="replicated").to_bytes(
+        pub.ciphertext_bytes
+    )
     _, header, (body,) = formats.unpack(good, expected=formats.Kind.PAILLIER_FEATURES)
     header.pop("parts")
     w = header["width"]
@@ -117,17 +119,17 @@ def test_invalid_ciphertexts_rejected(paillier_linear, data) -> None:
     with pytest.raises(CryptoError):
         he.load_features(good[:-7], pub)
     other = he.keygen(scheme="paillier", requirements=s.ev.requirements, key_bits=2048)
-    foreign = he.encrypt_features(other, data.X_test[0]).to_bytes()
+    foreign = he.encrypt_features(other, small_data.X_test[0]).to_bytes()
     with pytest.raises(CryptoError, match="foreign ciphertext"):
         he.load_features(foreign, pub)
 
 
-def test_requirements_needed_and_checked(paillier_linear, data) -> None:
+def test_requirements_needed_and_checked(paillier_small, small_data) -> None:
     bare = he.keygen(scheme="paillier", key_bits=2048)
     with pytest.raises(UsageError, match="without evaluator requirements"):
-        he.encrypt_features(bare, data.X_test[0])
+        he.encrypt_features(bare, small_data.X_test[0])
     with pytest.raises(UsageError, match="outside the declared bound"):
-        he.encrypt_features(paillier_linear.keys, np.full(30, 2.0))
+        he.encrypt_features(paillier_small.keys, np.full(6, 2.0))
 
 
 @pytest.mark.slow

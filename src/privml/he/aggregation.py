@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -405,10 +406,13 @@ class SecureAggregator:
             return from_fixed(ints, frac_bits=self.precision_bits)
         vals = decrypt_vectors(secret, "agg", agg.cts, complex_out=True)
         flat = np.concatenate([np.concatenate([v.real, v.imag]) for v in vals])[: self.n_params]
-        gen = rng if rng is not None else np.random.default_rng()
-        # Noise flooding: CKKS decryptions carry the ciphertext noise, which helps recover the
-        # secret key from a decryption (Li & Micciancio, Eurocrypt 2021). The aggregate is
-        # shared, so its noise is drowned before release.
+        # Noise flooding: a CKKS decryption carries the ciphertext noise, and a decryption known
+        # together with its ciphertext gives linear equations in the secret key (Li & Micciancio,
+        # Eurocrypt 2021). The aggregate is shared, so fresh Gaussian noise turns what it reveals
+        # into an RLWE sample with a large error (docs/threat-model.md). Seeded from the OS CSPRNG.
+        gen = (
+            rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
+        )
         sigma = self.value_bound * 2.0**-self.precision_bits
         return flat + gen.normal(0.0, sigma, size=flat.shape)
 

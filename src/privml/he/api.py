@@ -91,6 +91,8 @@ def keygen(
         )
     if requirements is not None and hasattr(requirements, "requirements"):
         requirements = requirements.requirements
+    if isinstance(requirements, EvaluatorRequirements):
+        requirements = requirements.to_dict()  # re-validate whatever the server sent
     reqs = as_requirements(requirements) if requirements is not None else None
     if reqs is not None and reqs.scheme != scheme:
         raise UsageError(f"the requirements are for scheme {reqs.scheme!r}, not {scheme!r}")

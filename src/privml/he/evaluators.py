@@ -243,7 +243,7 @@ class _CKKSBase:
         holder = features.holder
         if holder is None:
             raise UsageError("these encrypted features are not linked to a public context")
-        if holder.requirements != self.requirements.to_dict():
+        if holder.requirements != self.requirements.normalized:
             raise CryptoError(
                 "these features were encrypted under keys made for another evaluator (different "
                 "model shape or parameters); generate keys from this evaluator's requirements"
@@ -251,6 +251,8 @@ class _CKKSBase:
         layout = self.requirements.data["layouts"].get(features.packing)
         if layout is None or features.profile != layout["profile"]:
             raise CryptoError(f"unsupported packing {features.packing!r} for this evaluator")
+        if features.packing == "columns" and features.complex_packed != bool(layout["complex"]):
+            raise CryptoError("column-packed features use the wrong (real/complex) slot packing")
         if features.n_cols != self.requirements.n_features:
             raise CryptoError(
                 f"features have {features.n_cols} columns; the model takes "
