@@ -1,0 +1,205 @@
+"""Utility of privml's private training: test accuracy at the issue's targets (delta = 1e-5).
+
+Run:  .venv/bin/python benchmarks/bench_dpsgd_utility.py            # the chosen settings
+      .venv/bin/python benchmarks/bench_dpsgd_utility.py --tune     # the validation search
+      .venv/bin/python benchmarks/bench_dpsgd_utility.py --only digits
+
+Experiments (each through :func:`privml.dp.training.train_private`, the code ``privml run``
+uses, with a throw-away ledger):
+
+* demo: breast cancer over 3 hospitals, logistic regression, sample-level DP, epsilon = 1
+  (target >= 0.95 test accuracy);
+* digits: one site, logistic regression on HOG features (``[model] features = "hog"``),
+  sample-level DP, epsilon = 1 and 3 (targets >= 0.93 and >= 0.96); the Opacus reference
+  quoted in the issue (a small ReLU CNN) is 0.75 / 0.875;
+* client: 1,000 synthetic clients, logistic regression, client-level DP-FedAvg at epsilon = 2
+  against the same federation without DP (target: within 3 points).
+
+Hyper-parameters were chosen with ``--tune``: every site's *training* records are split 75/25
+into train/validation (seeded), each candidate is trained on the 75% and scored on the 25%
+(mean over seeds), and the best is then trained once on the full training records and scored
+on the held-out test records, which played no part in the choice. The search itself runs on
+private data and is not accounted (docs/privacy_training.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from privml.config import Config, parse_config
+from privml.data.federation import FederatedData, SiteData, load_federation
+from privml.dp.training import train_private
+from privml.fl.engine import simulate
+from privml.pipeline import model_spec
+
+DELTA = 1e-5
+
+DEMO: dict[str, Any] = {
+    "data": {"dataset": "breast_cancer", "n_sites": 3, "partition": "hospitals"},
+    "model": {"kind": "logistic"},
+    "training": {"rounds": 5, "local_epochs": 2, "batch_size": 64, "lr": 2.0, "seed": 0},
+    "privacy": {"mode": "sample", "epsilon": 1.0, "max_grad_norm": 1.0},
+}
+DIGITS: dict[str, Any] = {
+    "data": {"dataset": "digits", "n_sites": 1, "partition": "iid"},
+    "model": {"kind": "logistic", "features": "hog", "image_shape": [8, 8]},
+    "training": {"rounds": 20, "local_epochs": 1, "batch_size": 256, "lr": 4.0, "seed": 0},
+    "privacy": {"mode": "sample", "epsilon": 1.0, "max_grad_norm": 0.5},
+}
+CLIENT: dict[str, Any] = {
+    "data": {"dataset": "synthetic", "n_sites": 1000, "rows": 60, "n_features": 10},
+    "model": {"kind": "logistic"},
+    "training": {
+        "rounds": 30,
+        "local_epochs": 1,
+        "batch_size": 16,
+        "lr": 1.0,
+        "seed": 0,
+        "clients_per_round": 100,
+    },
+    "privacy": {"mode": "client", "epsilon": 2.0, "clip": 0.5},
+}
+
+
+def merge(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for name, values in sections.items():
+        out[name] = {**out.get(name, {}), **values}
+    return out
+
+
+def config(raw: dict[str, Any], ledger_dir: Path) -> Config:
+    raw = merge(
+        raw,
+        privacy={
+            "delta": DELTA,
+            "ledger": str(ledger_dir / f"ledger-{time.perf_counter_ns()}.sqlite"),
+            "budget_epsilon": 1e6,
+            "budget_delta": 0.5,
+        },
+    )
+    return parse_config(raw)
+
+
+def validation_split(fed: FederatedData, *, fraction: float = 0.25, seed: int = 0) -> FederatedData:
+    """Each site's training records split into train and validation (as the 'test' set)."""
+    sites = []
+    for i, s in enumerate(fed.sites):
+        rng = np.random.default_rng([seed, 101, i])
+        perm = rng.permutation(s.n_train)
+        k = int(round(fraction * s.n_train))
+        val, tr = perm[:k], perm[k:]
+        sites.append(SiteData(s.name, s.X_train[tr], s.y_train[tr], s.X_train[val], s.y_train[val]))
+    return replace(fed, sites=sites)
+
+
+def accuracy(cfg: Config, fed: FederatedData) -> float:
+    spec = model_spec(cfg, fed)
+    if cfg.privacy.mode == "none" and cfg.model.features == "none":
+        return float(simulate(fed, spec, cfg.training).metrics["accuracy"])
+    return float(train_private(cfg, fed, spec).result.metrics["accuracy"])
+
+
+def evaluate_on(
+    raw: dict[str, Any], ledger_dir: Path, *, validation: bool, seeds: Iterable[int]
+) -> list[float]:
+    accs = []
+    for seed in seeds:
+        cfg = config(merge(raw, training={"seed": seed}), ledger_dir)
+        fed = load_federation(cfg)
+        if validation:
+            fed = validation_split(fed, seed=seed)
+        accs.append(accuracy(cfg, fed))
+    return accs
+
+
+def tune(
+    name: str, raw: dict[str, Any], grid: dict[str, list[Any]], ledger_dir: Path, seeds: list[int]
+) -> dict[str, Any]:
+    """Grid search on the validation split; returns the best raw config."""
+    keys = list(grid)
+    results = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        sections: dict[str, dict[str, Any]] = {}
+        for k, v in zip(keys, values, strict=True):
+            sec, field = k.split(".")
+            sections.setdefault(sec, {})[field] = v
+        cand = merge(raw, **sections)
+        accs = evaluate_on(cand, ledger_dir, validation=True, seeds=seeds)
+        results.append((statistics.mean(accs), dict(zip(keys, values, strict=True)), cand))
+        print(f"  {name} {results[-1][1]} validation {results[-1][0]:.4f}", flush=True)
+    results.sort(key=lambda r: -r[0])
+    best = results[0]
+    print(f"{name}: best {best[1]} validation accuracy {best[0]:.4f}", flush=True)
+    return best[2]
+
+
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "demo": {
+        "training.rounds": [3, 5, 10],
+        "training.batch_size": [32, 64],
+        "training.lr": [1.0, 2.0, 4.0],
+        "privacy.max_grad_norm": [0.5, 1.0],
+    },
+    "digits": {
+        "training.rounds": [20, 40],
+        "training.batch_size": [256],
+        "training.lr": [4.0, 8.0],
+        "privacy.max_grad_norm": [0.5],
+    },
+    "client": {
+        "training.lr": [0.5, 1.0, 2.0],
+        "privacy.clip": [0.25, 0.5, 1.0],
+    },
+}
+
+
+def report(name: str, raw: dict[str, Any], ledger_dir: Path, target: str) -> None:
+    t0 = time.perf_counter()
+    val = evaluate_on(raw, ledger_dir, validation=True, seeds=[0, 1, 2])
+    test = evaluate_on(raw, ledger_dir, validation=False, seeds=[0, 1, 2])
+    print(
+        f"{name:<24} validation {statistics.mean(val):.4f}  test {statistics.mean(test):.4f} "
+        f"(seeds {', '.join(f'{a:.4f}' for a in test)})  target {target}  "
+        f"[{time.perf_counter() - t0:.0f} s]",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tune", action="store_true", help="run the validation grid search")
+    ap.add_argument("--only", choices=["demo", "digits", "client"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    chosen = {"demo": DEMO, "digits": DIGITS, "client": CLIENT}
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger_dir = Path(tmp)
+        for name, raw in chosen.items():
+            if args.only and name != args.only:
+                continue
+            if args.tune:
+                raw = tune(name, raw, GRIDS[name], ledger_dir, seeds=[0, 1])
+            if name == "demo":
+                report("demo eps=1", raw, ledger_dir, ">= 0.95")
+            elif name == "digits":
+                report("digits eps=1", raw, ledger_dir, ">= 0.93")
+                report("digits eps=3", merge(raw, privacy={"epsilon": 3.0}), ledger_dir, ">= 0.96")
+            else:
+                report("client eps=2", raw, ledger_dir, "within 3 points of non-private")
+                report("client non-private", merge(raw, privacy={"mode": "none"}), ledger_dir, "-")
+
+
+if __name__ == "__main__":
+    main()

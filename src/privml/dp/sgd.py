@@ -1,0 +1,536 @@
+"""DP-SGD for a whole cohort of sites at once: Poisson sampling, per-sample clipping, noise.
+
+One local step of DP-SGD (Abadi et al. 2016) at site ``s`` draws a Poisson sample of its
+records (each record independently with probability ``q_s``), computes every sampled record's
+gradient, clips each to L2 norm ``C`` (``max_grad_norm``), sums them, adds Gaussian noise with
+standard deviation ``sigma_s * C`` and divides by the *expected* batch size ``q_s * N_s``:
+
+    g_s = (sum_i clip_C(grad_i) + N(0, sigma_s^2 C^2 I)) / (q_s N_s)
+
+:class:`DPSGDGradient` is a :class:`privml.fl.local.GradientRule`: it computes this for every
+site of the cohort in one batched computation on stacked parameters ``[S, P]``, so 100 sites'
+DP-SGD in a round is one computation, not 100 loops.
+
+Per-sample gradients
+    For ``nn.Sequential`` models made of ``Linear`` and ``Conv2d`` layers and parameter-free
+    modules (activations, reshapes, flatten) -- every model :mod:`privml.models.nets` builds --
+    the layer-wise route (:func:`clipped_grad_sum`) runs one forward and one backward pass for
+    the whole cohort and recovers per-sample gradients from the layers' inputs and the
+    backpropagated output gradients, as Opacus's grad samplers do, without hooks:
+
+    * ``Linear``: the per-sample weight gradient is the outer product ``g_i a_i^T``, so its
+      norm is ``||g_i|| ||a_i||`` ("ghost norm", Goodfellow 2015; Li et al. 2022) and the sum of
+      clipped gradients is one batched product ``(c * g)^T a``: the ``[B, out, in]`` per-sample
+      tensor is never built.
+    * ``Conv2d``: inputs are unfolded (``F.unfold``) and per-sample gradients are
+      ``einsum(g, unfold(a))`` (Opacus's conv grad sampler), materialised per layer.
+
+    Anything else falls back to ``torch.func.vmap`` over ``torch.func.grad`` (per sample, and
+    over sites), which is generic but slower (measured in ``benchmarks/bench_dpsgd.py``).
+
+Sampling rate
+    The accountant must be given the rate the sampler really uses. Here the sampler draws each
+    record with exactly ``q_s = min(1, B / N_s)`` (:func:`poisson_batches`) and
+    ``steps_per_epoch = max(1, round(N_s / B))``, and those two numbers go to the accountant.
+    (Opacus's ``DPDataLoader`` samples at ``1 / len(data_loader) = 1 / ceil(N / B)``, which is
+    not ``B / N`` when ``B`` does not divide ``N``; accounting with ``B / N`` there would be
+    wrong.) An empty Poisson batch is still a step: it adds noise and moves the parameters.
+
+Noise
+    Gaussian noise comes from ``torch.randn`` with a ``torch.Generator`` per site seeded from
+    ``(seed, round, site)``, so a run is reproducible and a site's noise does not depend on
+    which other sites are in the cohort. This is floating-point noise from a non-cryptographic
+    generator: it is *not* protected against floating-point attacks on the Gaussian mechanism
+    (Mironov 2012; Jin et al. 2022) or against an adversary who learns the seed. Opacus's
+    ``secure_mode`` needs ``torchcsprng``, which does not exist for torch 2.13; closing this gap
+    is open work (see docs/privacy_training.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from privml.errors import UsageError
+from privml.fl.local import Batch, per_sample_loss
+from privml.models.nets import ModelSpec, functional_forward
+
+__all__ = [
+    "DPSGDGradient",
+    "PoissonBatches",
+    "clipped_grad_sum",
+    "layerwise_supported",
+    "noise_generators",
+    "per_sample_gradients",
+    "poisson_batches",
+    "sampling_plan",
+]
+
+#: Opacus's guard against division by zero in the clipping factor ``C / (norm + 1e-6)``.
+CLIP_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _positive(name: str, func: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(
+            f"The '{name}' parameter of {func} must be a real number. "
+            f"Got {value!r} ({type(value).__name__}) instead."
+        )
+    v = float(value)
+    ok = v >= 0 if allow_zero else v > 0
+    if not (ok and math.isfinite(v)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UsageError(
+            f"The '{name}' parameter of {func} must be {bound} and finite. Got {value!r} instead."
+        )
+    return v
+
+
+def _count(name: str, func: str, value: object, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"The '{name}' parameter of {func} must be an int. "
+            f"Got {value!r} ({type(value).__name__}) instead."
+        )
+    if int(value) < minimum:
+        raise UsageError(
+            f"The '{name}' parameter of {func} must be >= {minimum}. Got {value!r} instead."
+        )
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling_plan(n_records: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Poisson sampling rate and number of steps for one site's local training.
+
+    Args:
+        n_records: the site's training records N (>= 1).
+        batch_size: the expected batch size B (>= 1).
+        epochs: local epochs per round (>= 1).
+
+    Returns:
+        ``(q, steps)`` with ``q = min(1, B / N)`` and ``steps = epochs * max(1, round(N / B))``
+        (halves rounded up),
+        so that ``steps * q * N`` is about ``epochs * N`` records. These are the exact numbers
+        the sampler uses and the accountant must be given.
+    """
+    func = "sampling_plan"
+    n = _count("n_records", func, n_records)
+    b = _count("batch_size", func, batch_size)
+    e = _count("epochs", func, epochs)
+    q = min(1.0, b / n)
+    return q, e * max(1, (2 * n + b) // (2 * b))
+
+
+@dataclass(frozen=True)
+class PoissonBatches:
+    """Poisson-sampled batches for every site of a cohort.
+
+    Attributes:
+        idx: ``[S, T, Bmax]`` record indices local to each site (padding entries are 0).
+        mask: ``[S, T, Bmax]`` float32, 1 for a sampled record, 0 for padding.
+        steps: ``[S]`` number of real steps of each site (``T = steps.max()``); a site's steps
+            beyond its own count are inactive (no noise, no update).
+        sampling_rates: ``[S]`` the rate q_s each site's sampler used.
+        expected_batch: ``[S]`` ``q_s * N_s``, the divisor of the noisy gradient sum.
+    """
+
+    idx: np.ndarray
+    mask: np.ndarray
+    steps: np.ndarray
+    sampling_rates: np.ndarray
+    expected_batch: np.ndarray
+
+
+def poisson_batches(
+    sizes: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int,
+    epochs: int,
+    rngs: Sequence[np.random.Generator],
+) -> PoissonBatches:
+    """Draws every site's Poisson batches for one round of local DP-SGD.
+
+    Site ``s`` (``N_s = sizes[s]`` records) takes ``steps_s`` steps; at each step every record
+    joins the batch independently with probability ``q_s`` (see :func:`sampling_plan`). The
+    batch size is therefore random (Binomial(N_s, q_s)) and may be 0. Sampled as "draw the
+    size from the binomial, then a uniformly random subset of that size", which has exactly
+    the same distribution as independent coin flips.
+
+    Args:
+        sizes: ``[S]`` training records per site (each >= 1).
+        batch_size: expected batch size B.
+        epochs: local epochs per round.
+        rngs: one ``numpy.random.Generator`` per site.
+    """
+    func = "poisson_batches"
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.ndim != 1 or len(sizes) == 0:
+        raise UsageError(f"The 'sizes' parameter of {func} must be a non-empty 1-D sequence.")
+    if len(rngs) != len(sizes):
+        raise UsageError(
+            f"The 'rngs' parameter of {func} needs one generator per site: got {len(rngs)} "
+            f"for {len(sizes)} sites."
+        )
+    plans = [sampling_plan(int(n), batch_size=batch_size, epochs=epochs) for n in sizes]
+    rates = np.array([p[0] for p in plans])
+    steps = np.array([p[1] for p in plans], dtype=np.int64)
+    chosen: list[list[np.ndarray]] = []
+    width = 1
+    for s, n in enumerate(sizes):
+        counts = rngs[s].binomial(int(n), rates[s], size=int(steps[s]))
+        picks = [
+            np.sort(rngs[s].choice(int(n), size=int(k), replace=False))
+            if k
+            else np.empty(0, np.int64)
+            for k in counts
+        ]
+        chosen.append(picks)
+        width = max(width, int(counts.max(initial=0)))
+    T = int(steps.max())
+    idx = np.zeros((len(sizes), T, width), dtype=np.int64)
+    mask = np.zeros((len(sizes), T, width), dtype=np.float32)
+    for s, picks in enumerate(chosen):
+        for t, p in enumerate(picks):
+            idx[s, t, : len(p)] = p
+            mask[s, t, : len(p)] = 1.0
+    return PoissonBatches(idx, mask, steps, rates, rates * sizes)
+
+
+def noise_generators(seed: int, rnd: int, site_ids: Sequence[int]) -> list[torch.Generator]:
+    """One ``torch.Generator`` per site, seeded from ``(seed, round, site)``.
+
+    The seed is derived with numpy's ``SeedSequence`` (a hash of the three numbers), so
+    neighbouring seeds give unrelated streams.
+    """
+    gens = []
+    for site in site_ids:
+        ss = np.random.SeedSequence([int(seed), int(rnd), 7, int(site)])
+        g = torch.Generator()
+        g.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        gens.append(g)
+    return gens
+
+
+# ----------------------------------------------------------------------------- model plan
+
+
+@dataclass(frozen=True)
+class _Linear:
+    offset: int
+    n_in: int
+    n_out: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class _Conv:
+    offset: int
+    c_in: int
+    c_out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    bias: bool
+
+
+@dataclass(frozen=True)
+class _Fn:
+    module: nn.Module
+
+
+_Op = _Linear | _Conv | _Fn
+
+
+def _plan(model: nn.Module) -> list[_Op] | None:
+    """Layer plan for the layer-wise route, or None if the model needs the vmap fallback."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    ops: list[_Op] = []
+    offset = 0
+    for m in model:
+        if isinstance(m, nn.Linear):
+            ops.append(_Linear(offset, m.in_features, m.out_features, m.bias is not None))
+        elif isinstance(m, nn.Conv2d):
+            if (
+                m.groups != 1
+                or m.padding_mode != "zeros"
+                or isinstance(m.padding, str)
+                or any(isinstance(v, str) for v in (m.stride, m.dilation))
+            ):
+                return None
+            ops.append(
+                _Conv(
+                    offset,
+                    m.in_channels,
+                    m.out_channels,
+                    tuple(m.kernel_size),  # type: ignore[arg-type]
+                    tuple(m.stride),  # type: ignore[arg-type]
+                    tuple(m.padding),  # type: ignore[arg-type]
+                    tuple(m.dilation),  # type: ignore[arg-type]
+                    m.bias is not None,
+                )
+            )
+        elif any(True for _ in m.parameters()):
+            return None
+        else:
+            if isinstance(m, nn.Dropout | nn.BatchNorm1d | nn.BatchNorm2d):
+                return None
+            ops.append(_Fn(m))
+        offset += sum(p.numel() for p in m.parameters())
+    return ops
+
+
+def layerwise_supported(model: nn.Module) -> bool:
+    """Whether :func:`clipped_grad_sum` can use the fast layer-wise route for ``model``."""
+    return _plan(model) is not None
+
+
+def _forward_record(
+    ops: list[_Op], params: torch.Tensor, X: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[_Op, torch.Tensor, torch.Tensor]]]:
+    """Stacked forward pass recording (op, layer input, layer output) of every layer."""
+    S, B = X.shape[0], X.shape[1]
+    h = X.reshape(S * B, *X.shape[2:])
+    records: list[tuple[_Op, torch.Tensor, torch.Tensor]] = []
+    for op in ops:
+        if isinstance(op, _Linear):
+            a = h.reshape(S, B, op.n_in)
+            nw = op.n_in * op.n_out
+            W = params[:, op.offset : op.offset + nw].reshape(S, op.n_out, op.n_in)
+            if op.bias:
+                b = params[:, op.offset + nw : op.offset + nw + op.n_out].reshape(S, 1, op.n_out)
+                z = torch.baddbmm(b, a, W.transpose(1, 2))
+            else:
+                z = torch.bmm(a, W.transpose(1, 2))
+            records.append((op, a, z))
+            h = z.reshape(S * B, op.n_out)
+        elif isinstance(op, _Conv):
+            x = h.reshape(S * B, op.c_in, h.shape[-2], h.shape[-1])
+            H, Wd = x.shape[-2], x.shape[-1]
+            kh, kw = op.kernel
+            U = F.unfold(x, op.kernel, dilation=op.dilation, padding=op.padding, stride=op.stride)
+            K, L = U.shape[1], U.shape[2]
+            U = U.reshape(S, B, K, L)
+            nw = op.c_out * K
+            W = params[:, op.offset : op.offset + nw].reshape(S, op.c_out, K)
+            z = torch.einsum("sok,sbkl->sbol", W, U)
+            if op.bias:
+                b = params[:, op.offset + nw : op.offset + nw + op.c_out]
+                z = z + b.reshape(S, 1, op.c_out, 1)
+            records.append((op, U, z))
+            ho = (H + 2 * op.padding[0] - op.dilation[0] * (kh - 1) - 1) // op.stride[0] + 1
+            wo = (Wd + 2 * op.padding[1] - op.dilation[1] * (kw - 1) - 1) // op.stride[1] + 1
+            h = z.reshape(S * B, op.c_out, ho, wo)
+        else:
+            h = op.module(h)
+    return h.reshape(S, B, -1), records
+
+
+def _layerwise_clipped_sum(
+    ops: list[_Op],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: torch.Tensor,
+    batch: Batch,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    S, B = batch.y.shape
+    with torch.enable_grad():
+        p = params.detach().requires_grad_(True)
+        logits, records = _forward_record(ops, p, batch.X)
+        outs = [z for _, _, z in records]
+        losses = loss_fn(logits.reshape(S * B, -1), batch.y.reshape(-1)).reshape(S, B)
+        grads = torch.autograd.grad((losses * batch.mask).sum(), outs)
+    records = [(op, a.detach(), z) for op, a, z in records]
+    sq = torch.zeros(S, B, dtype=params.dtype)
+    conv_samples: list[torch.Tensor | None] = []
+    for (op, a, _), g in zip(records, grads, strict=True):
+        if isinstance(op, _Linear):
+            gn = g.pow(2).sum(-1)
+            an = a.pow(2).sum(-1) + (1.0 if op.bias else 0.0)
+            sq = sq + gn * an
+            conv_samples.append(None)
+        else:
+            assert isinstance(op, _Conv)
+            G = torch.einsum("sbol,sbkl->sbok", g, a)
+            sq = sq + G.pow(2).sum((2, 3))
+            if op.bias:
+                sq = sq + g.sum(-1).pow(2).sum(-1)
+            conv_samples.append(G)
+    norms = sq.sqrt()
+    c = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * batch.mask
+    pieces: list[torch.Tensor] = []
+    for (op, a, _), g, Gs in zip(records, grads, conv_samples, strict=True):
+        if isinstance(op, _Linear):
+            cg = g * c.unsqueeze(-1)
+            pieces.append(torch.bmm(cg.transpose(1, 2), a).reshape(S, -1))
+            if op.bias:
+                pieces.append(cg.sum(1))
+        else:
+            assert isinstance(op, _Conv) and Gs is not None
+            pieces.append(torch.einsum("sb,sbok->sok", c, Gs).reshape(S, -1))
+            if op.bias:
+                pieces.append(torch.einsum("sb,sbol->so", c, g))
+    return torch.cat(pieces, dim=1), norms * batch.mask
+
+
+def per_sample_gradients(
+    model: nn.Module, params: torch.Tensor, batch: Batch, *, binary: bool
+) -> torch.Tensor:
+    """Per-sample gradients ``[S, B, P]`` with ``torch.func`` (vmap over sites and samples).
+
+    The gradient of record ``(s, b)``'s loss with respect to site ``s``'s parameters; padded
+    records (``mask == 0``) get zero. Generic (any model ``functional_forward`` supports) and
+    the reference the layer-wise route is tested against.
+    """
+    f = functional_forward(model)
+    loss = per_sample_loss(binary)
+
+    def one(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(f(p, x.unsqueeze(0)), y.unsqueeze(0)).sum()
+
+    per_site = vmap(grad(one), in_dims=(None, 0, 0))
+    G = vmap(per_site, in_dims=(0, 0, 0))(params.detach(), batch.X, batch.y)
+    return G * batch.mask.unsqueeze(-1)
+
+
+def _vmap_clipped_sum(
+    model: nn.Module, params: torch.Tensor, batch: Batch, max_grad_norm: float, binary: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    G = per_sample_gradients(model, params, batch, binary=binary)
+    norms = G.norm(dim=-1)
+    c = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * batch.mask
+    return torch.einsum("sb,sbp->sp", c, G), norms
+
+
+def clipped_grad_sum(
+    model: nn.Module,
+    params: torch.Tensor,
+    batch: Batch,
+    *,
+    max_grad_norm: float,
+    binary: bool,
+    method: Literal["auto", "layerwise", "vmap"] = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-sample gradients clipped to ``max_grad_norm``, for every site.
+
+    Args:
+        model: the architecture (its own parameter values are not used).
+        params: ``[S, P]`` stacked parameters, one row per site.
+        batch: ``X [S, B, F]``, ``y [S, B]``, ``mask [S, B]`` (1 = real record).
+        max_grad_norm: clipping norm C > 0 (L2, over all parameters of a record).
+        binary: one-logit BCE loss (True) or cross-entropy (False).
+        method: ``"layerwise"`` (Linear/Conv2d Sequential models), ``"vmap"`` (any model) or
+            ``"auto"`` (layer-wise when supported).
+
+    Returns:
+        ``(sums [S, P], norms [S, B])``: the clipped sums and each record's unclipped gradient
+        norm (0 for padding). Clipping factor ``min(1, C / (norm + 1e-6))`` as in Opacus.
+    """
+    C = _positive("max_grad_norm", "clipped_grad_sum", max_grad_norm)
+    if method not in ("auto", "layerwise", "vmap"):
+        raise UsageError(
+            "The 'method' parameter of clipped_grad_sum must be 'auto', 'layerwise' or 'vmap'. "
+            f"Got {method!r} instead."
+        )
+    ops = _plan(model) if method != "vmap" else None
+    if method == "layerwise" and ops is None:
+        raise UsageError(
+            "clipped_grad_sum(method='layerwise') supports nn.Sequential models of Linear and "
+            "Conv2d layers and parameter-free modules; use method='vmap' for this model."
+        )
+    if ops is not None:
+        return _layerwise_clipped_sum(ops, per_sample_loss(binary), params, batch, C)
+    return _vmap_clipped_sum(model, params, batch, C, binary)
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+class DPSGDGradient:
+    """DP-SGD step direction for every site of a cohort (a ``GradientRule``).
+
+    ``rule(params [S, P], batch, step)`` returns ``(sum of clipped per-sample gradients +
+    N(0, (sigma_s C)^2 I)) / expected_batch[s]`` for each site ``s`` whose local training has
+    not finished (``step < steps[s]``) and 0 for the others. Use it with
+    :func:`privml.fl.local.train_cohort` and ``batches=(pb.idx, pb.mask)`` from
+    :func:`poisson_batches`.
+
+    Args:
+        model: the architecture.
+        spec: its :class:`~privml.models.nets.ModelSpec` (kept for introspection).
+        binary: one-logit BCE (True) or cross-entropy (False).
+        max_grad_norm: per-sample clipping norm C > 0.
+        noise_multipliers: ``[S]`` sigma_s >= 0 (0 = no noise, not private; for tests).
+        expected_batch: ``[S]`` q_s N_s > 0, the divisor.
+        steps: ``[S]`` number of real steps of each site.
+        generators: ``[S]`` torch generators for the noise (see :func:`noise_generators`).
+        method: per-sample gradient route, see :func:`clipped_grad_sum`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModelSpec | None,
+        *,
+        binary: bool,
+        max_grad_norm: float,
+        noise_multipliers: Sequence[float] | np.ndarray,
+        expected_batch: Sequence[float] | np.ndarray,
+        steps: Sequence[int] | np.ndarray,
+        generators: Sequence[torch.Generator],
+        method: Literal["auto", "layerwise", "vmap"] = "auto",
+    ) -> None:
+        func = "DPSGDGradient"
+        self.model = model
+        self.spec = spec
+        self.binary = bool(binary)
+        self.max_grad_norm = _positive("max_grad_norm", func, max_grad_norm)
+        sig = [_positive("noise_multipliers", func, v, allow_zero=True) for v in noise_multipliers]
+        exp = [_positive("expected_batch", func, v) for v in expected_batch]
+        st = [_count("steps", func, int(v), minimum=0) for v in steps]
+        S = len(sig)
+        if not (len(exp) == len(st) == len(generators) == S) or S == 0:
+            raise UsageError(
+                f"{func} needs one noise multiplier, expected batch, step count and generator "
+                f"per site; got {S}, {len(exp)}, {len(st)} and {len(generators)}."
+            )
+        self.noise_std = torch.tensor(sig, dtype=torch.float32) * self.max_grad_norm
+        self.expected_batch = torch.tensor(exp, dtype=torch.float32)
+        self.steps = np.asarray(st)
+        self.generators = list(generators)
+        self.method = method
+        if method == "layerwise" and not layerwise_supported(model):
+            raise UsageError(f"{func}: this model needs method='vmap' or 'auto'.")
+
+    def __call__(self, params: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        sums, _ = clipped_grad_sum(
+            self.model,
+            params,
+            batch,
+            max_grad_norm=self.max_grad_norm,
+            binary=self.binary,
+            method=self.method,
+        )
+        S, P = sums.shape
+        active = step < self.steps
+        noise = torch.zeros(S, P, dtype=sums.dtype)
+        for s in np.flatnonzero(active):
+            if self.noise_std[s] > 0:
+                noise[s] = torch.randn(P, generator=self.generators[s], dtype=sums.dtype)
+        out = (sums + noise * self.noise_std[:, None]) / self.expected_batch[:, None]
+        return out * torch.from_numpy(active.astype(np.float32))[:, None]

@@ -1,0 +1,245 @@
+"""``privml sweep``: train at several epsilons and draw the privacy-utility curve.
+
+Each point is a full private run of the config (:func:`privml.dp.training.train_private`,
+the code ``privml run`` uses) with ``[privacy] epsilon`` set to the point's target and the
+noise calibrated to it; a non-private run of the same config is the reference line. Writes
+``sweep.json`` (every point's target and reached epsilon, accuracy, AUC, noise multiplier)
+and ``sweep.png`` (accuracy against epsilon, log scale).
+
+Every run is real and books its spend in the ledger: the sweep costs the *sum* of its runs'
+epsilons (and one delta per run) for every site, under the ledger's basic composition. The
+whole sweep's spend is checked before the first run; if it does not fit, nothing is trained
+and nothing is spent (:class:`~privml.errors.BudgetExceededError`, exit code 3). Point the
+sweep at a ledger of its own (``[privacy] ledger``) with a budget for it when the data is
+only being studied. The test accuracies themselves are computed on the sites' held-out
+records without DP, as in ``privml run``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from privml.config import Config, parse_config
+from privml.data.federation import load_federation
+from privml.errors import BudgetExceededError, UsageError
+
+__all__ = ["SweepPoint", "SweepResult", "parse_epsilons", "run_sweep"]
+
+SWEEP_SCHEMA = "privml-sweep/1"
+
+
+def parse_epsilons(text: str | Sequence[float]) -> list[float]:
+    """Parses ``"0.5,1,2"`` (or a sequence) into sorted, distinct epsilons > 0.
+
+    Raises:
+        UsageError: an empty list, a value that is not a number, or one that is not > 0 and
+            finite.
+    """
+    items: list[Any] = (
+        [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+    )
+    if not items:
+        raise UsageError(f"The '--epsilons' option needs at least one value. Got {text!r}.")
+    values = []
+    bad = []
+    for item in items:
+        try:
+            v = float(item)
+        except (TypeError, ValueError):
+            bad.append(item)
+            continue
+        if not (v > 0 and math.isfinite(v)):
+            bad.append(item)
+        else:
+            values.append(v)
+    if bad:
+        raise UsageError(
+            f"The '--epsilons' option must be comma-separated numbers > 0, e.g. 0.5,1,2,4,8. "
+            f"Got {', '.join(map(repr, bad))} in {text!r}."
+        )
+    return sorted(set(values))
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One private run of the sweep."""
+
+    epsilon_target: float
+    epsilon: float
+    accuracy: float | None
+    auc: float | None
+    noise_multiplier: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The curve, the non-private reference and where they were written."""
+
+    points: list[SweepPoint]
+    nonprivate: dict[str, Any]
+    mode: str
+    delta: float
+    accountant: str
+    json_path: Path
+    png_path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SWEEP_SCHEMA,
+            "mode": self.mode,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "points": [asdict(p) for p in self.points],
+            "nonprivate": self.nonprivate,
+        }
+
+
+def _variant(config: Config, **privacy: Any) -> Config:
+    raw = config.resolved()
+    raw["privacy"] = {**raw["privacy"], **privacy}
+    cfg = parse_config(raw, name=config.name, source=config.source)
+    return cfg
+
+
+def _precheck(config: Config, site_names: Sequence[str], epsilons: Sequence[float]) -> None:
+    from privml.dp.cli import ledger_from_config
+
+    ledger = ledger_from_config(config)
+    total = math.fsum(epsilons)
+    delta = config.privacy.delta * len(epsilons)
+    refused = []
+    for site in site_names:
+        try:
+            ledger.check(site=site, epsilon=total, delta=delta)
+        except BudgetExceededError as exc:
+            refused.append(str(exc))
+    if refused:
+        raise BudgetExceededError(
+            f"the sweep would spend epsilon {total:g} and delta {delta:g} per site "
+            f"({len(epsilons)} runs); {len(refused)} site(s) cannot afford it, so nothing was "
+            "trained or spent. "
+            "Give the sweep a ledger of its own ([privacy] ledger) with a budget for it, or "
+            "sweep fewer epsilons:\n  - " + "\n  - ".join(refused)
+        )
+
+
+def _plot(result: SweepResult) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [p.epsilon for p in result.points]
+    ys = [math.nan if p.accuracy is None else p.accuracy for p in result.points]
+    ax.plot(xs, ys, marker="o", label=f"{result.mode}-level DP (delta={result.delta:g})")
+    ref = result.nonprivate.get("accuracy")
+    if ref is not None:
+        ax.axhline(ref, linestyle="--", color="gray", label=f"non-private ({ref:.3f})")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:.3g}" for x in xs])
+    ax.set_xlabel("epsilon (per site)" if result.mode == "sample" else "epsilon (per client)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("privacy-utility curve")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(result.png_path)
+
+
+def run_sweep(
+    config: Config,
+    *,
+    epsilons: Sequence[float] | str,
+    out_dir: Path | None = None,
+    mode: str | None = None,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> SweepResult:
+    """Trains ``config`` at every epsilon of ``epsilons`` and without DP; writes the curve.
+
+    Args:
+        config: the run config; its ``[privacy]`` settings are kept except ``epsilon`` (set
+            per point) and ``noise_multiplier`` (removed: the noise is calibrated).
+        epsilons: target epsilons (per site for sample level, per client for client level).
+        out_dir: folder for ``sweep.json`` and ``sweep.png`` (default
+            ``runs/<name>-sweep-<time>``).
+        mode: ``"sample"`` or ``"client"``; default the config's mode, or ``"sample"`` when
+            the config is non-private.
+        on_point: called after each point.
+
+    Raises:
+        BudgetExceededError: the whole sweep does not fit a site's remaining budget (checked
+            before any training; nothing spent).
+        UsageError: bad epsilons or mode.
+    """
+    from privml.dp.training import train_private
+    from privml.fl.engine import simulate
+    from privml.pipeline import model_spec
+
+    eps_list = parse_epsilons(epsilons if isinstance(epsilons, str) else list(epsilons))
+    mode = mode or (config.privacy.mode if config.privacy.mode != "none" else "sample")
+    if mode not in ("sample", "client"):
+        raise UsageError(
+            f"The 'mode' parameter of run_sweep must be 'sample' or 'client'. Got {mode!r}."
+        )
+    if out_dir is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        out_dir = Path("runs") / f"{config.name}-sweep-{stamp}"
+    out = Path(out_dir)
+    configs = [_variant(config, mode=mode, epsilon=e, noise_multiplier=None) for e in eps_list]
+    fed = load_federation(config)
+    spec = model_spec(config, fed)
+    from privml.dp.training import check_dp_schema
+
+    check_dp_schema(configs[0], fed)
+    _precheck(configs[0], [s.name for s in fed.sites], eps_list)
+
+    reference = _variant(config, mode="none", epsilon=None, noise_multiplier=None)
+    t0 = time.perf_counter()
+    if reference.model.features != "none":
+        ref_result = train_private(reference, fed, spec).result
+    else:
+        ref_result = simulate(fed, spec, reference.training)
+    nonprivate = {
+        "accuracy": ref_result.metrics["accuracy"],
+        "auc": ref_result.metrics["auc"],
+        "seconds": time.perf_counter() - t0,
+    }
+    points: list[SweepPoint] = []
+    for eps, cfg in zip(eps_list, configs, strict=True):
+        t0 = time.perf_counter()
+        run = train_private(cfg, fed, spec)
+        m = run.result.metrics
+        point = SweepPoint(
+            epsilon_target=eps,
+            epsilon=float(run.privacy["epsilon"]),
+            accuracy=m["accuracy"],
+            auc=m["auc"],
+            noise_multiplier=float(run.privacy["noise_multiplier"]),
+            seconds=time.perf_counter() - t0,
+        )
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    out.mkdir(parents=True, exist_ok=True)
+    result = SweepResult(
+        points,
+        nonprivate,
+        mode,
+        config.privacy.delta,
+        config.privacy.accountant,
+        out / "sweep.json",
+        out / "sweep.png",
+    )
+    result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _plot(result)
+    return result
