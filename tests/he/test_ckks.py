@@ -88,6 +88,29 @@ def test_mlp_context_budget_and_keys(ckks_mlp) -> None:
     assert ckks_mlp.keys.public.size_bytes <= 10_000_000
 
 
+@pytest.mark.parametrize(("factor", "n"), [(20.0, 4096), (1000.0, 8192)])
+def test_large_weights_use_a_rescaling_chain(ckks_linear, ref, data, factor: float, n: int) -> None:
+    """Outputs too large for one 60-bit prime: the compiler picks a chain with a rescale."""
+    import copy
+
+    model = copy.deepcopy(ckks_linear.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+    ev = he.compile_model(model, ckks_linear.spec)
+    profiles = {p["name"]: p for p in ev.requirements.data["profiles"]}
+    assert set(profiles) == {"single", "batch"}
+    assert profiles["single"]["poly_modulus_degree"] == n
+    keys = he.keygen(scheme="ckks", requirements=ev.requirements)
+    X = data.X_test[:6]
+    expected = ref(model, X)
+    single = he.decrypt_scores(keys, ev.predict(he.encrypt_features(keys, X[0])))
+    batch = he.decrypt_scores(keys, ev.predict(he.encrypt_features(keys, X)))
+    tol = 1e-4 * factor  # same relative precision
+    np.testing.assert_allclose(single, expected[:1], atol=tol)
+    np.testing.assert_allclose(batch, expected, atol=tol)
+
+
 def test_multiclass_linear(data) -> None:
     spec = ModelSpec("logistic", 30, 3)
     torch.manual_seed(1)

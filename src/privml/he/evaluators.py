@@ -340,19 +340,23 @@ class CKKSLinearEvaluator(_CKKSBase):
         K, d = self.W.shape
         Ip, Kp = int(lay["Ip"]), int(lay["Kp"])
         cache = self._plains(rt)
+        rescale = bool(lay.get("rescale", True))
         if "w" not in cache:
             block = np.zeros((Ip, Kp))
             block[:d, :K] = self.W.T
             vec = np.tile(block.ravel(), rt.slots // (Ip * Kp))
-            # Encoded at the scale of the prime the rescale drops: the result keeps the input scale.
-            cache["w"] = rt.encode(vec, 0, float(rt.primes[-1]))
+            # With a rescale, encode at the scale of the prime it drops: the result keeps the
+            # input scale. Without, at the declared weight scale.
+            w_scale = float(rt.primes[-1]) if rescale else 2.0 ** int(lay["w_scale_bits"])
+            cache["w"] = rt.encode(vec, 0, w_scale)
         steps = [Kp << m for m in range(int(math.log2(Ip)))]
         out = []
         ev = rt.evaluator
         for ct in feats.cts:
             r = seal.Ciphertext()
             ev.multiply_plain(ct, cache["w"], r)
-            ev.rescale_to_next_inplace(r)
+            if rescale:
+                ev.rescale_to_next_inplace(r)
             self._rotate_sum(rt, r, steps)
             bkey = ("b", float(r.scale))
             if bkey not in cache:
@@ -681,9 +685,47 @@ def _compile_ckks_linear(
     bound = float(np.max(np.abs(lin.b) + x_bound * np.abs(lin.W).sum(axis=1)))
     bbits = _bits(bound)
     Ip, Kp = _next_pow2(d), _next_pow2(K)
-    # one patient: multiply, rescale by a w_bits prime, rotate at the last level
-    n = _N_LINEAR
+    steps = tuple(Kp << m for m in range(int(math.log2(Ip))))
     sx = scale_bits or 30
+    room = 60 - 2 - bbits - sx  # weight-scale bits left in one 60-bit prime
+    base = {
+        "scheme": "ckks",
+        "model": "linear",
+        "n_features": d,
+        "n_outputs": K,
+        "x_bound": x_bound,
+    }
+    if room >= 20 and Ip * Kp <= _N_LINEAR // 2:
+        # Common case: one 60-bit data prime holds input scale x weight scale x output bound.
+        # No rescale: encryption, rotations and the product all run at one prime, and the
+        # rotations' key-switching noise is negligible at the product's scale (~2**52).
+        sw = min(24, room)
+        main = CKKSProfile("main", _N_LINEAR, (60, 49), steps, relin=False, public_key=public_key)
+        reqs = {
+            **base,
+            "profiles": [main.to_dict()],
+            "layouts": {
+                "replicated": {
+                    "profile": "main",
+                    "scale_bits": sx,
+                    "w_scale_bits": sw,
+                    "rescale": False,
+                    "Ip": Ip,
+                    "Hp": 1,
+                    "Kp": Kp,
+                },
+                "columns": {
+                    "profile": "main",
+                    "scale_bits": sx,
+                    "w_scale_bits": sw,
+                    "complex": True,
+                },
+            },
+        }
+        return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements(reqs))
+    # Large outputs: one patient is multiplied at two primes and rescaled by a 25-bit prime, the
+    # rotations run at the remaining one; a batch uses its own parameters.
+    n = _N_LINEAR
     w_bits = 25
     q0 = sx + bbits + 2
     special = min(60, 109 - q0 - w_bits)
@@ -698,30 +740,29 @@ def _compile_ckks_linear(
     if q0 > 60:
         raise UsageError(
             f"the model's outputs can reach {bound:.3g} on inputs within +/-{x_bound:g}, "
-            "too large for "
-            "precise CKKS evaluation; retrain with weight decay (smaller weights)"
+            "too large for precise CKKS evaluation; retrain with weight decay (smaller weights)"
         )
-    steps = tuple(Kp << m for m in range(int(math.log2(Ip))))
     single = CKKSProfile(
         "single", n, (q0, w_bits, special), steps, relin=False, public_key=public_key
     )
-    # many patients: one ciphertext per feature at a single data prime, scalar weights
-    bx = 30
-    bw = min(24, 60 - bx - bbits - 2)
+    bx, bw = 30, min(24, 60 - 30 - bbits - 2)
     if bw >= 16:
         batch = CKKSProfile("batch", 4096, (60, 49), (), relin=False, public_key=public_key)
     else:
         bx, bw = 36, 24
         batch = CKKSProfile("batch", 8192, (60, 60, 49), (), relin=False, public_key=public_key)
     reqs = {
-        "scheme": "ckks",
-        "model": "linear",
-        "n_features": d,
-        "n_outputs": K,
-        "x_bound": x_bound,
+        **base,
         "profiles": [single.to_dict(), batch.to_dict()],
         "layouts": {
-            "replicated": {"profile": "single", "scale_bits": sx, "Ip": Ip, "Hp": 1, "Kp": Kp},
+            "replicated": {
+                "profile": "single",
+                "scale_bits": sx,
+                "rescale": True,
+                "Ip": Ip,
+                "Hp": 1,
+                "Kp": Kp,
+            },
             "columns": {"profile": "batch", "scale_bits": bx, "w_scale_bits": bw, "complex": True},
         },
     }
