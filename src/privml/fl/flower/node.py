@@ -133,6 +133,7 @@ def run_node(
             ``os._exit`` timer; on HTTP 401 it first sends the process SIGINT): run a node in
             a process of its own, as ``privml flower supernode`` does.
     """
+    import httpx
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.config import get_fused_config_from_fab
     from flwr.common.constant import ErrorCode
@@ -263,6 +264,11 @@ def run_node(
             stats.busy_seconds += busy
             if on_message is not None:
                 on_message(message.metadata.message_type, busy)
+    except httpx.HTTPError as exc:
+        raise UsageError(
+            f"lost the connection to the SuperLink at {superlink} ({type(exc).__name__}: "
+            f"{exc}); restart this SuperNode when the SuperLink is back"
+        ) from None
     finally:
         connection.__exit__(None, None, None)
     return stats

@@ -365,14 +365,20 @@ def run_flower(
             "`privml flower superlink` runs"
         ) from None
     stage(f"run {run_id}: waiting for the sites, then training")
-    training = serve_run(
-        config,
-        deployment,
-        run_id,
-        on_round=on_round,
-        wait_for_sites=wait_for_sites,
-        round_timeout=round_timeout,
-    )
+    try:
+        training = serve_run(
+            config,
+            deployment,
+            run_id,
+            on_round=on_round,
+            wait_for_sites=wait_for_sites,
+            round_timeout=round_timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise UsageError(
+            f"run {run_id}: lost the connection to the SuperLink at {deployment.superlink} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     results = flower_results(config, training)
     results["deployment"]["run_id"] = str(run_id)
     results["timing"] = {"total_seconds": time.perf_counter() - t0}
