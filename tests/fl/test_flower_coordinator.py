@@ -7,7 +7,9 @@ deployment itself (SuperLink, SuperNodes, TLS) is tested in test_flower_deploy.p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -270,3 +272,18 @@ def test_config_travels_in_the_run_config() -> None:
         P.config_from_run_config({})
     with pytest.raises(ConfigError, match="not valid JSON"):
         P.config_from_run_config({P.RUN_CONFIG_KEY: "{"})
+
+
+def test_server_app_main_writes_the_run_folder(
+    demo_runtimes: dict[str, SiteRuntime], tmp_path: Path
+) -> None:
+    """What Flower's own flwr-serverapp runs (SuperLink in subprocess isolation)."""
+    from privml.fl.flower.server_app import app
+
+    cfg = next(iter(demo_runtimes.values())).config
+    run_config = {P.RUN_CONFIG_KEY: P.config_to_run_config(cfg), P.OUT_DIR_KEY: str(tmp_path / "r")}
+    app(_grid(demo_runtimes), Context(RUN_ID, 0, {}, RecordDict(), run_config))
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["federation"]["engine"] == "flower"
+    assert len(results["rounds"]) == 3 and results["metrics"]["accuracy"] > 0.9
+    assert (tmp_path / "r" / "model.pt").is_file()

@@ -278,6 +278,7 @@ def flower_run(
     wait_for_sites: float = 300.0,
     round_timeout: float = 600.0,
     home: Path | None = None,
+    detach: bool = False,
 ) -> None:
     """Body of ``privml flower run`` (and of ``privml run --engine flower``)."""
     from privml.config import load_config
@@ -295,6 +296,22 @@ def flower_run(
         superexec_secret=superexec_secret,
         insecure=insecure,
     )
+    if detach:
+        from privml.fl.flower.run import start_run
+        from privml.fl.flower.site import check_supported
+
+        if out_dir is None:
+            raise UsageError(
+                "--detach needs --out: the SuperLink's own ServerApp process writes the run "
+                "folder there (an absolute path on the SuperLink's machine)"
+            )
+        dep.check()
+        check_supported(cfg)
+        run_id = start_run(cfg, dep, out_dir=out_dir.resolve())
+        out.print(
+            f"run {run_id} submitted; the SuperLink's flwr-serverapp writes {out_dir.resolve()}"
+        )
+        return
 
     def on_round(rec: Any) -> None:
         if not as_json:
@@ -348,6 +365,14 @@ def run(
     ] = 300.0,
     round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies")] = 600.0,
     home: HomeOpt = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            help="only submit the run, for a SuperLink in --isolation subprocess: its own "
+            "flwr-serverapp process runs privml's ServerApp and writes the run folder to --out",
+        ),
+    ] = False,
 ) -> None:
     """Train the config across the connected sites and write the run folder, as `privml run`."""
     flower_run(
@@ -361,6 +386,7 @@ def run(
         wait_for_sites=wait_for_sites,
         round_timeout=round_timeout,
         home=home,
+        detach=detach,
     )
 
 
