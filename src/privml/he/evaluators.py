@@ -722,7 +722,9 @@ def _compile_ckks_linear(
                 },
             },
         }
-        return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements(reqs))
+        return CKKSLinearEvaluator(
+            W=lin.W, b=lin.b, requirements=EvaluatorRequirements.from_dict(reqs)
+        )
     # Large outputs: one patient is multiplied at two primes and rescaled by a 25-bit prime, the
     # rotations run at the remaining one; a batch uses its own parameters.
     n = _N_LINEAR
@@ -766,7 +768,7 @@ def _compile_ckks_linear(
             "columns": {"profile": "batch", "scale_bits": bx, "w_scale_bits": bw, "complex": True},
         },
     }
-    return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements(reqs))
+    return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements.from_dict(reqs))
 
 
 def _compile_ckks_mlp(
@@ -826,7 +828,7 @@ def _compile_ckks_mlp(
             "columns": {"profile": "main", "scale_bits": delta, "complex": False},
         },
     }
-    return CKKSMLPEvaluator(model=m, requirements=EvaluatorRequirements(reqs))
+    return CKKSMLPEvaluator(model=m, requirements=EvaluatorRequirements.from_dict(reqs))
 
 
 def _compile_paillier(lin: _Linear, x_bound: float, fx: int, fw: int) -> PaillierLinearEvaluator:
@@ -852,4 +854,6 @@ def _compile_paillier(lin: _Linear, x_bound: float, fx: int, fw: int) -> Paillie
         "slot_bits": slot_bits,
         "out_digit_bound": out_digit,
     }
-    return PaillierLinearEvaluator(Wq=wq_rows, bq=bq, requirements=EvaluatorRequirements(reqs))
+    return PaillierLinearEvaluator(
+        Wq=wq_rows, bq=bq, requirements=EvaluatorRequirements.from_dict(reqs)
+    )
