@@ -21,6 +21,7 @@ from privml.fl.engine import (
     init_server_state,
     per_site_metrics,
     plan_round,
+    pooled_metrics,
     simulate,
 )
 from privml.fl.local import Batch, MeanGradient
@@ -432,7 +433,11 @@ def test_per_site_metrics_equal_evaluate(n_outputs: int) -> None:
             y[:] = 0  # a single class: no AUC
         sites.append(SiteData(f"s{i}", X, y, X, y))
     got = per_site_metrics(model, params, sites)
-    for s in sites:
+    X_all = np.concatenate([s.X_test for s in sites])
+    y_all = np.concatenate([s.y_test for s in sites])
+    got["pooled"] = pooled_metrics(model, params, X_all, y_all)
+    pooled = SiteData("pooled", X_all, y_all, X_all, y_all)
+    for s in [*sites, pooled]:
         want = evaluate(model, params, s.X_test, s.y_test)
         g = got[s.name]
         assert g["n"] == want["n"] and g["accuracy"] == want["accuracy"], s.name
