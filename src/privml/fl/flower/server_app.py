@@ -171,14 +171,60 @@ class Coordinator:
 
     # -- handshake -----------------------------------------------------------------------
 
+    def _site_from_reply(
+        self, node: int, reply: Message, expected: list[str], found: dict[str, SiteEntry]
+    ) -> tuple[SiteEntry, dict[str, Any]]:
+        """Check one SuperNode's handshake reply; return its site and its task/encoding."""
+        if reply.has_error():
+            raise SiteFailure(f"SuperNode {node} refused the run: {_reason(reply)}")
+        rec = reply.content.config_records.get(P.SITE)
+        if rec is None:
+            raise SiteFailure(f"SuperNode {node} sent no site information")
+        name = str(rec.get("site"))
+        if name not in expected:
+            raise ConfigError(
+                f"SuperNode {node} serves site {name!r}, which this config does not "
+                f"list (sites: {expected}); give it the coordinator's config"
+            )
+        if name in found:
+            raise UsageError(
+                f"two SuperNodes ({found[name].node_id} and {node}) serve site "
+                f"{name!r}; stop one of them"
+            )
+        try:
+            theirs = json.loads(str(rec.get("fingerprint", "null")))
+            site_info = {
+                "task": json.loads(str(rec.get("task"))),
+                "encoding": json.loads(str(rec.get("encoding"))),
+            }
+            index = int(rec.get("site_index", -1))  # type: ignore[arg-type]
+            n_train = int(rec.get("n_train", 0))  # type: ignore[arg-type]
+            n_test = int(rec.get("n_test", 0))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise SiteFailure(f"SuperNode {node} sent malformed site information ({exc})") from None
+        diff = P.fingerprint_mismatch(self.fingerprint, theirs)
+        if diff:
+            raise ConfigError(
+                f"site {name!r} runs a config that differs from the coordinator's "
+                f"in {diff}; give every site the same config file"
+            )
+        if index != expected.index(name):
+            raise ConfigError(
+                f"site {name!r} says it is site {index} of the config, the "
+                f"coordinator's config has it at {expected.index(name)}"
+            )
+        return SiteEntry(name, index, node, n_train, n_test), site_info
+
     def handshake(self) -> tuple[list[SiteEntry], Encoder, Task]:
         """Wait for every configured site; check they agree; return them in config order."""
         expected = site_names(self.config)
         found: dict[str, SiteEntry] = {}
         info: dict[str, dict[str, Any]] = {}
         asked: set[int] = set()
+        pending: dict[str, int] = {}  # query message id -> SuperNode
         deadline = time.monotonic() + self.wait_for_sites
         while len(found) < len(expected):
+            # ask every newly connected SuperNode once; never block on one that is slow or gone
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
                 asked.update(new)
@@ -186,50 +232,16 @@ class Coordinator:
                     self._message(n, MessageType.QUERY, {P.SETTINGS: self._settings()}, "hello")
                     for n in new
                 ]
-                remaining = max(1.0, deadline - time.monotonic())
-                replies = self.exchange(msgs, timeout=min(remaining, self.round_timeout))
-                for node, reply in replies.items():
-                    if reply.has_error():
-                        raise SiteFailure(f"SuperNode {node} refused the run: {_reason(reply)}")
-                    rec = reply.content.config_records.get(P.SITE)
-                    if rec is None:
-                        raise SiteFailure(f"SuperNode {node} sent no site information")
-                    name = str(rec.get("site"))
-                    if name not in expected:
-                        raise ConfigError(
-                            f"SuperNode {node} serves site {name!r}, which this config does not "
-                            f"list (sites: {expected}); give it the coordinator's config"
-                        )
-                    if name in found:
-                        raise UsageError(
-                            f"two SuperNodes ({found[name].node_id} and {node}) serve site "
-                            f"{name!r}; stop one of them"
-                        )
-                    theirs = json.loads(str(rec.get("fingerprint", "null")))
-                    diff = P.fingerprint_mismatch(self.fingerprint, theirs)
-                    if diff:
-                        raise ConfigError(
-                            f"site {name!r} runs a config that differs from the coordinator's "
-                            f"in {diff}; give every site the same config file"
-                        )
-                    index = int(rec.get("site_index", -1))  # type: ignore[arg-type]
-                    if index != expected.index(name):
-                        raise ConfigError(
-                            f"site {name!r} says it is site {index} of the config, the "
-                            f"coordinator's config has it at {expected.index(name)}"
-                        )
-                    found[name] = SiteEntry(
-                        name,
-                        index,
-                        node,
-                        int(rec.get("n_train", 0)),  # type: ignore[arg-type]
-                        int(rec.get("n_test", 0)),  # type: ignore[arg-type]
-                    )
-                    info[name] = {
-                        "task": json.loads(str(rec.get("task"))),
-                        "encoding": json.loads(str(rec.get("encoding"))),
-                    }
-                    log.info("site %s connected (SuperNode %s)", name, node)
+                ids = list(self.grid.push_messages(msgs))
+                pending.update({mid: n for mid, n in zip(ids, new, strict=True) if mid})
+            replies = list(self.grid.pull_messages(list(pending))) if pending else []
+            for reply in replies:
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    entry, site_info = self._site_from_reply(node, reply, expected, found)
+                    found[entry.name] = entry
+                    info[entry.name] = site_info
+                    log.info("site %s connected (SuperNode %s)", entry.name, node)
             if len(found) < len(expected):
                 if time.monotonic() > deadline:
                     missing = [n for n in expected if n not in found]
@@ -238,7 +250,7 @@ class Coordinator:
                         "start their SuperNodes (`privml flower supernode --site NAME "
                         "--config FILE`) or raise --wait-for-sites"
                     )
-                time.sleep(0.2)
+                time.sleep(0.05 if replies else 0.2)
         sites = sorted(found.values(), key=lambda s: s.index)
         first = info[sites[0].name]
         for s in sites[1:]:
