@@ -8,6 +8,7 @@ deployment itself (SuperLink, SuperNodes, TLS) is tested in test_flower_deploy.p
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class FakeGrid(Grid):
         self.tamper = tamper
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.offline: set[int] = set()
         self._run: Any = None
 
     def set_run(self, run: Any) -> None:
@@ -68,7 +70,7 @@ class FakeGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        return [n for n in self.nodes if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -280,10 +282,33 @@ def test_server_app_main_writes_the_run_folder(
     """What Flower's own flwr-serverapp runs (SuperLink in subprocess isolation)."""
     from privml.fl.flower.server_app import app
 
-    cfg = next(iter(demo_runtimes.values())).config
+    raw = next(iter(demo_runtimes.values())).config.resolved()
+    raw["output"]["html"] = False  # the report is tested with the pipeline
+    cfg = parse_config(raw)
     run_config = {P.RUN_CONFIG_KEY: P.config_to_run_config(cfg), P.OUT_DIR_KEY: str(tmp_path / "r")}
     app(_grid(demo_runtimes), Context(RUN_ID, 0, {}, RecordDict(), run_config))
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["federation"]["engine"] == "flower"
     assert len(results["rounds"]) == 3 and results["metrics"]["accuracy"] > 0.9
     assert (tmp_path / "r" / "model.pt").is_file()
+
+
+def test_a_site_that_goes_offline_is_not_waited_for(
+    demo_runtimes: dict[str, SiteRuntime],
+) -> None:
+    cfg = next(iter(demo_runtimes.values())).config
+    grid_box: list[FakeGrid] = []
+
+    def crash_c(site: str, received: Message, reply: Message) -> Message | None:
+        if site == "hospital_c" and received.metadata.message_type == "train":
+            grid_box[0].offline.add(received.metadata.dst_node_id)  # heartbeats stop
+            return None
+        return reply
+
+    grid = _grid(demo_runtimes, tamper=crash_c)
+    grid_box.append(grid)
+    t0 = time.perf_counter()
+    res = Coordinator(grid, cfg, round_timeout=600, liveness_interval=0.05).run().result
+    assert time.perf_counter() - t0 < 60  # not 3 x 600 s
+    assert res.extra["updates"]["timed_out"] == 3
+    assert all(r.clients == 2 for r in res.history)

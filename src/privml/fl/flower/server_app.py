@@ -104,6 +104,8 @@ class Coordinator:
         wait_for_sites: seconds to wait for every configured site to connect, > 0.
         round_timeout: seconds a round waits for replies before dropping the missing sites, > 0.
         poll_interval: first wait between polls for replies, seconds (doubles up to 0.5 s).
+        liveness_interval: how often a round checks which SuperNodes are still online, seconds;
+            it stops waiting for one the SuperLink has marked offline (missed heartbeats).
     """
 
     def __init__(
@@ -114,11 +116,13 @@ class Coordinator:
         wait_for_sites: float = 300.0,
         round_timeout: float = 600.0,
         poll_interval: float = 0.01,
+        liveness_interval: float = 2.0,
     ) -> None:
         for name, value in (
             ("wait_for_sites", wait_for_sites),
             ("round_timeout", round_timeout),
             ("poll_interval", poll_interval),
+            ("liveness_interval", liveness_interval),
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise UsageError(
@@ -131,6 +135,7 @@ class Coordinator:
         self.wait_for_sites = float(wait_for_sites)
         self.round_timeout = float(round_timeout)
         self.poll_interval = float(poll_interval)
+        self.liveness_interval = float(liveness_interval)
         self.fingerprint = P.fingerprint(config)
         self._fp_json = json.dumps(self.fingerprint)
 
@@ -149,12 +154,21 @@ class Coordinator:
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
         pause = self.poll_interval
+        next_check = time.monotonic() + self.liveness_interval
         while waiting and time.monotonic() < deadline:
             got = list(self.grid.pull_messages(list(waiting)))
             for reply in got:
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     replies[node] = reply
+            if waiting and time.monotonic() > next_check:
+                # a SuperNode the SuperLink no longer sees (missed heartbeats) will not answer
+                online = set(self.grid.get_node_ids())
+                for mid, node in list(waiting.items()):
+                    if node not in online:
+                        log.warning("SuperNode %s went offline; not waiting for it", node)
+                        del waiting[mid]
+                next_check = time.monotonic() + self.liveness_interval
             if waiting:
                 time.sleep(pause if not got else self.poll_interval)
                 pause = min(pause * 2, 0.5) if not got else self.poll_interval
