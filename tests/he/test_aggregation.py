@@ -140,6 +140,14 @@ def test_server_sees_public_material_only(paillier_agg, ckks_agg) -> None:
         )
 
 
+def test_public_material_defaults_to_last_keygen() -> None:
+    agg = he.SecureAggregator("ckks", n_sites=2, n_params=3, value_bound=1.0)
+    with pytest.raises(UsageError, match="call keygen"):
+        agg.public_material()
+    keys = agg.keygen()
+    assert agg.public_material() == keys.public.to_bytes()
+
+
 def test_constructor_validation() -> None:
     with pytest.raises(UsageError, match="'scheme'"):
         he.SecureAggregator("rsa", n_sites=2, n_params=3, value_bound=1.0)

@@ -206,6 +206,9 @@ def test_context_validation(ckks_linear) -> None:
     }
     with pytest.raises(CryptoError, match="below 128-bit security"):
         he.load_public(formats.pack(formats.Kind.CKKS_PUBLIC, insecure, parts))
+    lying = {**header, "requirements": {**header["requirements"], "profiles": []}}
+    with pytest.raises(CryptoError, match="do not match the profiles its requirements declare"):
+        he.load_public(formats.pack(formats.Kind.CKKS_PUBLIC, lying, parts))
     with pytest.raises(CryptoError, match="key id does not match"):
         he.load_public(formats.pack(formats.Kind.CKKS_PUBLIC, header, parts[::-1]))
     with pytest.raises(CryptoError, match="exceeds"):

@@ -127,6 +127,7 @@ class SecureAggregator:
         self.min_sites = min_sites
         self.key_bits = check_key_bits(key_bits) if scheme == "paillier" else key_bits
         self._public: CKKSPublicContext | PaillierPublicKey | None = None
+        self._keys: KeyPair | None = None
         if scheme == "paillier":
             self.max_int = math.floor(self.value_bound * 2**precision_bits + 0.5)
             self.slot_bits = slot_bits_for(self.max_int, n_sites)
@@ -161,9 +162,6 @@ class SecureAggregator:
             base["scale_bits"] = _CKKS_SCALE_BITS
         return base
 
-    def _norm(self, reqs: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in reqs.items()}
-
     def _resolve_public(self, public: Any) -> CKKSPublicContext | PaillierPublicKey:
         if public is None:
             if self._public is None:
@@ -179,7 +177,7 @@ class SecureAggregator:
             )
         if self.scheme == "ckks" and not isinstance(public, CKKSPublicContext):
             raise UsageError("this aggregator uses CKKS; the public material is not a CKKS context")
-        want = self._norm(formats_json(self.requirements()))
+        want = formats_json(self.requirements())
         if public.requirements != want:
             raise CryptoError(
                 "the public material was made for another aggregation setup (n_params, n_sites, "
@@ -195,12 +193,21 @@ class SecureAggregator:
         reqs = formats_json(self.requirements())
         if self.scheme == "paillier":
             pub, sec = paillier_keygen(self.key_bits, reqs)
-            return KeyPair(public=pub, secret=sec)
-        cpub, csec = ckks_keygen([self.profile], reqs)
-        return KeyPair(public=cpub, secret=csec)
+            self._keys = KeyPair(public=pub, secret=sec)
+        else:
+            cpub, csec = ckks_keygen([self.profile], reqs)
+            self._keys = KeyPair(public=cpub, secret=csec)
+        return self._keys
 
-    def public_material(self, keys: KeyPair) -> bytes:
-        """The bytes the key holder sends to the server and the other sites (no secret key)."""
+    def public_material(self, keys: KeyPair | None = None) -> bytes:
+        """The bytes the key holder sends to the server and the other sites (no secret key).
+
+        ``keys`` defaults to the pair made by this object's last :meth:`keygen`.
+        """
+        if keys is None:
+            if self._keys is None:
+                raise UsageError("call keygen() first, or pass the key pair")
+            keys = self._keys
         if not isinstance(keys, KeyPair):
             raise TypeError(f"The 'keys' parameter must be a KeyPair. Got {type(keys).__name__}.")
         self._resolve_public(keys.public)

@@ -284,6 +284,11 @@ class CKKSPublicContext:
             raise CryptoError(f"malformed {what}: {len(parts) - idx} unexpected parts")
         if not profiles:
             raise CryptoError(f"malformed {what}: no profiles")
+        declared = requirements.get("profiles")
+        if declared is not None and declared != [rt.profile.to_dict() for rt in profiles.values()]:
+            raise CryptoError(
+                f"malformed {what}: its keys do not match the profiles its requirements declare"
+            )
         return cls(profiles=profiles, requirements=requirements, key_id=key_id, _blob=bytes(data))
 
 

@@ -27,6 +27,7 @@ squaring (multiplicative depth 2), which keeps the ring at N = 8192.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from phe import paillier as phe
 from tenseal import sealapi as seal
 from torch import nn
 
-from privml.errors import CryptoError, UsageError
+from privml.errors import CryptoError, PrivmlError, UsageError
 from privml.he.ckks import (
     CKKSCiphertexts,
     CKKSProfile,
@@ -69,6 +70,21 @@ _HOW_TO_TRAIN = (
     'train an HE-compatible model: set `[model] activation = "square"` (or "poly2") with one '
     "hidden layer, e.g. `hidden = [16]`"
 )
+
+
+def _seal_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an exception raised inside SEAL during evaluation into a :class:`CryptoError`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrivmlError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise CryptoError(f"homomorphic evaluation failed: {exc}") from None
+
+    return wrapper
 
 
 def _next_pow2(n: int) -> int:
@@ -327,6 +343,7 @@ class CKKSLinearEvaluator(_CKKSBase):
 
     scheme = "ckks"
 
+    @_seal_errors
     def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
         """Evaluate the model on encrypted features; the result is encrypted under the same key."""
         feats = self._check_features(features)
@@ -425,6 +442,7 @@ class CKKSMLPEvaluator(_CKKSBase):
         self._neg = (a * m.W2) < 0  # (K, H)
         self._const = m.b2 + m.W2.sum(axis=1) * (c - b * b / (4 * a))  # (K,)
 
+    @_seal_errors
     def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
         """Evaluate the MLP on encrypted features; the result is encrypted under the same key."""
         feats = self._check_features(features)
