@@ -345,25 +345,28 @@ def test_stock_supernode_command_names_the_site(tmp_path: Path) -> None:
     assert "--allow-runtime-dependency-installation" not in cmd
 
 
-def test_cli_superlink_prints_an_offline_command(keys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_superlink_prints_an_offline_command(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from privml.fl.flower.cli import flower_app
 
-    res = CliRunner().invoke(
-        flower_app, ["superlink", "--certs", str(keys.folder), "--port", "9998", "--print-command"]
-    )
+    home = tmp_path / "home"
+    args = ["superlink", "--certs", str(keys.folder), "--port", "9998", "--home", str(home)]
+    res = CliRunner().invoke(flower_app, [*args, "--print-command"])
     assert res.exit_code == 0, res.output
     shown = json.loads(res.stdout)
     assert "--disable-runtime-dependency-installation" in shown["command"]
     assert shown["env"]["FLWR_TELEMETRY_ENABLED"] == "0"
     assert shown["env"]["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert shown["env"]["FLWR_HOME"] == str(home.resolve())
+    assert not home.exists()  # printing creates nothing
 
 
-def test_cli_insecure_mode_warns_loudly(keys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_insecure_mode_warns_loudly(tmp_path: Path) -> None:
     from privml.errors import InsecureOptionWarning
     from privml.fl.flower.cli import flower_app
 
+    args = ["superlink", "--insecure", "--print-command", "--home", str(tmp_path)]
     with pytest.warns(InsecureOptionWarning, match="TLS is off"):
-        res = CliRunner().invoke(flower_app, ["superlink", "--insecure", "--print-command"])
+        res = CliRunner().invoke(flower_app, args)
     assert res.exit_code == 0
     assert "WITHOUT TLS" in res.stderr
     assert "--insecure" in json.loads(res.stdout)["command"]

@@ -80,7 +80,7 @@ def _warn_insecure(what: str) -> None:
 def _exec(cmd: list[str], home: Path | None, print_command: bool) -> None:
     from privml.fl.flower.env import flower_env
 
-    env = flower_env(home)
+    env = flower_env(home, create=not print_command)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     if print_command:
         shown = {k: env[k] for k in sorted(env) if k.startswith("FLWR_")}

@@ -43,19 +43,23 @@ def default_flower_home() -> Path:
 
 
 def flower_env(
-    home: str | Path | None = None, base: Mapping[str, str] | None = None
+    home: str | Path | None = None,
+    base: Mapping[str, str] | None = None,
+    *,
+    create: bool = True,
 ) -> dict[str, str]:
     """Environment for a Flower child process: ``base`` (default: ours) plus the offline settings.
 
     Args:
-        home: Flower's state folder (``FLWR_HOME``), created if missing; default
-            :func:`default_flower_home`.
+        home: Flower's state folder (``FLWR_HOME``); default :func:`default_flower_home`.
         base: environment to start from (default ``os.environ``).
+        create: create the folder if missing.
     """
     env = dict(os.environ if base is None else base)
     env.update(FLOWER_OFFLINE_ENV)
     folder = Path(home) if home is not None else default_flower_home()
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     env["FLWR_HOME"] = str(folder.resolve())
     return env
 
