@@ -1,0 +1,238 @@
+"""Command line of the service: ``privml serve ...``, ``privml serve tokens ...``,
+``privml predict ...``. Registered in :mod:`privml.cli`; heavy imports happen inside the commands
+so ``privml --help`` stays fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from privml.errors import UsageError
+
+serve_app = typer.Typer(
+    help="Serve a trained model for encrypted predictions (FastAPI on uvicorn). Without a "
+    "subcommand: serve. `privml serve tokens ...` manages API tokens.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+tokens_app = typer.Typer(help="Bearer API tokens of a server (stored hashed).",
+                         no_args_is_help=True)
+serve_app.add_typer(tokens_app, name="tokens")
+
+_err = Console(stderr=True)
+
+
+@serve_app.callback()
+def serve_command(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="run folder written by `privml run` (model.json + model.pt)",
+        file_okay=False)] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind (0: any free port)")] = 8000,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain",
+                                                  dir_okay=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key",
+                                                 dir_okay=False)] = None,
+    workers: Annotated[int, typer.Option(help="worker processes (they share the state folder)")
+                       ] = 1,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="tokens and registered contexts (default <model>/serve-state)",
+        file_okay=False)] = None,
+    schemes: Annotated[str | None, typer.Option(
+        help="accepted HE schemes, comma-separated (default: all the model supports)")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="no bearer tokens: anyone who reaches the port can use the "
+        "model (local demos only)")] = False,
+    allow_plaintext: Annotated[bool, typer.Option(
+        "--allow-plaintext", help="allow a non-loopback --host without TLS (behind a "
+        "TLS-terminating proxy)")] = False,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="largest request body, MiB")
+                           ] = 32.0,
+    max_batch: Annotated[int, typer.Option(help="most patients per prediction request")] = 8192,
+    max_contexts: Annotated[int, typer.Option(help="registered contexts per token")] = 16,
+    rate_limit: Annotated[float, typer.Option(help="requests per second per token")] = 100.0,
+    patient_rate_limit: Annotated[float, typer.Option(
+        help="patients per second per token")] = 20_000.0,
+    context_ttl_hours: Annotated[float, typer.Option(
+        help="unused registered contexts expire after this many hours")] = 168.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Serve encrypted predictions of a trained model."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None:
+        raise UsageError(
+            "The '--model' option is required: pass the run folder written by `privml run`, "
+            "e.g. `privml serve --model runs/demo`."
+        )
+    from privml.serve.server import run_server
+    from privml.serve.settings import Limits, ServeSettings
+
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise UsageError(f"The '--log-level' option must be debug, info, warning or error. "
+                         f"Got {log_level!r} instead.")
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_batch=max_batch,
+        max_contexts_per_token=max_contexts,
+        rate_requests=rate_limit,
+        rate_patients=patient_rate_limit,
+        context_ttl_s=context_ttl_hours * 3600.0,
+    )
+    settings = ServeSettings(
+        model_dir=model,
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        workers=workers,
+        auth=not insecure_no_auth,
+        schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()) if schemes else None,
+        limits=limits,
+        allow_plaintext=allow_plaintext,
+    )
+    run_server(settings, log_level=log_level.lower())
+
+
+def _state(model: Path | None, state_dir: Path | None) -> Path:
+    if state_dir is not None:
+        return state_dir
+    if model is not None:
+        from privml.serve.settings import DEFAULT_STATE_DIRNAME
+
+        if not model.is_dir():
+            raise UsageError(f"The '--model' option must be a run folder. {str(model)!r} is not "
+                             "a folder.")
+        return model / DEFAULT_STATE_DIRNAME
+    raise UsageError("pass --model DIR (the served run folder) or --state-dir DIR")
+
+
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="the served run folder",
+                                               file_okay=False)]
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="the server's state folder "
+                                               "(default <model>/serve-state)", file_okay=False)]
+
+
+@tokens_app.command("add")
+def tokens_add(
+    name: Annotated[str, typer.Argument(help="who the token is for, e.g. clinic-a")],
+    model: ModelOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Create a token and print it once (only its SHA-256 is stored)."""
+    from privml.serve.tokens import TokenStore
+
+    token = TokenStore(_state(model, state_dir)).add(name)
+    sys.stdout.write(token + "\n")
+    _err.print(
+        f"token for [bold]{name}[/bold] created; it is shown only now: give it to the client "
+        "over a secure channel (the client passes it with --token or $PRIVML_TOKEN)",
+        highlight=False,
+    )
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: Annotated[str, typer.Argument(help="the token's name")],
+    model: ModelOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Revoke a token (effective on the next request, in every worker) and drop its contexts."""
+    from privml.serve.store import StateStore
+    from privml.serve.tokens import TokenStore
+
+    state = _state(model, state_dir)
+    n = TokenStore(state).revoke(name)
+    dropped = StateStore(state).delete_owner(name)
+    _err.print(f"revoked {n} token(s) named {name!r}; forgot {dropped} registered context(s)",
+               highlight=False)
+
+
+@tokens_app.command("list")
+def tokens_list(
+    model: ModelOpt = None,
+    state_dir: StateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List tokens (names and dates; tokens themselves are not stored)."""
+    from rich.table import Table
+
+    from privml.serve.tokens import TokenStore
+
+    infos = TokenStore(_state(model, state_dir)).list()
+    if as_json:
+        sys.stdout.write(json.dumps([t.to_dict() for t in infos], indent=2) + "\n")
+        return
+
+    def when(ts: float | None) -> str:
+        return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+    table = Table(title="API tokens")
+    for col in ("name", "created (UTC)", "revoked (UTC)", "status"):
+        table.add_column(col)
+    for t in infos:
+        table.add_row(t.name, when(t.created), when(t.revoked),
+                      "active" if t.active else "revoked")
+    Console().print(table)
+
+
+def predict_command(
+    server: Annotated[str, typer.Option("--server", help="server URL, e.g. https://host:8443")],
+    input: Annotated[Path, typer.Option("--input", help="CSV of patients (schema columns)",
+                                        dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: id, probabilities, label",
+                                      dir_okay=False)],
+    token: Annotated[str | None, typer.Option(
+        "--token", help="API token (prefer $PRIVML_TOKEN: options show in `ps`)",
+        envvar="PRIVML_TOKEN", show_envvar=True)] = None,
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", help="key folder (default ~/.config/privml/keys)", envvar="PRIVML_KEYS_DIR",
+        file_okay=False)] = None,
+    id_column: Annotated[str | None, typer.Option(
+        "--id-column", help="column copied to the output (default: id/patient_id, else row "
+        "numbers)")] = None,
+    scheme: Annotated[str, typer.Option(help="ckks or paillier")] = "ckks",
+    batch_size: Annotated[int, typer.Option(help="patients per request")] = 1000,
+    ca_cert: Annotated[Path | None, typer.Option(
+        "--ca-cert", help="CA certificate to verify the server with (self-signed servers)",
+        dir_okay=False)] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+) -> None:
+    """Predict encrypted: the server never sees the features or the scores.
+
+    The secret key is kept encrypted under a passphrase: $PRIVML_KEY_PASSPHRASE, or asked.
+    """
+    from privml.serve.client import PASSPHRASE_ENV, PredictionClient
+
+    def ask(new: bool) -> str:
+        env = os.environ.get(PASSPHRASE_ENV)
+        if env:
+            return env
+        if not sys.stdin.isatty():
+            raise UsageError(f"set {PASSPHRASE_ENV}: it protects the secret key on disk")
+        if new:
+            return str(typer.prompt("passphrase for the new secret key (8+ characters)",
+                                    hide_input=True, confirmation_prompt=True))
+        return str(typer.prompt("passphrase of the secret key", hide_input=True))
+
+    with PredictionClient(
+        server, token=token, keys_dir=keys, passphrase=ask, scheme=scheme,
+        batch_size=batch_size, verify=str(ca_cert) if ca_cert else True,
+    ) as client:
+        summary = client.predict_csv(input, out, id_column=id_column,
+                                     progress=not no_progress and sys.stderr.isatty())
+    _err.print(
+        f"{summary.n_patients} predictions written to {summary.out} in {summary.seconds:.1f} s "
+        f"({summary.n_requests} request(s); model {summary.model_hash[:16]}..., key "
+        f"{summary.key_id[:16]}...)",
+        highlight=False,
+    )

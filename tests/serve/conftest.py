@@ -1,0 +1,142 @@
+"""Fixtures for the prediction-service tests: the demo model trained once per session, a real
+uvicorn server on 127.0.0.1 (random free port) started and stopped by the fixture, keys made once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from privml.artifacts import load_model
+from privml.config import load_config
+from privml.data.encoding import Encoder, Task
+from privml.models.nets import ModelSpec
+from privml.pipeline import run
+from privml.serve.tokens import TokenStore
+
+PASSPHRASE = "correct horse battery staple"
+SERVER_START_TIMEOUT_S = 180.0  # torch + SEAL imports on a busy 2-core machine
+
+
+@dataclass
+class Trained:
+    folder: Path
+    model: torch.nn.Module
+    spec: ModelSpec
+    encoder: Encoder
+    task: Task
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """The plaintext model in float64 (the reference the encrypted scores must match)."""
+        import copy
+
+        ref = copy.deepcopy(self.model).double().eval()
+        with torch.no_grad():
+            return ref(torch.as_tensor(np.asarray(X, dtype=np.float64))).numpy()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """``privml run`` of the demo config (logistic regression), once per session."""
+    out = tmp_path_factory.mktemp("serve-model") / "run"
+    res = run(load_config(None), out_dir=out)
+    model, spec, enc, task, _ = load_model(out)
+    X_test = np.vstack([s.X_test for s in res.data.sites])
+    y_test = np.concatenate([s.y_test for s in res.data.sites])
+    return Trained(out, model, spec, enc, task, X_test, y_test)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+    log_path: Path
+    verify: Any = True
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_server(
+    model_dir: Path, state_dir: Path, log_path: Path, *extra: str, verify: Any = True,
+    scheme: str = "http",
+) -> Server:
+    """``python -m privml.serve`` (the same command as ``privml serve``) in a subprocess."""
+    port = free_port()
+    log = log_path.open("ab")
+    cmd = [
+        sys.executable, "-m", "privml.serve", "--model", str(model_dir), "--state-dir",
+        str(state_dir), "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if isinstance(verify, str):
+        verify = ssl.create_default_context(cafile=verify)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    url = f"{scheme}://127.0.0.1:{port}"
+    server = Server(url, proc, state_dir, log_path, verify=verify)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0, verify=verify).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not become ready:\n{server.log_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real uvicorn on 127.0.0.1 with a random port, auth on, two tokens (alice, bob)."""
+    root = tmp_path_factory.mktemp("serve-server")
+    state = root / "state"
+    store = TokenStore(state)
+    tokens = {name: store.add(name) for name in ("alice", "bob")}
+    srv = start_server(trained.folder, state, root / "server.log")
+    srv.tokens = tokens
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("client-keys") / "keys"
