@@ -835,6 +835,14 @@ def _simulate(
 
     X_test, y_test = fed.pooled_test()
     state = init_server_state(params0, plan)
+    secure = None
+    if training.secure_aggregation != "none":
+        # Issue 6: keys made at the key-holder site before round 1 (privml.fl.secure).
+        from privml.fl.secure import SecureAggregation
+
+        secure = SecureAggregation.from_training(
+            training, names, [s.n_train for s in sites], n_params=int(state.params.shape[0])
+        )
     history: list[RoundRecord] = []
     totals: dict[str, Any] = {
         "accepted": 0,
@@ -898,7 +906,10 @@ def _simulate(
             else None
         )
         weights = np.array([s.n_train for s in cohort], dtype=np.float64)
-        outcome = aggregate_round(state, updates, weights, plan=plan, server_update=g0)
+        if secure is not None:
+            outcome = secure.round(state, updates, ids, plan=plan)
+        else:
+            outcome = aggregate_round(state, updates, weights, plan=plan, server_update=g0)
         state = outcome.state
         totals["accepted"] += outcome.counts["accepted"]
         totals["rejected"] += outcome.counts["rejected"]
@@ -952,6 +963,7 @@ def _simulate(
         "straggler_policy": "late updates are discarded (synchronous rounds)",
         "fltrust_root": root_info,
         "resumed_after_round": resumed_after,
+        "secure_aggregation": secure.describe() if secure is not None else None,
     }
     updates_section = {**totals, "max_update_norm": training.max_update_norm}
     extra = {"updates": updates_section, "federation": federation, "attack": attack_info}
