@@ -63,7 +63,8 @@ def save_model(
     *,
     config_hash: str,
 ) -> dict[str, Any]:
-    """Write ``model.pt`` (a state dict) and ``model.json`` (everything to rebuild and encode)."""
+    """Write ``model.pt`` (a state dict) and ``model.json`` (everything to rebuild and encode),
+    signed in ``model.sig`` (:mod:`privml.security.defenses.signing`)."""
     model = build_model(spec)
     load_flat_params(model, params)
     torch.save(model.state_dict(), folder / "model.pt")
@@ -75,11 +76,16 @@ def save_model(
         weights_sha256=sha256_file(folder / "model.pt"),
     )
     write_json(folder / "model.json", meta)
+    # Issue 8: sign weights + metadata with the deployment's Ed25519 key (model.sig).
+    from privml.security.defenses.signing import sign_model_dir
+
+    sign_model_dir(folder)
     return meta
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task, dict[str, Any]]:
-    """Load a saved model; refuses one whose weights do not match the hash in model.json."""
+    """Load a saved model; refuses one whose weights do not match the hash in model.json, or
+    whose signature does not verify against a trusted key (:class:`SignatureError`)."""
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "model.pt"
     for p in (meta_path, weights):
@@ -110,6 +116,11 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
             f"{str(folder)!r}: model.json and model.pt do not fit together "
             f"({type(exc).__name__}: {exc}); re-run `privml run` to get a consistent folder"
         ) from None
+    # Issue 8: refuse a model whose Ed25519 signature (model.sig) is missing, altered, or by
+    # a key this deployment does not trust (SignatureError, exit code 4).
+    from privml.security.defenses.signing import verify_model_dir
+
+    verify_model_dir(folder)
     model.eval()
     return model, spec, enc, task, meta
 
