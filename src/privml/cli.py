@@ -7,6 +7,7 @@ never a traceback (set PRIVML_DEBUG=1 to see one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privml.errors import PrivmlError
+from privml.errors import PrivmlError, UsageError
 
 app = typer.Typer(
     name="privml",
@@ -53,13 +54,62 @@ def run(
         Path | None, typer.Option("--out", help="run folder (default runs/<name>-<time>)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results.json to stdout")] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="simulation (in-process, default) or flower (a running SuperLink and "
+            "SuperNodes; see `privml flower --help` and docs/flower.md)",
+        ),
+    ] = None,
+    superlink: Annotated[
+        str, typer.Option(help="--engine flower: the SuperLink's address")
+    ] = "127.0.0.1:9093",
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="--engine flower: CA certificate of the SuperLink")
+    ] = None,
+    superexec_secret: Annotated[
+        Path | None, typer.Option(help="--engine flower: the SuperExec secret file")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="--engine flower: no TLS (local tests only)")
+    ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="continue an interrupted run (its run folder or .partial folder) from its "
+            "last checkpoint; its own config is used unless --config is given",
+        ),
+    ] = None,
 ) -> None:
     """Train across the configured sites and write results.json, the model and a report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from privml.pipeline import run as run_pipeline
 
-    cfg = _load(config)
+    if engine not in (None, "simulation", "flower"):
+        raise UsageError(f"--engine must be 'simulation' or 'flower'. Got {engine!r} instead.")
+    if engine == "flower" or (engine is None and _load(config).training.engine == "flower"):
+        if _load(config).training.secure_aggregation != "none":  # issue 6: simulation only
+            raise UsageError(
+                "secure_aggregation runs in the simulation engine only; drop --engine flower "
+                'or set secure_aggregation = "none" in [training]'
+            )
+        from privml.fl.flower.cli import flower_run
+
+        flower_run(
+            config, superlink=superlink, root_certificates=root_certificates,
+            superexec_secret=superexec_secret, insecure=insecure, out_dir=out_dir,
+            as_json=as_json,
+        )
+        return
+    if resume is not None and config is None:
+        from privml.fl.checkpoint import locate_partial_run, read_run_config
+
+        cfg = read_run_config(locate_partial_run(resume)[1])
+    else:
+        cfg = _load(config)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -69,18 +119,24 @@ def run(
         transient=as_json,
         disable=as_json,
     )
-    with progress:
-        task = progress.add_task("rounds", total=cfg.training.rounds, info="")
+    # the bar starts at the first round, so an error while loading shows no empty bar
+    with contextlib.ExitStack() as bar_stack:
+        bar: list[Any] = []
 
         def on_round(rec: Any) -> None:
+            if not bar:
+                bar_stack.enter_context(progress)
+                bar.append(progress.add_task("rounds", total=cfg.training.rounds, info=""))
             info = f"acc {rec.accuracy:.3f}" if rec.accuracy is not None else ""
-            progress.update(task, advance=1, info=info)
+            progress.update(bar[0], completed=rec.round, info=info)
 
         def on_stage(msg: str) -> None:
             if not as_json:
                 progress.console.print(f"[dim]{msg}[/dim]")
 
-        output = run_pipeline(cfg, out_dir=out_dir, on_round=on_round, on_stage=on_stage)
+        output = run_pipeline(
+            cfg, out_dir=out_dir, on_round=on_round, on_stage=on_stage, resume=resume
+        )
     res = output.results
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
@@ -124,7 +180,8 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
         if section in res and key:
             out.print(f"{section.replace('_', ' ')}: {key} {_f(res[section].get(key))}")
     if folder is not None:
-        out.print(f"results: {folder}/results.json")
+        # never wrapped, so the path can be copied or grepped whatever the terminal width
+        out.print(f"results: {folder}/results.json", soft_wrap=True, markup=False, highlight=False)
 
 
 def _f(v: Any) -> str:
@@ -158,8 +215,112 @@ def schema_infer(
     )
 
 
+# Flower deployment (issue 5): `privml flower superlink|supernode|run|register-node`
+from privml.fl.flower.cli import certs_command, flower_app  # noqa: E402
+
+app.add_typer(flower_app, name="flower")
+app.command("certs")(certs_command)
+
+
+@app.command()
+def query(
+    expression: Annotated[str, typer.Argument(help='e.g. "mean(age)", "histogram(sex)"')],
+    site: Annotated[str, typer.Option(help="the site whose records are queried")],
+    epsilon: Annotated[float, typer.Option(help="privacy cost of this query (per record)")],
+    config: ConfigOpt = None,
+    delta: Annotated[float | None, typer.Option(help="delta, for Gaussian-noise queries")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Answer one bounded query on a site's data with DP; the cost is booked first."""
+    from privml.dp.cli import format_query_result, run_query
+
+    result = run_query(_load(config), site=site, query=expression, epsilon=epsilon, delta=delta)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.print(format_query_result(result), highlight=False)
+
+
+@app.command()
+def budget(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Privacy budget per site: spent, remaining, and the history of charges."""
+    from privml.dp.cli import budget_report, format_budget_report
+
+    report = budget_report(_load(config))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        out.print(format_budget_report(report), highlight=False)
+
+
+def _register_subapps() -> None:
+    from privml.dp.cli import dp_app
+
+    app.add_typer(dp_app, name="dp")
+
+
+_register_subapps()
+
+
+# Private training (issue 4): `privml sweep`.
+@app.command()
+def sweep(
+    config: ConfigOpt = None,
+    epsilons: Annotated[
+        str, typer.Option("--epsilons", help="comma-separated target epsilons, e.g. 0.5,1,2,4,8")
+    ] = "0.5,1,2,4,8",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default runs/<name>-sweep-<time>)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print sweep.json to stdout")] = False,
+) -> None:
+    """Train at each epsilon and write a privacy-utility curve (sweep.png and sweep.json)."""
+    from privml.sweep import parse_epsilons, run_sweep
+
+    cfg = _load(config)
+    eps = parse_epsilons(epsilons)
+
+    def on_point(p: Any) -> None:
+        if not as_json:
+            err.print(f"[dim]epsilon {p.epsilon:.3g}: accuracy {_f(p.accuracy)}[/dim]")
+
+    res = run_sweep(cfg, epsilons=eps, out_dir=out_dir, on_point=on_point)
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
+        return
+    t = Table(title=f"privml sweep: {cfg.name} ({res.mode}-level DP, delta {res.delta:g})")
+    for col in ("epsilon", "accuracy", "auc", "noise multiplier"):
+        t.add_column(col, justify="right")
+    for p in res.points:
+        t.add_row(f"{p.epsilon:.3g}", _f(p.accuracy), _f(p.auc), f"{p.noise_multiplier:.3g}")
+    t.add_row("non-private", _f(res.nonprivate["accuracy"]), _f(res.nonprivate["auc"]), "-")
+    out.print(t)
+    out.print(f"curve: {res.png_path}  data: {res.json_path}")
+
+
+# Encrypted prediction service (issue 7): `privml serve [tokens add|revoke|list]`, `privml predict`.
+from privml.serve.cli import predict_command, serve_app  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+app.command("predict")(predict_command)
+
+
+# Security audit (issue 8): `privml audit`, `privml verify DIR`, `privml sign DIR`, `privml keygen`.
+from privml.security.cli import register as _register_security  # noqa: E402
+
+_register_security(app)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
-    err.print(f"[yellow]warning ({category.__name__}):[/yellow] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(
+        f"[yellow]warning ({category.__name__}):[/yellow] {escape(str(message))}",
+        highlight=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,6 +147,11 @@ class ModelConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [32])
     activation: Literal["relu", "tanh", "square", "poly2"] = "relu"
     image_shape: list[int] | None = None
+    features: Literal["none", "hog"] = Field(
+        default="none",
+        description="fixed, data-independent feature map before the model (hog: gradient "
+        "orientation histograms of image_shape inputs; see privml.dp.features)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -156,6 +161,14 @@ class ModelConfig(_Strict):
             len(self.image_shape) != 2 or min(self.image_shape) < 1
         ):
             raise ValueError(f"image_shape must be [height, width] (got {self.image_shape})")
+        if self.features != "none" and self.image_shape is None:
+            raise ValueError(
+                f'features = "{self.features}" needs image_shape = [height, width] in [model]'
+            )
+        if self.features != "none" and self.kind == "cnn":
+            raise ValueError(
+                f'features = "{self.features}" feeds a logistic or mlp model, not a cnn'
+            )
         return self
 
 
@@ -166,11 +179,138 @@ class TrainingConfig(_Strict):
     lr: float = Field(default=1.0, gt=0, description="local SGD step size (features are in [0, 1])")
     seed: int = 0
     clients_per_round: int | None = Field(default=None, gt=0)
+    fraction: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of the sites sampled each round"
+    )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="probability a client drops out")
+    straggler: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="probability a sampled client's update arrives after the round closed "
+        "(discarded: synchronous rounds)",
+    )
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    prox_mu: float | None = Field(
+        default=None, gt=0, description="FedProx proximal weight (default 0.01 with fedprox)"
+    )
     aggregator: str = "fedavg"
     aggregator_params: dict[str, Any] = Field(default_factory=dict)
+    server_optimizer: Literal["sgd", "momentum", "adam", "yogi", "adagrad"] = "sgd"
+    server_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="server learning rate (default: sgd/momentum 1.0, adam/adagrad 0.1, yogi 0.01)",
+    )
+    server_optimizer_params: dict[str, Any] = Field(default_factory=dict)
     max_update_norm: float | None = Field(default=None, gt=0)
     engine: Literal["simulation", "flower"] = "simulation"
+    # Encrypted aggregation (issue 6, privml.fl.secure): sites encrypt their clipped, weighted
+    # updates under the key holder's key; the server sums ciphertexts only.
+    secure_aggregation: Literal["none", "paillier", "ckks"] = Field(
+        default="none",
+        description="encrypt each site's update; the server sums ciphertexts and only the key "
+        "holder decrypts, and only the sum (needs max_update_norm; fedavg or norm_bound)",
+    )
+    key_holder: str | None = Field(
+        default=None,
+        description="the site that generates the aggregation keys and decrypts the sums "
+        "(default: the first site)",
+    )
+    secure_aggregation_key_bits: int = Field(
+        default=3072, description="Paillier modulus size (3072; 2048 allowed with a warning)"
+    )
+    secure_aggregation_precision_bits: int = Field(
+        default=24,
+        ge=4,
+        le=52,
+        description="fixed-point resolution 2**-bits of each encrypted value (Paillier); CKKS: "
+        "the flooding noise is clip * 2**-bits",
+    )
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> TrainingConfig:
+        # Federation settings (issue 5): every problem at once, with the rule's own messages.
+        from privml.errors import UsageError
+        from privml.fl.aggregate import SERVER_DATA_PARAMS, check_params
+        from privml.fl.server_opt import make_server_optimizer
+
+        problems: list[str] = []
+        if self.clients_per_round is not None and self.fraction is not None:
+            problems.append("give clients_per_round or fraction, not both")
+        if self.prox_mu is not None and self.strategy != "fedprox":
+            problems.append('prox_mu is used only with strategy = "fedprox"; set both or neither')
+        if self.prox_mu is not None and self.lr * self.prox_mu >= 2:
+            problems.append(
+                f"lr * prox_mu = {self.lr * self.prox_mu:g} must be < 2, or FedProx's proximal "
+                "step diverges (each step scales w - w_global by 1 - lr * prox_mu); lower either"
+            )
+        engine_keys = SERVER_DATA_PARAMS.get(self.aggregator, {})
+        rule_params = {k: v for k, v in self.aggregator_params.items() if k not in engine_keys}
+        problems += check_params(self.aggregator, rule_params)
+        root_size = self.aggregator_params.get("root_size")
+        if "root_size" in engine_keys and root_size is not None and (
+            isinstance(root_size, bool) or not isinstance(root_size, int) or root_size < 1
+        ):
+            problems.append(
+                f"aggregator_params.root_size must be an integer >= 1 (got {root_size!r})"
+            )
+        root_site = self.aggregator_params.get("root_site")
+        if "root_site" in engine_keys and root_site is not None and not isinstance(root_site, str):
+            problems.append(
+                f"aggregator_params.root_site must be a site name (got {root_site!r})"
+            )
+        if "lr" in self.server_optimizer_params:
+            problems.append(
+                "set the server learning rate with server_lr, not in server_optimizer_params"
+            )
+        else:
+            opt = dict(self.server_optimizer_params)
+            if self.server_lr is not None:
+                opt["lr"] = self.server_lr
+            try:
+                make_server_optimizer(self.server_optimizer, **opt)
+            except UsageError as exc:
+                problems.append(str(exc))
+        problems += self._secure_aggregation_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _secure_aggregation_problems(self) -> list[str]:
+        # Issue 6 (privml.fl.secure): what encrypted aggregation can and cannot combine with.
+        if self.secure_aggregation == "none":
+            return []
+        sa = f'secure_aggregation = "{self.secure_aggregation}"'
+        out: list[str] = []
+        if self.aggregator not in ("fedavg", "norm_bound"):
+            out.append(
+                f"{sa} works with aggregator = \"fedavg\" or \"norm_bound\" only: the server "
+                f"sees the encrypted sum, never the individual updates that {self.aggregator!r} "
+                "needs to compare; choose one or set secure_aggregation = \"none\""
+            )
+        max_norm = self.aggregator_params.get("max_norm")
+        if self.aggregator == "norm_bound" and max_norm is None:
+            out.append(
+                f"{sa} with aggregator = \"norm_bound\" needs a fixed aggregator_params.max_norm "
+                "(the adaptive bound is the median of the individual update norms, which the "
+                "server cannot see); the sites clip to it before encrypting"
+            )
+        elif self.max_update_norm is None and self.aggregator == "fedavg":
+            out.append(
+                f"{sa} needs max_update_norm = ... (the L2 bound each site clips its update "
+                "to before encrypting; it also bounds every coordinate, which sizes the "
+                "encrypted values); the server cannot check norms of encrypted updates"
+            )
+        if self.engine != "simulation":
+            out.append(f'{sa} runs in the simulation engine only (engine = "simulation")')
+        kb = self.secure_aggregation_key_bits
+        if self.secure_aggregation == "paillier" and (kb < 2048 or kb > 8192 or kb % 256):
+            out.append(
+                "secure_aggregation_key_bits must be a multiple of 256 in [2048, 8192] "
+                f"(3072 for 128-bit security; 2048 gives 112 bits, with a warning); got {kb}"
+            )
+        return out
 
 
 class PrivacyConfig(_Strict):
@@ -186,17 +326,203 @@ class PrivacyConfig(_Strict):
     budget_epsilon: float = Field(default=10.0, gt=0)
     budget_delta: float = Field(default=1e-5, gt=0, lt=1)
     ledger: Path | None = None
+    # Private training (issue 4, privml.dp.training).
+    adaptive_clip: bool = Field(
+        default=False,
+        description="client mode: adapt clip to a private quantile of update norms "
+        "(Andrew et al. 2021); clip is then the initial value",
+    )
+    target_quantile: float = Field(
+        default=0.5, gt=0, lt=1, description="adaptive clip: fraction of updates left unclipped"
+    )
+    clip_lr: float = Field(default=0.2, gt=0, description="adaptive clip: geometric step size")
+    clipped_count_stddev: float | None = Field(
+        default=None,
+        gt=0,
+        description="adaptive clip: noise std of the unclipped count (default expected clients/20)",
+    )
+    allow_data_derived_bounds: bool = Field(
+        default=False,
+        description="let DP training use bounds inferred from the private data (leaks them)",
+    )
+    center_inputs: bool = Field(
+        default=True,
+        description="sample mode (and hog features): centre the model's inputs on a private "
+        "mean, paid as one extra local epoch of DP-SGD steps per site",
+    )
+
+    @model_validator(mode="after")
+    def _check_private_training(self) -> PrivacyConfig:
+        if self.mode == "none":
+            return self
+        problems = []
+        if self.epsilon is None and self.noise_multiplier is None:
+            problems.append(
+                f'mode = "{self.mode}" needs a target epsilon = ... (the noise is calibrated to '
+                "it) or a noise_multiplier = ..."
+            )
+        if self.noise_multiplier == 0:
+            problems.append(
+                'noise_multiplier = 0 adds no noise and gives no privacy; use mode = "none"'
+            )
+        if self.adaptive_clip and self.mode != "client":
+            problems.append('adaptive_clip applies to mode = "client" only')
+        if self.delta > self.budget_delta:
+            problems.append(
+                f"delta = {self.delta:g} exceeds budget_delta = {self.budget_delta:g}; "
+                "lower delta or raise budget_delta"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class InferenceConfig(_Strict):
+    """Encrypted-inference check run after training (results.json ``encrypted_inference``)."""
+
     encrypted: bool = False
     scheme: Literal["ckks", "paillier"] = "ckks"
-    max_samples: int = Field(default=1000, gt=0)
+    max_samples: int = Field(default=1000, gt=0, description="test records encrypted")
+    n_single: int = Field(default=20, gt=0, description="single-patient queries timed")
+    key_bits: int = Field(default=3072, ge=2048, description="Paillier modulus size")
+    max_context_bytes: int = Field(default=10_000_000, gt=0)
+
+
+AuditAttack = Literal["membership", "lira", "evasion", "inversion", "backdoor", "poisoning"]
+AUDIT_ATTACKS: tuple[AuditAttack, ...] = (
+    "membership", "lira", "evasion", "inversion", "backdoor", "poisoning"
+)  # fmt: skip
 
 
 class AuditConfig(_Strict):
+    """The security audit (issue 8, :mod:`privml.security.audit`; docs/security.md).
+
+    ``enabled``: every ``privml run`` reports a quick membership inference beside its epsilon.
+    ``attacks``: what ``privml audit`` runs by default. The other keys tune the attacks.
+    """
+
     enabled: bool = True
-    attacks: list[str] = Field(default_factory=lambda: ["membership"])
+    attacks: list[AuditAttack] = Field(
+        default_factory=lambda: list(AUDIT_ATTACKS), min_length=1
+    )
+    strict: bool = Field(
+        default=True,
+        description="fail (exit 5) when measured leakage exceeds the accountant's epsilon",
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    max_records: int = Field(default=2000, ge=10, description="records per attacked group")
+    shadow_models: int = Field(default=8, ge=2, le=256, description="LiRA shadow models")
+    evasion_norm: Literal["inf", "2"] = "inf"
+    evasion_budgets: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1)
+    evasion_steps: int = Field(default=20, ge=1, le=1000)
+    adversarial_eps: float = Field(default=0.1, gt=0, description="PGD-AT training budget")
+    adversarial_method: Literal["pgd", "trades"] = "pgd"
+    inversion_records: int = Field(default=1, ge=1, le=64, description="records per site batch")
+    inversion_noise_multiplier: float = Field(default=1.0, gt=0)
+    inversion_iterations: int = Field(default=300, ge=1, le=100_000)
+    poisoning_aggregators: list[str] = Field(
+        default_factory=lambda: ["fedavg", "median", "trimmed_mean", "krum"], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _check_audit(self) -> AuditConfig:
+        from privml.fl.aggregate import AGGREGATORS
+
+        problems = [
+            f"evasion_budgets must be > 0 (got {b})" for b in self.evasion_budgets if not b > 0
+        ]
+        problems += [
+            f"poisoning_aggregators: unknown rule {a!r}; choose from {sorted(AGGREGATORS)}"
+            for a in self.poisoning_aggregators
+            if a not in AGGREGATORS
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class AttackConfig(_Strict):
+    """Simulated Byzantine sites, to measure how robust the aggregation is (simulation only).
+
+    ``kind`` is the attack; ``sites`` (names or 0-based positions) or ``fraction`` (of the
+    sites, drawn once per run from the training seed) says who attacks; the kind's parameters
+    sit beside them: ``scale`` (sign_flip, scale; default 10), ``sigma`` (gaussian; 1), ``z``
+    (alie; default from Baruch et al.'s formula), ``epsilon`` (ipm; 0.1).
+    """
+
+    kind: Literal["sign_flip", "scale", "gaussian", "label_flip", "alie", "ipm", "backdoor"]
+    sites: list[str | int] | None = None
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    scale: float | None = None
+    sigma: float | None = None
+    z: float | None = None
+    epsilon: float | None = None
+    # kind = "backdoor" (issue 8, privml.security.attacks.backdoor): trigger poisoning and
+    # model replacement (Bagdasaryan et al. 2020).
+    trigger: Literal["pixel", "feature"] | None = Field(
+        default=None, description="default: pixel for image models, feature otherwise"
+    )
+    trigger_size: int | None = Field(default=None, ge=1, description="pixel patch side")
+    trigger_features: list[str | int] | None = Field(
+        default=None, description="encoded feature names or positions the trigger sets"
+    )
+    trigger_value: float | None = Field(default=None, description="encoded value (default 1.0)")
+    target: str | int | None = Field(default=None, description="class the trigger forces")
+    poison_fraction: float | None = Field(default=None, gt=0, le=1)
+    boost: float | Literal["replace", "none"] | None = Field(
+        default=None, description="update scale factor; 'replace' = model replacement (default)"
+    )
+    start_round: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackConfig:
+        from privml.fl.attacks import check_attack_params
+
+        problems: list[str] = []
+        if (self.sites is None) == (self.fraction is None):
+            problems.append("give the attacking sites = [...] or a fraction = ..., exactly one")
+        if self.sites is not None:
+            if not self.sites:
+                problems.append("sites is empty: list at least one attacking site")
+            if len({str(x) for x in self.sites}) != len(self.sites):
+                problems.append("sites lists a site twice")
+            if any(isinstance(x, int) and x < 0 for x in self.sites):
+                problems.append("site positions must be >= 0")
+        given = {
+            k: v
+            for k, v in (("scale", self.scale), ("sigma", self.sigma), ("z", self.z),
+                         ("epsilon", self.epsilon))
+            if v is not None
+        }
+        backdoor_keys = [
+            k
+            for k in ("trigger", "trigger_size", "trigger_features", "trigger_value", "target",
+                      "poison_fraction", "boost", "start_round")
+            if getattr(self, k) is not None
+        ]  # fmt: skip
+        if self.kind == "backdoor":
+            problems += [f"{k} is not a backdoor parameter" for k in given]
+            if self.trigger == "feature" and self.trigger_size is not None:
+                problems.append("trigger_size is for trigger = 'pixel'")
+            if self.trigger == "pixel" and self.trigger_features is not None:
+                problems.append("trigger_features is for trigger = 'feature'")
+            if isinstance(self.boost, float) and not self.boost > 0:
+                problems.append(f"boost must be > 0, 'replace' or 'none' (got {self.boost})")
+        else:
+            problems += check_attack_params(self.kind, given)
+            problems += [f"{k} is for kind = 'backdoor' only" for k in backdoor_keys]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def kind_params(self) -> dict[str, float]:
+        """The parameters given for this kind (defaults are the attack's own)."""
+        return {
+            k: float(v)
+            for k, v in (("scale", self.scale), ("sigma", self.sigma), ("z", self.z),
+                         ("epsilon", self.epsilon))
+            if v is not None
+        }
 
 
 class OutputConfig(_Strict):
@@ -213,11 +539,80 @@ class Config(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
-    attack: dict[str, Any] | None = None
+    attack: AttackConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     name: str = "privml"
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> Config:
+        # Issue 5: the round's cohort must be large enough for the aggregator, where the number
+        # of sites is known before loading (same formula as privml.fl.engine.cohort_size).
+        import math
+
+        from privml.errors import UsageError
+        from privml.fl.aggregate import SERVER_DATA_PARAMS, min_clients
+
+        t = self.training
+        problems: list[str] = []
+        n_sites = None
+        if self.data.sites is not None:
+            n_sites = len(self.data.sites)
+        elif self.data.dataset is not None and self.data.partition != "column":
+            n_sites = self.data.n_sites
+        if n_sites is not None:
+            if t.clients_per_round is not None:
+                k = min(t.clients_per_round, n_sites)
+            elif t.fraction is not None:
+                k = max(1, min(n_sites, math.floor(t.fraction * n_sites + 0.5)))
+            else:
+                k = n_sites
+            keys = SERVER_DATA_PARAMS.get(t.aggregator, {})
+            params = {k2: v for k2, v in t.aggregator_params.items() if k2 not in keys}
+            try:
+                need = min_clients(t.aggregator, params)
+            except UsageError:
+                need = 1
+            if k < need:
+                problems.append(
+                    f"training: aggregator {t.aggregator!r} with {params or 'its defaults'} "
+                    f"needs at least {need} client updates per round; this config samples {k} "
+                    f"of {n_sites} sites. Sample more clients or change the aggregator."
+                )
+            a = self.attack
+            if a is not None and a.sites is not None:
+                bad = [x for x in a.sites if isinstance(x, int) and x >= n_sites]
+                if bad:
+                    problems.append(f"attack.sites: positions {bad} are outside 0..{n_sites - 1}")
+        if self.attack is not None and t.engine != "simulation":
+            problems.append(
+                "attack: simulated attackers run in the simulation engine only "
+                '(engine = "simulation")'
+            )
+        if t.secure_aggregation != "none":
+            # Issue 6 (privml.fl.secure): checks that need other sections.
+            if self.privacy.mode != "none" or self.model.features != "none":
+                problems.append(
+                    f'training: secure_aggregation = "{t.secure_aggregation}" is not combined '
+                    'with private training yet; set privacy.mode = "none" and model.features = '
+                    '"none", or secure_aggregation = "none"'
+                )
+            if n_sites is not None and (n_sites < 2 or k < 2):
+                problems.append(
+                    "training: secure aggregation needs at least 2 updates per round (the key "
+                    f"holder never decrypts a single site's update); this config samples {k} of "
+                    f"{n_sites} sites"
+                )
+            names = [s.name for s in self.data.sites] if self.data.sites is not None else None
+            if t.key_holder is not None and names is not None and t.key_holder not in names:
+                problems.append(
+                    f"training.key_holder: no site named {t.key_holder!r} (sites: "
+                    f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def dataset_id(self) -> str:

@@ -5,6 +5,7 @@ The command line (``privml run``) and the Python API (:func:`run`) call this sam
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,13 @@ from privml import __version__
 from privml.artifacts import atomic_folder, save_model, write_json
 from privml.config import Config
 from privml.data.federation import FederatedData, load_federation
+from privml.errors import ConfigError, UsageError
+from privml.fl.checkpoint import (
+    locate_partial_run,
+    partial_dir,
+    read_run_config,
+    write_run_config,
+)
 from privml.fl.engine import RoundRecord, TrainingResult, simulate
 from privml.models.nets import ModelSpec
 
@@ -43,6 +51,35 @@ def model_spec(config: Config, fed: FederatedData) -> ModelSpec:
     )
 
 
+def encrypted_inference(
+    config: Config, result: TrainingResult, fed: FederatedData, private: Any
+) -> dict[str, Any]:
+    """Compile the trained model to an encrypted evaluator and measure it on the test records.
+
+    A model that cannot be evaluated under encryption (ReLU, a feature map) is reported with
+    the reason instead of failing the run.
+    """
+    from privml.errors import PrivmlError
+    from privml.he import run_encrypted_inference_check
+    from privml.models.nets import build_model, load_flat_params
+
+    inf = config.inference
+    if private is not None and getattr(private, "features", None) is not None:
+        return {"scheme": inf.scheme, "skipped": "models on a feature map are not compiled "
+                "to encrypted evaluators; set [model] features = \"none\""}
+    model = build_model(result.spec)
+    load_flat_params(model, result.params)
+    X_test, _ = fed.pooled_test()
+    try:
+        return run_encrypted_inference_check(
+            model, result.spec, X_test[: inf.max_samples], scheme=inf.scheme,
+            n_single=inf.n_single, key_bits=inf.key_bits,
+            max_context_bytes=inf.max_context_bytes,
+        )
+    except PrivmlError as exc:
+        return {"scheme": inf.scheme, "skipped": str(exc)}
+
+
 def default_out_dir(config: Config) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     return Path("runs") / f"{config.name}-{stamp}"
@@ -55,10 +92,39 @@ def run(
     write: bool = True,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    resume: Path | None = None,
 ) -> RunOutput:
-    """Execute the whole flow for ``config``; write the run folder unless ``write`` is False."""
+    """Execute the whole flow for ``config``; write the run folder unless ``write`` is False.
+
+    While training, the server state is checkpointed after every round into
+    ``<run folder>.partial/`` (see :mod:`privml.fl.checkpoint`); ``resume`` (that folder or the
+    run folder path) continues an interrupted run of the same config, and the final model
+    equals that of an uninterrupted run.
+    """
     stage = on_stage or (lambda _s: None)
     t0 = time.perf_counter()
+    final_dir: Path | None = None
+    partial: Path | None = None
+    if resume is not None:
+        final_dir, partial = locate_partial_run(resume)
+        if read_run_config(partial).config_hash() != config.config_hash():
+            raise ConfigError(
+                f"the interrupted run in {str(partial)!r} was started with another config; "
+                "resume it with its own config (omit --config) or start a new run"
+            )
+        if out_dir is not None and Path(out_dir).resolve() != final_dir.resolve():
+            raise UsageError(
+                f"--out {str(out_dir)!r} differs from the interrupted run's folder "
+                f"{str(final_dir)!r}; omit --out when resuming"
+            )
+    elif write:
+        final_dir = out_dir or config.output.dir or default_out_dir(config)
+        partial = partial_dir(final_dir)
+        if partial.exists():
+            raise UsageError(
+                f"{str(partial)!r} holds an interrupted run; continue it with "
+                f"`privml run --resume {final_dir}` or delete that folder"
+            )
     stage("loading and encoding the sites' data")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -68,7 +134,31 @@ def run(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     spec = model_spec(config, fed)
     stage(f"training {spec.kind} over {len(fed.sites)} sites")
-    result = simulate(fed, spec, config.training, on_round=on_round)
+    checkpoint_dir = None
+    resuming = False
+    if partial is not None:
+        if resume is None:
+            write_run_config(partial, config)
+        checkpoint_dir = partial / "checkpoint"
+        resuming = resume is not None and (checkpoint_dir / "state.npz").is_file()
+    private = None
+    if config.privacy.mode != "none" or config.model.features != "none":
+        # Issue 4: DP training (sample / client level) and fixed feature maps live in
+        # privml.dp.training; it books every spend in the ledger before releasing anything.
+        from privml.dp.training import train_private
+
+        private = train_private(config, fed, spec, on_round=on_round)
+        result = private.result
+    else:
+        result = simulate(
+            fed,
+            spec,
+            config.training,
+            on_round=on_round,
+            attack=config.attack,
+            checkpoint_dir=checkpoint_dir,
+            resume=resuming,
+        )
     results: dict[str, Any] = {
         "schema": RESULTS_SCHEMA,
         "privml_version": __version__,
@@ -79,22 +169,35 @@ def run(
         "model": spec.to_dict(),
         "rounds": [r.to_dict() for r in result.history],
         "metrics": result.metrics,
-        "updates": {"rejected": result.rejected_updates},
-        "privacy": {"mode": "none"},
+        "updates": result.extra.get("updates", {"rejected": result.rejected_updates}),
+        "federation": result.extra.get("federation"),
+        "privacy": private.privacy if private is not None else {"mode": "none"},
         "schema_inferred_from_data": fed.inferred_columns,
         "notes": notes,
         "config": config.resolved(),
         "config_hash": config.config_hash(),
     }
+    if result.extra.get("attack") is not None:
+        results["attack"] = result.extra["attack"]
+    if private is not None and private.features is not None:
+        results["model"] = result.spec.to_dict()
+        results["features"] = private.features
+    if config.inference.encrypted:
+        stage(f"encrypted inference check ({config.inference.scheme})")
+        results["encrypted_inference"] = encrypted_inference(config, result, fed, private)
     results["timing"] = {"total_seconds": time.perf_counter() - t0}
-    final_dir = None
-    if write:
+    if write or resume is not None:
+        assert final_dir is not None
         stage("writing results")
-        final_dir = out_dir or config.output.dir or default_out_dir(config)
 
         def fill(tmp: Path) -> None:
             save_model(
-                tmp, spec, result.params, fed.encoder, fed.task, config_hash=results["config_hash"]
+                tmp,
+                result.spec,
+                result.params,
+                fed.encoder,
+                fed.task,
+                config_hash=results["config_hash"],
             )
             write_json(tmp / "results.json", results)
             if config.output.html:
@@ -103,4 +206,6 @@ def run(
                 (tmp / "report.html").write_text(render_report(results))
 
         atomic_folder(final_dir, fill)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
     return RunOutput(results, final_dir, result, fed)
