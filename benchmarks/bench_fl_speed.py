@@ -1,0 +1,253 @@
+"""Speed and accuracy of privml's federated simulation, against two anchors on the same work.
+
+Work (issue 2): the logistic model trained by FedAvg for 20 rounds, every site every round,
+with the demo's local SGD (5 local epochs, batch 32, lr 8; benchmarks/tune_demo.py), on
+
+* ``breast_cancer`` split IID into 100 simulated sites (each keeps a 20 % held-out split), and
+* the demo: breast cancer over 3 hospitals of unequal size (``privml run`` with no config).
+
+Three ways to get a model, timed in this process on the same encoded arrays:
+
+* privml: :func:`privml.fl.engine.simulate`, every site's local SGD of a round in one
+  vectorized computation (stacked parameters, batched matmuls).
+* per-site PyTorch loop: what a straightforward simulator does, one ``torch.nn`` model and
+  ``torch.optim.SGD`` per site, site after site, with the *same* batch shuffles (the generator
+  of site ``i`` in round ``r`` is seeded ``(seed, r, 2, i)`` as in privml), then the same
+  weighted FedAvg. The script checks that it ends at the same parameters as privml (max abs
+  difference printed), so both sides did the same work.
+* centralized scikit-learn ``LogisticRegression`` (default lbfgs, L2 with C=1) fitted on the
+  union of the sites' training records, scored on the union of their held-out records: the
+  same split as the federated runs, the same [0, 1]-scaled features.
+
+Timing: wall time of training only (data loading and encoding is shared and timed apart),
+median of ``--reps`` repetitions, interleaved; one warm-up of each first. torch runs one
+intra-op thread on both torch sides (privml's engine does so for linear models).
+
+Accuracy: a held-out set of ~115 records moves 0.9 points per record, so the script also
+repeats the accuracy comparison over ``--splits`` data seeds (different partitions and
+held-out splits; the demo's lr and local epochs were chosen on validation records carved from
+training records, never on held-out ones) and prints mean accuracies and the mean difference,
+against scikit-learn's default ``LogisticRegression`` and against ``LogisticRegressionCV``
+(C chosen by 5-fold cross-validation on the training records).
+
+Run: ``.venv/bin/python benchmarks/bench_fl_speed.py [--reps 5] [--rounds 20] [--splits 10]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+from privml.config import Config, load_config, parse_config
+from privml.data.federation import FederatedData, load_federation
+from privml.fl.engine import init_params, simulate
+from privml.fl.metrics import evaluate
+from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
+from privml.pipeline import model_spec
+
+
+def iid_config(n_sites: int, rounds: int) -> Config:
+    demo = load_config(None)
+    return parse_config(
+        {
+            "data": {"dataset": "breast_cancer", "partition": "iid", "n_sites": n_sites},
+            "training": {**demo.training.model_dump(), "rounds": rounds},
+            "output": {"html": False},
+        },
+        name=f"breast_cancer_iid_{n_sites}",
+    )
+
+
+def demo_config(rounds: int) -> Config:
+    cfg = load_config(None)
+    cfg.training.rounds = rounds
+    return cfg
+
+
+def per_site_loop(fed: FederatedData, spec: ModelSpec, cfg: Config) -> torch.Tensor:
+    """FedAvg with one torch model and optimizer per site, trained site after site."""
+    t = cfg.training
+    _, global_params = init_params(spec, t.seed)
+    global_params = global_params.double()
+    weights = np.array([s.n_train for s in fed.sites], dtype=np.float64)
+    weights /= weights.sum()
+    data = [(torch.from_numpy(s.X_train), torch.from_numpy(s.y_train)) for s in fed.sites]
+    model = build_model(spec)
+    binary = spec.n_outputs == 1
+    for rnd in range(1, t.rounds + 1):
+        start = global_params.float()
+        total = torch.zeros_like(global_params)
+        for i, (X, y) in enumerate(data):
+            load_flat_params(model, start)
+            opt = torch.optim.SGD(model.parameters(), lr=t.lr)
+            rng = np.random.default_rng([t.seed, rnd, 2, i])
+            for _ in range(t.local_epochs):
+                perm = rng.permutation(len(y))
+                for b in range(0, len(y), t.batch_size):
+                    idx = torch.from_numpy(perm[b : b + t.batch_size])
+                    opt.zero_grad()
+                    logits = model(X[idx])
+                    if binary:
+                        loss = F.binary_cross_entropy_with_logits(logits[:, 0], y[idx].float())
+                    else:
+                        loss = F.cross_entropy(logits, y[idx])
+                    loss.backward()
+                    opt.step()
+            total += weights[i] * (flat_params(model).double() - start.double())
+        global_params = global_params + total
+    return global_params.float()
+
+
+def centralized(fed: FederatedData) -> tuple[LogisticRegression, float]:
+    X, y = fed.pooled_train()
+    Xt, yt = fed.pooled_test()
+    clf = LogisticRegression(max_iter=5000).fit(X, y)
+    return clf, float(clf.score(Xt, yt))
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def bench(name: str, cfg: Config, reps: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    fed = load_federation(cfg)
+    load_s = time.perf_counter() - t0
+    spec = model_spec(cfg, fed)
+    X_test, y_test = fed.pooled_test()
+
+    def run_privml() -> Any:
+        return simulate(fed, spec, cfg.training)
+
+    def run_loop() -> torch.Tensor:
+        return per_site_loop(fed, spec, cfg)
+
+    def run_sklearn() -> tuple[LogisticRegression, float]:
+        return centralized(fed)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fn in (run_privml, run_loop, run_sklearn):  # warm-up
+            fn()
+        t_privml, t_loop, t_sk = [], [], []
+        for _ in range(reps):  # interleaved
+            t_privml.append(median_time(run_privml, 1)[0])
+            t_loop.append(median_time(run_loop, 1)[0])
+            t_sk.append(median_time(run_sklearn, 1)[0])
+    finally:
+        torch.set_num_threads(before)
+    res = run_privml()
+    loop_params = run_loop()
+    _, sk_acc = run_sklearn()
+    model, _ = init_params(spec, cfg.training.seed)
+    loop_acc = evaluate(model, loop_params, X_test, y_test)["accuracy"]
+    return {
+        "name": name,
+        "sites": len(fed.sites),
+        "rounds": cfg.training.rounds,
+        "n_train": sum(s.n_train for s in fed.sites),
+        "n_test": len(y_test),
+        "load_s": load_s,
+        "privml_s": statistics.median(t_privml),
+        "loop_s": statistics.median(t_loop),
+        "sklearn_s": statistics.median(t_sk),
+        "privml_acc": res.metrics["accuracy"],
+        "privml_auc": res.metrics["auc"],
+        "loop_acc": loop_acc,
+        "sklearn_acc": sk_acc,
+        "max_param_diff": float((res.params - loop_params).abs().max()),
+    }
+
+
+def accuracy_over_splits(make: Callable[[int], Config], splits: int) -> dict[str, Any]:
+    """Federated vs centralized accuracy over ``splits`` data seeds (partition + held-out)."""
+    fed_acc, sk_acc, cv_acc = [], [], []
+    for seed in range(splits):
+        cfg = make(seed)
+        fed = load_federation(cfg)
+        fed_acc.append(simulate(fed, model_spec(cfg, fed), cfg.training).metrics["accuracy"])
+        sk_acc.append(centralized(fed)[1])
+        X, y = fed.pooled_train()
+        Xt, yt = fed.pooled_test()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9 parameter notices
+            cv = LogisticRegressionCV(Cs=10, cv=5, max_iter=5000).fit(X, y)
+        cv_acc.append(float(cv.score(Xt, yt)))
+    f, s, c = np.array(fed_acc), np.array(sk_acc), np.array(cv_acc)
+    return {
+        "fed": (f.mean(), f.std(ddof=1)),
+        "sk": (s.mean(), s.std(ddof=1)),
+        "cv": (c.mean(), c.std(ddof=1)),
+        "diff_sk": ((f - s).mean(), (f - s).std(ddof=1) / np.sqrt(splits)),
+        "diff_cv": ((f - c).mean(), (f - c).std(ddof=1) / np.sqrt(splits)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--sites", type=int, default=100, help="sites of the IID split")
+    ap.add_argument("--splits", type=int, default=10, help="data seeds of the accuracy check")
+    args = ap.parse_args()
+    rows = [
+        bench(f"breast_cancer IID, {args.sites} sites", iid_config(args.sites, args.rounds),
+              args.reps),
+        bench("demo, 3 hospitals", demo_config(args.rounds), args.reps),
+    ]  # fmt: skip
+    print(f"torch {torch.__version__}, {args.reps} reps, medians; training time only\n")
+    for r in rows:
+        print(f"== {r['name']}: {r['rounds']} rounds, {r['n_train']} train / "
+              f"{r['n_test']} held-out records (load + encode {r['load_s']:.2f} s)")  # fmt: skip
+        print(f"  privml simulate (vectorized)  {r['privml_s']:8.3f} s   "
+              f"accuracy {r['privml_acc']:.4f}  auc {r['privml_auc']:.4f}")  # fmt: skip
+        print(f"  per-site PyTorch loop         {r['loop_s']:8.3f} s   "
+              f"accuracy {r['loop_acc']:.4f}  (max |param diff| vs privml "
+              f"{r['max_param_diff']:.1e})")  # fmt: skip
+        print(f"  centralized sklearn LogReg    {r['sklearn_s']:8.3f} s   "
+              f"accuracy {r['sklearn_acc']:.4f}")  # fmt: skip
+        print(f"  ratio loop / privml: {r['loop_s'] / r['privml_s']:.1f}x; "
+              f"federated - centralized accuracy: "
+              f"{100 * (r['privml_acc'] - r['sklearn_acc']):+.1f} points\n")  # fmt: skip
+    if args.splits < 2:
+        return
+    torch.set_num_threads(1)
+
+    def iid_seed(seed: int) -> Config:
+        cfg = iid_config(args.sites, args.rounds)
+        cfg.data.seed = seed
+        return cfg
+
+    def demo_seed(seed: int) -> Config:
+        cfg = demo_config(args.rounds)
+        cfg.data.seed = seed
+        return cfg
+
+    print(f"accuracy over {args.splits} data seeds (mean +- sd; difference +- standard error)")
+    for name, make in (("breast_cancer IID", iid_seed), ("demo, 3 hospitals", demo_seed)):
+        a = accuracy_over_splits(make, args.splits)
+        print(f"  {name:18s} federated {a['fed'][0]:.4f} +- {a['fed'][1]:.4f} | "
+              f"sklearn default {a['sk'][0]:.4f} +- {a['sk'][1]:.4f} | "
+              f"sklearn CV {a['cv'][0]:.4f} +- {a['cv'][1]:.4f}")  # fmt: skip
+        print(f"  {'':18s} federated - default {100 * a['diff_sk'][0]:+.2f} +- "
+              f"{100 * a['diff_sk'][1]:.2f} points; federated - CV "
+              f"{100 * a['diff_cv'][0]:+.2f} +- {100 * a['diff_cv'][1]:.2f} points")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
