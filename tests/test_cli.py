@@ -273,6 +273,7 @@ def _pooled_accuracy(summary: str) -> float:
     return float(cells[3])
 
 
+@pytest.mark.slow  # two full demo runs, with the report and the encrypted-inference check
 def test_demo_summary_json_and_rerun_into_the_same_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -28,8 +28,10 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _demo(**training: Any) -> Any:
+    """The embedded demo without its report and encrypted-inference check (tested elsewhere)."""
     cfg = load_config(None)
     cfg.output.html = False
+    cfg.inference.encrypted = False
     for k, v in training.items():
         setattr(cfg.training, k, v)
     return cfg
