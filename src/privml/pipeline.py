@@ -147,6 +147,17 @@ def run(
         # privml.dp.training; it books every spend in the ledger before releasing anything.
         from privml.dp.training import train_private
 
+        if resume is not None:
+            raise UsageError(
+                "--resume is not supported for private training (privacy.mode or "
+                "model.features set): the ledger has already booked the rounds that ran; "
+                "start a new run"
+            )
+        if config.attack is not None:
+            raise UsageError(
+                "[attack] simulations run with the non-private engine only; remove [attack] "
+                "or set privacy.mode = \"none\" (privml audit measures attacks on DP models)"
+            )
         private = train_private(config, fed, spec, on_round=on_round)
         result = private.result
     else:
