@@ -139,3 +139,48 @@ def test_trigger_from_config_defaults() -> None:
                          "image_shape": [8, 8]}})  # fmt: skip
     spec2 = model_spec(cfg2, fed)
     assert trigger_from_config(cfg2, fed, spec2)[0].kind == "pixel"
+
+
+def test_backdoor_is_configured_under_attack() -> None:
+    from privml.errors import ConfigError
+
+    cfg = parse_config({
+        "data": {"dataset": "digits"},
+        "model": {"kind": "cnn", "image_shape": [8, 8]},
+        "attack": {"kind": "backdoor", "sites": [1], "trigger": "pixel", "trigger_size": 3,
+                   "target": "7", "poison_fraction": 0.3, "boost": 5.0},
+    })  # fmt: skip
+    fed = load_federation(cfg)
+    trig, target, fraction, boost = trigger_from_config(cfg, fed, model_spec(cfg, fed))
+    assert len(trig.features) == 9 and target == 7 and fraction == 0.3 and boost == 5.0
+    feat = parse_config({
+        "data": {"dataset": "breast_cancer"},
+        "attack": {"kind": "backdoor", "fraction": 0.34, "trigger": "feature",
+                   "trigger_features": ["mean_radius", 3], "trigger_value": 0.0,
+                   "target": "benign", "boost": "none"},
+    })  # fmt: skip
+    fed2 = load_federation(feat)
+    trig2, target2, _, boost2 = trigger_from_config(feat, fed2, model_spec(feat, fed2))
+    assert trig2.features == (fed2.encoder.feature_names.index("mean_radius"), 3)
+    assert trig2.values == (0.0, 0.0) and target2 == 0 and boost2 is None
+    with pytest.raises(ConfigError, match="trigger_size is for kind = 'backdoor' only"):
+        parse_config({"data": {"dataset": "digits"},
+                      "attack": {"kind": "sign_flip", "sites": [0], "trigger_size": 2}})
+    with pytest.raises(ConfigError, match="trigger_features is for trigger = 'feature'"):
+        parse_config({"data": {"dataset": "digits"},
+                      "attack": {"kind": "backdoor", "sites": [0], "trigger": "pixel",
+                                 "trigger_features": [1]}})  # fmt: skip
+
+
+def test_engine_helpers_poison_and_boost() -> None:
+    from privml.security.attacks.backdoor import poison_sites
+    from privml.security.federated import boost_updates
+
+    cfg, fed, spec = _fed(rounds=1)
+    sites, boost, trig, target = poison_sites(cfg, fed, spec, [2], seed=0)
+    assert boost == "replace" and target == 0
+    assert sites[2].n_train > fed.sites[2].n_train and sites[0] is fed.sites[0]
+    u = np.ones((4, 3))
+    out = boost_updates(u, np.array([1.0, 1.0, 2.0, 4.0]), np.array([0, 0, 1, 0], bool), "replace")
+    assert out[2].tolist() == [4.0, 4.0, 4.0] and out[0].tolist() == [1.0, 1.0, 1.0]
+    assert boost_updates(u, np.ones(4), np.array([1, 0, 0, 0], bool), 3.0)[0, 0] == 3.0

@@ -19,6 +19,9 @@ backdoor        trigger poisoning + model replacement (Bagdasaryan) privml's bac
 poisoning       the Byzantine update attack of [attack] per rule   robust aggregation rules
 ==============  =================================================  ==========================
 
+The model is trained as configured but without the simulated attackers of ``[attack]`` (the
+backdoor and poisoning attacks simulate them themselves, with and without defences).
+
 For membership inference the "defence" is the configured DP training: with ``[privacy] mode``
 set, the audit also trains the same model without DP to show what DP removes; without it, the
 "with defence" column stays empty. The shadow models of LiRA are trained centrally with the
@@ -277,8 +280,9 @@ class _Context:
             from privml.pipeline import run as run_pipeline
 
             self.stage("training the same model without DP (membership baseline)")
-            cfg = self.config.model_copy(deep=True)
+            cfg = _clean_config(self.config)
             cfg.privacy.mode = "none"
+            cfg.inference.encrypted = False
             out = run_pipeline(cfg, write=False)
             self._plain = _with_params(out.training.model, out.training.params)
         return self._plain
@@ -333,12 +337,21 @@ def _mia_rows(name: str, r0: Any, r1: Any, ctx: _Context) -> list[AuditRow]:
     return [
         AuditRow(name, "AUC", r0.auc, r1.auc if r1 else None, d, cost),
         AuditRow(
-            name, "TPR at 1% FPR", r0.tpr_at_fpr["0.01"], r1.tpr_at_fpr["0.01"] if r1 else None,
-            d, cost,
+            name,
+            "TPR at 1% FPR",
+            r0.tpr_at_fpr["0.01"],
+            r1.tpr_at_fpr["0.01"] if r1 else None,
+            d,
+            cost,
         ),  # fmt: skip
         AuditRow(
-            name, "empirical epsilon (lower bound)", r0.empirical_epsilon,
-            r1.empirical_epsilon if r1 else None, d, cost, note=note,
+            name,
+            "empirical epsilon (lower bound)",
+            r0.empirical_epsilon,
+            r1.empirical_epsilon if r1 else None,
+            d,
+            cost,
+            note=note,
         ),  # fmt: skip
     ]
 
@@ -409,8 +422,15 @@ def _evasion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict
                      worse="lower")]  # fmt: skip
     for b, a0, a1 in zip(budgets, r0.accuracy, r1.accuracy, strict=True):
         rows.append(
-            AuditRow(f"evasion (PGD-{s.evasion_steps})", f"robust accuracy, {norm} eps {b:g}",
-                     a0, a1, d, cost, worse="lower")  # fmt: skip
+            AuditRow(
+                f"evasion (PGD-{s.evasion_steps})",
+                f"robust accuracy, {norm} eps {b:g}",
+                a0,
+                a1,
+                d,
+                cost,
+                worse="lower",
+            )  # fmt: skip
         )
     return rows, {"without_defence": r0.to_dict(), "with_defence": r1.to_dict()}
 
@@ -434,20 +454,41 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
     by = {r.view: r for r in res}
     site = by["site"]
     rows = [
-        AuditRow("gradient inversion", "relative reconstruction error", site.relative_error,
-                 by["dp"].relative_error, f"DP-SGD noise (multiplier {z:g})", None,
-                 worse="lower", note="1.0 = no better than guessing 0.5"),  # fmt: skip
-        AuditRow("gradient inversion", "records identified", site.identified,
-                 by["dp"].identified, f"DP-SGD noise (multiplier {z:g})", None),  # fmt: skip
+        AuditRow(
+            "gradient inversion",
+            "relative reconstruction error",
+            site.relative_error,
+            by["dp"].relative_error,
+            f"DP-SGD noise (multiplier {z:g})",
+            None,
+            worse="lower",
+            note="1.0 = no better than guessing 0.5",
+        ),  # fmt: skip
+        AuditRow(
+            "gradient inversion",
+            "records identified",
+            site.identified,
+            by["dp"].identified,
+            f"DP-SGD noise (multiplier {z:g})",
+            None,
+        ),  # fmt: skip
     ]
     if "secure_aggregation" in by:
         sa = by["secure_aggregation"]
         d = f"secure aggregation (sum of {sa.n_sites} sites)"
         rows += [
-            AuditRow("gradient inversion", "relative reconstruction error", site.relative_error,
-                     sa.relative_error, d, 0.0, worse="lower"),  # fmt: skip
-            AuditRow("gradient inversion", "records identified", site.identified,
-                     sa.identified, d, 0.0),  # fmt: skip
+            AuditRow(
+                "gradient inversion",
+                "relative reconstruction error",
+                site.relative_error,
+                sa.relative_error,
+                d,
+                0.0,
+                worse="lower",
+            ),  # fmt: skip
+            AuditRow(
+                "gradient inversion", "records identified", site.identified, sa.identified, d, 0.0
+            ),  # fmt: skip
         ]
     return rows, {r.view: r.to_dict() for r in res}
 
@@ -478,11 +519,23 @@ def _backdoor(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dic
     )  # fmt: skip
     d = "privml backdoor defence (anomaly filter, median clip, trimmed mean, weak DP)"
     rows = [
-        AuditRow("backdoor", "attack success rate", r.success_without_defence,
-                 r.success_with_defence, d, r.defence_cost),  # fmt: skip
-        AuditRow("backdoor", "main-task accuracy under attack", r.rows["attack"]["accuracy"],
-                 r.rows["attack_defended"]["accuracy"], d, r.defence_cost,
-                 worse="lower"),  # fmt: skip
+        AuditRow(
+            "backdoor",
+            "attack success rate",
+            r.success_without_defence,
+            r.success_with_defence,
+            d,
+            r.defence_cost,
+        ),  # fmt: skip
+        AuditRow(
+            "backdoor",
+            "main-task accuracy under attack",
+            r.rows["attack"]["accuracy"],
+            r.rows["attack_defended"]["accuracy"],
+            d,
+            r.defence_cost,
+            worse="lower",
+        ),  # fmt: skip
     ]
     return rows, r.to_dict()
 
@@ -525,8 +578,18 @@ def _poisoning(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
         detail["aggregators"][rule] = {"clean": c, "attacked": p}
         rows.append(AuditRow(f"poisoning ({kind})", "accuracy under attack", attacked, p,
                              rule, clean - c, worse="lower"))  # fmt: skip
-    rows.insert(0, AuditRow(f"poisoning ({kind})", "accuracy drop (fedavg)", clean - attacked,
-                            None, None, None, note="accuracy without attack minus with"))
+    rows.insert(
+        0,
+        AuditRow(
+            f"poisoning ({kind})",
+            "accuracy drop (fedavg)",
+            clean - attacked,
+            None,
+            None,
+            None,
+            note="accuracy without attack minus with",
+        ),
+    )
     return rows, detail
 
 
@@ -538,6 +601,15 @@ _RUNNERS: dict[str, Callable[[_Context, list[str]], tuple[list[AuditRow], dict[s
     "backdoor": _backdoor,
     "poisoning": _poisoning,
 }
+
+
+def _clean_config(config: Config) -> Config:
+    """The config without its simulated ``[attack]``: the audit trains the model as the sites
+    would, and simulates the attackers itself (backdoor, poisoning)."""
+    cfg = config.model_copy(deep=True)
+    cfg.attack = None
+    cfg.source = config.source
+    return cfg
 
 
 def _write_results(run_dir: Path, audit: dict[str, Any]) -> None:
@@ -593,7 +665,10 @@ def run_audit(
 
         run_dir = Path(run_dir)
         model, spec, _enc, _task, meta = load_model(run_dir)
-        if meta.get("config_hash") != config.config_hash():
+        if meta.get("config_hash") not in (
+            config.config_hash(),
+            _clean_config(config).config_hash(),
+        ):
             raise UsageError(
                 f"the run in {str(run_dir)!r} was made with another config (hash "
                 f"{str(meta.get('config_hash'))[:12]}); audit it with the config it was run "
@@ -606,7 +681,7 @@ def run_audit(
         spec = model_spec(config, fed)
     else:
         stage("training the configured model")
-        out = run_pipeline(config, out_dir=out_dir, write=write, on_stage=stage)
+        out = run_pipeline(_clean_config(config), out_dir=out_dir, write=write, on_stage=stage)
         fed = out.data
         spec = model_spec(config, fed)
         model = _with_params(out.training.model, out.training.params)

@@ -31,7 +31,7 @@ from privml.fl.local import GradientRule, MeanGradient
 from privml.models.nets import ModelSpec, load_flat_params
 from privml.security.defenses.robust import NO_DEFENCE, Defence, defend
 
-__all__ = ["Adversary", "FederatedRun", "federate"]
+__all__ = ["Adversary", "FederatedRun", "boost_updates", "federate", "site_indices"]
 
 #: ``(X, y, rng) -> (X', y')``: how a malicious site rewrites its training records.
 Poison = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -174,12 +174,7 @@ def federate(
                     params=dict(adversary.update_attack_params),
                 )  # fmt: skip
             elif adversary.boost is not None:
-                gamma = (
-                    weights.sum() / weights[mal].sum()
-                    if adversary.boost == "replace"
-                    else float(adversary.boost)
-                )
-                updates[mal] *= gamma
+                updates = boost_updates(updates, weights, mal, adversary.boost)
         out = defend(updates, weights, defence, rng=np.random.default_rng([training.seed, rnd, 5]))
         params = params + torch.from_numpy(out.update.astype(np.float32))
         flagged = np.zeros(len(ids), dtype=bool)
@@ -202,6 +197,22 @@ def federate(
     load_flat_params(model, params)
     model.eval()
     return FederatedRun(model, params, rounds, defence, time.perf_counter() - t0)
+
+
+def boost_updates(
+    updates: np.ndarray, weights: np.ndarray, malicious: np.ndarray, boost: float | str
+) -> np.ndarray:
+    """Scale the malicious rows of ``updates`` (a copy): by ``boost``, or for ``"replace"`` by
+    ``gamma = total weight / malicious weight`` (Bagdasaryan et al.'s model replacement: FedAvg
+    of the round then lands on the attackers' own model)."""
+    out = np.array(updates, dtype=np.float64, copy=True)
+    mal = np.asarray(malicious, dtype=bool)
+    if not mal.any():
+        return out
+    w = np.asarray(weights, dtype=np.float64)
+    gamma = w.sum() / w[mal].sum() if boost == "replace" else float(boost)
+    out[mal] *= gamma
+    return out
 
 
 def site_indices(fed: FederatedData, names_or_positions: Sequence[str | int]) -> tuple[int, ...]:

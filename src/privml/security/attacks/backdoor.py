@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 
 from privml.config import TrainingConfig
-from privml.data.federation import FederatedData
+from privml.data.federation import FederatedData, SiteData
 from privml.errors import UsageError
 from privml.models.nets import ModelSpec
 from privml.security._checks import check_float, check_int
@@ -47,6 +47,7 @@ __all__ = [
     "backdoor_experiment",
     "feature_trigger",
     "pixel_trigger",
+    "poison_sites",
     "poisoner",
     "trigger_from_config",
 ]
@@ -324,3 +325,23 @@ def trigger_from_config(
     if boost == "none" or boost == 0:
         boost = None
     return trig, target, float(get("poison_fraction", 0.5)), boost
+
+
+def poison_sites(
+    config: Any, fed: FederatedData, spec: ModelSpec, malicious: Sequence[int], *, seed: int
+) -> tuple[list[SiteData], float | str | None, Trigger, int]:
+    """What a simulation engine needs to run ``[attack] kind = "backdoor"``.
+
+    Returns ``(sites, boost, trigger, target)``: a copy of ``fed.sites`` in which each
+    malicious site's training records carry the poison (seeded by ``(seed, 97, site)``, as in
+    :func:`privml.security.federated.federate`), and the boost to apply to the malicious
+    updates each round with :func:`privml.security.federated.boost_updates` (None: none).
+    """
+    trigger, target, fraction, boost = trigger_from_config(config, fed, spec)
+    poison = poisoner(trigger, target=target, fraction=fraction)
+    sites = list(fed.sites)
+    for i in malicious:
+        s = sites[int(i)]
+        X, y = poison(s.X_train, s.y_train, np.random.default_rng([seed, 97, int(i)]))
+        sites[int(i)] = SiteData(s.name, X, y, s.X_test, s.y_test)
+    return sites, boost, trigger, target

@@ -659,6 +659,7 @@ def lira_game(
     Every record joins each model's training set with probability 1/2. Each of the first
     ``n_targets`` models in turn is the target and the others are its shadows (leave-one-out);
     the scores of all targets are pooled for the ROC and the bound (``n_targets * n`` trials).
+    The loss-threshold attack on the same targets is reported in ``extra["loss_threshold"]``.
 
     Args:
         X, y: the pool ``[n, F]``, ``[n]``.
@@ -681,11 +682,15 @@ def lira_game(
     rng = np.random.default_rng([seed, 3])
     masks = rng.random((K, Xt.shape[0])) < 0.5
     stacked = trainer(Xt.numpy(), yt.numpy(), masks, seed)
+    from privml.security.attacks.evasion import logits_loss
+
     f = functional_forward(model)
     with torch.no_grad():
+        logits = [f(stacked[k], Xt) for k in range(K)]
         phi = np.stack(
-            [logit_confidence_from_logits(f(stacked[k], Xt), yt).numpy() for k in range(K)]
+            [logit_confidence_from_logits(lg, yt).numpy() for lg in logits]
         ).astype(np.float64)
+        losses = np.stack([logits_loss(lg, yt).numpy() for lg in logits]).astype(np.float64)
     scores, truth = [], []
     for t in range(T):
         others = np.arange(K) != t
@@ -696,11 +701,18 @@ def lira_game(
         s, m, attack="lira_online" if online else "lira_offline", delta=delta,
         accountant_epsilon=accountant_epsilon, seed=seed, strict=strict,
     )  # fmt: skip
+    # Yeom et al.'s loss threshold on the very same target models, for comparison.
+    yeom = membership_metrics(
+        -losses[:T].reshape(-1), masks[:T].reshape(-1), attack="loss_threshold", delta=delta,
+        accountant_epsilon=accountant_epsilon, seed=seed, strict=strict,
+    )  # fmt: skip
+    res.violation = res.violation or yeom.violation
+    res.extra["loss_threshold"] = yeom.to_dict()
     with torch.no_grad():
         acc_in, acc_out = [], []
         for k in range(K):
-            logits = f(stacked[k], Xt)
-            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+            lg = logits[k]
+            pred = (lg[:, 0] > 0).long() if lg.shape[1] == 1 else lg.argmax(1)
             ok = (pred == yt).numpy()
             acc_in.append(ok[masks[k]].mean())
             acc_out.append(ok[~masks[k]].mean())
