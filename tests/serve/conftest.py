@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,44 @@ class Trained:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """``privml run`` of the demo config (logistic regression), once per session."""
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's model-signing key (never the user's real deployment key)."""
+    return tmp_path_factory.mktemp("signing") / "signing-key.pem"
+
+
+def signing_env(signing_key: Path) -> dict[str, str]:
+    """Environment under which models are signed with, and trusted by, ``signing_key``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PRIVML_TRUSTED_KEYS", "PRIVML_SIGNING_PASSPHRASE")}
+    env["PRIVML_SIGNING_KEY"] = str(signing_key)
+    return env
+
+
+@contextmanager
+def trusting(signing_key: Path) -> Iterator[None]:
+    """Sign and verify models with ``signing_key`` for the duration (module/session fixtures,
+    which run outside the autouse fixture below)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRIVML_SIGNING_KEY", str(signing_key))
+        mp.delenv("PRIVML_TRUSTED_KEYS", raising=False)
+        mp.delenv("PRIVML_SIGNING_PASSPHRASE", raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _signing(signing_key: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRIVML_SIGNING_KEY", str(signing_key))
+    monkeypatch.delenv("PRIVML_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("PRIVML_SIGNING_PASSPHRASE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, signing_key: Path) -> Trained:
+    """``privml run`` of the demo config (logistic regression, signed), once per session."""
     out = tmp_path_factory.mktemp("serve-model") / "run"
-    res = run(load_config(None), out_dir=out)
-    model, spec, enc, task, _ = load_model(out)
+    with trusting(signing_key):
+        res = run(load_config(None), out_dir=out)
+        model, spec, enc, task, _ = load_model(out)
     X_test = np.vstack([s.X_test for s in res.data.sites])
     y_test = np.concatenate([s.y_test for s in res.data.sites])
     return Trained(out, model, spec, enc, task, X_test, y_test)
@@ -91,17 +125,18 @@ class Server:
 
 
 def start_server(
-    model_dir: Path, state_dir: Path, log_path: Path, *extra: str, verify: Any = True,
-    scheme: str = "http",
+    model_dir: Path, state_dir: Path, log_path: Path, *extra: str, signing_key: Path,
+    verify: Any = True, scheme: str = "http",
 ) -> Server:
-    """``python -m privml.serve`` (the same command as ``privml serve``) in a subprocess."""
+    """``python -m privml.serve`` (the same command as ``privml serve``) in a subprocess that
+    trusts ``signing_key`` (the model folder's signer)."""
     port = free_port()
     log = log_path.open("ab")
     cmd = [
         sys.executable, "-m", "privml.serve", "--model", str(model_dir), "--state-dir",
         str(state_dir), "--host", "127.0.0.1", "--port", str(port), *extra,
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(signing_env(signing_key), PYTHONUNBUFFERED="1")
     if isinstance(verify, str):
         verify = ssl.create_default_context(cafile=verify)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -123,13 +158,14 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory,
+           signing_key: Path) -> Iterator[Server]:
     """A real uvicorn on 127.0.0.1 with a random port, auth on, two tokens (alice, bob)."""
     root = tmp_path_factory.mktemp("serve-server")
     state = root / "state"
     store = TokenStore(state)
     tokens = {name: store.add(name) for name in ("alice", "bob")}
-    srv = start_server(trained.folder, state, root / "server.log")
+    srv = start_server(trained.folder, state, root / "server.log", signing_key=signing_key)
     srv.tokens = tokens
     try:
         yield srv

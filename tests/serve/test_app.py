@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import privml.he as he
-from privml.errors import CryptoError, InsecureOptionWarning, UsageError
+from privml.errors import CryptoError, InsecureOptionWarning, SignatureError, UsageError
 from privml.he import formats
 from privml.he.ckks import CKKSProfile, _digest, ckks_keygen, encrypt_vectors
 from privml.serve.app import create_app
@@ -26,7 +26,7 @@ from privml.serve.client import PredictionClient
 from privml.serve.model import ServedModel
 from privml.serve.settings import Limits, ServeSettings
 from privml.serve.tokens import TokenStore
-from tests.serve.conftest import PASSPHRASE, Trained
+from tests.serve.conftest import PASSPHRASE, Trained, trusting
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -36,8 +36,9 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(trained: Trained) -> ServedModel:
-    return ServedModel.load(trained.folder)
+def served(trained: Trained, signing_key: Path) -> ServedModel:
+    with trusting(signing_key):
+        return ServedModel.load(trained.folder)
 
 
 @pytest.fixture(scope="module")
@@ -486,6 +487,14 @@ def test_settings_are_validated(served: ServedModel, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="'model'"):
         base.with_(model_dir=tmp_path / "nope").validate()
     assert ServeSettings.from_json(base.to_json()) == base
+    # an unsigned or altered model is never served (privml.artifacts.load_model checks)
+    import shutil
+
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(served.folder, unsigned, ignore=shutil.ignore_patterns("serve-state"))
+    (unsigned / "model.sig").unlink()
+    with pytest.raises(SignatureError, match="unsigned"):
+        create_app(base.with_(model_dir=unsigned))
     with pytest.raises(CryptoError):
         from privml.serve.app import check_can_evaluate
 

@@ -15,13 +15,14 @@ import privml.he as he
 from privml.errors import CryptoError, InsecureOptionWarning, UsageError
 from privml.serve.client import KeyRing, PredictionClient, default_keys_dir
 from privml.serve.model import ServedModel
-from tests.serve.conftest import PASSPHRASE, Trained
+from tests.serve.conftest import PASSPHRASE, Trained, trusting
 
 
 @pytest.fixture(scope="module")
-def reqs(trained: Trained) -> dict:
-    return ServedModel.load(trained.folder, schemes=("ckks",)).evaluators[
-        "ckks"].requirements.to_dict()
+def reqs(trained: Trained, signing_key: Path) -> dict:
+    with trusting(signing_key):
+        served = ServedModel.load(trained.folder, schemes=("ckks",))
+    return served.evaluators["ckks"].requirements.to_dict()
 
 
 def test_keys_are_created_once_private_and_reused(tmp_path: Path, reqs: dict) -> None:

@@ -16,10 +16,11 @@ from tests.serve.conftest import PASSPHRASE, Server, Trained, start_server
 from tests.serve.test_e2e import Recorder
 
 pytestmark = pytest.mark.slow
+WORKERS = "2"
 
 
 def test_tls_workers_and_restart_keep_serving_registered_clients(
-    server: Server, trained: Trained, keys_dir: Path, tmp_path: Path
+    server: Server, trained: Trained, keys_dir: Path, tmp_path: Path, signing_key: Path
 ) -> None:
     token = server.tokens["alice"]
     with PredictionClient(server.url, token=token, keys_dir=keys_dir,
@@ -30,7 +31,7 @@ def test_tls_workers_and_restart_keep_serving_registered_clients(
     tls = start_server(
         trained.folder, server.state_dir, tmp_path / "tls.log",
         "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-        "--workers", "2", verify=str(certs.ca_cert), scheme="https",
+        "--workers", WORKERS, signing_key=signing_key, verify=str(certs.ca_cert), scheme="https",
     )
     try:
         rec = Recorder()

@@ -10,6 +10,7 @@ on its outputs (docs/threat-model.md).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ def model_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _signature_info(folder: Path) -> dict[str, Any] | None:
+    """Who signed the model (already verified by load_model), for the metadata."""
+    try:
+        doc = json.loads((folder / "model.sig").read_text())
+        return {"algorithm": str(doc["algorithm"]), "key_id": str(doc["key_id"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def supported_schemes(spec: ModelSpec) -> tuple[str, ...]:
     """Schemes that can evaluate ``spec``: CKKS always (if at all), Paillier for linear models."""
     return ("ckks", "paillier") if spec.kind == "logistic" else ("ckks",)
@@ -55,6 +65,7 @@ class ServedModel:
     meta: dict[str, Any]
     hash: str
     evaluators: dict[str, Evaluator]
+    signature: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, folder: str | Path, *, schemes: tuple[str, ...] | None = None) -> ServedModel:
@@ -69,6 +80,8 @@ class ServedModel:
                 or an MLP whose activation is not a polynomial).
         """
         folder = Path(folder)
+        # load_model checks the weights' hash and the Ed25519 signature (model.sig) against the
+        # trusted keys ($PRIVML_TRUSTED_KEYS, else the deployment key): SignatureError otherwise
         model, spec, encoder, task, meta = load_model(folder)
         possible = supported_schemes(spec)
         wanted = tuple(schemes) if schemes is not None else possible
@@ -95,6 +108,7 @@ class ServedModel:
             meta=meta,
             hash=model_hash(folder),
             evaluators=evaluators,
+            signature=_signature_info(folder),
         )
 
     def public_info(self) -> dict[str, Any]:
@@ -109,6 +123,7 @@ class ServedModel:
                 "privml_version": self.meta.get("privml_version"),
                 "architecture": self.spec.to_dict(),
                 "task": self.task.to_dict(),
+                "signature": self.signature,
             },
             "encoding": self.encoder.to_dict(),
             "schemes": {
