@@ -12,7 +12,7 @@ expected batch 125 (sampling rate about 1/2), lr 2.0, 30 epochs. Attacks: online
 target models). The bound: threshold chosen on
 half the trials, Clopper-Pearson 95% on the other half (privml.security.attacks.membership).
 
-    .venv/bin/python benchmarks/bench_security_membership.py [--pool 500] [--models 24]
+    .venv/bin/python benchmarks/bench_security_membership.py [--pool 300] [--models 24]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def row(res) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pool", type=int, default=500)
+    ap.add_argument("--pool", type=int, default=300)
     ap.add_argument("--models", type=int, default=24)
     ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--dp-batch", type=int, default=125)

@@ -443,7 +443,11 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
     k = s.inversion_records
     batches = [(site.X_train[:k], site.y_train[:k]) for site in ctx.fed.sites if site.n_train]
     arch, params0 = init_params(ctx.spec, ctx.config.training.seed)
-    z = float(ctx.config.privacy.noise_multiplier or s.inversion_noise_multiplier)
+    # the run's own DP-SGD noise when it has one, else [audit] inversion_noise_multiplier
+    # (sample-level DP only: with client-level DP the server adds the noise itself, after it
+    # has seen the update, so it protects nothing against this server)
+    own = ctx.privacy.get("noise_multiplier") if ctx.privacy.get("mode") == "sample" else None
+    z = float(own or s.inversion_noise_multiplier)
     views = ["site", "dp"] + (["secure_aggregation"] if len(batches) > 1 else [])
     pool, _ = ctx.fed.pooled_train()
     res = gradient_inversion(
