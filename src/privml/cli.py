@@ -176,6 +176,8 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
             f"privacy: {priv['mode']}-level DP, epsilon {_f(priv.get('epsilon'))}, "
             f"delta {priv.get('delta')}"
         )
+    if res.get("audit", {}).get("summary"):  # issue 8: measured leakage beside epsilon
+        out.print(f"audit: {res['audit']['summary']}", highlight=False)
     for section, key in (("encrypted_inference", "agreement"), ("audit", None)):
         if section in res and key:
             out.print(f"{section.replace('_', ' ')}: {key} {_f(res[section].get(key))}")

@@ -196,6 +196,15 @@ def run(
     if config.inference.encrypted:
         stage(f"encrypted inference check ({config.inference.scheme})")
         results["encrypted_inference"] = encrypted_inference(config, result, fed, private)
+    if config.audit.enabled:
+        # Issue 8: measured leakage (membership inference) beside the accountant's epsilon;
+        # raises PrivacyAuditError (exit 5) before anything is written if it contradicts it.
+        from privml.security.audit import quick_audit
+
+        stage("quick audit: membership inference")
+        results["audit"] = quick_audit(
+            result.model, result.params, fed, privacy=results["privacy"], seed=config.training.seed
+        )
     results["timing"] = {"total_seconds": time.perf_counter() - t0}
     if write or resume is not None:
         assert final_dir is not None
