@@ -48,13 +48,13 @@ DELTA = 1e-5
 DEMO: dict[str, Any] = {
     "data": {"dataset": "breast_cancer", "n_sites": 3, "partition": "hospitals"},
     "model": {"kind": "logistic"},
-    "training": {"rounds": 5, "local_epochs": 2, "batch_size": 64, "lr": 2.0, "seed": 0},
-    "privacy": {"mode": "sample", "epsilon": 1.0, "max_grad_norm": 1.0},
+    "training": {"rounds": 10, "local_epochs": 1, "batch_size": 128, "lr": 8.0, "seed": 0},
+    "privacy": {"mode": "sample", "epsilon": 1.0, "max_grad_norm": 0.5},
 }
 DIGITS: dict[str, Any] = {
     "data": {"dataset": "digits", "n_sites": 1, "partition": "iid"},
     "model": {"kind": "logistic", "features": "hog", "image_shape": [8, 8]},
-    "training": {"rounds": 20, "local_epochs": 1, "batch_size": 256, "lr": 4.0, "seed": 0},
+    "training": {"rounds": 40, "local_epochs": 1, "batch_size": 512, "lr": 4.0, "seed": 0},
     "privacy": {"mode": "sample", "epsilon": 1.0, "max_grad_norm": 0.5},
 }
 CLIENT: dict[str, Any] = {
@@ -64,11 +64,11 @@ CLIENT: dict[str, Any] = {
         "rounds": 30,
         "local_epochs": 1,
         "batch_size": 16,
-        "lr": 1.0,
+        "lr": 2.0,
         "seed": 0,
         "clients_per_round": 100,
     },
-    "privacy": {"mode": "client", "epsilon": 2.0, "clip": 0.5},
+    "privacy": {"mode": "client", "epsilon": 2.0, "clip": 1.0},
 }
 
 
@@ -124,44 +124,69 @@ def evaluate_on(
     return accs
 
 
-def tune(
-    name: str, raw: dict[str, Any], grid: dict[str, list[Any]], ledger_dir: Path, seeds: list[int]
-) -> dict[str, Any]:
-    """Grid search on the validation split; returns the best raw config."""
+def _candidates(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
+    return [dict(zip(keys, v, strict=True)) for v in itertools.product(*(grid[k] for k in keys))]
+
+
+def tune(
+    name: str,
+    raw: dict[str, Any],
+    candidates: list[dict[str, Any]],
+    ledger_dir: Path,
+    seeds: list[int],
+) -> dict[str, Any]:
+    """Search on the validation split; returns the best raw config (mean over seeds)."""
     results = []
-    for values in itertools.product(*(grid[k] for k in keys)):
+    for cand in candidates:
         sections: dict[str, dict[str, Any]] = {}
-        for k, v in zip(keys, values, strict=True):
+        for k, v in cand.items():
             sec, field = k.split(".")
             sections.setdefault(sec, {})[field] = v
-        cand = merge(raw, **sections)
-        accs = evaluate_on(cand, ledger_dir, validation=True, seeds=seeds)
-        results.append((statistics.mean(accs), dict(zip(keys, values, strict=True)), cand))
-        print(f"  {name} {results[-1][1]} validation {results[-1][0]:.4f}", flush=True)
+        full = merge(raw, **sections)
+        accs = evaluate_on(full, ledger_dir, validation=True, seeds=seeds)
+        results.append((statistics.mean(accs), cand, full))
+        print(f"  {name} {cand} validation {results[-1][0]:.4f}", flush=True)
     results.sort(key=lambda r: -r[0])
     best = results[0]
     print(f"{name}: best {best[1]} validation accuracy {best[0]:.4f}", flush=True)
     return best[2]
 
 
-GRIDS: dict[str, dict[str, list[Any]]] = {
-    "demo": {
-        "training.rounds": [3, 5, 10],
-        "training.batch_size": [32, 64],
-        "training.lr": [1.0, 2.0, 4.0],
-        "privacy.max_grad_norm": [0.5, 1.0],
-    },
-    "digits": {
-        "training.rounds": [20, 40],
-        "training.batch_size": [256],
-        "training.lr": [4.0, 8.0],
-        "privacy.max_grad_norm": [0.5],
-    },
-    "client": {
-        "training.lr": [0.5, 1.0, 2.0],
-        "privacy.clip": [0.25, 0.5, 1.0],
-    },
+#: The searches behind the chosen settings above (validation accuracy, mean of seeds 0-2).
+SEARCH: dict[str, list[dict[str, Any]]] = {
+    # demo (epsilon 1), inputs centred privately: rounds 10, batch 128, lr 8, C 0.5 (0.953).
+    # Also tried (validation 0.924-0.956): batch 256 with lr 8/16, 20 rounds, C 0.25 with
+    # lr 16, server momentum.
+    "demo": _candidates(
+        {
+            "training.rounds": [5, 10, 20],
+            "training.batch_size": [32, 64, 128],
+            "training.lr": [2.0, 4.0, 8.0],
+            "privacy.max_grad_norm": [0.5, 1.0],
+        }
+    ),
+    # digits, HOG features (norm 4), one setting for epsilon 1 and 3 (validation
+    # 0.943 / 0.978): rounds 40, batch 512, lr 4, C 0.5
+    "digits": [
+        {
+            "training.rounds": r,
+            "training.batch_size": b,
+            "training.lr": lr,
+            "privacy.max_grad_norm": c,
+        }
+        for r, b, lr, c in [
+            (40, 512, 4.0, 0.5),
+            (40, 512, 2.0, 0.5),
+            (40, 512, 8.0, 0.5),
+            (40, 512, 2.0, 1.0),
+            (40, 512, 4.0, 1.0),
+            (20, 512, 4.0, 0.5),
+            (40, 256, 4.0, 0.5),
+        ]
+    ],
+    # client level (epsilon 2): lr 2, clip 1 (0.735 vs 0.737 non-private, seed 0-1)
+    "client": _candidates({"training.lr": [1.0, 2.0], "privacy.clip": [0.25, 0.5, 1.0]}),
 }
 
 
@@ -190,7 +215,7 @@ def main() -> None:
             if args.only and name != args.only:
                 continue
             if args.tune:
-                raw = tune(name, raw, GRIDS[name], ledger_dir, seeds=[0, 1])
+                raw = tune(name, raw, SEARCH[name], ledger_dir, seeds=[0, 1, 2])
             if name == "demo":
                 report("demo eps=1", raw, ledger_dir, ">= 0.95")
             elif name == "digits":

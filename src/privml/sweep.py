@@ -69,10 +69,11 @@ def parse_epsilons(text: str | Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One private run of the sweep."""
+    """One private run of the sweep (``epsilon``: the largest over the sites)."""
 
     epsilon_target: float
     epsilon: float
+    epsilon_per_site: dict[str, float]
     accuracy: float | None
     auc: float | None
     noise_multiplier: float
@@ -222,6 +223,7 @@ def run_sweep(
         point = SweepPoint(
             epsilon_target=eps,
             epsilon=float(run.privacy["epsilon"]),
+            epsilon_per_site=dict(run.privacy["epsilon_per_site"]),
             accuracy=m["accuracy"],
             auc=m["auc"],
             noise_multiplier=float(run.privacy["noise_multiplier"]),

@@ -82,6 +82,7 @@ def test_calibrated_run_ends_within_one_percent_below_target_and_is_booked(
     assert out.result.metrics["accuracy"] > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_epsilon_equals_dp_accounting_for_the_booked_events(
     tmp_path: Path, accountant: str
@@ -244,6 +245,7 @@ def test_derived_bounds_opt_in_warns(tmp_path: Path) -> None:
         check_dp_schema(strict, fed)
 
 
+@pytest.mark.slow
 def test_pipeline_results_json_privacy_section(tmp_path: Path) -> None:
     cfg = _config(tmp_path, privacy={"accountant": "rdp"})
     res = run(cfg, write=False).results["privacy"]
@@ -323,6 +325,7 @@ def test_dp_fedavg_aggregate_bounds_each_client_and_adds_calibrated_noise() -> N
     assert frac == pytest.approx(0.3, abs=1e-6)  # norms 0.14, 0.28, 0.42 <= 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_client_level_dp_fedavg(tmp_path: Path, adaptive: bool) -> None:
     cfg = parse_config(
@@ -368,16 +371,19 @@ def test_client_level_refuses_robust_aggregators(tmp_path: Path) -> None:
 
 
 def test_hog_features_are_fixed_unit_norm_and_centrable() -> None:
-    fmap = HogFeatures((8, 8))
+    fmap = HogFeatures((8, 8), scale=3.0)
     assert list(fmap.parameters()) == []
     X = torch.rand(5, 64)
     F = fmap(X)
     assert F.shape == (5, fmap.n_features) == (5, 8 * 16)
-    torch.testing.assert_close(F.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(F.norm(dim=1), torch.full((5,), 3.0))
     torch.testing.assert_close(fmap(X[:2]), F[:2])  # per-record: no batch statistics
-    fmap.set_center(F.mean(0).numpy())
+    H = fmap.histograms(X)
+    torch.testing.assert_close(H.norm(dim=1), torch.ones(5))  # what the private mean sums
+    fmap.set_center(H.mean(0).numpy())
     G = fmap(X)
-    torch.testing.assert_close(G.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(G.norm(dim=1), torch.full((5,), 3.0))
+    torch.testing.assert_close(G / 3.0, (H - H.mean(0)) / (H - H.mean(0)).norm(dim=1, keepdim=True))
     # Rotating an image by 180 degrees turns every gradient around: the bins shift by half.
     img = torch.zeros(1, 8, 8)
     img[0, 2:6, 3] = 1.0
@@ -386,6 +392,7 @@ def test_hog_features_are_fixed_unit_norm_and_centrable() -> None:
     torch.testing.assert_close(h_rot, h.flip(0, 1).roll(4, dims=2), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_digits_with_hog_features_trains_a_linear_head(tmp_path: Path) -> None:
     cfg = parse_config(
         {

@@ -19,7 +19,13 @@ declared bounds):
 
 All of that is a per-record function with no learned or data-derived value. Step 6 is the
 only one that involves data: the features are *centred* by a ``center`` vector (their mean)
-and scaled back to unit norm. Centring matters a great deal for DP-SGD on a linear model
+and scaled to L2 norm ``scale``.
+
+Why ``scale`` (default 4): a linear model's per-sample gradient is ``[(p - y) x, (p - y)]``,
+so with unit-norm ``x`` the bias takes half of the clipping budget ``C`` although it carries
+little information; with ``||x|| = 4`` the weights get 16/17 of it, and the same noise buys
+more signal (measured on digits, validation accuracy at epsilon 1: 0.910 -> 0.932, at
+epsilon 3: 0.955 -> 0.969). Centring matters a great deal for DP-SGD on a linear model
 (measured on digits at epsilon = 1: 0.88 -> 0.93 validation accuracy), and Tramer & Boneh
 likewise normalise with differentially private statistics. With DP on, the mean is estimated
 privately by :func:`privml.dp.training` (Poisson-sampled noisy sums accounted exactly like
@@ -63,7 +69,7 @@ def _shape(image_shape: object) -> tuple[int, int]:
 
 
 class HogFeatures(nn.Module):
-    """Unit-norm, optionally centred histograms of oriented gradients of flat images.
+    """Fixed-norm, optionally centred histograms of oriented gradients of flat images.
 
     Args:
         image_shape: ``(height, width)``; inputs are ``[N, height * width]``, pixels in [0, 1].
@@ -73,6 +79,7 @@ class HogFeatures(nn.Module):
         cell_eps: floor added to each cell's squared norm before normalising it (> 0).
         center: the vector subtracted before the final normalisation (``[n_features]``), or
             None for no centring. Set it later with :meth:`set_center`.
+        scale: L2 norm of the output vectors (> 0).
     """
 
     center: torch.Tensor
@@ -88,6 +95,7 @@ class HogFeatures(nn.Module):
         stride: int = 2,
         cell_eps: float = 0.01,
         center: torch.Tensor | np.ndarray | None = None,
+        scale: float = 4.0,
     ) -> None:
         super().__init__()
         self.image_shape = _shape(image_shape)
@@ -101,6 +109,11 @@ class HogFeatures(nn.Module):
             raise UsageError(
                 f"The 'cell_eps' parameter of HogFeatures must be > 0. Got {cell_eps!r} instead."
             )
+        if not (isinstance(scale, int | float) and scale > 0 and math.isfinite(scale)):
+            raise UsageError(
+                f"The 'scale' parameter of HogFeatures must be > 0. Got {scale!r} instead."
+            )
+        self.scale = float(scale)
         H, W = self.image_shape
         if cell > min(H, W):
             raise UsageError(
@@ -163,7 +176,7 @@ class HogFeatures(nn.Module):
         if self.centered:
             f = f - self.center
             f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-6)
-        return f
+        return f * self.scale
 
     def transform(self, X: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
         """Applies the map to a numpy array ``[N, H * W]``; returns float32 ``[N, n_features]``."""
@@ -190,6 +203,7 @@ class HogFeatures(nn.Module):
             "cell": self.cell,
             "stride": self.stride,
             "cell_eps": self.cell_eps,
+            "scale": self.scale,
             "center": self.center.tolist() if self.centered else None,
         }
 
@@ -197,7 +211,8 @@ class HogFeatures(nn.Module):
         H, W = self.image_shape
         return (
             f"image_shape=({H}, {W}), bins={self.bins}, cell={self.cell}, "
-            f"stride={self.stride}, n_features={self.n_features}, centered={self.centered}"
+            f"stride={self.stride}, scale={self.scale}, n_features={self.n_features}, "
+            f"centered={self.centered}"
         )
 
 
