@@ -103,6 +103,13 @@ def run(
     """
     stage = on_stage or (lambda _s: None)
     t0 = time.perf_counter()
+    if config.attack is not None and config.attack.kind == "backdoor":
+        # Issue 8: the backdoor is simulated by `privml audit` (with and without defences);
+        # the simulation engine does not apply it yet.
+        raise UsageError(
+            '[attack] kind = "backdoor" is simulated by `privml audit --attacks backdoor`; '
+            "`privml run` does not run it yet. Use privml audit, or remove [attack]."
+        )
     final_dir: Path | None = None
     partial: Path | None = None
     if resume is not None:

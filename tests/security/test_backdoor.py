@@ -133,7 +133,11 @@ def test_defend_pipeline() -> None:
 def test_trigger_from_config_defaults() -> None:
     cfg, fed, spec = _fed(rounds=1)
     trig, target, fraction, boost = trigger_from_config(cfg, fed, spec)
-    assert trig.kind == "feature" and trig.features == (0, 1, 2)  # no image_shape declared
+    assert trig.kind == "pixel" and trig.features == (54, 55, 62, 63)  # digits are 8x8
+    bc = parse_config({"data": {"dataset": "breast_cancer"}})
+    fed_bc = load_federation(bc)
+    trig_bc = trigger_from_config(bc, fed_bc, model_spec(bc, fed_bc))[0]
+    assert trig_bc.kind == "feature" and trig_bc.features == (0, 1, 2)
     assert (target, fraction, boost) == (0, 0.5, "replace")
     cfg2 = parse_config({"data": {"dataset": "digits"}, "model": {"kind": "cnn",
                          "image_shape": [8, 8]}})  # fmt: skip

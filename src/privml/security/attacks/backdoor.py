@@ -278,7 +278,8 @@ def trigger_from_config(
     """The backdoor of ``[attack]`` (kind ``"backdoor"``), or privml's default one.
 
     Returns ``(trigger, target index, poison fraction, boost)``. Defaults: a 2x2 pixel patch
-    in the bottom-right corner for image models (``image_shape`` set), else the first three
+    in the bottom-right corner for images (``[model] image_shape`` set, or the built-in
+    ``digits``), else the first three
     encoded features set to 1.0 (the top of their declared range); target class index 0;
     half of the malicious site's records poisoned; model replacement.
     """
@@ -292,6 +293,8 @@ def trigger_from_config(
     image_shape = spec.image_shape or (
         tuple(config.model.image_shape) if config.model.image_shape else None
     )
+    if image_shape is None and getattr(config.data, "dataset", None) == "digits":
+        image_shape = (8, 8)  # the built-in digits are 8x8 images whatever the model
     kind = get("trigger", "pixel" if image_shape else "feature")
     if kind == "pixel":
         if image_shape is None:
