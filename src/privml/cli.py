@@ -1,7 +1,8 @@
 """The ``privml`` command line.
 
 Exit codes: 0 success; 2 usage, configuration or data error; 3 privacy budget refused;
-4 signature verification failed; 1 any other failure. Errors are one clear message on stderr,
+4 signature verification failed; 5 a privacy audit measured more leakage than the
+accountant allows; 1 any other failure. Errors are one clear message on stderr,
 never a traceback (set PRIVML_DEBUG=1 to see one).
 """
 
