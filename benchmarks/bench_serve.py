@@ -1,7 +1,7 @@
 """The encrypted prediction service under load, against TenSEAL used directly (no HTTP).
 
     .venv/bin/python benchmarks/bench_serve.py [--model RUN_DIR] [--single-reps 300]
-        [--clients 16] [--client-procs 4] [--seconds 30] [--batch-clients 4]
+        [--clients 16] [--client-procs 16] [--seconds 30] [--paced-rps R] [--batch-clients 4]
         [--batch-seconds 20] [--json out.json]
 
 What runs (one server process: ``python -m privml.serve`` on 127.0.0.1, 1 uvicorn worker, auth
@@ -13,9 +13,13 @@ on, one token per client, rate limits raised so they do not throttle the measure
    TenSEAL's ``ckks_vector(x).dot(w).add(b).decrypt()`` in this process (the anchor of the HE
    issue: N=8192 [60, 40, 40, 60], scale 2**40, all Galois keys), and with privml.he in process
    (the same HE work without HTTP) to show what the service layer costs.
-2. **Load test**: ``--clients`` concurrent clients (threads spread over ``--client-procs``
-   processes) each looping single-patient round trips for ``--seconds``: throughput, p50, p99,
-   errors, and the server process's CPU time per request.
+2. **Load tests**, ``--clients`` concurrent clients (threads spread over ``--client-procs``
+   processes), single-patient round trips for ``--seconds``: closed loop (each client sends its
+   next request as soon as the last one returns: the saturation throughput; by Little's law
+   its latency is clients / throughput) and open loop (``--paced-rps`` requests per second
+   offered in all, by default half the closed-loop throughput, at fixed times; latency counted
+   from the scheduled send time, so a server that falls behind is charged for it). Throughput,
+   p50, p99, errors, and the server process's CPU time per request.
 3. **Batched**: ``--batch-clients`` concurrent clients sending 1,000-patient requests for
    ``--batch-seconds``, end to end (client encryption and decryption included): patients/s
    through the one server process; and the server alone (the same 1,000-patient requests,
@@ -97,7 +101,7 @@ def start_server(model: Path, state: Path, log: Path) -> tuple[subprocess.Popen[
 
 def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mode: str,
                  bodies: list[bytes] | None, ready: Any, go: Any, window: Any,
-                 results: Any) -> None:
+                 results: Any, interval: float) -> None:
     """One process running ``len(tokens)`` client threads within the parent's time window."""
     from privml.serve.client import PredictionClient
 
@@ -116,14 +120,25 @@ def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mod
     t_start, t_end = window[0], window[1]
 
     def loop(i: int, c: Any) -> None:
-        rng = np.random.default_rng(i)
+        rng = np.random.default_rng(int.from_bytes(tokens[i].encode()[-8:], "big"))
+        phase = float(rng.random())  # spreads the clients' send times over the interval
         http = httpx.Client(timeout=120)
+        k = 0
         while time.time() < t_start:
             time.sleep(0.0005)
         while time.time() < t_end:
             t0 = time.perf_counter()
+            if mode == "paced":  # open loop: send at fixed times, latency from the schedule
+                due = t_start + (k + phase) * interval
+                k += 1
+                wait = due - time.time()
+                if wait > 0:
+                    time.sleep(wait)
+                if due >= t_end:
+                    break
+                t0 = time.perf_counter() - max(0.0, time.time() - due)
             try:
-                if mode == "single":
+                if mode in ("single", "paced"):
                     c.predict_logits(X[int(rng.integers(len(X)))])
                 elif mode == "batch":
                     start = int(rng.integers(len(X) - BATCH))
@@ -153,7 +168,7 @@ def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mod
 
 def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, procs: int,
              seconds: float, mode: str, server_pid: int,
-             bodies: list[bytes] | None = None) -> dict[str, Any]:
+             bodies: list[bytes] | None = None, rps: float = 0.0) -> dict[str, Any]:
     """Start the client processes, wait until all are warmed up, then run them together for
     ``seconds`` and collect every request's latency (the window is measured by the parent)."""
     groups = [g for g in (tokens[i::procs] for i in range(procs)) if g]
@@ -163,7 +178,8 @@ def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, proc
     results = ctx.Queue()
     children = [
         ctx.Process(target=_client_proc,
-                    args=(url, g, keys_dir, X, mode, bodies, ready, go, window, results))
+                    args=(url, g, keys_dir, X, mode, bodies, ready, go, window, results,
+                          len(tokens) / rps if rps else 0.0))
         for g in groups
     ]
     for c in children:
@@ -184,8 +200,10 @@ def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, proc
     lat = [v for r in parts for v in r["lat"]]
     errors = [e for r in parts for e in r["errors"]]
     n = len(lat)
-    per_req = BATCH if mode != "single" else 1
+    per_req = BATCH if mode in ("batch", "replay") else 1
     return {
+        "mode": mode,
+        "offered_rps": rps or None,
         "clients": len(tokens),
         "client_processes": len(groups),
         "seconds": seconds,
@@ -212,8 +230,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="run folder (default: train demo)")
     ap.add_argument("--single-reps", type=int, default=300)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument("--client-procs", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--paced-rps", type=float, default=0.0,
+                    help="offered load of the open-loop test, requests/s over all clients "
+                    "(default: half the closed-loop throughput just measured)")
     ap.add_argument("--batch-clients", type=int, default=4)
     ap.add_argument("--batch-seconds", type=float, default=20.0)
     ap.add_argument("--json", type=Path, default=None)
@@ -338,6 +359,11 @@ def main() -> None:
             url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
             seconds=args.seconds, mode="single", server_pid=proc.pid,
         )
+        out["load_paced"] = run_load(
+            url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
+            seconds=args.seconds, mode="paced", server_pid=proc.pid,
+            rps=args.paced_rps or 0.5 * out["load_single"]["throughput_rps"],
+        )
         # ------------------------------------------------------------ batched
         out["load_batch"] = run_load(
             url, tokens[: args.batch_clients], keys_dir, Xbig, procs=args.batch_clients,
@@ -378,12 +404,19 @@ def report(out: dict[str, Any]) -> None:
               f"{s[name]['max_abs_error']:11.1e}")
     print(f"ratio anchor / served (p50): {s['ratio_anchor_over_served_p50']:.2f}x")
     ls = out["load_single"]
-    print(f"\nload test: {ls['clients']} concurrent clients, {ls['seconds']:.0f} s, one server "
-          "process")
+    print(f"\nclosed-loop load: {ls['clients']} concurrent clients, each sending its next request "
+          f"when the last one returns, {ls['seconds']:.0f} s, one server process")
     print(f"  {ls['requests']} requests, {ls['throughput_rps']:.0f}/s, p50 {ls['p50_ms']:.1f} ms,"
           f" p99 {ls['p99_ms']:.1f} ms, errors {ls['errors']}; server CPU "
           f"{ls['server_cpu_ms_per_request']:.2f} ms/request "
           f"({ls['server_cpu_share']:.0%} of a core)")
+    lp = out["load_paced"]
+    print(f"open-loop load: {lp['clients']} clients sending {lp['offered_rps']:.0f} requests/s "
+          f"in all, {lp['seconds']:.0f} s (latency from the scheduled send time)")
+    print(f"  {lp['requests']} requests, {lp['throughput_rps']:.0f}/s, p50 {lp['p50_ms']:.1f} ms,"
+          f" p99 {lp['p99_ms']:.1f} ms, errors {lp['errors']}; server CPU "
+          f"{lp['server_cpu_ms_per_request']:.2f} ms/request ({lp['server_cpu_share']:.0%} of a "
+          "core)")
     bi = out["batch_in_process"]
     print("\nbatched, 1,000-patient requests")
     print(f"  anchor (TenSEAL columns, in process): {bi['anchor']['patients_per_s']:,.0f}/s "

@@ -174,6 +174,8 @@ def test_malformed_prediction_requests_get_4xx_naming_the_field(
     error(r, 422, "key_id")
     r = api.post("/v1/predict", raw=b"", headers={"Content-Type": "text/plain"})
     assert 400 <= r.status_code < 500
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"key_id": "\xff\xfe", "ciphertexts": "A"}'):
+        error(api.post("/v1/predict", raw=raw), 400, "body")  # too deep; not UTF-8
     # a good request still works afterwards
     r = api.post("/v1/predict", {"key_id": kid, "ciphertexts": b64(good)})
     assert r.status_code == 200

@@ -36,9 +36,9 @@ def test_tls_workers_and_restart_keep_serving_registered_clients(
     try:
         rec = Recorder()
         ssl_ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
-        with PredictionClient(tls.url, token=token, keys_dir=keys_dir, passphrase=PASSPHRASE,
-                              verify=str(certs.ca_cert),
-                              http_client=rec.client(verify=ssl_ctx)) as c:
+        with rec.client(verify=ssl_ctx) as http, \
+                PredictionClient(tls.url, token=token, keys_dir=keys_dir, passphrase=PASSPHRASE,
+                                 verify=str(certs.ca_cert), http_client=http) as c:
             got = np.vstack([c.predict_logits(trained.X_test[:5]) for _ in range(4)])
         assert np.max(np.abs(got - np.tile(first, (4, 1)))) < 1e-4
         sent = [what for what, _ in rec.requests]

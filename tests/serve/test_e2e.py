@@ -173,7 +173,7 @@ def test_exchange_reveals_no_feature_no_secret_key_and_no_weight(
     rec = Recorder()
     csv = tmp_path / "patients.csv"
     raw = _raw_csv(trained, csv, 12)
-    with _client(server, keys_dir, http=rec.client(), batch_size=5) as c:
+    with rec.client() as http, _client(server, keys_dir, http=http, batch_size=5) as c:
         c.register(force=True)  # the context upload is part of what is checked
         c.predict_csv(csv, tmp_path / "scores.csv", progress=False)
         X_enc = c.encoder.transform(raw)

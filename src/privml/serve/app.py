@@ -583,6 +583,10 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not parse the body (depth, encoding, ...)
+            return ApiError(400, "invalid_json", "body",
+                            "the request body is not valid UTF-8 JSON within the parser's "
+                            "limits").response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, code, None, str(exc.detail),
                         headers=dict(exc.headers or {})).response()

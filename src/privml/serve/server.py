@@ -55,6 +55,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         "access_log": False,
         "server_header": False,
         "timeout_keep_alive": 15,
+        "timeout_graceful_shutdown": 10,  # then open connections are closed, not waited for
         "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
         "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
     }
