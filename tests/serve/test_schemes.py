@@ -73,6 +73,42 @@ def test_multiclass_probabilities_and_labels(tmp_path: Path) -> None:
     assert out["label"].tolist() == [str(k) for k in p.argmax(axis=1)]
 
 
+MLP = """
+name = "mlp"
+[data]
+dataset = "breast_cancer"
+n_sites = 2
+[model]
+kind = "mlp"
+hidden = [8]
+activation = "square"
+[training]
+rounds = 4
+local_epochs = 2
+batch_size = 32
+lr = 0.5
+seed = 0
+"""
+
+
+def test_square_activation_mlp(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "mlp.toml"
+    cfg_path.write_text(MLP)
+    res = run(load_config(cfg_path), out_dir=tmp_path / "run")
+    served = ServedModel.load(tmp_path / "run")
+    assert set(served.evaluators) == {"ckks"}  # Paillier cannot square
+    X = np.vstack([s.X_test for s in res.data.sites])[:20].astype(np.float64)
+    with _client(served, tmp_path, batch_size=16) as c:
+        z = c.predict_logits(X)  # 16 column-packed + 4
+        z1 = c.predict_logits(X[0])  # replicated: rotations with the MLP's Galois keys
+    import torch
+
+    with torch.no_grad():
+        ref = served.model.double()(torch.as_tensor(X, dtype=torch.float64)).numpy()
+    assert np.max(np.abs(z - ref)) < 1e-3 and np.max(np.abs(z1 - ref[:1])) < 1e-3
+    assert np.array_equal(z[:, 0] > 0, ref[:, 0] > 0)
+
+
 def test_paillier_keys_through_the_service(trained: Trained, tmp_path: Path) -> None:
     served = ServedModel.load(trained.folder)
     X = trained.X_test[:6].astype(np.float64)
