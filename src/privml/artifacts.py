@@ -62,9 +62,15 @@ def save_model(
     task: Task,
     *,
     config_hash: str,
+    feature_map: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model.pt`` (a state dict) and ``model.json`` (everything to rebuild and encode),
-    signed in ``model.sig`` (:mod:`privml.security.defenses.signing`)."""
+    signed in ``model.sig`` (:mod:`privml.security.defenses.signing`).
+
+    ``feature_map`` records a fixed feature map (e.g. HOG) the weights were trained on; such a
+    model is kept for the record but :func:`load_model` refuses it, since the loaders
+    (service, audit, verify) do not apply feature maps yet.
+    """
     model = build_model(spec)
     load_flat_params(model, params)
     torch.save(model.state_dict(), folder / "model.pt")
@@ -75,6 +81,8 @@ def save_model(
         config_hash=config_hash,
         weights_sha256=sha256_file(folder / "model.pt"),
     )
+    if feature_map is not None:
+        meta["feature_map"] = feature_map
     write_json(folder / "model.json", meta)
     # Issue 8: sign weights + metadata with the deployment's Ed25519 key (model.sig).
     from privml.security.defenses.signing import sign_model_dir
@@ -97,6 +105,12 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
         raise DataError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
     if meta.get("format") != MODEL_FORMAT:
         raise DataError(f"{str(meta_path)!r}: unknown model format {meta.get('format')!r}")
+    if meta.get("feature_map") is not None:
+        raise DataError(
+            f"{str(folder)!r} holds a model trained on the {meta['feature_map'].get('name', '?')!r}"
+            " feature map, which the model loaders do not apply yet; serve or audit a model "
+            'trained with [model] features = "none"'
+        )
     if sha256_file(weights) != meta.get("weights_sha256"):
         raise DataError(
             f"{str(weights)!r} does not match the weights_sha256 in model.json: the weights were "

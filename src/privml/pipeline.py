@@ -225,6 +225,7 @@ def run(
                 fed.encoder,
                 fed.task,
                 config_hash=results["config_hash"],
+                feature_map=results.get("features"),
             )
             write_json(tmp / "results.json", results)
             if config.output.html:
