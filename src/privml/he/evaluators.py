@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,7 +247,7 @@ def choose_galois_keys(
 # --------------------------------------------------------------------------------------------
 
 
-class _CKKSBase:
+class _CKKSBase(ABC):
     requirements: EvaluatorRequirements
     _cache: dict[Any, dict[str, Any]]
 
@@ -328,8 +329,9 @@ class _CKKSBase:
         feats = CKKSCiphertexts.from_bytes(data, public, role="features", max_bytes=max_bytes)
         return self.predict(feats).to_bytes()
 
-    def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
+        """Evaluate the model on encrypted features (each subclass's circuit)."""
 
 
 @dataclass
