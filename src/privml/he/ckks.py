@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -293,7 +292,7 @@ class CKKSPublicContext:
 
 
 @dataclass
-class CKKSSecretKey:
+class CKKSSecretKey(keystore.SealedSecretFile):
     """The secret half of a CKKS key set: one SEAL secret key per profile.
 
     It can encrypt (symmetric encryption: faster than public-key encryption and with less noise)
@@ -362,20 +361,6 @@ class CKKSSecretKey:
             scrypt_n=scrypt_n,
         )
 
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        passphrase: str,
-        overwrite: bool = False,
-        scrypt_n: int = keystore.DEFAULT_SCRYPT_N,
-    ) -> None:
-        """Write the secret key to ``path``, encrypted under ``passphrase``, file mode 0600."""
-        keystore.write_private_file(
-            path,
-            self.to_encrypted_bytes(passphrase=passphrase, scrypt_n=scrypt_n),
-            overwrite=overwrite,
-        )
 
     @classmethod
     def from_encrypted_bytes(cls, blob: bytes, *, passphrase: str) -> CKKSSecretKey:

@@ -151,3 +151,28 @@ def read_private_file(path: str | os.PathLike[str]) -> bytes:
             f"run `chmod 600 {p}` and rotate the key if others may have read it"
         )
     return p.read_bytes()
+
+
+class SealedSecretFile:
+    """Mixin for secret keys: ``save`` writes ``to_encrypted_bytes`` to a 0600 file.
+
+    The class provides ``to_encrypted_bytes(*, passphrase, scrypt_n) -> bytes``.
+    """
+
+    def to_encrypted_bytes(self, *, passphrase: str, scrypt_n: int = DEFAULT_SCRYPT_N) -> bytes:
+        raise TypeError(f"{type(self).__name__} does not define to_encrypted_bytes")
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        passphrase: str,
+        overwrite: bool = False,
+        scrypt_n: int = DEFAULT_SCRYPT_N,
+    ) -> None:
+        """Write the secret key to ``path``, encrypted under ``passphrase``, file mode 0600."""
+        write_private_file(
+            path,
+            self.to_encrypted_bytes(passphrase=passphrase, scrypt_n=scrypt_n),
+            overwrite=overwrite,
+        )

@@ -172,7 +172,7 @@ class PaillierPublicKey:
 
 
 @dataclass
-class PaillierSecretKey:
+class PaillierSecretKey(keystore.SealedSecretFile):
     """A Paillier private key (phe). Written only on request, encrypted under a passphrase."""
 
     key: phe.PaillierPrivateKey
@@ -218,20 +218,6 @@ class PaillierSecretKey:
             scrypt_n=scrypt_n,
         )
 
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        passphrase: str,
-        overwrite: bool = False,
-        scrypt_n: int = keystore.DEFAULT_SCRYPT_N,
-    ) -> None:
-        """Write the private key to ``path``, encrypted under ``passphrase``, file mode 0600."""
-        keystore.write_private_file(
-            path,
-            self.to_encrypted_bytes(passphrase=passphrase, scrypt_n=scrypt_n),
-            overwrite=overwrite,
-        )
 
     @classmethod
     def from_encrypted_bytes(cls, blob: bytes, *, passphrase: str) -> PaillierSecretKey:
