@@ -3,29 +3,46 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# pip shows its progress (what it downloads and installs); --no-compile leaves byte-compiling to
+# the first import, which compiles only the modules privml uses (faster install, smaller .venv).
+PIP_INSTALL := $(PIP) install --progress-bar on --no-compile -c constraints.txt
 
-.PHONY: run test install install-dev lint
+.PHONY: run test install install-dev lint browser
 
 $(PY):
+	@echo "== creating $(VENV)"
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
+# What the demo needs: the core plus the 'he' extra (the demo checks encrypted inference).
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e .
+	@echo "== installing privml (core + he) into $(VENV)"
+	$(PIP_INSTALL) -e '.[he]'
 	touch $@
 
 $(VENV)/.installed-dev: $(PY) pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@echo "== installing privml with its dev extras (all features, test and lint tools)"
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
+	@echo "== privml run (embedded demo)"
 	$(VENV)/bin/privml run
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
 
-test: install-dev lint
+# The report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "== installing chromium (report rendering test)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || { echo "chromium could not be installed (the report rendering test needs it)"; \
+	       [ -z "$$CI" ] || exit 1; }; }
+
+test: install-dev lint browser
 	$(VENV)/bin/python -m pytest -n 2 --timeout 600

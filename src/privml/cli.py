@@ -191,6 +191,23 @@ def _f(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="a run folder (holds results.json)", file_okay=False)
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="the HTML file (default RUN_DIR/report.html)"),
+    ] = None,
+) -> None:
+    """Rebuild RUN_DIR/report.html from RUN_DIR/results.json."""
+    from privml.report import write_report
+
+    path = write_report(run_dir, output)
+    out.print(f"report: {path}", soft_wrap=True, markup=False, highlight=False)
+
+
 @schema_app.command("infer")
 def schema_infer(
     files: Annotated[list[Path], typer.Argument(help="site files (CSV or Parquet)")],

@@ -80,6 +80,22 @@ def encrypted_inference(
         return {"scheme": inf.scheme, "skipped": str(exc)}
 
 
+def check_extras(config: Config) -> None:
+    """Refuses, before any data is read, a config whose features need a missing extra."""
+    from privml.extras import require
+
+    if config.inference.encrypted:
+        require(
+            "he", "[inference] encrypted = true",
+            alternative="turn the check off: --set inference.encrypted=false",
+        )
+    if config.training.secure_aggregation != "none":
+        require(
+            "he", f'[training] secure_aggregation = "{config.training.secure_aggregation}"',
+            alternative='set training.secure_aggregation = "none"',
+        )
+
+
 def default_out_dir(config: Config) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     return Path("runs") / f"{config.name}-{stamp}"
@@ -110,6 +126,7 @@ def run(
             '[attack] kind = "backdoor" is simulated by `privml audit --attacks backdoor`; '
             "`privml run` does not run it yet. Use privml audit, or remove [attack]."
         )
+    check_extras(config)
     final_dir: Path | None = None
     partial: Path | None = None
     if resume is not None:

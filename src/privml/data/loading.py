@@ -26,6 +26,10 @@ def read_site_file(path: Path, *, site: str) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
+            from privml.extras import require
+
+            require("parquet", f"site {site!r}: reading Parquet ({path.name})",
+                    alternative="convert the file to CSV")
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".txt", ".gz"):
             df = pd.read_csv(path, na_values=NA_VALUES, keep_default_na=False, dtype=object)

@@ -229,6 +229,10 @@ def run_query(
     from privml.dp.queries import answer_query, parse_query
 
     spec = parse_query(query)  # fail on a bad query before reading any data
+    if rng is None:
+        from privml.extras import require
+
+        require("queries", "privml query (OpenDP's exact noise samplers)")
     ledger = ledger_from_config(config)
     data = _section(config, "data")
     schema = getattr(data, "schema", None)

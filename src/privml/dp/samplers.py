@@ -65,6 +65,9 @@ _INT_LIMIT = 2**62  # OpenDP i64 arithmetic plus headroom for the noise
 
 @lru_cache(maxsize=1)
 def _dp() -> Any:
+    from privml.extras import require
+
+    require("queries", "Exact DP noise (privml query, privml.dp.mechanisms)")
     import opendp.prelude as dp
 
     dp.enable_features("contrib")

@@ -11,33 +11,39 @@
 Security model and what each party learns: docs/threat-model.md.
 """
 
-from privml.he._seal import HE_STANDARD_128
-from privml.he.aggregation import SecureAggregator
-from privml.he.api import (
-    KeyPair,
-    decrypt_scores,
-    encrypt_features,
-    keygen,
-    load_features,
-    load_public,
-    load_scores,
-    load_secret,
-)
-from privml.he.check import run_encrypted_inference_check
-from privml.he.ckks import CKKSCiphertexts, CKKSProfile, CKKSPublicContext, CKKSSecretKey
-from privml.he.evaluators import (
-    CKKSLinearEvaluator,
-    CKKSMLPEvaluator,
-    PaillierLinearEvaluator,
-    compile_model,
-)
-from privml.he.paillier import (
-    PaillierCiphertexts,
-    PaillierPublicKey,
-    PaillierRandomnessPool,
-    PaillierSecretKey,
-)
-from privml.he.requirements import EvaluatorRequirements
+try:
+    from privml.he._seal import HE_STANDARD_128
+    from privml.he.aggregation import SecureAggregator
+    from privml.he.api import (
+        KeyPair,
+        decrypt_scores,
+        encrypt_features,
+        keygen,
+        load_features,
+        load_public,
+        load_scores,
+        load_secret,
+    )
+    from privml.he.check import run_encrypted_inference_check
+    from privml.he.ckks import CKKSCiphertexts, CKKSProfile, CKKSPublicContext, CKKSSecretKey
+    from privml.he.evaluators import (
+        CKKSLinearEvaluator,
+        CKKSMLPEvaluator,
+        PaillierLinearEvaluator,
+        compile_model,
+    )
+    from privml.he.paillier import (
+        PaillierCiphertexts,
+        PaillierPublicKey,
+        PaillierRandomnessPool,
+        PaillierSecretKey,
+    )
+    from privml.he.requirements import EvaluatorRequirements
+except ImportError:  # the 'he' extra is missing: say so, and how to install it
+    from privml.extras import require
+
+    require("he", "Homomorphic encryption (privml.he)")
+    raise
 
 __all__ = [
     "HE_STANDARD_128",

@@ -38,12 +38,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Path, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+try:
+    from fastapi import FastAPI, Path, Request, Security
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from fastapi.security import HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:  # an optional extra is missing: say which, and how to install it
+    from privml.extras import require
+
+    require("serve", "The prediction service (privml serve)")
+    raise
 
 from privml.errors import CryptoError, InsecureOptionWarning, PrivmlError
 from privml.he import formats

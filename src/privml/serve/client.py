@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+try:
+    import httpx
+except ImportError:  # an optional extra is missing: say which, and how to install it
+    from privml.extras import require
+
+    require("serve", "The prediction client (privml predict)")
+    raise
 import numpy as np
 import pandas as pd
 

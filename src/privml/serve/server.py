@@ -42,6 +42,9 @@ def app_from_env() -> Any:
 def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
     """Serve until interrupted. The model is loaded and compiled before the port opens, so a
     bad model folder fails here with a clear error rather than in a worker."""
+    from privml.extras import require
+
+    require("serve", "The prediction service (privml serve)")
     import uvicorn
 
     from privml.serve.app import create_app

@@ -31,6 +31,7 @@ import typer
 from rich.console import Console
 
 from privml.errors import InsecureOptionWarning, UsageError
+from privml.extras import require
 
 __all__ = ["certs_command", "flower_app", "flower_run"]
 
@@ -79,6 +80,9 @@ def _warn_insecure(what: str) -> None:
 
 def _exec(cmd: list[str], home: Path | None, print_command: bool) -> None:
     from privml.fl.flower.env import flower_env
+
+    if not print_command:
+        require("flower", f"`{cmd[0]}`")
 
     env = flower_env(home, create=not print_command)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+
+try:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+except ImportError:  # an optional extra is missing: say which, and how to install it
+    from privml.extras import require
+
+    require("flower", "Running on Flower (privml flower, --engine flower)")
+    raise
 
 from privml.errors import UsageError
 from privml.fl.flower import protocol as P

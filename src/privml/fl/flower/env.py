@@ -71,4 +71,7 @@ def apply_flower_env(home: str | Path | None = None) -> None:
     ``flwr`` imported earlier keeps the telemetry setting it read then; privml's in-process code
     paths emit no telemetry events either way.
     """
+    from privml.extras import require
+
+    require("flower", "Running on Flower (privml flower, --engine flower)")
     os.environ.update(flower_env(home, base={}))

@@ -20,7 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+try:
+    import httpx
+except ImportError:  # an optional extra is missing: say which, and how to install it
+    from privml.extras import require
+
+    require("flower", "Running on Flower (privml flower, --engine flower)")
+    raise
 
 from privml import __version__
 from privml.config import Config

@@ -35,8 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
+
+try:
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+except ImportError:  # an optional extra is missing: say which, and how to install it
+    from privml.extras import require
+
+    require("flower", "Running on Flower (privml flower, --engine flower)")
+    raise
 
 from privml.config import Config
 from privml.data.encoding import Encoder, Task
