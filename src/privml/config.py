@@ -388,9 +388,11 @@ class InferenceConfig(_Strict):
     max_context_bytes: int = Field(default=10_000_000, gt=0)
 
 
-AuditAttack = Literal["membership", "lira", "evasion", "inversion", "backdoor", "poisoning"]
+AuditAttack = Literal[
+    "membership", "lira", "canary", "evasion", "inversion", "backdoor", "poisoning"
+]  # fmt: skip
 AUDIT_ATTACKS: tuple[AuditAttack, ...] = (
-    "membership", "lira", "evasion", "inversion", "backdoor", "poisoning"
+    "membership", "lira", "canary", "evasion", "inversion", "backdoor", "poisoning"
 )  # fmt: skip
 
 
@@ -415,8 +417,28 @@ class AuditConfig(_Strict):
     evasion_norm: Literal["inf", "2"] = "inf"
     evasion_budgets: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1)
     evasion_steps: int = Field(default=20, ge=1, le=1000)
-    adversarial_eps: float = Field(default=0.1, gt=0, description="PGD-AT training budget")
-    adversarial_method: Literal["pgd", "trades"] = "pgd"
+    evasion_category_changes: int = Field(
+        default=1, ge=0, le=1000,
+        description="categorical/binary columns an evasion may move to another valid value",
+    )  # fmt: skip
+    adversarial_eps: float = Field(default=0.1, gt=0, description="adversarial training budget")
+    adversarial_method: Literal["auto", "pgd", "trades"] = Field(
+        default="auto",
+        description="auto: TRADES with beta chosen on validation records (refused if every "
+        "candidate collapses); pgd: PGD-AT; trades: TRADES at beta 6",
+    )
+    adversarial_betas: list[float] = Field(
+        default_factory=lambda: [0.5, 2.0, 6.0], min_length=1,
+        description="TRADES trade-offs tried by adversarial_method = auto",
+    )  # fmt: skip
+    canaries: int = Field(
+        default=1000, ge=10, le=1_000_000,
+        description="random canaries of the one-run privacy audit (half in the training data)",
+    )  # fmt: skip
+    backdoor_non_iid_sites: int = Field(
+        default=4, ge=0, le=1000,
+        description="also measure the backdoor on this many Dirichlet(0.5) hospitals (0: no)",
+    )  # fmt: skip
     inversion_records: int = Field(default=1, ge=1, le=64, description="records per site batch")
     inversion_noise_multiplier: float = Field(default=1.0, gt=0)
     inversion_iterations: int = Field(default=300, ge=1, le=100_000)
@@ -431,6 +453,11 @@ class AuditConfig(_Strict):
         problems = [
             f"evasion_budgets must be > 0 (got {b})" for b in self.evasion_budgets if not b > 0
         ]
+        problems += [
+            f"adversarial_betas must be > 0 (got {b})" for b in self.adversarial_betas if not b > 0
+        ]
+        if self.backdoor_non_iid_sites == 1:
+            problems.append("backdoor_non_iid_sites must be 0 (off) or >= 2")
         problems += [
             f"poisoning_aggregators: unknown rule {a!r}; choose from {sorted(AGGREGATORS)}"
             for a in self.poisoning_aggregators

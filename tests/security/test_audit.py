@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from privml.cli import main
 from privml.config import parse_config
@@ -28,7 +29,8 @@ def _tiny(tmp_path: Path, **extra):  # type: ignore[no-untyped-def]
         "training": {"rounds": 10, "local_epochs": 3, "lr": 4.0},
         "output": {"dir": str(tmp_path / "run"), "html": False},
         "audit": {"shadow_models": 3, "evasion_budgets": [0.05], "evasion_steps": 5,
-                  "inversion_iterations": 60, "max_records": 200},
+                  "inversion_iterations": 60, "max_records": 200, "adversarial_betas": [0.5],
+                  "canaries": 200},
     }  # fmt: skip
     for k, v in extra.items():
         raw.setdefault(k, {}).update(v)
@@ -77,10 +79,21 @@ def test_run_audit_writes_rows_into_results(tmp_path: Path) -> None:
     rows = {(r["attack"], r["metric"]): r for r in audit["rows"]}
     inv = rows[("gradient inversion", "relative reconstruction error")]
     assert inv["without_defence"] < 0.1 < inv["with_defence"]  # one record, exact gradient
-    ev = rows[("evasion (PGD-5)", "robust accuracy, L-inf eps 0.05")]
+    ev = rows[("evasion (schema PGD-5)", "robust accuracy, eps 0.05")]
     assert ev["with_defence"] > ev["without_defence"]
-    assert rows[("membership (loss threshold)", "AUC")]["with_defence"] is None  # no DP here
+    assert ev["baseline_kind"] == "majority class" and 0.5 < ev["baseline"] < 0.75
+    assert ev["status"] == "ok" and "mean_radius +-" in ev["note"]  # budget in schema units
+    assert rows[("evasion", "clean AUC")]["with_defence"] >= 0.9
+    mia = rows[("membership (loss threshold)", "empirical epsilon (lower bound)")]
+    assert mia["with_defence"] is None and mia["baseline"] == 0.0  # no DP here
+    assert "cannot certify above" in mia["note"]
     assert ("poisoning (sign_flip)", "accuracy drop (fedavg)") in rows
+    # trimmed mean cannot run with 3 sites: shown as such, with the reason, and in findings
+    tm = [r for r in audit["rows"] if r["defence"] == "trimmed_mean"]
+    assert tm and tm[0]["status"] == "not run" and "needs 5 sites" in tm[0]["reason"]
+    assert any("trimmed_mean" in f and "NOT RUN" in f for f in audit["findings"])
+    text = (tmp_path / "run" / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
     # audit the saved, signed run again without retraining
     again = run_audit(cfg, attacks=["membership"], run_dir=tmp_path / "run")
     assert again.rows[0].without_defence == pytest.approx(rows[
@@ -110,3 +123,48 @@ def test_cli_audit_json(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["audit", "--config", str(cfg_path), "--attacks", "bogus"])
     assert exc.value.code == 2
+
+
+class _Constant(torch.nn.Module):
+    """A collapsed "robust" model: the same near-constant answer for every record."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), -0.3) + 1e-4 * x[:, :1]
+
+
+@pytest.mark.slow
+def test_collapsed_defence_is_marked_degenerate_not_robust(tmp_path: Path, monkeypatch) -> None:
+    import privml.security.experiments as ex
+
+    def collapsed(*a, **k):  # type: ignore[no-untyped-def]
+        return {"model": _Constant(), "method": "pgd", "beta": None, "candidates": [],
+                "refused": None, "label": "PGD adversarial training (eps 0.1)"}  # fmt: skip
+
+    monkeypatch.setattr(ex, "adversarial_defence", collapsed)
+    cfg = _tiny(tmp_path, audit={"adversarial_method": "pgd"})
+    rep = run_audit(cfg, attacks="evasion", write=False)
+    rows = {(r.attack, r.metric): r for r in rep.rows}
+    robust = rows[("evasion (schema PGD-5)", "robust accuracy, eps 0.05")]
+    # its "robust accuracy" is exactly the majority share -- and it says so
+    assert robust.with_defence == pytest.approx(robust.baseline)
+    assert robust.degenerate and "predicts" in (robust.reason or "")
+    assert any("DEGENERATE" in f for f in rep.findings())
+    assert rep.to_dict()["degenerate"] == ["PGD adversarial training (eps 0.1)"]
+
+
+@pytest.mark.slow
+def test_adversarial_training_that_collapses_on_validation_is_refused(tmp_path: Path) -> None:
+    # the demo at eps 0.1: TRADES with beta 6 predicts 'benign' for every validation record
+    cfg = parse_config({
+        "name": "demo-refusal",
+        "data": {"dataset": "breast_cancer", "n_sites": 3, "partition": "hospitals"},
+        "model": {"kind": "logistic"},
+        "training": {"rounds": 20, "local_epochs": 5, "batch_size": 32, "lr": 8.0},
+        "output": {"dir": str(tmp_path / "run"), "html": False},
+        "audit": {"evasion_budgets": [0.05], "evasion_steps": 5, "adversarial_betas": [6.0]},
+    })  # fmt: skip
+    rep = run_audit(cfg, attacks="evasion", write=False)
+    r = next(r for r in rep.rows if r.metric == "robust accuracy, eps 0.05")
+    assert r.status == "refused" and r.with_defence is None
+    assert "degenerate on validation" in (r.reason or "")
+    assert any("REFUSED" in f for f in rep.findings())

@@ -13,14 +13,24 @@ name            attack                                             defence measu
 ==============  =================================================  ==========================
 membership      loss threshold (Yeom et al. 2018)                  DP training ([privacy])
 lira            offline LiRA with shadow models (Carlini 2022)     DP training ([privacy])
-evasion         PGD at each budget (Madry et al. 2018)             PGD adversarial training
+canary          one-run canary audit (Steinke et al. 2023)         DP training ([privacy])
+evasion         schema-respecting PGD at each budget (Madry)       TRADES, beta on validation
 inversion       gradient inversion of one site's update (Geiping)  DP-SGD noise; secure agg.
 backdoor        trigger poisoning + model replacement (Bagdasaryan) privml's backdoor defence
+                (also on non-IID hospitals)
 poisoning       the Byzantine update attack of [attack] per rule   robust aggregation rules
 ==============  =================================================  ==========================
 
 The model is trained as configured but without the simulated attackers of ``[attack]`` (the
 backdoor and poisoning attacks simulate them themselves, with and without defences).
+
+Every figure stands beside its trivial baseline (``baseline``, ``baseline_kind``): the
+majority-class accuracy, chance AUC and balanced accuracy, the clean model's attack success,
+zero leakage; a membership bound also says the largest value its trials could certify. A
+defence whose model is degenerate (:mod:`privml.security.baselines`: near-constant, or AUC or
+balanced accuracy below 0.55) is marked ``degenerate`` (its "robustness" is the majority
+share), a defence that cannot run with the given number of sites is shown as ``not run`` with
+the reason, and ``findings`` lists these for the exit summary.
 
 For membership inference the "defence" is the configured DP training: with ``[privacy] mode``
 set, the audit also trains the same model without DP to show what DP removes; without it, the
@@ -60,10 +70,12 @@ __all__ = [
     "run_audit",
 ]
 
-ATTACKS: tuple[str, ...] = ("membership", "lira", "evasion", "inversion", "backdoor", "poisoning")
+ATTACKS: tuple[str, ...] = (
+    "membership", "lira", "canary", "evasion", "inversion", "backdoor", "poisoning"
+)  # fmt: skip
 """The attacks ``privml audit`` knows, in the order it runs them."""
 
-AUDIT_SCHEMA = "privml-audit/1"
+AUDIT_SCHEMA = "privml-audit/2"
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +95,12 @@ class AuditSettings:
     evasion_norm: str = "inf"
     evasion_budgets: tuple[float, ...] = (0.02, 0.05, 0.1)
     evasion_steps: int = 20
+    evasion_category_changes: int = 1
     adversarial_eps: float = 0.1
-    adversarial_method: str = "pgd"
+    adversarial_method: str = "auto"
+    adversarial_betas: tuple[float, ...] = (0.5, 2.0, 6.0)
+    canaries: int = 1000
+    backdoor_non_iid_sites: int = 4
     inversion_records: int = 1
     inversion_noise_multiplier: float = 1.0
     inversion_iterations: int = 300
@@ -128,6 +144,12 @@ class AuditRow:
     ``defence_cost`` is the clean accuracy the defence loses (0-1; negative: it gained),
     None when not applicable. ``worse`` says which direction is bad for the defender
     (``"higher"``: attack success, AUC, epsilon; ``"lower"``: accuracy, reconstruction error).
+    ``baseline`` is the metric's trivial reference (``baseline_kind``: ``"majority class"``,
+    ``"chance"``, ``"clean model"``, ``"no leakage"``). ``status``: ``"ok"``;
+    ``"degenerate"`` (the defended model is near-constant or has AUC / balanced accuracy
+    below 0.55: its figures are not robustness); ``"not run"`` or ``"refused"`` (``reason``
+    says why; no ``with_defence`` value); ``"no effect"`` (no defence brought the attack back
+    to its baseline).
     """
 
     attack: str
@@ -138,9 +160,17 @@ class AuditRow:
     defence_cost: float | None = None
     worse: str = "higher"
     note: str | None = None
+    baseline: float | None = None
+    baseline_kind: str | None = None
+    status: str = "ok"
+    reason: str | None = None
+
+    @property
+    def degenerate(self) -> bool:
+        return self.status == "degenerate"
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "degenerate": self.degenerate}
 
 
 @dataclass
@@ -155,18 +185,36 @@ class AuditReport:
     run_dir: str | None = None
     errors: dict[str, str] = field(default_factory=dict)
 
+    def findings(self) -> list[str]:
+        """One line per degenerate, refused, not-run or ineffective defence (exit summary)."""
+        out: list[str] = []
+        seen: set[tuple[str, str | None, str]] = set()
+        for r in self.rows:
+            if r.status == "ok":
+                continue
+            key = (r.attack, r.defence, r.status)
+            if key in seen:
+                continue
+            seen.add(key)
+            what = f"{r.attack}: {r.defence or 'defence'}"
+            out.append(f"{what}: {r.status.upper()}" + (f" ({r.reason})" if r.reason else ""))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         s = self.settings
-        return {
+        out = {
             "schema": AUDIT_SCHEMA,
             "attacks": list(s.attacks),
             "rows": [r.to_dict() for r in self.rows],
+            "findings": self.findings(),
+            "degenerate": sorted({str(r.defence) for r in self.rows if r.degenerate}),
             "details": self.details,
             "violations": self.violations,
             "errors": self.errors,
             "seconds": self.seconds,
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.__dict__.items()},
         }
+        return dict(strict_json(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,32 +376,107 @@ def _membership(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], d
     return _mia_rows("membership (loss threshold)", r0, r1, ctx), detail
 
 
+def _power_note(r0: Any, r1: Any) -> str:
+    """"cannot certify above X with n trials" for each result."""
+    parts = []
+    for tag, r in (("without", r0), ("with", r1)):
+        if r is None:
+            continue
+        b = r.bound
+        parts.append(
+            f"{tag} defence: cannot certify above {b.max_certifiable:.2f} with "
+            f"{b.n_members + b.n_nonmembers} evaluation trials"
+        )
+    return "; ".join(parts)
+
+
 def _mia_rows(name: str, r0: Any, r1: Any, ctx: _Context) -> list[AuditRow]:
     Xt, yt = ctx.test()
     cost = _acc(ctx.plain_model(), Xt, yt) - _acc(ctx.model, Xt, yt) if r1 is not None else None
     d = ctx.dp_label()
     eps = _privacy_eps(ctx.privacy)[0]
-    note = None if r1 is None else f"accountant epsilon {eps}"
+    note = _power_note(r0, r1) + ("" if r1 is None else f"; accountant epsilon {eps}")
     return [
-        AuditRow(name, "AUC", r0.auc, r1.auc if r1 else None, d, cost),
+        AuditRow(name, "AUC", r0.auc, r1.auc if r1 else None, d, cost, baseline=0.5,
+                 baseline_kind="chance"),  # fmt: skip
         AuditRow(
-            name,
-            "TPR at 1% FPR",
-            r0.tpr_at_fpr["0.01"],
-            r1.tpr_at_fpr["0.01"] if r1 else None,
-            d,
-            cost,
+            name, "TPR at 1% FPR", r0.tpr_at_fpr["0.01"], r1.tpr_at_fpr["0.01"] if r1 else None,
+            d, cost, baseline=0.01, baseline_kind="chance",
         ),  # fmt: skip
         AuditRow(
-            name,
-            "empirical epsilon (lower bound)",
-            r0.empirical_epsilon,
-            r1.empirical_epsilon if r1 else None,
-            d,
-            cost,
-            note=note,
+            name, "empirical epsilon (lower bound)", r0.empirical_epsilon,
+            r1.empirical_epsilon if r1 else None, d, cost, note=note, baseline=0.0,
+            baseline_kind="no leakage",
         ),  # fmt: skip
     ]
+
+
+def _canary(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
+    """One-run canary audit (Steinke et al. 2023) of the configured training, and of the same
+    training without DP when DP is on. The canary models are audit-only: they are never
+    saved, and DP runs book into a throw-away ledger."""
+    from privml.fl.engine import simulate
+    from privml.security.attacks.canary import run_canary_audit
+
+    s, cfg = ctx.settings, ctx.config
+    eps_acc, delta = _privacy_eps(ctx.privacy)
+
+    def plain(f: FederatedData) -> tuple[nn.Module, float | None]:
+        res = simulate(f, ctx.spec, cfg.training)
+        return _with_params(res.model, res.params), None
+
+    def private(f: FederatedData) -> tuple[nn.Module, float | None]:
+        from privml.dp.ledger import PrivacyLedger
+        from privml.dp.training import train_private
+
+        with tempfile.TemporaryDirectory(prefix="privml-canary-") as tmp:
+            ledger = PrivacyLedger(
+                Path(tmp) / "ledger.sqlite", dataset="canary-audit",
+                budget_epsilon=1e6, budget_delta=0.5,
+            )  # fmt: skip
+            run = train_private(cfg, f, ctx.spec, ledger=ledger)
+        e = run.privacy.get("epsilon")
+        return _with_params(run.result.model, run.result.params), (
+            None if e is None else float(e)
+        )
+
+    ctx.stage(f"canary audit: {s.canaries} canaries, one training run")
+    r0 = run_canary_audit(ctx.fed, plain, m=s.canaries, delta=delta, confidence=s.confidence,
+                          seed=s.seed)  # fmt: skip
+    detail: dict[str, Any] = {"without_defence": r0.to_dict()}
+    r1 = None
+    if ctx.private:
+        ctx.stage("canary audit of the DP training")
+        r1 = run_canary_audit(ctx.fed, private, m=s.canaries, delta=delta,
+                              confidence=s.confidence, seed=s.seed)  # fmt: skip
+        detail["with_defence"] = r1.to_dict()
+        if r1.violation:
+            violations.append(
+                f"canary: one-run epsilon lower bound {r1.epsilon:.3f} > accountant epsilon "
+                f"{r1.accountant_epsilon}"
+            )
+    note = "; ".join(
+        f"{tag} defence: cannot certify above {r.max_certifiable:.2f} with {r.m} canaries "
+        f"({r.correct} of {r.guesses} guesses right)"
+        for tag, r in (("without", r0), ("with", r1))
+        if r is not None
+    )
+    if r1 is not None:
+        note += f"; accountant epsilon {r1.accountant_epsilon}"
+    d = ctx.dp_label()
+    rows = [
+        AuditRow(
+            "membership (one-run canaries)", "epsilon lower bound (one run)", r0.epsilon,
+            None if r1 is None else r1.epsilon, d, None, note=note, baseline=0.0,
+            baseline_kind="no leakage",
+        ),  # fmt: skip
+        AuditRow(
+            "membership (one-run canaries)", "guess accuracy", r0.correct / max(r0.guesses, 1),
+            None if r1 is None else r1.correct / max(r1.guesses, 1), d, None, baseline=0.5,
+            baseline_kind="chance",
+        ),  # fmt: skip
+    ]
+    return rows, detail
 
 
 def _lira(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
@@ -390,49 +513,99 @@ def _lira(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[st
 
 
 def _evasion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
-    from privml.security.attacks.evasion import robust_accuracy
-    from privml.security.defenses.adversarial import AdversarialGradient
-    from privml.security.federated import federate
+    from privml.security.baselines import majority_accuracy, model_quality
+    from privml.security.experiments import adversarial_defence
+    from privml.security.tabular import FeatureLayout, budget_in_units, schema_pgd
 
     s = ctx.settings
     Xt, yt = ctx.test()
     Xt, yt = _cap(Xt, yt, s.max_records, s.seed)
+    classes = ctx.fed.task.classes
+    layout = FeatureLayout.from_encoder(ctx.fed.encoder, ctx.spec.n_features)
     budgets = list(s.evasion_budgets)
-    r0 = robust_accuracy(
-        ctx.model, Xt, yt, budgets=budgets, norm=s.evasion_norm, steps=s.evasion_steps,
-        seed=s.seed,
-    )  # fmt: skip
-    ctx.stage(f"adversarial training ({s.adversarial_method}, eps {s.adversarial_eps})")
-    from privml.fl.engine import init_params
-
-    arch, _ = init_params(ctx.spec, ctx.config.training.seed)
-    rule = AdversarialGradient(
-        arch, ctx.spec, binary=ctx.spec.n_outputs == 1, eps=s.adversarial_eps,
-        norm=s.evasion_norm, method=s.adversarial_method, seed=s.seed,
-    )  # fmt: skip
-    robust_run = federate(ctx.fed, ctx.spec, ctx.config.training, rule=rule)
-    r1 = robust_accuracy(
-        robust_run.model, Xt, yt, budgets=budgets, norm=s.evasion_norm, steps=s.evasion_steps,
-        seed=s.seed,
-    )  # fmt: skip
-    cost = r0.clean_accuracy - r1.clean_accuracy
-    d = f"PGD adversarial training (eps {s.adversarial_eps})"
-    norm = "L-inf" if s.evasion_norm == "inf" else "L2"
-    rows = [AuditRow("evasion", "clean accuracy", r0.clean_accuracy, r1.clean_accuracy, d, cost,
-                     worse="lower")]  # fmt: skip
-    for b, a0, a1 in zip(budgets, r0.accuracy, r1.accuracy, strict=True):
-        rows.append(
-            AuditRow(
-                f"evasion (PGD-{s.evasion_steps})",
-                f"robust accuracy, {norm} eps {b:g}",
-                a0,
-                a1,
-                d,
-                cost,
-                worse="lower",
-            )  # fmt: skip
+    if s.evasion_norm != "inf":
+        raise UsageError(
+            "the schema-respecting evasion attack budgets each numeric column by a share of "
+            "its declared range (L-inf); set [audit] evasion_norm = \"inf\""
         )
-    return rows, {"without_defence": r0.to_dict(), "with_defence": r1.to_dict()}
+    kcat = s.evasion_category_changes if layout.has_categories else 0
+
+    def attack(model: nn.Module) -> dict[str, Any]:
+        clean = model_quality(model, Xt, yt, classes=classes)
+        per = []
+        for b in budgets:
+            adv = schema_pgd(model, Xt, yt, layout, eps=b, steps=s.evasion_steps,
+                             max_category_changes=kcat, seed=s.seed)  # fmt: skip
+            q = model_quality(model, adv, yt, classes=classes)
+            per.append({"eps": b, "accuracy": q.accuracy, "balanced_accuracy": q.balanced_accuracy,
+                        "auc": q.auc})  # fmt: skip
+        return {"clean": clean.to_dict(), "budgets": per}
+
+    r0 = attack(ctx.model)
+    ctx.stage(f"adversarial training ({s.adversarial_method}, eps {s.adversarial_eps})")
+    defence = adversarial_defence(
+        ctx.fed, ctx.spec, ctx.config.training, eps=s.adversarial_eps,
+        method=s.adversarial_method, betas=s.adversarial_betas, norm=s.evasion_norm,
+        category_changes=kcat, seed=s.seed,
+    )  # fmt: skip
+    d = str(defence["label"])
+    r1 = None if defence["model"] is None else attack(defence["model"])
+    maj = majority_accuracy(yt)
+    chance_bal = 1.0 / max(2, len(classes))
+    status, reason = "ok", None
+    if defence["refused"]:
+        status, reason = "refused", str(defence["refused"])
+    elif r1 is not None and r1["clean"]["degenerate"]:
+        status, reason = "degenerate", "defended model " + str(r1["clean"]["reason"])
+    cost = None if r1 is None else r0["clean"]["accuracy"] - r1["clean"]["accuracy"]
+
+    def w(key: str, i: int | None = None) -> float | None:
+        if r1 is None:
+            return None
+        v = r1["clean"][key] if i is None else r1["budgets"][i][key]
+        return None if v is None else float(v)
+
+    units = {b: budget_in_units(layout, b)["text"] for b in budgets}
+    mode = (
+        f"numeric columns within eps of their declared range, up to {kcat} categorical "
+        "column(s) moved to another valid value"
+        if layout.has_categories
+        else "every feature within eps of its declared range"
+    )
+    rows = [
+        AuditRow("evasion", "clean accuracy", r0["clean"]["accuracy"], w("accuracy"), d, cost,
+                 worse="lower", baseline=maj, baseline_kind="majority class", status=status,
+                 reason=reason),  # fmt: skip
+        AuditRow("evasion", "clean balanced accuracy", r0["clean"]["balanced_accuracy"],
+                 w("balanced_accuracy"), d, cost, worse="lower", baseline=chance_bal,
+                 baseline_kind="chance", status=status, reason=reason),  # fmt: skip
+        AuditRow("evasion", "clean AUC", r0["clean"]["auc"], w("auc"), d, cost, worse="lower",
+                 baseline=0.5, baseline_kind="chance", status=status, reason=reason),  # fmt: skip
+    ]
+    name = f"evasion (schema PGD-{s.evasion_steps})"
+    for i, b in enumerate(budgets):
+        p0 = r0["budgets"][i]
+        note = f"eps {b:g} = {units[b]}"
+        rows += [
+            AuditRow(name, f"robust accuracy, eps {b:g}", p0["accuracy"], w("accuracy", i), d,
+                     cost, worse="lower", baseline=maj, baseline_kind="majority class",
+                     status=status, reason=reason, note=note),  # fmt: skip
+            AuditRow(name, f"robust balanced accuracy, eps {b:g}", p0["balanced_accuracy"],
+                     w("balanced_accuracy", i), d, cost, worse="lower", baseline=chance_bal,
+                     baseline_kind="chance", status=status, reason=reason),  # fmt: skip
+            AuditRow(name, f"robust AUC, eps {b:g}", p0["auc"], w("auc", i), d, cost,
+                     worse="lower", baseline=0.5, baseline_kind="chance", status=status,
+                     reason=reason),  # fmt: skip
+        ]
+    detail = {
+        "threat_model": mode, "layout": layout.to_dict(),
+        "budgets_in_schema_units": {str(b): budget_in_units(layout, b) for b in budgets},
+        "without_defence": r0, "with_defence": r1,
+        "defence": {k: v for k, v in defence.items() if k != "model"},
+    }  # fmt: skip
+    if r0["clean"]["degenerate"]:
+        detail["undefended_degenerate"] = r0["clean"]["reason"]
+    return rows, detail
 
 
 def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
@@ -457,6 +630,7 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
     )  # fmt: skip
     by = {r.view: r for r in res}
     site = by["site"]
+    chance_id = 1.0 / max(len(pool[: s.max_records]), 1)
     rows = [
         AuditRow(
             "gradient inversion",
@@ -467,6 +641,8 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
             None,
             worse="lower",
             note="1.0 = no better than guessing 0.5",
+            baseline=1.0,
+            baseline_kind="guessing 0.5",
         ),  # fmt: skip
         AuditRow(
             "gradient inversion",
@@ -475,6 +651,8 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
             by["dp"].identified,
             f"DP-SGD noise (multiplier {z:g})",
             None,
+            baseline=chance_id,
+            baseline_kind="chance",
         ),  # fmt: skip
     ]
     if "secure_aggregation" in by:
@@ -489,9 +667,12 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
                 d,
                 0.0,
                 worse="lower",
+                baseline=1.0,
+                baseline_kind="guessing 0.5",
             ),  # fmt: skip
             AuditRow(
-                "gradient inversion", "records identified", site.identified, sa.identified, d, 0.0
+                "gradient inversion", "records identified", site.identified, sa.identified, d, 0.0,
+                baseline=chance_id, baseline_kind="chance",
             ),  # fmt: skip
         ]
     return rows, {r.view: r.to_dict() for r in res}
@@ -511,37 +692,54 @@ def _malicious_sites(ctx: _Context) -> tuple[int, ...]:
 
 
 def _backdoor(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
-    from privml.security.attacks.backdoor import backdoor_experiment, trigger_from_config
-    from privml.security.defenses.robust import BACKDOOR_DEFENCE
+    from privml.security.attacks.backdoor import trigger_from_config
+    from privml.security.baselines import majority_accuracy
+    from privml.security.experiments import backdoor_audit
 
     trigger, target, fraction, boost = trigger_from_config(ctx.config, ctx.fed, ctx.spec)
+    a = ctx.config.attack
+    own = a is not None and a.kind == "backdoor" and (a.trigger_features or a.trigger)
+    image = trigger.kind == "pixel"
+    # tabular data without a trigger of the user's: the attacker picks one the clean model
+    # does not already answer with the target (a trigger the model "obeys" untrained
+    # measures nothing)
+    chosen = trigger if (own or image) else None
     mal = _malicious_sites(ctx)
-    ctx.stage(f"backdoor: {len(mal)} malicious site(s), 4 federated trainings")
-    r = backdoor_experiment(
-        ctx.fed, ctx.spec, ctx.config.training, trigger=trigger, malicious=mal, target=target,
-        fraction=fraction, boost=boost, defence=BACKDOOR_DEFENCE,
+    k = ctx.settings.backdoor_non_iid_sites
+    ctx.stage(f"backdoor: {len(mal)} malicious site(s)" + (f"; also {k} non-IID hospitals"
+                                                             if k else ""))  # fmt: skip
+    out = backdoor_audit(
+        ctx.fed, ctx.spec, ctx.config.training, trigger=chosen, malicious=mal, target=target,
+        fraction=fraction, boost=boost, non_iid_sites=k or None, seed=ctx.settings.seed,
     )  # fmt: skip
-    d = "privml backdoor defence (anomaly filter, median clip, trimmed mean, weak DP)"
-    rows = [
-        AuditRow(
-            "backdoor",
-            "attack success rate",
-            r.success_without_defence,
-            r.success_with_defence,
-            d,
-            r.defence_cost,
-        ),  # fmt: skip
-        AuditRow(
-            "backdoor",
-            "main-task accuracy under attack",
-            r.rows["attack"]["accuracy"],
-            r.rows["attack_defended"]["accuracy"],
-            d,
-            r.defence_cost,
-            worse="lower",
-        ),  # fmt: skip
-    ]
-    return rows, r.to_dict()
+    Xt, yt = ctx.test()
+    maj = majority_accuracy(yt)
+    rows: list[AuditRow] = []
+    for setting, e in out.items():
+        tag = "backdoor" if setting == "configured" else (
+            f"backdoor ({e['n_sites']} non-IID hospitals, Dirichlet 0.5)")  # fmt: skip
+        d = e["defence"]["name"]
+        works = e["verdict"] == "defence works"
+        status = "ok" if works or "did not take hold" in e["verdict"] else "no effect"
+        reason = None if status == "ok" else e["verdict"]
+        left = "; ".join(e["defence_left_out"]) or None
+        rws = e["rows"]
+        ad = rws["attack_defended"]
+        fpr, det = ad.get("false_positive_rate"), ad.get("detection_rate")
+        rows += [
+            AuditRow(tag, "attack success rate", e["success_without_defence"],
+                     e["success_with_defence"], d, e["defence_cost"], baseline=e["clean_success"],
+                     baseline_kind="clean model", status=status, reason=reason,
+                     note=left),  # fmt: skip
+            AuditRow(tag, "main-task accuracy under attack", rws["attack"]["accuracy"],
+                     ad["accuracy"], d, e["defence_cost"], worse="lower",
+                     baseline=rws["clean"]["accuracy"], baseline_kind="clean model",
+                     note=f"majority class {maj:.3f}"),  # fmt: skip
+            AuditRow(tag, "anomaly filter: honest updates flagged", None, fpr, d, None,
+                     baseline=0.0, baseline_kind="no false alarm",
+                     note=f"attacker's updates flagged: {det if det is None else round(det, 3)}"),
+        ]  # fmt: skip
+    return rows, out
 
 
 def _poisoning(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
@@ -565,6 +763,9 @@ def _poisoning(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
                       defence=defence)  # fmt: skip
         return accuracy(fr.model, Xt, yt)
 
+    from privml.security.baselines import majority_accuracy
+
+    maj = majority_accuracy(yt)
     clean = run(Defence(), False)
     attacked = run(Defence(), True)
     rows: list[AuditRow] = []
@@ -574,25 +775,33 @@ def _poisoning(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
         if rule == "fedavg":
             continue
         if agg.min_clients(rule) > n:
-            detail["aggregators"][rule] = f"needs {agg.min_clients(rule)} sites, have {n}"
+            why = f"needs {agg.min_clients(rule)} sites, have {n}"
+            detail["aggregators"][rule] = {"not_run": why}
+            rows.append(AuditRow(f"poisoning ({kind})", "accuracy under attack", attacked, None,
+                                 rule, None, worse="lower", baseline=maj,
+                                 baseline_kind="majority class", status="not run",
+                                 reason=why))  # fmt: skip
             continue
         ctx.stage(f"poisoning ({kind}) against {rule}")
         d = Defence(name=rule, aggregator=rule)
         c, p = run(d, False), run(d, True)
         detail["aggregators"][rule] = {"clean": c, "attacked": p}
         rows.append(AuditRow(f"poisoning ({kind})", "accuracy under attack", attacked, p,
-                             rule, clean - c, worse="lower"))  # fmt: skip
+                             rule, clean - c, worse="lower", baseline=maj,
+                             baseline_kind="majority class"))  # fmt: skip
     rows.insert(
         0,
         AuditRow(
-            f"poisoning ({kind})",
-            "accuracy drop (fedavg)",
-            clean - attacked,
-            None,
-            None,
-            None,
-            note="accuracy without attack minus with",
-        ),
+            f"poisoning ({kind})", "accuracy without attack (fedavg)", clean, None, None, None,
+            worse="lower", baseline=maj, baseline_kind="majority class",
+        ),  # fmt: skip
+    )
+    rows.insert(
+        1,
+        AuditRow(
+            f"poisoning ({kind})", "accuracy drop (fedavg)", clean - attacked, None, None, None,
+            note="accuracy without attack minus with", baseline=0.0, baseline_kind="no attack",
+        ),  # fmt: skip
     )
     return rows, detail
 
@@ -600,6 +809,7 @@ def _poisoning(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
 _RUNNERS: dict[str, Callable[[_Context, list[str]], tuple[list[AuditRow], dict[str, Any]]]] = {
     "membership": _membership,
     "lira": _lira,
+    "canary": _canary,
     "evasion": _evasion,
     "inversion": _inversion,
     "backdoor": _backdoor,
@@ -616,13 +826,30 @@ def _clean_config(config: Config) -> Config:
     return cfg
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None and numpy scalars by Python ones,
+    so ``json.dumps(..., allow_nan=False)`` accepts it (results.json is strict JSON)."""
+    if isinstance(obj, float | np.floating):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def _write_results(run_dir: Path, audit: dict[str, Any]) -> None:
     path = run_dir / "results.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data["audit"] = audit
+    data["audit"] = strict_json(audit)
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=run_dir)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.write(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -24,16 +24,27 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_NUMERIC = ("baseline", "without defence", "with defence", "cost")
+
+
 def audit_table(audit: dict[str, Any], title: str = "privml audit") -> Table:
-    """The audit rows as a rich table: attack, metric, without / with defence, defence, cost."""
+    """The audit rows as a rich table: attack, metric, baseline, without / with defence,
+    defence, cost, status (degenerate / not run / refused / no effect in red)."""
     t = Table(title=title)
-    for col in ("attack", "metric", "without defence", "with defence", "defence", "cost"):
-        t.add_column(col, justify="right" if col in ("without defence", "with defence",
-                                                     "cost") else "left")  # fmt: skip
+    for col in ("attack", "metric", "baseline", "without defence", "with defence", "defence",
+                "cost", "status"):  # fmt: skip
+        t.add_column(col, justify="right" if col in _NUMERIC else "left")
     for r in audit.get("rows", []):
+        base = _fmt(r.get("baseline"))
+        if r.get("baseline_kind") and r.get("baseline") is not None:
+            base = f"{base} ({r['baseline_kind']})"
+        status = r.get("status", "ok")
+        with_d = _fmt(r["with_defence"])
+        if status != "ok":
+            status = f"[red]{status.upper()}[/red]"
         t.add_row(
-            r["attack"], r["metric"], _fmt(r["without_defence"]), _fmt(r["with_defence"]),
-            r.get("defence") or "-", _fmt(r.get("defence_cost")),
+            r["attack"], r["metric"], base, _fmt(r["without_defence"]), with_d,
+            r.get("defence") or "-", _fmt(r.get("defence_cost")), status,
         )  # fmt: skip
     return t
 
@@ -48,8 +59,8 @@ def audit(
         str | None,
         typer.Option(
             "--attacks",
-            help="comma-separated: membership, lira, evasion, inversion, backdoor, poisoning, "
-            "or all (default [audit] attacks)",
+            help="comma-separated: membership, lira, canary, evasion, inversion, backdoor, "
+            "poisoning, or all (default [audit] attacks)",
         ),
     ] = None,
     as_json: Annotated[
@@ -80,6 +91,8 @@ def audit(
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
     _out.print(audit_table(data))
+    for line in data.get("findings", []):
+        _out.print(f"[red]finding:[/red] {line}", highlight=False)
     for name, msg in report.errors.items():
         _err.print(f"[yellow]{name}: not run:[/yellow] {msg}", highlight=False)
     if report.run_dir:

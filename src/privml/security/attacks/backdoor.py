@@ -37,6 +37,7 @@ from privml.errors import UsageError
 from privml.models.nets import ModelSpec
 from privml.security._checks import check_float, check_int
 from privml.security.attacks.evasion import accuracy, predict
+from privml.security.defenses.anomaly import anomaly_rates
 from privml.security.defenses.robust import BACKDOOR_DEFENCE, NO_DEFENCE, Defence
 from privml.security.federated import Adversary, Poison, federate
 
@@ -173,7 +174,7 @@ class BackdoorResult:
     to ``{"accuracy", "attack_success", "flagged_malicious", "flagged_honest"}``.
     """
 
-    rows: dict[str, dict[str, float]]
+    rows: dict[str, dict[str, Any]]
     trigger: Trigger
     target: int
     malicious: list[str]
@@ -181,16 +182,16 @@ class BackdoorResult:
 
     @property
     def success_without_defence(self) -> float:
-        return self.rows["attack"]["attack_success"]
+        return float(self.rows["attack"]["attack_success"])
 
     @property
     def success_with_defence(self) -> float:
-        return self.rows["attack_defended"]["attack_success"]
+        return float(self.rows["attack_defended"]["attack_success"])
 
     @property
     def defence_cost(self) -> float:
         """Clean accuracy lost to the defence when nobody attacks (points of accuracy, 0-1)."""
-        return self.rows["clean"]["accuracy"] - self.rows["clean_defended"]["accuracy"]
+        return float(self.rows["clean"]["accuracy"] - self.rows["clean_defended"]["accuracy"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,7 +239,7 @@ def backdoor_experiment(
         tuple(int(i) for i in malicious), poison=poisoner(trigger, target=target,
         fraction=fraction), boost=boost, start_round=start_round,
     )  # fmt: skip
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name in scenarios:
         attacked = name.startswith("attack")
         d = defence if name.endswith("defended") else NO_DEFENCE
@@ -250,6 +251,12 @@ def backdoor_experiment(
             "flagged_honest": float(run.flagged_honest),
             "seconds": run.seconds,
         }
+        if d.anomaly_threshold is not None:
+            rates = anomaly_rates(run.rounds)
+            rows[name]["false_positive_rate"] = rates.false_positive_rate
+            rows[name]["detection_rate"] = rates.detection_rate
+            rows[name]["honest_updates"] = float(rates.honest_updates)
+            rows[name]["malicious_updates"] = float(rates.malicious_updates)
     return BackdoorResult(
         rows, trigger, target, [fed.sites[i].name for i in malicious],
         {"fraction": fraction, "boost": boost, "start_round": start_round,

@@ -60,6 +60,7 @@ __all__ = [
     "lira_game",
     "lira_scores",
     "logit_confidence",
+    "max_certifiable_epsilon",
     "loss_threshold_attack",
     "membership_metrics",
     "record_losses",
@@ -147,6 +148,9 @@ class EpsilonBound:
         tpr_low, fpr_high: their Clopper-Pearson limits.
         delta, confidence: the delta of the bound and the joint confidence level.
         n_members, n_nonmembers: records of the evaluation half.
+        max_certifiable: the largest bound these trial counts could give (a perfect attack:
+            every member above the threshold, every non-member below); a bound of 0 with a
+            small ``max_certifiable`` says the audit had no power, not that nothing leaks.
     """
 
     epsilon: float
@@ -160,9 +164,24 @@ class EpsilonBound:
     confidence: float
     n_members: int
     n_nonmembers: int
+    max_certifiable: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def max_certifiable_epsilon(
+    n_members: int, n_nonmembers: int, *, delta: float, confidence: float = 0.95
+) -> float:
+    """The largest epsilon lower bound ``n_members`` + ``n_nonmembers`` evaluation trials can
+    certify at ``confidence`` (two Clopper-Pearson limits, Bonferroni-corrected, as
+    :func:`epsilon_lower_bound`): the bound of a perfect attack (TPR 1, FPR 0)."""
+    if n_members < 1 or n_nonmembers < 1:
+        return 0.0
+    alpha = (1 - confidence) / 2
+    lo = _cp_low(np.array([n_members]), n_members, alpha)
+    hi = _cp_high(np.array([0]), n_nonmembers, alpha)
+    return float(_eps_from_rates(lo, hi, delta)[0])
 
 
 def _eps_from_rates(tpr: np.ndarray, fpr: np.ndarray, delta: float) -> np.ndarray:
@@ -271,6 +290,7 @@ def epsilon_lower_bound(
     return EpsilonBound(
         epsilon=eps, point=pt, threshold=t, tpr=float(tpr), fpr=float(fpr), tpr_low=lo,
         fpr_high=hi, delta=d, confidence=c, n_members=len(e_in), n_nonmembers=len(e_out),
+        max_certifiable=max_certifiable_epsilon(len(e_in), len(e_out), delta=d, confidence=c),
     )  # fmt: skip
 
 

@@ -86,6 +86,9 @@ class AdversarialGradient:
         random_init: PGD-AT starts each attack at a uniform point of the ball (Madry et al.);
             the draws come from one generator for the whole cohort.
         seed: seed of the random starts.
+        feature_mask: ``[F]`` 0/1 flags of the features the training attack may move (tabular
+            data: the numeric columns, so one-hot and missing-indicator columns stay valid);
+            None moves every feature.
     """
 
     def __init__(
@@ -104,8 +107,14 @@ class AdversarialGradient:
         warmup_steps: int = 0,
         random_init: bool = True,
         seed: int = 0,
+        feature_mask: Any = None,
     ) -> None:
         where = "AdversarialGradient"
+        self.feature_mask = (
+            None
+            if feature_mask is None
+            else torch.as_tensor(np.asarray(feature_mask, dtype=np.float32))
+        )
         self.random_init = bool(random_init)
         self.eps = check_float(eps, "eps", where, low=0.0, low_open=True)
         self.norm = _norm_name(norm, where)
@@ -151,15 +160,19 @@ class AdversarialGradient:
             x_adv = perturb(
                 lambda x: logits_loss(self._forward(p0, x), y), X, eps=eps, steps=self.steps,
                 step_size=a, norm=self.norm, random_init=self.random_init, clip=self.clip,
-                generator=self._gen,
+                generator=self._gen, feature_mask=self.feature_mask,
             )  # fmt: skip
         else:
             with torch.no_grad():
                 clean_logp = _log_probs(self._forward(p0, X))
-            start = X + 0.001 * torch.randn(X.shape, generator=self._gen)
+            jitter = 0.001 * torch.randn(X.shape, generator=self._gen)
+            if self.feature_mask is not None:
+                jitter = jitter * self.feature_mask
+            start = X + jitter
             x_adv = perturb(
                 lambda x: _kl(clean_logp, self._forward(p0, x)), start, eps=eps,
                 steps=self.steps, step_size=a, norm=self.norm, clip=self.clip,
+                feature_mask=self.feature_mask,
             )  # fmt: skip
             # perturb projects around its start; bring the result back around X.
             x_adv = _reproject(x_adv, X, eps, self.norm, self.clip)

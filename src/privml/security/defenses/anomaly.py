@@ -19,6 +19,7 @@ engines record it per round and may drop flagged updates before aggregation
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 from privml.errors import UsageError
 from privml.security._checks import check_float
 
-__all__ = ["AnomalyReport", "detect_anomalies", "filter_flagged"]
+__all__ = ["AnomalyRates", "AnomalyReport", "anomaly_rates", "detect_anomalies", "filter_flagged"]
 
 _MAD_TO_SD = 1.4826
 
@@ -149,3 +150,40 @@ def filter_flagged(updates: ArrayLike, report: AnomalyReport) -> NDArray[np.bool
             f"{stack.shape[0]}."
         )
     return ~np.asarray(report.flagged, dtype=bool)
+
+
+@dataclass
+class AnomalyRates:
+    """How the anomaly filter did over a run: honest updates flagged (false positives) and
+    malicious updates flagged (detections)."""
+
+    honest_updates: int
+    honest_flagged: int
+    malicious_updates: int
+    malicious_flagged: int
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        return self.honest_flagged / self.honest_updates if self.honest_updates else None
+
+    @property
+    def detection_rate(self) -> float | None:
+        return self.malicious_flagged / self.malicious_updates if self.malicious_updates else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "false_positive_rate": self.false_positive_rate,
+                "detection_rate": self.detection_rate}  # fmt: skip
+
+
+def anomaly_rates(rounds: Iterable[Mapping[str, Any]]) -> AnomalyRates:
+    """False-positive and detection rates of the anomaly filter from a federated run's
+    per-round records (``clients``, ``malicious``, ``flagged_honest``, ``flagged_malicious``;
+    :class:`privml.security.federated.FederatedRun` ``.rounds``)."""
+    hu = hf = mu = mf = 0
+    for r in rounds:
+        mal = int(r.get("malicious", 0))
+        hu += int(r.get("clients", 0)) - mal
+        mu += mal
+        hf += int(r.get("flagged_honest", 0))
+        mf += int(r.get("flagged_malicious", 0))
+    return AnomalyRates(hu, hf, mu, mf)
