@@ -214,7 +214,7 @@ def test_bad_input_gets_one_clear_message(
     assert before in ("", "loading and encoding the sites' data\n"), before
     for fragment in expected:
         assert fragment in message, (fragment, message)
-    assert not out_dir.exists()
+    assert not out_dir.exists() and not (tmp_path / "out.partial").exists()
 
 
 # ---- users' own CSV files -------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_demo_summary_json_and_rerun_into_the_same_folder(
     assert "privacy: none" in out
     assert (out_dir / "report.html").is_file()
 
-    code, out, err = cli(capsys, "run", "--out", out_dir, "--json")  # same folder again
+    code, out, err = cli(capsys, "run", "--out", out_dir, "--json", "--force")  # same folder
     assert code == 0, err
     res = json.loads(out)  # stdout is the JSON document and nothing else
     assert res == json.loads((out_dir / "results.json").read_text())

@@ -137,7 +137,7 @@ def test_a_failing_run_leaves_the_earlier_folder_untouched(
 
     monkeypatch.setattr(pipeline, "write_json", write_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        pipeline.run(_demo(rounds=3), out_dir=out)
+        pipeline.run(_demo(rounds=3), out_dir=out, force=True)
     assert _snapshot(out) == before
     leftovers = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
@@ -146,7 +146,7 @@ def test_a_failing_run_leaves_the_earlier_folder_untouched(
 def test_a_successful_rerun_replaces_the_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = pipeline.run(_demo(rounds=1), out_dir=out)
-    second = pipeline.run(_demo(rounds=2), out_dir=out)
+    second = pipeline.run(_demo(rounds=2), out_dir=out, force=True)
     res = json.loads((out / "results.json").read_text())
     assert len(res["rounds"]) == 2 and first.results["rounds"] != second.results["rounds"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -168,7 +168,7 @@ def test_atomic_folder_with_nested_files(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        atomic_folder(final, broken)
+        atomic_folder(final, broken, force=True)
     assert (final / "b.txt").read_text() == "b" and (final / "sub" / "a.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

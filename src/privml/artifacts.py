@@ -13,14 +13,14 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from privml.data.encoding import Encoder, Task
-from privml.errors import DataError
+from privml.errors import DataError, UsageError
 from privml.models.nets import ModelSpec, build_model, load_flat_params
 
 MODEL_FORMAT = "privml-model/1"
@@ -139,22 +139,135 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
     return model, spec, enc, task, meta
 
 
-def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Create ``final`` by filling a temporary sibling folder, then renaming it into place.
+RUN_MARKER = ".privml-run"
+RUN_MARKER_FORMAT = "privml-run-folder/1"
+_MARKER_MAX_BYTES = 1 << 20
 
-    If ``fill`` raises, the temporary folder is removed and ``final`` (if it existed) is left
-    exactly as it was. An existing ``final`` is replaced only after the new one is complete.
+
+def _marker_files(folder: Path) -> set[str] | None:
+    """The files privml wrote into ``folder`` (from its marker), or None if it has no valid
+    marker. Read with a size limit; a marker that is not ours counts as none."""
+    from privml.safe_io import read_json_bounded
+
+    try:
+        doc = read_json_bounded(folder / RUN_MARKER, max_bytes=_MARKER_MAX_BYTES, what="marker")
+    except (DataError, OSError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != RUN_MARKER_FORMAT:
+        return None
+    files = doc.get("files")
+    if not isinstance(files, list):
+        return None
+    return {f for f in files if isinstance(f, str)}
+
+
+def _written_by_privml(folder: Path) -> tuple[bool, list[str]]:
+    """``(has_marker, foreign)``: whether ``folder`` carries privml's marker, and the entries
+    in it that privml did not write (never replaced, even with ``force``)."""
+    listed = _marker_files(folder)
+    if listed is None:
+        return False, []
+    foreign = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if rel == RUN_MARKER or (p.is_dir() and not p.is_symlink()):
+            continue
+        if rel not in listed or p.is_symlink() or not p.is_file():
+            foreign.append(rel)
+    return True, foreign
+
+
+def check_output_folder(
+    final: Path, *, force: bool = False, protected: Iterable[Path] = (), option: str = "--out"
+) -> None:
+    """Refuse an output folder whose replacement could delete something the user owns.
+
+    Refused: a path that exists and is not a plain folder (a file, a symlink, a device); a
+    folder that is, or contains, one of the ``protected`` paths (site files, the config, the
+    ledger, the signing key); a path below a file. An existing folder is replaced only with
+    ``force``, and even then only if privml wrote it (its ``.privml-run`` marker lists every
+    file in it).
+
+    Raises:
+        UsageError: the folder may not be written; the message says why and what to do.
     """
     final = Path(final)
+    shown = str(final)
+    target = final.resolve()
+    hit = [p for p in protected if (q := Path(p).resolve()) == target or target in q.parents]
+    if hit:
+        what = "is" if any(Path(p).resolve() == target for p in hit) else "contains"
+        shown_hits = ", ".join(repr(str(p)) for p in hit[:4]) + (" ..." if len(hit) > 4 else "")
+        raise UsageError(
+            f"{option} {shown!r} {what} {shown_hits}, which privml reads (data, config, "
+            f"ledger or key); writing the run there could destroy it. Choose a new folder, "
+            f"e.g. {option} {str(final / 'runs' / 'run')!r}"
+        )
+    for parent in [final, *final.parents]:
+        if parent.is_symlink() and parent == final:
+            raise UsageError(
+                f"{option} {shown!r} is a symbolic link; give the real folder (or a new one)"
+            )
+        if parent.exists() and not parent.is_dir():
+            if parent == final:
+                raise UsageError(
+                    f"{option} {shown!r} is a file, not a folder; privml never replaces a file "
+                    "with a run folder. Choose a new folder name"
+                )
+            raise UsageError(
+                f"{option} {shown!r} lies below {str(parent)!r}, which is a file, not a folder"
+            )
+    if not final.exists():
+        return
+    if not force:
+        raise UsageError(
+            f"{option} {shown!r} already exists; choose a new folder, or pass --force to "
+            "replace it (only a run folder privml itself wrote is ever replaced)"
+        )
+    ours, foreign = _written_by_privml(final)
+    if not ours:
+        raise UsageError(
+            f"{option} {shown!r} was not written by privml (no {RUN_MARKER} marker), so it is "
+            "not replaced even with --force; choose a new folder"
+        )
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        listed = ", ".join(foreign[:5]) + more
+        raise UsageError(
+            f"{option} {shown!r} holds files privml did not write ({listed}); it is not "
+            "replaced even with --force. Move them away or choose a new folder"
+        )
+
+
+def atomic_folder(final: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
+    """Create ``final`` by filling a temporary sibling folder, then renaming it into place.
+
+    The new folder gets a ``.privml-run`` marker listing every file in it. If ``fill`` raises,
+    the temporary folder is removed and ``final`` (if it existed) is left exactly as it was.
+    An existing ``final`` is replaced only with ``force``, only if privml wrote it
+    (:func:`check_output_folder`), and only after the new one is complete.
+
+    Raises:
+        UsageError: ``final`` exists and may not be replaced (checked before and after
+            ``fill``).
+    """
+    final = Path(final)
+    check_output_folder(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         fill(tmp)
+        files = sorted(
+            p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()
+        )
+        marker = {"format": RUN_MARKER_FORMAT, "files": files}
+        (tmp / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and not p.is_symlink():
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
-        if final.exists():
+        if final.exists() or final.is_symlink():
+            check_output_folder(final, force=force)  # nothing foreign appeared meanwhile
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
             tmp.rename(final)

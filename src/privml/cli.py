@@ -83,6 +83,13 @@ def run(
             "last checkpoint; its own config is used unless --config is given",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="replace an existing --out folder (only one privml wrote; never other files)",
+        ),
+    ] = False,
 ) -> None:
     """Train across the configured sites and write results.json, the model and a report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -102,7 +109,7 @@ def run(
         flower_run(
             config, superlink=superlink, root_certificates=root_certificates,
             superexec_secret=superexec_secret, insecure=insecure, out_dir=out_dir,
-            as_json=as_json,
+            as_json=as_json, force=force,
         )
         return
     if resume is not None and config is None:
@@ -136,7 +143,8 @@ def run(
                 progress.console.print(f"[dim]{msg}[/dim]")
 
         output = run_pipeline(
-            cfg, out_dir=out_dir, on_round=on_round, on_stage=on_stage, resume=resume
+            cfg, out_dir=out_dir, on_round=on_round, on_stage=on_stage, resume=resume,
+            force=force,
         )
     res = output.results
     if as_json:
@@ -296,6 +304,9 @@ def sweep(
         Path | None, typer.Option("--out", help="output folder (default runs/<name>-sweep-<time>)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print sweep.json to stdout")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing --out folder privml wrote")
+    ] = False,
 ) -> None:
     """Train at each epsilon and write a privacy-utility curve (sweep.png and sweep.json)."""
     from privml.sweep import parse_epsilons, run_sweep
@@ -307,7 +318,7 @@ def sweep(
         if not as_json:
             err.print(f"[dim]epsilon {p.epsilon:.3g}: accuracy {_f(p.accuracy)}[/dim]")
 
-    res = run_sweep(cfg, epsilons=eps, out_dir=out_dir, on_point=on_point)
+    res = run_sweep(cfg, epsilons=eps, out_dir=out_dir, on_point=on_point, force=force)
     if as_json:
         sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
         return
@@ -343,34 +354,67 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     )
 
 
+def _debug() -> bool:
+    """PRIVML_DEBUG=1 (or true/yes) shows tracebacks; nothing else does."""
+    return os.environ.get("PRIVML_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fail(message: str, exc: BaseException, code: int) -> None:
+    print(message, file=sys.stderr)
+    for note in getattr(exc, "__notes__", ()):
+        print(note, file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``privml`` console script."""
-    debug = bool(os.environ.get("PRIVML_DEBUG"))
+    """Entry point of the ``privml`` console script.
+
+    Every outcome is one of the documented exit codes with a message on stderr and no
+    traceback (unless PRIVML_DEBUG=1): an error privml did not foresee is reported as an
+    internal error (exit 1) naming the exception, so it can be reported and fixed.
+    """
+    debug = _debug()
     command = typer.main.get_command(app)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            command.main(args=argv, prog_name="privml", standalone_mode=False)
+            # make_context + invoke rather than command.main: typer's main turns Ctrl-C into a
+            # silent exit status and EOFError into "Aborted"; here each gets its own message
+            args = list(argv) if argv is not None else sys.argv[1:]
+            with command.make_context("privml", args) as ctx:
+                command.invoke(ctx)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             exc.show()
             sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            err.print("interrupted")
-            sys.exit(130)
+        except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+            _fail("interrupted", exc, 130)
         except PrivmlError as exc:
             if debug:
                 raise
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            _fail(f"error: {exc}", exc, exc.exit_code)
         except OSError as exc:
             if debug:
                 raise
-            print(
-                f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"error: {exc.strerror or exc}{where}", exc, 2)
+        except MemoryError as exc:
+            if debug:
+                raise
+            _fail("error: out of memory; the input or the model is too large for this "
+                  "machine", exc, 1)
+        except Exception as exc:
+            if debug:
+                raise
+            text = str(exc)
+            text = text if len(text) <= 500 else text[:500] + "..."
+            _fail(
+                f"internal error: {type(exc).__name__}: {text} (this is a bug in privml; set "
+                "PRIVML_DEBUG=1 to see the traceback, and please report it)",
+                exc,
+                1,
             )
-            sys.exit(2)
 
 
 if __name__ == "__main__":

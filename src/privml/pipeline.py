@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from privml import __version__
-from privml.artifacts import atomic_folder, save_model, write_json
+from privml.artifacts import atomic_folder, check_output_folder, save_model, write_json
 from privml.config import Config
 from privml.data.federation import FederatedData, load_federation
 from privml.errors import ConfigError, UsageError
@@ -101,6 +101,24 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.name}-{stamp}"
 
 
+def protected_paths(config: Config) -> list[Path]:
+    """What a run reads and must never overwrite: the config, the sites' files, the ledger
+    and the signing key. No output folder may be one of them or contain one."""
+    from privml.security.defenses.signing import default_key_path
+
+    paths: list[Path] = [default_key_path()]
+    if config.source is not None:
+        paths.append(Path(config.source))
+    paths += [s.path for s in config.data.sites or []]
+    if config.privacy.ledger is not None:
+        paths.append(Path(config.privacy.ledger))
+    else:
+        from privml.dp.cli import DEFAULT_LEDGER_PATH
+
+        paths.append(Path(DEFAULT_LEDGER_PATH))
+    return paths
+
+
 def run(
     config: Config,
     *,
@@ -109,6 +127,7 @@ def run(
     on_round: Callable[[RoundRecord], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     resume: Path | None = None,
+    force: bool = False,
 ) -> RunOutput:
     """Execute the whole flow for ``config``; write the run folder unless ``write`` is False.
 
@@ -116,6 +135,11 @@ def run(
     ``<run folder>.partial/`` (see :mod:`privml.fl.checkpoint`); ``resume`` (that folder or the
     run folder path) continues an interrupted run of the same config, and the final model
     equals that of an uninterrupted run.
+
+    The run folder must not exist yet; with ``force`` an existing one is replaced if privml
+    wrote it (:func:`privml.artifacts.check_output_folder`). A run that fails leaves no
+    ``.partial`` folder, except one holding a checkpoint it can resume from, which the
+    exception's note names.
     """
     stage = on_stage or (lambda _s: None)
     t0 = time.perf_counter()
@@ -141,14 +165,69 @@ def run(
                 f"--out {str(out_dir)!r} differs from the interrupted run's folder "
                 f"{str(final_dir)!r}; omit --out when resuming"
             )
+        check_output_folder(final_dir, force=force, protected=protected_paths(config))
     elif write:
-        final_dir = out_dir or config.output.dir or default_out_dir(config)
+        final_dir = Path(out_dir or config.output.dir or default_out_dir(config))
+        option = "--out" if out_dir is not None or config.output.dir is None else "[output] dir"
+        check_output_folder(
+            final_dir, force=force, protected=protected_paths(config), option=option
+        )
         partial = partial_dir(final_dir)
-        if partial.exists():
+        if partial.exists() or partial.is_symlink():
             raise UsageError(
                 f"{str(partial)!r} holds an interrupted run; continue it with "
                 f"`privml run --resume {final_dir}` or delete that folder"
             )
+    try:
+        return _run(
+            config, final_dir=final_dir, partial=partial, write=write, on_round=on_round,
+            stage=stage, resume=resume, force=force, t0=t0,
+        )
+    except BaseException as exc:
+        _after_failure(exc, final_dir, partial, resumed=resume is not None)
+        raise
+
+
+def _after_failure(
+    exc: BaseException, final_dir: Path | None, partial: Path | None, *, resumed: bool
+) -> None:
+    """Clean up after a failed run: keep a ``.partial`` folder only if it holds a checkpoint
+    the run can continue from (and say so in a note on ``exc``), else remove it.
+
+    A refusal (:class:`PrivmlError`) of a new run is deterministic, so resuming would fail the
+    same way: its folder goes. An interruption, a crash or an I/O error keeps the checkpoint.
+    A resumed run's folder is never removed here: it is what the user asked to continue.
+    """
+    from privml.errors import PrivmlError
+    from privml.fl.checkpoint import checkpoint_round
+
+    if partial is None or not partial.exists():
+        return
+    rnd = checkpoint_round(partial / "checkpoint")
+    if not resumed and (rnd is None or isinstance(exc, PrivmlError)):
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    if isinstance(exc, PrivmlError):
+        return  # a refusal: its message says what to fix; resuming as is would fail again
+    where = f"the checkpoint after round {rnd}" if rnd is not None else "the interrupted run"
+    exc.add_note(
+        f"{where} is kept in {str(partial)!r}; continue it with "
+        f"`privml run --resume {final_dir}`"
+    )
+
+
+def _run(
+    config: Config,
+    *,
+    final_dir: Path | None,
+    partial: Path | None,
+    write: bool,
+    on_round: Callable[[RoundRecord], None] | None,
+    stage: Callable[[str], None],
+    resume: Path | None,
+    force: bool,
+    t0: float,
+) -> RunOutput:
     stage("loading and encoding the sites' data")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -250,7 +329,7 @@ def run(
 
                 (tmp / "report.html").write_text(render_report(results))
 
-        atomic_folder(final_dir, fill)
+        atomic_folder(final_dir, fill, force=force)
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
     return RunOutput(results, final_dir, result, fed)

@@ -132,7 +132,7 @@ def _precheck(config: Config, site_names: Sequence[str], epsilons: Sequence[floa
         )
 
 
-def _plot(result: SweepResult) -> None:
+def _plot(result: SweepResult, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -154,7 +154,7 @@ def _plot(result: SweepResult) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(result.png_path)
+    fig.savefig(path)
 
 
 def run_sweep(
@@ -164,6 +164,7 @@ def run_sweep(
     out_dir: Path | None = None,
     mode: str | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
+    force: bool = False,
 ) -> SweepResult:
     """Trains ``config`` at every epsilon of ``epsilons`` and without DP; writes the curve.
 
@@ -176,6 +177,8 @@ def run_sweep(
         mode: ``"sample"`` or ``"client"``; default the config's mode, or ``"sample"`` when
             the config is non-private.
         on_point: called after each point.
+        force: replace an existing ``out_dir`` that privml wrote
+            (:func:`privml.artifacts.check_output_folder`); otherwise it must not exist.
 
     Raises:
         BudgetExceededError: the whole sweep does not fit a site's remaining budget (checked
@@ -196,6 +199,10 @@ def run_sweep(
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
         out_dir = Path("runs") / f"{config.name}-sweep-{stamp}"
     out = Path(out_dir)
+    from privml.artifacts import atomic_folder, check_output_folder
+    from privml.pipeline import protected_paths
+
+    check_output_folder(out, force=force, protected=protected_paths(config))
     configs = [_variant(config, mode=mode, epsilon=e, noise_multiplier=None) for e in eps_list]
     fed = load_federation(config)
     spec = model_spec(config, fed)
@@ -232,7 +239,6 @@ def run_sweep(
         points.append(point)
         if on_point is not None:
             on_point(point)
-    out.mkdir(parents=True, exist_ok=True)
     result = SweepResult(
         points,
         nonprivate,
@@ -242,6 +248,10 @@ def run_sweep(
         out / "sweep.json",
         out / "sweep.png",
     )
-    result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    _plot(result)
+
+    def fill(tmp: Path) -> None:
+        (tmp / result.json_path.name).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        _plot(result, tmp / result.png_path.name)
+
+    atomic_folder(out, fill, force=force)
     return result

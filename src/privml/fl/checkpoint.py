@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from privml.errors import ConfigError, DataError, UsageError
+from privml.errors import ConfigError, DataError, PrivmlError, UsageError
 from privml.fl.server_opt import ServerOptState
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
     "ServerState",
+    "checkpoint_round",
     "load_checkpoint",
     "locate_partial_run",
     "partial_dir",
@@ -197,6 +198,14 @@ def load_checkpoint(folder: Path, *, fingerprint: str | None = None) -> Checkpoi
         )
     state = ServerState(round=int(rnd), params=params, opt=opt, center=center)  # type: ignore[arg-type]
     return Checkpoint(state=state, fingerprint=str(header["fingerprint"]), meta=header["meta"])
+
+
+def checkpoint_round(folder: Path) -> int | None:
+    """The round of the checkpoint in ``folder`` if it holds a readable one, else None."""
+    try:
+        return load_checkpoint(folder).state.round
+    except (PrivmlError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -283,11 +283,17 @@ def flower_run(
     round_timeout: float = 600.0,
     home: Path | None = None,
     detach: bool = False,
+    force: bool = False,
 ) -> None:
     """Body of ``privml flower run`` (and of ``privml run --engine flower``)."""
+    import math
+
     from privml.config import load_config
     from privml.fl.flower.env import apply_flower_env
 
+    for flag, value in (("--wait-for-sites", wait_for_sites), ("--round-timeout", round_timeout)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a number of seconds > 0. Got {value!r} instead.")
     if insecure:
         _warn_insecure("the coordinator's connection")
     apply_flower_env(home)
@@ -330,6 +336,7 @@ def flower_run(
         cfg,
         deployment=dep,
         out_dir=out_dir,
+        force=force,
         on_round=on_round,
         on_stage=on_stage,
         wait_for_sites=wait_for_sites,
@@ -377,6 +384,10 @@ def run(
             "flwr-serverapp process runs privml's ServerApp and writes the run folder to --out",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="replace an existing --out folder (only one privml wrote)"),
+    ] = False,
 ) -> None:
     """Train the config across the connected sites and write the run folder, as `privml run`."""
     flower_run(
@@ -391,6 +402,7 @@ def run(
         round_timeout=round_timeout,
         home=home,
         detach=detach,
+        force=force,
     )
 
 

@@ -306,6 +306,7 @@ def write_run(
     out_dir: Path,
     *,
     results: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write the run folder (model, results.json, report) atomically; return it."""
     from privml.artifacts import atomic_folder, save_model, write_json
@@ -328,7 +329,7 @@ def write_run(
 
             (tmp / "report.html").write_text(render_report(results))
 
-    atomic_folder(out_dir, fill)
+    atomic_folder(out_dir, fill, force=force)
     return out_dir
 
 
@@ -342,6 +343,7 @@ def run_flower(
     on_stage: Callable[[str], None] | None = None,
     wait_for_sites: float = 300.0,
     round_timeout: float = 600.0,
+    force: bool = False,
 ) -> FlowerRunOutput:
     """Train ``config`` on the Flower deployment and write the run folder like ``privml run``.
 
@@ -358,6 +360,12 @@ def run_flower(
     stage = on_stage or (lambda _s: None)
     deployment.check()
     check_supported(config)
+    if write:
+        from privml.artifacts import check_output_folder
+        from privml.pipeline import default_out_dir, protected_paths
+
+        out_dir = Path(out_dir or config.output.dir or default_out_dir(config))
+        check_output_folder(out_dir, force=force, protected=protected_paths(config))
     t0 = time.perf_counter()
     stage(f"submitting the run to the SuperLink at {deployment.superlink}")
     try:
@@ -391,10 +399,9 @@ def run_flower(
     final_dir = None
     if write:
         stage("writing results")
-        from privml.pipeline import default_out_dir
-
-        final_dir = out_dir or config.output.dir or default_out_dir(config)
-        write_run(config, training, final_dir, results=results)
+        assert out_dir is not None
+        final_dir = out_dir
+        write_run(config, training, final_dir, results=results, force=force)
     return FlowerRunOutput(results, final_dir, training, run_id)
 
 
