@@ -166,3 +166,73 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
     raw = {"data": {"target": "y", "sites": [{"name": "a", "path": str(p)}]}}
     with pytest.raises(DataError, match="neither CSV .* nor Parquet"):
         load_federation(parse_config(raw))
+
+
+def test_problems_at_many_sites_name_each_site_and_its_own_rows(tmp_path: Path) -> None:
+    """All sites are checked in one pass; each message still names its site and local rows."""
+    n = 40
+    paths = write_sites(tmp_path, sizes=(8,) * n)
+    bad = {3: [1, 6], 17: [4], 39: [0, 2, 3, 5, 6, 7, 1]}  # site -> 0-based rows
+    for i, rows in bad.items():
+        df = pd.read_csv(paths[i], dtype=object)
+        df.loc[rows, "age"] = "n/a?"
+        df.to_csv(paths[i], index=False)
+    raw = {"data": {"target": "death", "positive": "dead",
+                    "sites": [{"name": f"s{i:02d}", "path": str(p)} for i, p in
+                              enumerate(paths)],
+                    "schema": {"age": {"type": "numeric", "min": 0, "max": 120},
+                               "sex": {"type": "binary", "values": ["F", "M"]},
+                               "chol": {"type": "numeric", "min": 50, "max": 400,
+                                        "missing": True},
+                               "smoker": {"type": "categorical", "missing": True,
+                                          "values": ["never", "former", "current"]}}}}  # fmt: skip
+    with pytest.raises(DataError) as info:
+        load_federation(parse_config(raw))
+    assert info.value.problems == [
+        "site 's03', column 'age': non-numeric value 'n/a?' at rows 2, 7; fix the file or "
+        "declare the column categorical",
+        "site 's17', column 'age': non-numeric value 'n/a?' at row 5; fix the file or declare "
+        "the column categorical",
+        "site 's39', column 'age': non-numeric value 'n/a?' at rows 1, 2, 3, 4, 6 and 2 more; "
+        "fix the file or declare the column categorical",
+    ]
+
+
+def test_sites_are_views_of_one_pool_and_a_replaced_site_is_seen() -> None:
+    from privml.data.federation import SiteData
+
+    fed = load_federation(parse_config(_builtin(partition="iid", n_sites=9)))
+    assert fed.pool is not None
+    X, y, offsets = fed.train_arrays()
+    assert X is fed.pool.X_train and X.dtype == np.float32 and X.flags.c_contiguous
+    for i, s in enumerate(fed.sites):  # no copy per site: views of the pooled arrays
+        assert np.shares_memory(s.X_train, X) and np.shares_memory(s.X_test, fed.pool.X_test)
+        np.testing.assert_array_equal(X[offsets[i] : offsets[i + 1]], s.X_train)
+    Xt, yt = fed.pooled_test()
+    np.testing.assert_array_equal(Xt, np.concatenate([s.X_test for s in fed.sites]))
+    Xs, ys, offs = fed.train_arrays(np.array([4, 1]))
+    np.testing.assert_array_equal(ys, np.concatenate([fed.sites[4].y_train, fed.sites[1].y_train]))
+    assert offs.tolist() == [0, fed.sites[4].n_train, fed.sites[4].n_train + fed.sites[1].n_train]
+    s0 = fed.sites[0]
+    fed.sites[0] = SiteData(s0.name, s0.X_train[:2], s0.y_train[:2], s0.X_test, s0.y_test)
+    X2, y2, offsets2 = fed.train_arrays()  # the pool no longer describes the sites
+    assert len(y2) == len(y) - s0.n_train + 2 and offsets2[1] == 2
+
+
+def test_synthetic_sites_are_the_same_records_as_site_by_site() -> None:
+    """The pooled path gives every site exactly its records, split by its own generator."""
+    from privml.data import datasets, partition
+
+    cfg = parse_config({"data": {"dataset": "synthetic", "n_sites": 50, "rows": 12, "seed": 4}})
+    fed = load_federation(cfg)
+    d = datasets.synthetic(n_rows=600, n_features=10, seed=4, n_sites=50)
+    site = d.frame["_site"].to_numpy()
+    assert (np.diff(site) >= 0).all()  # records come site after site
+    enc = Encoder(d.schema)
+    for i, s in enumerate(fed.sites):
+        rows = d.frame[site == i].reset_index(drop=True)
+        X = enc.transform(rows, site=s.name)
+        y = (rows["outcome"] == "event").to_numpy().astype(np.int64)
+        tr, te = partition.train_test_split(y, 0.2, rng=np.random.default_rng([4, i]))
+        np.testing.assert_array_equal(s.X_train, X[tr])
+        np.testing.assert_array_equal(s.y_test, y[te])

@@ -75,6 +75,8 @@ def digits() -> BuiltinData:
 def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int = 1) -> BuiltinData:
     """Records from a known logistic model: ``P(y=1|x) = sigmoid(x . w + b)``.
 
+    The records come site after site (column ``_site``, ascending).
+
     Features: ``n_features - 2`` standard-normal numeric columns clipped to [-4, 4] with a
     per-site mean shift (covariate shift across sites), an ``age`` in [18, 90] and a
     categorical ``smoker`` in {never, former, current}.
@@ -90,24 +92,45 @@ def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int 
     n_num = max(n_features - 2, 1)
     site = rng.integers(0, n_sites, size=n_rows)
     shift = rng.normal(0, 0.3, size=(n_sites, n_num))
-    x = np.clip(rng.normal(size=(n_rows, n_num)) + shift[site], -4, 4)
-    age = np.clip(rng.normal(55, 15, size=n_rows), 18, 90)
-    smoker = rng.choice(["never", "former", "current"], p=[0.5, 0.3, 0.2], size=n_rows)
+    # The records are stored site after site (each site's records in the order they were
+    # drawn), so that splitting the frame into sites reads it sequentially. The draws are made
+    # in blocks (the same draws as one call) and each block is written to its records' places:
+    # no full-size temporary, memory stays about the size of the frame itself.
+    perm = np.argsort(site, kind="stable")
+    dest = np.empty_like(perm)
+    dest[perm] = np.arange(n_rows)
+    x = np.empty((n_rows, n_num))
+    for a, b in _blocks(n_rows):
+        block = rng.normal(size=(b - a, n_num))
+        block += shift[site[a:b]]
+        np.clip(block, -4, 4, out=block)
+        x[dest[a:b]] = block
+    del dest
+    age = np.clip(rng.normal(55, 15, size=n_rows), 18, 90)[perm]
+    levels = ["never", "former", "current"]
+    smoker = rng.choice(len(levels), p=[0.5, 0.3, 0.2], size=n_rows).astype(np.int8)[perm]
     w = rng.normal(0, 1.5, size=n_num) / np.sqrt(n_num) * 2
     w_age, w_smoke = 1.5, {"never": 0.0, "former": 0.5, "current": 1.2}
-    logit = (
-        ((x + 4) / 8) @ w * 4
-        - 2 * w.sum()
-        + w_age * (age - 18) / 72
-        + np.vectorize(w_smoke.get)(smoker)
-        - 1.2
-    )
-    y = rng.random(n_rows) < 1 / (1 + np.exp(-logit))
+    smoke_w = np.array([w_smoke[v] for v in levels])
+    u = rng.random(n_rows)[perm]
+    site = site[perm]
+    del perm
+    logit = np.empty(n_rows)
+    for a, b in _blocks(n_rows):
+        logit[a:b] = (
+            ((x[a:b] + 4) / 8) @ w * 4
+            - 2 * w.sum()
+            + w_age * (age[a:b] - 18) / 72
+            + smoke_w[smoker[a:b]]
+            - 1.2
+        )
+    y = u < 1 / (1 + np.exp(-logit))
     cols = [f"x{i}" for i in range(n_num)]
-    df = pd.DataFrame(x, columns=cols)
+    df = pd.DataFrame(x, columns=cols, copy=False)
     df["age"] = age
-    df["smoker"] = smoker
-    df["outcome"] = np.where(y, "event", "none")
+    # category dtypes: one byte per record instead of a Python string object
+    df["smoker"] = pd.Categorical.from_codes(smoker, pd.Index(levels))
+    df["outcome"] = pd.Categorical.from_codes(y.astype(np.int8), pd.Index(["none", "event"]))
     df["_site"] = site
     schema: dict[str, ColumnSchema] = {
         c: ColumnSchema(type="numeric", min=-4.0, max=4.0) for c in cols
@@ -125,3 +148,7 @@ def synthetic(*, n_rows: int, n_features: int = 10, seed: int = 0, n_sites: int 
         "bayes_accuracy": float(np.mean((logit > 0) == y)),
     }
     return BuiltinData(df, schema, "outcome", ["none", "event"], truth)
+
+
+def _blocks(n: int, size: int = 1 << 20) -> list[tuple[int, int]]:
+    return [(a, min(n, a + size)) for a in range(0, n, size)]

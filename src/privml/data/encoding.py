@@ -19,7 +19,15 @@ import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema
-from privml.data.loading import _rows, binary_codes, numeric_values
+from privml.data.loading import (
+    Located,
+    Locator,
+    binary_problem,
+    binary_table,
+    numeric_array,
+    pool_frames,
+    text_codes,
+)
 from privml.errors import DataError, SchemaError
 
 
@@ -45,6 +53,28 @@ def _label_str(v: object) -> str:
     return str(v).strip()
 
 
+def label_codes(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Each label's canonical text (:func:`_label_str`) as a code into the distinct texts.
+
+    Missing labels get code -1. Vectorized: only the distinct values are turned into text.
+    """
+    if values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) not in (
+        "string",
+        "empty",
+    ):
+        # mixed Python objects (1, 1.0 and True hash alike): canonicalise each one
+        na = values.isna().to_numpy()
+        values = values.map(_label_str).where(~na, None)
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    codes = np.asarray(codes, dtype=np.int64)
+    texts = [_label_str(u) for u in uniques]
+    distinct, remap = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    if len(distinct) == len(texts):
+        return codes, texts
+    remap = np.append(remap.astype(np.int64), -1)  # -1 stays -1
+    return remap[codes], [str(t) for t in distinct]
+
+
 def resolve_task(
     frames: Mapping[str, pd.DataFrame],
     *,
@@ -53,36 +83,48 @@ def resolve_task(
     classes: list[str] | None,
 ) -> Task:
     """Decide the task from the config and check every site's labels against it."""
-    seen: dict[str, str] = {}  # label -> first site having it
-    where: dict[str, str] = {}  # label -> "site 'x', row r" of its first occurrence
-    counts: dict[str, int] = {}
-    problems: list[str] = []
-    for site, df in frames.items():
-        if target not in df.columns:
-            continue
-        col = df[target]
-        na = col.isna()
-        if na.any():
-            problems.append(
-                f"site {site!r}, target {target!r}: missing label at {_rows(na)}; "
+    with_target = {n: df[[target]] for n, df in frames.items() if target in df.columns}
+    pooled = pool_frames(with_target)
+    column = pooled.frame[target] if len(pooled.frame) else pd.Series([], dtype=object)
+    return resolve_task_pooled(
+        column, pooled.where, target=target, positive=positive, classes=classes
+    )
+
+
+def resolve_task_pooled(
+    labels: pd.Series,
+    where: Locator,
+    *,
+    target: str,
+    positive: object | None,
+    classes: list[str] | None,
+) -> Task:
+    """:func:`resolve_task` on every site's labels at once (site after site, as ``where`` says)."""
+    codes, texts = label_codes(labels)
+    na = codes < 0
+    if na.any():
+        raise DataError(
+            [
+                f"site {loc.name!r}, target {target!r}: missing label at {loc.rows}; "
                 "drop those rows or fill them in"
-            )
-        labels_here = col[~na].map(_label_str)
-        for v, k in labels_here.value_counts(sort=False).items():
-            counts[str(v)] = counts.get(str(v), 0) + int(k)
-        for v in pd.unique(labels_here):
-            if str(v) not in seen:
-                seen[str(v)] = site
-                first = labels_here.index[(labels_here == v).to_numpy()][0]
-                where[str(v)] = f"site {site!r}, row {int(first) + 1}"
-    if problems:
-        raise DataError(problems)
-    labels = sorted(seen)
+                for loc in where.locate(na)
+            ]
+        )
+    present, first_at, n_at = np.unique(codes, return_index=True, return_counts=True)
+    seen = {texts[int(c)] for c in present}
+    counts = {texts[int(c)]: int(n) for c, n in zip(present, n_at, strict=True)}
+    firsts = {texts[int(c)]: int(p) for c, p in zip(present, first_at, strict=True)}
+
+    def where_first(label: str) -> str:
+        loc = where.locate_positions(np.array([firsts[label]]))[0]
+        return f"site {loc.name!r}, {loc.rows}"
+
+    labels_sorted = sorted(seen)
     if classes is not None:
-        unknown = [v for v in labels if v not in classes]
+        unknown = [v for v in labels_sorted if v not in classes]
         if unknown:
             raise DataError(
-                f"target {target!r}: values {unknown} (first at {where[unknown[0]]}) are "
+                f"target {target!r}: values {unknown} (first at {where_first(unknown[0])}) are "
                 f"not in data.classes {classes}; add them or fix the files"
             )
         if len(classes) == 2:
@@ -93,40 +135,113 @@ def resolve_task(
         if pos not in seen:
             raise DataError(
                 f"target {target!r}: the positive value {pos!r} (data.positive) never occurs; "
-                f"the values are {labels[:10]}"
+                f"the values are {labels_sorted[:10]}"
             )
-        others = [v for v in labels if v != pos]
+        others = [v for v in labels_sorted if v != pos]
         if len(others) > 1:
             third = min(others, key=lambda v: counts[v])  # the rarest is the likeliest typo
             n3 = counts[third]
             raise DataError(
                 f"target {target!r}: a binary task has two label values but found "
-                f"{len(labels)}: {labels[:10]} (value {third!r} in {n3} record"
+                f"{len(labels_sorted)}: {labels_sorted[:10]} (value {third!r} in {n3} record"
                 f"{'s' if n3 > 1 else ''}, "
-                f"first at {where[third]}); "
+                f"first at {where_first(third)}); "
                 "fix the files, or set data.classes for a multiclass task"
             )
         neg = others[0] if others else f"not {pos}"
         return Task("binary", target, (neg, pos))
-    if set(labels) <= {"0", "1"}:
+    if set(labels_sorted) <= {"0", "1"}:
         return Task("binary", target, ("0", "1"))
-    if {v.lower() for v in labels} <= {"true", "false"}:
+    if {v.lower() for v in labels_sorted} <= {"true", "false"}:
         return Task("binary", target, ("false", "true"))
     raise DataError(
-        f"target {target!r} has values {labels[:10]}: set data.positive to the positive "
+        f"target {target!r} has values {labels_sorted[:10]}: set data.positive to the positive "
         "class for a binary task (or data.classes for multiclass)"
     )
 
 
 def encode_labels(values: pd.Series, task: Task) -> np.ndarray:
     """Class indices (int64): 0/1 for binary (1 = positive), 0..K-1 for multiclass."""
-    s = values.map(_label_str)
-    if task.kind == "binary" and task.classes == ("false", "true"):
-        s = s.str.lower()
+    codes, texts = label_codes(values)
     if task.kind == "binary":
-        return (s == task.classes[1]).to_numpy(dtype=np.int64)
-    index = {c: i for i, c in enumerate(task.classes)}
-    return s.map(index).to_numpy(dtype=np.int64)
+        lower = task.classes == ("false", "true")
+        table = [int((t.lower() if lower else t) == task.classes[1]) for t in texts]
+        lut = np.asarray([*table, 0], dtype=np.int64)  # a missing label: 0 (as before)
+    else:
+        index = {c: i for i, c in enumerate(task.classes)}
+        if any(t not in index for t in texts) or (codes < 0).any():
+            # an unknown or missing label has no class index (pandas gave NaN here before)
+            raise ValueError(f"labels outside the task's classes {list(task.classes)}")
+        lut = np.asarray([index[t] for t in texts] + [0], dtype=np.int64)
+    return lut[codes]
+
+
+#: Rows encoded at a time (bounds the temporaries of a column to a few megabytes).
+_ROWS = 1 << 18
+
+
+def _encode_column(
+    values: pd.Series, spec: ColumnSchema, block: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Encode one column's values into ``block`` (its float32 output columns).
+
+    Returns the problems as masks over the values: ``missing`` (not allowed by the schema),
+    ``bad`` (not a number, not a declared category or binary value), ``impute`` (the declared
+    binary impute value is not one of the values).
+    """
+    na = values.isna().to_numpy()
+    if na.any() and not spec.missing:
+        return {"missing": na}
+    if spec.type == "numeric":
+        assert spec.min is not None and spec.max is not None
+        num = numeric_array(values)
+        bad = np.isnan(num) & ~na
+        if bad.any():
+            return {"bad": bad}
+        impute = spec.impute if isinstance(spec.impute, int | float) else (spec.min + spec.max) / 2
+        if na.any():
+            num[na] = float(impute)
+        num -= spec.min
+        num /= spec.max - spec.min
+        np.clip(num, 0.0, 1.0, out=num)
+        block[:, 0] = num
+    elif spec.type == "binary":
+        codes, texts = text_codes(values)
+        mapped = binary_table(texts, spec)[codes]
+        bad = np.isnan(mapped) & ~na
+        if bad.any():
+            return {"bad": bad}
+        mapped[na] = 0.0
+        if na.any() and spec.impute is not None:
+            imp = binary_table([str(spec.impute)], spec)[0]
+            if np.isnan(imp):
+                return {"impute": na}
+            mapped[na] = imp
+        block[:, 0] = mapped
+    else:
+        cats = list(spec.values or [])
+        codes, texts = text_codes(values)
+        slot = np.array([cats.index(t) if t in cats else -1 for t in texts], np.int64)
+        col_of = slot[codes] if len(slot) else np.full(len(values), -1, np.int64)
+        unknown = (col_of < 0) & ~na
+        if unknown.any():
+            if not spec.other:
+                return {"bad": unknown}
+            block[unknown, len(cats)] = 1.0
+        hit = np.flatnonzero((col_of >= 0) & ~na)
+        block[hit, col_of[hit]] = 1.0
+        if na.any() and isinstance(spec.impute, str) and spec.impute in cats:
+            block[na, cats.index(spec.impute)] = 1.0
+    if spec.missing:
+        block[:, -1] = na
+    return {}
+
+
+def _sites(where: Locator) -> str:
+    names = where.names
+    if len(names) == 1:
+        return f"site {names[0]!r}"
+    return f"sites {names[:3]}{' and more' if len(names) > 3 else ''}"
 
 
 @dataclass
@@ -165,80 +280,113 @@ class Encoder:
                 f'[data.schema.{cols[0]}] type = "numeric" min = ... max = ...'
             )
 
+    def column_widths(self) -> list[int]:
+        """How many encoded features each schema column gives, in schema order."""
+        out = []
+        for spec in self.schema.values():
+            if spec.type in ("numeric", "binary"):
+                w = 1
+            else:
+                w = len(spec.values or []) + int(spec.other)
+            out.append(w + int(spec.missing))
+        return out
+
     def transform(self, df: pd.DataFrame, *, site: str = "input") -> np.ndarray:
         """Encode a frame into a float32 ``[rows, n_features]`` array (raises DataError)."""
+        return self.encode(df, Locator.single(site, df.index))
+
+    def encode(
+        self,
+        df: pd.DataFrame,
+        where: Locator,
+        *,
+        order: np.ndarray | None = None,
+        located: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Encode ``df`` (rows ``order`` of it, in that order, when given) into float32.
+
+        ``where`` locates the records (sites and row numbers) for the messages of the
+        DataError raised when values do not fit the schema: output row ``r`` is record
+        ``located[r]`` of ``where`` (default: ``order[r]``, or ``r``). Column by column and
+        in blocks of rows, written straight into the float32 result: no per-row Python and
+        temporaries of one block only.
+        """
         self.fit_check()
-        n = len(df)
-        blocks: list[np.ndarray] = []
+        n = len(df) if order is None else len(order)
+        out = np.zeros((n, self.n_features), dtype=np.float32)
         problems: list[str] = []
-        for col, spec in self.schema.items():
+        columns: list[tuple[str, ColumnSchema, int, int]] = []
+        j = 0
+        for (col, spec), width in zip(self.schema.items(), self.column_widths(), strict=True):
             if col not in df.columns:
-                problems.append(f"site {site!r}: column {col!r} of the schema is missing")
+                problems.append(f"{_sites(where)}: column {col!r} of the schema is missing")
+            else:
+                columns.append((col, spec, j, j + width))
+            j += width
+        found: dict[tuple[str, str], list[np.ndarray]] = {}
+        for a in range(0, n, _ROWS):
+            b = min(n, a + _ROWS)
+            rows = slice(a, b) if order is None else order[a:b]
+            for col, spec, j0, j1 in columns:
+                raw = df[col]
+                # indexing, not take(): numpy's take copies a strided column whole first
+                values = pd.Series(raw.array[rows], copy=False)
+                for kind, mask in _encode_column(values, spec, out[a:b, j0:j1]).items():
+                    found.setdefault((col, kind), []).append(np.flatnonzero(mask) + a)
+        for col, spec, _, _ in columns:
+            missing = found.get((col, "missing"))
+            if missing:
+                problems += [
+                    f"site {loc.name!r}, column {col!r}: missing values at {loc.rows}; "
+                    f"set missing = true in [data.schema.{col}]"
+                    for loc, _ in self._at(df, col, missing, where, order, located)
+                ]
                 continue
-            values = df[col]
-            na = values.isna().to_numpy()
-            if na.any() and not spec.missing:
+            if (col, "impute") in found:
                 problems.append(
-                    f"site {site!r}, column {col!r}: missing values at "
-                    f"{_rows(pd.Series(na))}; set missing = true in [data.schema.{col}]"
+                    f"{_sites(where)}, column {col!r}: "
+                    + binary_problem(spec.impute, "the declared impute", spec)
                 )
+            bad = found.get((col, "bad"))
+            if not bad:
                 continue
-            if spec.type == "numeric":
-                assert spec.min is not None and spec.max is not None
-                num = numeric_values(values).to_numpy(dtype=np.float64)
-                bad = np.isnan(num) & ~na
-                if bad.any():
+            for loc, value in self._at(df, col, bad, where, order, located):
+                head = f"site {loc.name!r}, column {col!r}: "
+                if spec.type == "numeric":
                     problems.append(
-                        f"site {site!r}, column {col!r}: non-numeric value "
-                        f"{str(values[bad].iloc[0])!r} at {_rows(pd.Series(bad))}; "
+                        f"{head}non-numeric value {value!r} at {loc.rows}; "
                         "fix the file or declare the column categorical"
                     )
-                    continue
-                impute = (
-                    spec.impute
-                    if isinstance(spec.impute, int | float)
-                    else ((spec.min + spec.max) / 2)
-                )
-                num = np.where(na, float(impute), num)
-                scaled = np.clip((num - spec.min) / (spec.max - spec.min), 0.0, 1.0)
-                blocks.append(scaled[:, None])
-            elif spec.type == "binary":
-                codes = np.zeros(n)
-                try:
-                    codes[~na] = binary_codes(values[~na], spec).to_numpy()
-                except ValueError as exc:
-                    problems.append(f"site {site!r}, column {col!r}: {exc}")
-                    continue
-                if na.any() and spec.impute is not None:
-                    codes[na] = binary_codes(pd.Series([spec.impute]), spec).iloc[0]
-                blocks.append(codes[:, None])
-            else:
-                cats = list(spec.values or [])
-                s = values.astype(str).to_numpy()
-                onehot = np.zeros((n, len(cats) + int(spec.other)))
-                for j, c in enumerate(cats):
-                    onehot[:, j] = (s == c) & ~na
-                unknown = ~na & ~np.isin(s, cats)
-                if unknown.any():
-                    if spec.other:
-                        onehot[:, -1] = unknown
-                    else:
-                        problems.append(
-                            f"site {site!r}, column {col!r}: value {s[unknown][0]!r} at "
-                            f"{_rows(pd.Series(unknown))} is not one of the declared values "
-                            f"{cats}; add it to values or set other = true"
-                        )
-                        continue
-                if na.any() and isinstance(spec.impute, str) and spec.impute in cats:
-                    onehot[na, cats.index(spec.impute)] = 1.0
-                blocks.append(onehot)
-            if spec.missing:
-                blocks.append(na.astype(np.float64)[:, None])
+                elif spec.type == "binary":
+                    problems.append(head + binary_problem(value, loc.rows, spec))
+                else:
+                    problems.append(
+                        f"{head}value {value!r} at {loc.rows} is not one of the declared "
+                        f"values {list(spec.values or [])}; add it to values or set other = true"
+                    )
         if problems:
             raise DataError(problems)
-        if not blocks:
-            return np.zeros((n, 0), dtype=np.float32)
-        return np.hstack(blocks).astype(np.float32)
+        return out
+
+    @staticmethod
+    def _at(
+        df: pd.DataFrame,
+        col: str,
+        chunks: list[np.ndarray],
+        where: Locator,
+        order: np.ndarray | None,
+        located: np.ndarray | None,
+    ) -> list[tuple[Located, str]]:
+        """Each site with a record among output rows ``chunks``, with its first value."""
+        pos = np.concatenate(chunks)
+        if located is None:
+            located = order
+        locs = where.locate_positions(pos if located is None else located[pos])
+        out = []
+        for loc in locs:
+            r = int(pos[loc.index])
+            out.append((loc, str(df[col].iloc[r if order is None else int(order[r])])))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -2,11 +2,19 @@
 
 Each site's records are read, checked against the public schema and the other sites, split
 into train and held-out test records at the site, and encoded with the schema alone.
+
+The work is done once over all sites' records pooled (site after site) rather than site by
+site, so it grows linearly with records and sites: one vectorized check and one encoding pass
+per column, the labels factorized once, each site's split from its own generator
+(:func:`privml.data.partition.split_sites`). The encoded records end in four contiguous
+float32/int64 arrays (:class:`SitePool`); each site's arrays are views into them, so memory is
+the encoded size plus a small object per site, and no per-site pandas frame is kept.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +23,16 @@ import pandas as pd
 
 from privml.config import ColumnSchema, Config
 from privml.data import datasets, partition
-from privml.data.encoding import Encoder, Task, encode_labels, resolve_task
-from privml.data.loading import check_columns_agree, check_sites, read_site_file
-from privml.data.schema import infer_schema
+from privml.data.encoding import Encoder, Task, encode_labels, resolve_task_pooled
+from privml.data.loading import (
+    Locator,
+    Pooled,
+    check_columns_agree,
+    check_values,
+    pool_frames,
+    read_site_file,
+)
+from privml.data.schema import infer_schema_pooled
 from privml.errors import DataError, PrivacyLeakWarning
 
 
@@ -40,13 +55,55 @@ class SiteData:
         return len(self.y_test)
 
 
+@dataclass(frozen=True)
+class SitePool:
+    """Every site's encoded records in contiguous arrays, site after site.
+
+    Site ``i``'s training records are ``X_train[train_offsets[i]:train_offsets[i + 1]]`` (and
+    likewise for the test records); the :class:`SiteData` built with it hold views.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    train_offsets: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    test_offsets: np.ndarray
+    sites: tuple[SiteData, ...]
+
+    @classmethod
+    def build(
+        cls,
+        names: Sequence[str],
+        X_train: np.ndarray,
+        y_train: np.ndarray,
+        train_offsets: np.ndarray,
+        X_test: np.ndarray,
+        y_test: np.ndarray,
+        test_offsets: np.ndarray,
+    ) -> SitePool:
+        tr, te = train_offsets.tolist(), test_offsets.tolist()
+        sites = tuple(
+            SiteData(
+                name,
+                X_train[tr[i] : tr[i + 1]],
+                y_train[tr[i] : tr[i + 1]],
+                X_test[te[i] : te[i + 1]],
+                y_test[te[i] : te[i + 1]],
+            )
+            for i, name in enumerate(names)
+        )
+        return cls(X_train, y_train, train_offsets, X_test, y_test, test_offsets, sites)
+
+
 @dataclass
 class FederatedData:
     """Every site's encoded data, the shared encoder and the task.
 
     ``inferred_columns`` lists the columns whose schema came from the private data (inferred
     at load time, or declared with ``derived_from_data = true``); ``truth`` is the generator's
-    ground truth for the synthetic dataset.
+    ground truth for the synthetic dataset. ``pool`` holds the sites' records contiguously when
+    :func:`load_federation` built them (see :meth:`train_arrays`).
     """
 
     sites: list[SiteData]
@@ -55,20 +112,56 @@ class FederatedData:
     inferred_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     truth: dict[str, Any] | None = None
+    pool: SitePool | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_features(self) -> int:
         return self.encoder.n_features
 
+    def _pool(self) -> SitePool | None:
+        """The pool, if ``sites`` are still the pool's own (a replaced site voids it)."""
+        p = self.pool
+        if p is None or len(p.sites) != len(self.sites):
+            return None
+        if not all(a is b for a, b in zip(self.sites, p.sites, strict=True)):
+            return None
+        return p
+
+    def train_arrays(
+        self, ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training records of sites ``ids`` (all by default) concatenated, and their offsets.
+
+        Without copying when all sites are asked for and the pool is intact.
+        """
+        p = self._pool()
+        if ids is None and p is not None:
+            return p.X_train, p.y_train, p.train_offsets
+        sites = self.sites if ids is None else [self.sites[int(i)] for i in ids]
+        return _concat([s.X_train for s in sites], [s.y_train for s in sites], self.n_features)
+
     def pooled_test(self) -> tuple[np.ndarray, np.ndarray]:
-        X = np.concatenate([s.X_test for s in self.sites])
-        y = np.concatenate([s.y_test for s in self.sites])
+        p = self._pool()
+        if p is not None:
+            return p.X_test, p.y_test
+        X, y, _ = _concat(
+            [s.X_test for s in self.sites], [s.y_test for s in self.sites], self.n_features
+        )
         return X, y
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
-        X = np.concatenate([s.X_train for s in self.sites])
-        y = np.concatenate([s.y_train for s in self.sites])
+        X, y, _ = self.train_arrays()
         return X, y
+
+
+def _concat(
+    Xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], n_features: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sizes = np.fromiter((len(y) for y in ys), dtype=np.int64, count=len(ys))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if not Xs:
+        return np.zeros((0, n_features), np.float32), np.zeros(0, np.int64), offsets
+    return np.concatenate(Xs), np.concatenate(ys), offsets
 
 
 def _site_names(n: int, hospitals: bool) -> list[str]:
@@ -78,19 +171,41 @@ def _site_names(n: int, hospitals: bool) -> list[str]:
     return [f"site_{i:0{width}d}" for i in range(n)]
 
 
-def _builtin(
-    config: Config,
-) -> tuple[dict[str, pd.DataFrame], datasets.BuiltinData, list[np.ndarray]]:
-    """Per-site frames of a built-in dataset, the dataset, and each site's row indices."""
+@dataclass
+class BuiltinSites:
+    """A built-in dataset split into simulated sites.
+
+    ``order`` lists the pooled frame's rows site after site; site ``i`` holds rows
+    ``order[offsets[i]:offsets[i + 1]]`` (ascending).
+    """
+
+    data: datasets.BuiltinData
+    names: list[str]
+    order: np.ndarray
+    offsets: np.ndarray
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Each site's own frame (for code that runs at one site: DP queries)."""
+        off = self.offsets.tolist()
+        frame = self.data.frame
+        return {
+            name: frame.iloc[self.order[off[i] : off[i + 1]]].reset_index(drop=True)
+            for i, name in enumerate(self.names)
+        }
+
+
+def builtin_sites(config: Config) -> BuiltinSites:
+    """The built-in dataset of ``config`` and its partition into sites."""
     d = config.data
     rng = np.random.default_rng(d.seed)
     if d.dataset == "synthetic":
         data = datasets.synthetic(
             n_rows=d.rows * d.n_sites, n_features=d.n_features, seed=d.seed, n_sites=d.n_sites
         )
-        groups = data.frame.groupby("_site").indices
-        parts = [np.asarray(groups.get(i, []), dtype=np.int64) for i in range(d.n_sites)]
-        frame = data.frame.drop(columns="_site")
+        site = data.frame["_site"].to_numpy()
+        order = np.argsort(site, kind="stable")
+        sizes = np.bincount(site, minlength=d.n_sites)
+        data.frame = data.frame.drop(columns="_site")
     else:
         data = datasets.breast_cancer() if d.dataset == "breast_cancer" else datasets.digits()
         frame = data.frame
@@ -108,10 +223,18 @@ def _builtin(
             if col not in frame.columns:
                 raise DataError(f"data.partition_column {col!r} is not a column of {d.dataset}")
             parts = partition.by_column(frame[col].to_numpy(), d.n_sites)
-    names = _site_names(len(parts), d.partition == "hospitals")
-    frames = {n: frame.iloc[p].reset_index(drop=True) for n, p in zip(names, parts, strict=True)}
-    data.frame = frame
-    return frames, data, parts
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        order = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    names = _site_names(len(sizes), d.partition == "hospitals")
+    return BuiltinSites(data, names, order, offsets)
+
+
+def site_names(config: Config) -> list[str]:
+    """The sites' names, in config order (no file is read, no frame built per site)."""
+    if config.data.sites is not None:
+        return [s.name for s in config.data.sites]
+    return builtin_sites(config).names
 
 
 def declared_schema(config: Config) -> dict[str, ColumnSchema]:
@@ -137,7 +260,7 @@ def declared_schema(config: Config) -> dict[str, ColumnSchema]:
 def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
     """Raw records of every site (for code that runs at the sites: training, DP queries)."""
     if config.data.dataset is not None:
-        return _builtin(config)[0]
+        return builtin_sites(config).frames()
     assert config.data.sites is not None
     frames: dict[str, pd.DataFrame] = {}
     problems: list[str] = []
@@ -152,27 +275,28 @@ def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
 
 
 def resolve_schema(
-    config: Config, frames: dict[str, pd.DataFrame]
+    config: Config, frames: dict[str, pd.DataFrame] | Pooled
 ) -> tuple[dict[str, ColumnSchema], list[str]]:
     """The declared schema, completed by inference for undeclared columns (marked, warned)."""
     d = config.data
     target = d.target
     declared = dict(config.data.schema)
     inferred_cols: list[str] = []
-    undeclared = {
-        name: df[
-            [c for c in df.columns if c not in declared and c != target and c not in d.exclude]
-        ]
-        for name, df in frames.items()
-    }
-    if any(len(df.columns) for df in undeclared.values()):
+    pooled = frames if isinstance(frames, Pooled) else pool_frames(frames)
+    undeclared = [
+        c
+        for c in pooled.frame.columns
+        if c not in declared and c != target and c not in d.exclude
+    ]
+    if undeclared:
         if not d.allow_inferred_schema:
-            cols = sorted({c for df in undeclared.values() for c in df.columns})
             raise DataError(
-                f"columns {cols} have no declared schema and data.allow_inferred_schema = false; "
-                "declare them in [data.schema] (privml schema infer writes a draft)"
+                f"columns {sorted(undeclared)} have no declared schema and "
+                "data.allow_inferred_schema = false; declare them in [data.schema] "
+                "(privml schema infer writes a draft)"
             )
-        inferred, skipped = infer_schema(undeclared, target=target, exclude=tuple(d.exclude))
+        sub = Pooled(pooled.frame[undeclared], pooled.where, pooled.has_column)
+        inferred, skipped = infer_schema_pooled(sub, target=target, exclude=tuple(d.exclude))
         if skipped:
             raise DataError(
                 f"columns {skipped} look like identifiers (many distinct text values); "
@@ -195,15 +319,23 @@ def load_federation(config: Config) -> FederatedData:
     """Read, check, split and encode every site's data as the config says."""
     d = config.data
     truth = None
+    inferred: list[str] = []
     if d.dataset is not None:
-        frames, builtin, parts = _builtin(config)
-        target = builtin.target
-        schema = {**builtin.schema, **config.data.schema}
-        inferred: list[str] = []
-        task = resolve_task(
-            frames, target=target, positive=None, classes=d.classes or builtin.classes
+        built = builtin_sites(config)
+        frame, names = built.data.frame, built.names
+        order, offsets = built.order, built.offsets
+        target = built.data.target
+        schema = {**built.data.schema, **config.data.schema}
+        labels = pd.Series(frame[target].array.take(order), copy=False)
+        task = resolve_task_pooled(
+            labels,
+            Locator(names, offsets),
+            target=target,
+            positive=None,
+            classes=d.classes or built.data.classes,
         )
-        truth = builtin.truth
+        truth = built.data.truth
+        del built
     else:
         frames = load_site_frames(config)
         assert d.target is not None
@@ -220,44 +352,60 @@ def load_federation(config: Config) -> FederatedData:
         )
         if problems:
             raise DataError(problems)
-        schema, inferred = resolve_schema(config, frames)
+        pooled = pool_frames(frames)
+        del frames  # the pooled frame holds every record; no per-site frame is kept
+        schema, inferred = resolve_schema(config, pooled)
         _warn_reviewed(schema, inferred)
-        problems = check_sites(frames, schema=schema, target=target, exclude=tuple(d.exclude))
-        if problems:
-            raise DataError(problems)
-        task = resolve_task(frames, target=target, positive=d.positive, classes=d.classes)
+        value_problems = check_values(pooled, schema)
+        if value_problems:
+            value_problems.sort(key=lambda t: (t[0], t[1]))
+            raise DataError([m for _, _, m in value_problems])
+        frame, names, offsets = pooled.frame, pooled.where.names, pooled.where.offsets
+        order = np.arange(len(frame), dtype=np.int64)
+        labels = frame[target]
+        task = resolve_task_pooled(
+            labels, pooled.where, target=target, positive=d.positive, classes=d.classes
+        )
+        del pooled
     encoder = Encoder(schema)
     encoder.fit_check()
-    sites: list[SiteData] = []
-    problems = []
-    pooled: tuple[np.ndarray, np.ndarray] | None = None
+    # labels site after site, each site's split from its own generator
+    y = encode_labels(labels, task)
+    del labels
+    held = partition.split_sites(y, offsets, d.test_fraction, seed=d.seed)
+    n_held = np.concatenate([[0], np.cumsum(held, dtype=np.int64)])
+    n_test = n_held[offsets[1:]] - n_held[offsets[:-1]]
+    n_train = np.diff(offsets) - n_test
+    del n_held
+    # every site's training records, site after site, then every site's held-out records
+    placed = np.argsort(held, kind="stable")
+    del held
+    y = y[placed]
     if d.dataset is not None:
-        # Encoding is record by record from the schema alone, so encoding the pooled built-in
-        # data once and slicing it gives every site exactly what encoding its own rows gives.
-        pooled = (
-            encoder.transform(builtin.frame, site=d.dataset),
-            encode_labels(builtin.frame[target], task),
-        )
-    for i, (name, df) in enumerate(frames.items()):
-        rng = np.random.default_rng([d.seed, i])
-        if pooled is not None:
-            X, y = pooled[0][parts[i]], pooled[1][parts[i]]
-        else:
-            try:
-                X = encoder.transform(df, site=name)
-            except DataError as exc:
-                problems += exc.problems
-                continue
-            y = encode_labels(df[target], task)
-        tr, te = partition.train_test_split(y, d.test_fraction, rng=rng)
-        sites.append(SiteData(name, X[tr], y[tr], X[te], y[te]))
-    if problems:
-        raise DataError(problems)
+        # built-in records: no value can fail, the dataset is named in any message
+        rows = order[placed]
+        del placed, order
+        X = encoder.encode(frame, Locator.single(str(d.dataset), frame.index), order=rows)
+        del rows
+    else:
+        X = encoder.encode(frame, Locator(names, offsets), order=placed)
+        del placed
+    del frame
+    k = int(n_train.sum())
+    pool = SitePool.build(
+        names,
+        X[:k],
+        y[:k],
+        np.concatenate([[0], np.cumsum(n_train)]).astype(np.int64),
+        X[k:],
+        y[k:],
+        np.concatenate([[0], np.cumsum(n_test)]).astype(np.int64),
+    )
     notes = []
     if inferred:
         notes.append(f"schema inferred from private data for columns: {', '.join(inferred)}")
     derived = [c for c, spec in schema.items() if spec.derived_from_data]
-    return FederatedData(sites, encoder, task, derived, notes, truth)
+    return FederatedData(list(pool.sites), encoder, task, derived, notes, truth, pool)
 
 
 def _warn_reviewed(schema: dict[str, ColumnSchema], inferred: list[str]) -> None:

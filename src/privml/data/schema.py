@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema
 from privml.errors import SchemaError
+
+if TYPE_CHECKING:
+    from privml.data.loading import Pooled
 
 #: A string column with at most this many distinct values is inferred as categorical.
 MAX_INFERRED_CATEGORIES = 50
@@ -89,21 +93,28 @@ def infer_schema(
     """
     if not frames:
         return {}, []
-    cols: list[str] = []
-    for df in frames.values():
-        cols += [c for c in df.columns if c not in cols]
+    from privml.data.loading import pool_frames
+
+    return infer_schema_pooled(pool_frames(frames), target=target, exclude=exclude)
+
+
+def infer_schema_pooled(
+    pooled: Pooled, *, target: str | None = None, exclude: tuple[str, ...] = ()
+) -> tuple[dict[str, ColumnSchema], list[str]]:
+    """:func:`infer_schema` on every site's records at once (one pass per column)."""
     schema: dict[str, ColumnSchema] = {}
     skipped: list[str] = []
     problems: list[str] = []
-    for col in cols:
+    for col in pooled.frame.columns:
         if col == target or col in exclude:
             continue
-        problems += _stray_text(frames, col)
+        problems += _stray_text(pooled, col)
         if problems:
             continue
-        series = pd.concat(
-            [df[col] for df in frames.values() if col in df.columns], ignore_index=True
-        )
+        series = pooled.frame[col]
+        has = pooled.present(col)
+        if has is not None:
+            series = series[has].reset_index(drop=True)
         spec = infer_column(series)
         if spec is None:
             skipped.append(col)
@@ -114,35 +125,28 @@ def infer_schema(
     return schema, skipped
 
 
-def _stray_text(frames: Mapping[str, pd.DataFrame], col: str) -> list[str]:
+def _stray_text(pooled: Pooled, col: str) -> list[str]:
     """Messages for text values in a column that is otherwise numeric (one per site)."""
-    from privml.data.loading import _rows, numeric_values
+    from privml.data.loading import numeric_values
 
-    n_present = n_numeric = 0
-    bad_by_site: dict[str, pd.Series] = {}
-    for site, df in frames.items():
-        if col not in df.columns:
-            continue
-        values = df[col]
-        present = values.notna()
-        is_num = numeric_values(values).notna()
-        n_present += int(present.sum())
-        n_numeric += int(is_num.sum())
-        bad = present & ~is_num
-        if bad.any():
-            bad_by_site[site] = bad
-    if not bad_by_site or n_present == 0 or n_numeric / n_present < MOSTLY_NUMERIC:
+    values = pooled.frame[col]
+    has = pooled.present(col)
+    present = values.notna().to_numpy()
+    is_num = numeric_values(values).notna().to_numpy()
+    if has is not None:
+        present &= has
+        is_num &= has
+    n_present, n_numeric = int(present.sum()), int(is_num.sum())
+    bad = present & ~is_num
+    if not bad.any() or n_present == 0 or n_numeric / n_present < MOSTLY_NUMERIC:
         return []
     share = f"{n_numeric} of {n_present} values"
-    out = []
-    for site, bad in bad_by_site.items():
-        first = frames[site][col][bad].iloc[0]
-        out.append(
-            f"site {site!r}, column {col!r}: non-numeric value {str(first)!r} at {_rows(bad)} "
-            f"in a column of numbers ({share} are numbers); fix the file, or declare "
-            f'the column in [data.schema.{_toml_key(col)}] (type = "categorical", values = [...])'
-        )
-    return out
+    return [
+        f"site {loc.name!r}, column {col!r}: non-numeric value {str(values.iloc[loc.first])!r} "
+        f"at {loc.rows} in a column of numbers ({share} are numbers); fix the file, or declare "
+        f'the column in [data.schema.{_toml_key(col)}] (type = "categorical", values = [...])'
+        for loc in pooled.where.locate(bad)
+    ]
 
 
 _TOML_ESCAPES = {

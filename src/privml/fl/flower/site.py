@@ -72,11 +72,9 @@ def site_prox_mu(training: Any) -> float:
 
 def site_names(config: Config) -> list[str]:
     """The names of the config's sites, in config order (their index seeds their training)."""
-    if config.data.sites is not None:
-        return [s.name for s in config.data.sites]
-    from privml.data.federation import load_site_frames
+    from privml.data.federation import site_names as names_of
 
-    return list(load_site_frames(config))
+    return names_of(config)
 
 
 def load_site(config: Config, site: str) -> tuple[SiteData, Encoder, Task, int]:
