@@ -268,9 +268,12 @@ def test_schema_infer_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def _pooled_accuracy(summary: str) -> float:
-    line = next(x for x in summary.splitlines() if "pooled" in x)
-    cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
-    return float(cells[3])
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+
+    lines = summary.splitlines()
+    header = cells(next(x for x in lines if "site" in x and "accuracy" in x))
+    return float(cells(next(x for x in lines if "pooled" in x))[header.index("accuracy")])
 
 
 @pytest.mark.slow  # two full demo runs, with the report and the encrypted-inference check

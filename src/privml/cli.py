@@ -18,9 +18,9 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from privml.console import PlainWhenPiped
 from privml.errors import PrivmlError, UsageError
 
 app = typer.Typer(
@@ -29,12 +29,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from privml import __version__
+
+        sys.stdout.write(f"privml {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", help="print privml's version and exit",
+                     callback=_version, is_eager=True),  # fmt: skip
+    ] = False,
+) -> None:
+    """Federated, differentially private, encrypted machine learning on multi-site data."""
 schema_app = typer.Typer(help="Public schemas: infer a draft for review.", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
 
-err = Console(stderr=True)
-out = Console()
+err = PlainWhenPiped(stderr=True)
+out = PlainWhenPiped()
 
 ConfigOpt = Annotated[
     Path | None,
@@ -42,10 +62,21 @@ ConfigOpt = Annotated[
 ]
 
 
-def _load(config: Path | None):
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="override one config value, e.g. --set training.rounds=5 (repeatable; TOML "
+        "values; recorded in results.json)",
+        metavar="SECTION.KEY=VALUE",
+    ),
+]
+
+
+def _load(config: Path | None, sets: list[str] | None = None):
     from privml.config import load_config
 
-    return load_config(config)
+    return load_config(config, overrides=sets or ())
 
 
 @app.command()
@@ -90,6 +121,7 @@ def run(
             help="replace an existing --out folder (only one privml wrote; never other files)",
         ),
     ] = False,
+    sets: SetOpt = None,
 ) -> None:
     """Train across the configured sites and write results.json, the model and a report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,7 +130,12 @@ def run(
 
     if engine not in (None, "simulation", "flower"):
         raise UsageError(f"--engine must be 'simulation' or 'flower'. Got {engine!r} instead.")
-    if engine == "flower" or (engine is None and _load(config).training.engine == "flower"):
+    if engine == "flower" or (engine is None and _load(config, sets).training.engine == "flower"):
+        if sets:
+            raise UsageError(
+                "--set is not supported with the Flower engine (the sites read the same config "
+                "file): edit the config file instead"
+            )
         if _load(config).training.secure_aggregation != "none":  # issue 6: simulation only
             raise UsageError(
                 "secure_aggregation runs in the simulation engine only; drop --engine flower "
@@ -115,9 +152,11 @@ def run(
     if resume is not None and config is None:
         from privml.fl.checkpoint import locate_partial_run, read_run_config
 
+        if sets:
+            raise UsageError("--set cannot change an interrupted run's config; drop --set")
         cfg = read_run_config(locate_partial_run(resume)[1])
     else:
-        cfg = _load(config)
+        cfg = _load(config, sets)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -154,29 +193,42 @@ def run(
 
 
 def _summary(res: dict[str, Any], folder: Path | None) -> None:
+    from privml.fl.metrics import baseline_warning
+
     m = res["metrics"]
+    classes = res.get("task", {}).get("classes")
+    binary = res.get("task", {}).get("kind") == "binary"
     t = Table(title=f"privml run: {res['name']}", show_lines=False)
-    for col in ("site", "train", "test", "accuracy", "auc"):
+    cols = ["site", "train", "test"]
+    cols += ["positive" if binary else "", "majority", "accuracy", "bal. acc", "F1", "AUC"]
+    cols = [c for c in cols if c]
+    for col in cols:
         t.add_column(col, justify="right" if col != "site" else "left")
+
+    def cells(x: dict[str, Any]) -> list[str]:
+        row = [_f(x.get("prevalence"))] if binary else []
+        return row + [_f(x.get(k)) for k in ("majority_baseline", "accuracy",
+                                              "balanced_accuracy", "f1", "auc")]  # fmt: skip
+
     for s in res["sites"][:20]:
         ps = m["per_site"].get(s["name"], {})
-        t.add_row(
-            s["name"],
-            str(s["n_train"]),
-            str(s["n_test"]),
-            _f(ps.get("accuracy")),
-            _f(ps.get("auc")),
-        )
+        t.add_row(s["name"], str(s["n_train"]), str(s["n_test"]), *cells(ps))
     if len(res["sites"]) > 20:
-        t.add_row(f"... {len(res['sites']) - 20} more", "", "", "", "")
+        t.add_row(f"... {len(res['sites']) - 20} more", *[""] * (len(cols) - 1))
     t.add_row(
-        "[bold]pooled",
-        str(sum(s["n_train"] for s in res["sites"])),
-        str(m["n"]),
-        f"[bold]{_f(m['accuracy'])}",
-        f"[bold]{_f(m['auc'])}",
-    )
+        "[bold]pooled", str(sum(s["n_train"] for s in res["sites"])), str(m["n"]),
+        *(f"[bold]{c}" for c in cells(m)),
+    )  # fmt: skip
     out.print(t)
+    out.print(
+        "majority = accuracy of predicting the most frequent class for everyone; "
+        "bal. acc = mean recall over the classes (chance: "
+        f"{1 / max(2, len(classes or [0, 0])):.2f})",
+        style="dim", highlight=False,
+    )  # fmt: skip
+    warning = baseline_warning(m, classes)
+    if warning:
+        err.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
     priv = res.get("privacy", {})
     if priv.get("mode", "none") == "none":
         out.print("privacy: none (non-private training)")
@@ -185,7 +237,7 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
             f"privacy: {priv['mode']}-level DP, epsilon {_f(priv.get('epsilon'))}, "
             f"delta {priv.get('delta')}"
         )
-    if res.get("audit", {}).get("summary"):  # issue 8: measured leakage beside epsilon
+    if res.get("audit", {}).get("summary"):
         out.print(f"audit: {res['audit']['summary']}", highlight=False)
     for section, key in (("encrypted_inference", "agreement"), ("audit", None)):
         if section in res and key:
@@ -193,6 +245,9 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
     if folder is not None:
         # never wrapped, so the path can be copied or grepped whatever the terminal width
         out.print(f"results: {folder}/results.json", soft_wrap=True, markup=False, highlight=False)
+        if (Path(folder) / "report.html").is_file():
+            out.print(f"report:  {folder}/report.html", soft_wrap=True, markup=False,
+                      highlight=False)  # fmt: skip
 
 
 def _f(v: Any) -> str:
@@ -307,11 +362,12 @@ def sweep(
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing --out folder privml wrote")
     ] = False,
+    sets: SetOpt = None,
 ) -> None:
     """Train at each epsilon and write a privacy-utility curve (sweep.png and sweep.json)."""
     from privml.sweep import parse_epsilons, run_sweep
 
-    cfg = _load(config)
+    cfg = _load(config, sets)
     eps = parse_epsilons(epsilons)
 
     def on_point(p: Any) -> None:

@@ -13,14 +13,16 @@ CSV files writes five lines::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from privml.errors import ConfigError
 
@@ -571,6 +573,16 @@ class Config(_Strict):
 
     name: str = "privml"
     source: Path | None = Field(default=None, exclude=True)
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def overrides(self) -> list[str]:
+        """The ``section.key=value`` overrides applied on top of the file (``--set``)."""
+        return self._overrides
+
+    @overrides.setter
+    def overrides(self, value: list[str]) -> None:
+        self._overrides = list(value)
 
     @model_validator(mode="after")
     def _check_federation(self) -> Config:
@@ -710,12 +722,90 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         cfg.output.dir = (base / cfg.output.dir).resolve()
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Load and validate a TOML config; ``None`` loads the embedded demo."""
-    if path is None:
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"section.key=value"`` -> (``["section", "key"]``, value). The value is read as a TOML
+    value (``5``, ``0.5``, ``true``, ``[16, 8]``, ``"text"``); anything that is not one is
+    taken as a string, so ``--set data.target=death`` needs no quotes.
+
+    Raises:
+        UsageError: no ``=``, or a key that is not ``section.key`` (dotted, non-empty parts).
+    """
+    from privml.errors import UsageError
+
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(p.strip() for p in parts):
+        raise UsageError(
+            f"--set expects section.key=value, e.g. --set training.rounds=5 or "
+            f"--set privacy.epsilon=2. Got {text!r}."
+        )
+    value = value.strip()
+    try:
+        parsed: Any = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return [p.strip() for p in parts], parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the config mapping ``raw`` with each ``section.key=value`` set.
+
+    Raises:
+        UsageError: a malformed override, or one that descends into a key that is not a table.
+    """
+    from privml.errors import UsageError
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(
+                    f"--set {text}: {'.'.join(parts[: i + 1])} is not a table of keys, so it "
+                    "has no key to set"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | Config | None = None,
+    *,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Load and validate a config: a TOML file's path, a mapping with the same structure as
+    the TOML file, a :class:`Config` (returned as is unless overridden), or ``None`` for the
+    embedded demo. ``overrides`` are ``"section.key=value"`` strings (``privml run --set``),
+    applied before validation and recorded in :attr:`Config.overrides`.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or the config is invalid (every problem
+            listed).
+        UsageError: a malformed override.
+    """
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        raw = source.resolved()
+        cfg = parse_config(apply_overrides(raw, overrides), name=source.name, source=source.source)
+        cfg.overrides = [*source.overrides, *overrides]
+        return cfg
+    elif isinstance(source, Mapping):
+        raw = apply_overrides(dict(source), overrides)
+        cfg = parse_config(raw, name=str(raw.get("name", "privml")), base_dir=Path.cwd())
+    elif source is None:
         text = resources.files("privml.data").joinpath("demo/demo.toml").read_text()
-        return parse_config(tomllib.loads(text), name="demo")
-    p = Path(path)
+        cfg = parse_config(apply_overrides(tomllib.loads(text), overrides), name="demo")
+    else:
+        cfg = _load_file(Path(source), overrides)
+    cfg.overrides = list(overrides)
+    return cfg
+
+
+def _load_file(p: Path, overrides: Sequence[str]) -> Config:
     if not p.is_file():
         raise ConfigError(
             f"config file {str(p)!r} not found; pass an existing TOML file with --config",
@@ -726,4 +816,5 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"not valid TOML: {exc}", source=str(p)) from None
     except UnicodeDecodeError:
         raise ConfigError("not a UTF-8 text file", source=str(p)) from None
+    raw = apply_overrides(raw, overrides)
     return parse_config(raw, base_dir=p.resolve().parent, name=p.stem, source=p)

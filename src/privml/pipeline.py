@@ -8,7 +8,8 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from privml.fl.checkpoint import (
     write_run_config,
 )
 from privml.fl.engine import RoundRecord, TrainingResult, simulate
+from privml.fl.metrics import curves
 from privml.models.nets import ModelSpec
 
 RESULTS_SCHEMA = "privml-results/1"
@@ -78,6 +80,24 @@ def encrypted_inference(
         )
     except PrivmlError as exc:
         return {"scheme": inf.scheme, "skipped": str(exc)}
+
+
+@contextmanager
+def _noting(notes: list[str]) -> Iterator[None]:
+    """Show each warning as it is raised (the command line prints it at once) and keep its
+    text for results.json's ``notes``."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.simplefilter("always")
+
+        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                 line: Any = None) -> None:  # fmt: skip
+            if str(message) not in notes:
+                notes.append(str(message))
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def check_extras(config: Config) -> None:
@@ -233,7 +253,7 @@ def _run(
         warnings.simplefilter("always")
         fed = load_federation(config)
     notes = [str(w.message) for w in caught]
-    for w in caught:
+    for w in caught:  # shown once the data loaded (a failed load shows its error only)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     spec = model_spec(config, fed)
     stage(f"training {spec.kind} over {len(fed.sites)} sites")
@@ -261,7 +281,8 @@ def _run(
                 "[attack] simulations run with the non-private engine only; remove [attack] "
                 "or set privacy.mode = \"none\" (privml audit measures attacks on DP models)"
             )
-        private = train_private(config, fed, spec, on_round=on_round)
+        with _noting(notes):  # e.g. client-level DP with too few sites, before training
+            private = train_private(config, fed, spec, on_round=on_round)
         result = private.result
     else:
         result = simulate(
@@ -290,7 +311,9 @@ def _run(
         "notes": notes,
         "config": config.resolved(),
         "config_hash": config.config_hash(),
+        "overrides": list(config.overrides),
     }
+    results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
     if result.extra.get("attack") is not None:
         results["attack"] = result.extra["attack"]
     if private is not None and private.features is not None:

@@ -29,6 +29,9 @@ BASE = {"rounds": 3, "local_epochs": 2, "lr": 4.0, "batch_size": 32, "seed": 3}
 #: Keys of a round record that are timings, not results.
 TIMING_KEYS = ("seconds",)
 
+#: Keys of a round record derived from the parameters (checked through them), not recorded.
+DERIVED_KEYS = ("per_site",)
+
 
 def _federation(name: str = "bc", n_sites: int = 10) -> Any:
     """Every site's records, split by a fixed rule (record i goes to site i % n_sites after a
@@ -86,7 +89,8 @@ def _attack(**kw: Any) -> Any:
 
 def _sim_result(res: Any) -> tuple[np.ndarray, dict[str, Any]]:
     rounds = [
-        {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS} for r in res.history
+        {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS + DERIVED_KEYS}
+        for r in res.history
     ]
     updates = dict(res.extra.get("updates", {}))
     attack = res.extra.get("attack")
@@ -185,7 +189,8 @@ def _flower(training: dict[str, Any]) -> Callable[[], tuple[np.ndarray, dict[str
 
         res = run_flower_in_memory(training)
         rounds = [
-            {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS} for r in res.history
+            {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS + DERIVED_KEYS}
+        for r in res.history
         ]
         return res.params.numpy().astype(np.float32), {
             "rounds": rounds,

@@ -90,6 +90,7 @@ from privml.dp.accounting import (
     dp_fedavg_event,
     dpsgd_event,
 )
+from privml.dp.advice import client_level_warning
 from privml.dp.features import HogFeatures, make_feature_map
 from privml.dp.ledger import PrivacyLedger
 from privml.dp.sgd import DPSGDGradient, noise_generators, poisson_batches, sampling_plan
@@ -115,7 +116,7 @@ from privml.fl.engine import (
     simulate,
 )
 from privml.fl.local import CohortData, MeanGradient, train_cohort
-from privml.fl.metrics import evaluate
+from privml.fl.metrics import evaluate, round_metrics
 from privml.fl.server_opt import server_step
 from privml.models.nets import ModelSpec, build_model
 
@@ -714,6 +715,7 @@ def _record(
         clients=clients,
         rejected=rejected,
         seconds=time.perf_counter() - t0,
+        per_site=ev.get("per_site"),
         **extra,
     )
 
@@ -780,6 +782,7 @@ def _train_sample_level(
         else 0.0
     )
     X_test, y_test = fed.pooled_test()
+    site_sizes = [(s.name, s.n_test) for s in fed.sites]
     history: list[RoundRecord] = []
     rejected = 0
     sigmas = np.array([sp.noise_multiplier for sp in plan.sites])
@@ -811,7 +814,7 @@ def _train_sample_level(
         outcome = aggregate_round(state, updates, weights, plan=server)
         state = outcome.state
         rejected += outcome.counts["rejected"]
-        ev = evaluate(head, torch.from_numpy(state.params), X_test, y_test)
+        ev = round_metrics(head, torch.from_numpy(state.params), X_test, y_test, site_sizes)
         rec = _record(
             rnd,
             ev,
@@ -965,6 +968,14 @@ def _train_client_level(
     cache = _EpsilonCache(delta=p.delta, accountant=p.accountant)
     center = fmap is not None and p.center_inputs
     plan = plan_client_level(config, fed, center=center, cache=cache)
+    advice = client_level_warning(
+        noise_multiplier=plan.update_noise_multiplier,
+        n_params=sum(x.numel() for x in build_model(_head_spec(spec, fmap)).parameters()),
+        clients=plan.sampling_rate * plan.n_clients, n_sites=plan.n_clients,
+        epsilon=plan.epsilon,
+    )  # fmt: skip
+    if advice is not None:
+        warnings.warn(advice, UserWarning, stacklevel=2)
     names = [s.name for s in fed.sites]
     _precheck(ledger, [(n, plan.epsilon) for n in names], p.delta)
     run_id = _run_id(config)
@@ -1037,6 +1048,7 @@ def _train_client_level(
         else 0.0
     )
     X_test, y_test = fed.pooled_test()
+    site_sizes = [(s.name, s.n_test) for s in fed.sites]
     clip = float(p.clip)
     clips: list[float] = []
     unclipped_fraction: list[float] = []
@@ -1076,7 +1088,9 @@ def _train_client_level(
             clip = clip * math.exp(-p.clip_lr * (agg.unclipped_fraction - p.target_quantile))
         new_params, opt_state = server_step(server.optimizer, opt_state, params, mean_update)
         params = new_params.astype(np.float64)
-        ev = evaluate(head, torch.from_numpy(params.astype(np.float32)), X_test, y_test)
+        ev = round_metrics(
+            head, torch.from_numpy(params.astype(np.float32)), X_test, y_test, site_sizes
+        )
         rec = _record(
             rnd, ev, len(ids), agg.rejected, t0, sampled=len(chosen) + dropped, dropped=dropped
         )

@@ -64,7 +64,7 @@ from privml.fl.attacks import (
 )
 from privml.fl.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from privml.fl.local import CohortData, GradientRule, MeanGradient, train_cohort
-from privml.fl.metrics import per_site_metrics, pooled_metrics
+from privml.fl.metrics import per_site_metrics, pooled_metrics, round_metrics
 from privml.fl.server_opt import ServerOptimizer, init_state, make_server_optimizer, server_step
 from privml.fl.validate import REJECTION_REASONS, stack_accepted, validate_updates
 from privml.models.nets import ModelSpec, build_model, flat_params
@@ -107,7 +107,8 @@ class RoundRecord:
     ``stragglers`` count the cohort before that; ``rejected`` the updates validation refused;
     ``selected`` how many updates a selecting rule (Krum, Multi-Krum, Bulyan, FLTrust) kept;
     ``malicious`` the simulated attackers among the clients and ``malicious_selected`` those the
-    rule kept; ``skipped`` why the model did not change this round (None when it did).
+    rule kept; ``skipped`` why the model did not change this round (None when it did);
+    ``per_site`` each site's own test metrics after the round.
     """
 
     round: int
@@ -124,6 +125,9 @@ class RoundRecord:
     selected: int | None = None
     malicious_selected: int | None = None
     skipped: str | None = None
+    per_site: dict[str, dict[str, Any]] | None = None
+    """site -> ``loss``, ``accuracy``, ``auc`` on its own test records (the per-site learning
+    curves); None when not evaluated (more than ``fl.metrics.MAX_SITES_PER_ROUND`` sites)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -731,6 +735,7 @@ def _simulate(
         root = (X_root, y_root)
 
     X_test, y_test = fed.pooled_test()
+    site_sizes = [(s.name, s.n_test) for s in fed.sites]
     state = init_server_state(params0, plan)
     secure = None
     if training.secure_aggregation != "none":
@@ -816,7 +821,7 @@ def _simulate(
         totals["stragglers"] += len(rp.stragglers)
         if outcome.skipped:
             totals["skipped_rounds"].setdefault(outcome.skipped, []).append(rnd)
-        ev = pooled_metrics(model, torch.from_numpy(state.params), X_test, y_test)
+        ev = round_metrics(model, torch.from_numpy(state.params), X_test, y_test, site_sizes)
         sel = outcome.selected
         rec = RoundRecord(
             round=rnd,
@@ -833,6 +838,7 @@ def _simulate(
             selected=None if sel is None else len(sel),
             malicious_selected=None if sel is None else int(mal_mask[sel].sum()),
             skipped=outcome.skipped,
+            per_site=ev["per_site"],
         )
         history.append(rec)
         if checkpoint_dir is not None:

@@ -3,7 +3,11 @@ metrics every engine reports (simulation rounds, per-site results, private train
 
 Binary tasks: ``loss`` is the mean BCE with logits, ``auc`` the ROC AUC, ``f1`` of the positive
 class. Multiclass: cross-entropy, one-vs-rest macro AUC, macro F1 over the classes that occur.
-Tested equal to scikit-learn's ``roc_auc_score`` and ``f1_score`` (tests/fl/test_engine.py).
+Every metric comes with what a model that learned nothing scores on the same records:
+``balanced_accuracy`` (mean recall over the classes present; 0.5 binary for a constant guess),
+``prevalence`` (share of the positive class, binary) and ``majority_baseline`` (accuracy of
+always predicting the most frequent class), and ``confusion`` (counts, ``[true][predicted]``).
+Tested equal to scikit-learn's metrics (tests/fl/test_engine.py, tests/fl/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,41 @@ def _binary_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float((below.sum() + 0.5 * tied.sum()) / (len(pos) * len(neg)))
 
 
+EMPTY_METRICS: dict[str, Any] = {
+    "n": 0, "loss": None, "accuracy": None, "auc": None, "f1": None,
+    "balanced_accuracy": None, "prevalence": None, "majority_baseline": None, "confusion": None,
+}  # fmt: skip
+"""The metrics of an empty test set (a site without held-out records)."""
+
+ROUND_KEYS = ("loss", "accuracy", "auc")
+"""What rounds[].per_site records for each site (the learning curves of the report)."""
+
+MAX_SITES_PER_ROUND = 50
+"""rounds[].per_site is recorded for federations of at most this many sites (keeps results.json
+small for simulations of thousands of sites; the final per-site metrics are always there)."""
+
+
+def class_balance(confusion: np.ndarray) -> dict[str, Any]:
+    """Balanced accuracy, prevalence and majority baseline from a ``[true, pred]`` count matrix
+    (binary: 2 x 2, class 1 positive). Shared by every engine, Flower's included."""
+    c = np.asarray(confusion, dtype=np.int64)
+    n = int(c.sum())
+    if n == 0:
+        return {"balanced_accuracy": None, "prevalence": None, "majority_baseline": None}
+    support = c.sum(axis=1)
+    present = support > 0
+    recall = np.diag(c)[present] / support[present]
+    return {
+        "balanced_accuracy": float(recall.mean()),
+        "prevalence": float(support[1] / n) if c.shape[0] == 2 else None,
+        "majority_baseline": float(support.max() / n),
+    }
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
+
+
 def _metrics_from_outputs(
     logits: np.ndarray, probs: np.ndarray, y: np.ndarray, n_outputs: int
 ) -> dict[str, Any]:
@@ -42,7 +81,7 @@ def _metrics_from_outputs(
     sites take milliseconds (tested equal to scikit-learn's metrics)."""
     n = len(y)
     if n == 0:
-        return {"n": 0, "loss": None, "accuracy": None, "auc": None, "f1": None}
+        return dict(EMPTY_METRICS)
     if n_outputs == 1:
         z = logits[:, 0]
         loss = float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
@@ -71,12 +110,15 @@ def _metrics_from_outputs(
             if len(np.unique(y)) == n_outputs
             else None
         )
+    confusion = _confusion(y, pred, 2 if n_outputs == 1 else n_outputs)
     return {
         "n": int(n),
         "loss": loss,
         "accuracy": float((pred == y).mean()),
         "auc": auc,
         "f1": float(f1),
+        **class_balance(confusion),
+        "confusion": confusion.tolist(),
     }
 
 
@@ -104,6 +146,85 @@ def pooled_metrics(
     return _metrics_from_outputs(logits, probs, np.asarray(y), logits.shape[1])
 
 
+def round_metrics(
+    model: nn.Module,
+    params: torch.Tensor,
+    X: np.ndarray,
+    y: np.ndarray,
+    sites: Sequence[tuple[str, int]],
+) -> dict[str, Any]:
+    """:func:`pooled_metrics` plus ``per_site``: site -> ``loss``, ``accuracy``, ``auc`` on its
+    own records, from the same forward pass. ``X``, ``y`` are the sites' test records
+    concatenated in the order of ``sites`` (name, number of records), as
+    :meth:`~privml.data.federation.FederatedData.pooled_test` makes them. ``per_site`` is
+    None for more than :data:`MAX_SITES_PER_ROUND` sites."""
+    y = np.asarray(y)
+    if len(y) == 0:
+        return {**dict(EMPTY_METRICS), "per_site": None}
+    logits, probs = _outputs(model, params, X)
+    n_out = logits.shape[1]
+    out = _metrics_from_outputs(logits, probs, y, n_out)
+    if len(sites) > MAX_SITES_PER_ROUND or sum(n for _, n in sites) != len(y):
+        out["per_site"] = None
+        return out
+    per_site: dict[str, dict[str, Any]] = {}
+    start = 0
+    for name, n in sites:
+        m = _metrics_from_outputs(logits[start : start + n], probs[start : start + n],
+                                  y[start : start + n], n_out)  # fmt: skip
+        per_site[name] = {k: m[k] for k in ROUND_KEYS}
+        start += n
+    out["per_site"] = per_site
+    return out
+
+
+def curves(
+    model: nn.Module, params: torch.Tensor, X: np.ndarray, y: np.ndarray, *, max_points: int = 200,
+    bins: int = 10,
+) -> dict[str, Any] | None:
+    """ROC curve and calibration of the final model on held-out records, for the report.
+
+    Binary: ``roc`` (``fpr``, ``tpr``: at most ``max_points`` corners of scikit-learn's ROC
+    curve) and ``calibration`` (``bins`` equal-width bins of the predicted probability:
+    ``predicted`` mean, ``observed`` positive share, ``count``; empty bins omitted).
+    Multiclass: ``roc`` is None and calibration is of the top class's probability against
+    whether it was right. None without records.
+    """
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y)
+    if len(y) == 0:
+        return None
+    _, probs = _outputs(model, params, np.asarray(X, np.float32))
+    if probs.ndim == 1:
+        conf, hit = probs, (y == 1).astype(np.float64)
+        roc = None
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, probs)
+            if len(fpr) > max_points:
+                keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+                fpr, tpr = fpr[keep], tpr[keep]
+            roc = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    else:
+        pred = probs.argmax(axis=1)
+        conf, hit = probs[np.arange(len(y)), pred], (pred == y).astype(np.float64)
+        roc = None
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    pred_mean = np.bincount(idx, weights=conf, minlength=bins)
+    obs = np.bincount(idx, weights=hit, minlength=bins)
+    used = count > 0
+    return {
+        "roc": roc,
+        "calibration": {
+            "of": "positive class" if probs.ndim == 1 else "top class (was it right?)",
+            "predicted": [float(v) for v in pred_mean[used] / count[used]],
+            "observed": [float(v) for v in obs[used] / count[used]],
+            "count": [int(v) for v in count[used]],
+        },
+    }
+
+
 def per_site_metrics(
     model: nn.Module, params: torch.Tensor, sites: Sequence[SiteData]
 ) -> dict[str, dict[str, Any]]:
@@ -129,3 +250,38 @@ def evaluate(
 ) -> dict[str, Any]:
     """loss, accuracy, auc and f1 (macro for multiclass); auc is None with a single class."""
     return pooled_metrics(model, params, np.asarray(X, np.float32), np.asarray(y))
+
+
+def baseline_warning(metrics: dict[str, Any], classes: Sequence[str] | None = None) -> str | None:
+    """Says why a model is no better than one that learned nothing, or None when it is.
+
+    Degenerate: accuracy at or below the majority baseline (predicting the most frequent class
+    for everyone), balanced accuracy within 0.05 of chance (1 / number of classes), or an AUC
+    within 0.05 of 0.5.
+    """
+    acc, base = metrics.get("accuracy"), metrics.get("majority_baseline")
+    if acc is None:
+        return None
+    confusion = metrics.get("confusion")
+    k = len(confusion) if confusion else (len(classes) if classes else 2)
+    majority = ""
+    if confusion and classes and len(classes) == k:
+        majority = f" '{classes[int(np.argmax(np.sum(confusion, axis=1)))]}'"
+    if base is not None and acc <= base + 1e-12:
+        return (
+            f"accuracy {acc:.3f} is no better than predicting the majority class{majority} for "
+            f"everyone ({base:.3f}); read balanced accuracy and F1 instead"
+        )
+    bal = metrics.get("balanced_accuracy")
+    if bal is not None and bal <= 1 / k + 0.05:
+        return (
+            f"balanced accuracy {bal:.3f} is at chance level ({1 / k:.3f}): the model is "
+            "degenerate"
+        )
+    auc = metrics.get("auc")
+    if auc is not None and auc <= 0.55:
+        return (
+            f"AUC {auc:.3f} is at chance level (0.5): the model does not rank positive cases "
+            "above negative ones"
+        )
+    return None

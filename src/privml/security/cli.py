@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-_out = Console()
-_err = Console(stderr=True)
+from privml.console import PlainWhenPiped
+
+_out = PlainWhenPiped()
+_err = PlainWhenPiped(stderr=True)
 
 
 def _fmt(v: Any) -> str:
@@ -60,7 +61,7 @@ def audit(
         typer.Option(
             "--attacks",
             help="comma-separated: membership, lira, canary, evasion, inversion, backdoor, "
-            "poisoning, or all (default [audit] attacks)",
+            "poisoning, or all (default: the config's audit.attacks, all of them unless set)",
         ),
     ] = None,
     as_json: Annotated[

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from privml.console import PlainWhenPiped
 from privml.errors import UsageError
 
 serve_app = typer.Typer(
@@ -26,7 +26,7 @@ tokens_app = typer.Typer(help="Bearer API tokens of a server (stored hashed).",
                          no_args_is_help=True)
 serve_app.add_typer(tokens_app, name="tokens")
 
-_err = Console(stderr=True)
+_err = PlainWhenPiped(stderr=True)
 
 
 @serve_app.callback()
@@ -182,7 +182,7 @@ def tokens_list(
     for t in infos:
         table.add_row(t.name, when(t.created), when(t.revoked),
                       "active" if t.active else "revoked")
-    Console().print(table)
+    PlainWhenPiped().print(table)
 
 
 def predict_command(

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from privml.console import PlainWhenPiped
 from privml.errors import InsecureOptionWarning, UsageError
 from privml.extras import require
 
@@ -39,8 +39,8 @@ flower_app = typer.Typer(
     help="Run privml on Flower across machines: SuperLink (coordinator), SuperNodes (sites), runs.",
     no_args_is_help=True,
 )
-err = Console(stderr=True)
-out = Console()
+err = PlainWhenPiped(stderr=True)
+out = PlainWhenPiped()
 
 DEFAULT_SUPERLINK = "127.0.0.1:9093"
 

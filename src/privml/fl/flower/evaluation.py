@@ -27,6 +27,7 @@ from torch import nn
 
 from privml.errors import DataError
 from privml.fl.local import per_sample_loss
+from privml.fl.metrics import EMPTY_METRICS, class_balance
 from privml.models.nets import functional_forward
 
 __all__ = ["BINS", "LOGIT_RANGE", "EvalStats", "pooled_metrics", "site_stats"]
@@ -108,7 +109,7 @@ def pooled_metrics(stats: Sequence[EvalStats]) -> dict[str, Any]:
         DataError: the statistics do not have matching shapes (sites disagree on the task).
     """
     if not stats:
-        return {"n": 0, "loss": None, "accuracy": None, "auc": None, "f1": None}
+        return dict(EMPTY_METRICS)
     try:
         confusion = np.sum([np.asarray(s["confusion"], dtype=np.int64) for s in stats], axis=0)
         hist = np.sum([np.asarray(s["hist"], dtype=np.int64) for s in stats], axis=0)
@@ -119,7 +120,7 @@ def pooled_metrics(stats: Sequence[EvalStats]) -> dict[str, Any]:
         ) from None
     n = int(sum(int(s["n"]) for s in stats))
     if n == 0:
-        return {"n": 0, "loss": None, "accuracy": None, "auc": None, "f1": None}
+        return dict(EMPTY_METRICS)
     binary = hist.shape[0] == 1
     loss = float(sum(float(s["loss_sum"]) for s in stats)) / n
     accuracy = float(np.trace(confusion)) / n
@@ -138,4 +139,6 @@ def pooled_metrics(stats: Sequence[EvalStats]) -> dict[str, Any]:
         "accuracy": accuracy,
         "auc": auc,
         "f1": _f1(confusion, binary),
+        **class_balance(confusion),
+        "confusion": confusion.tolist(),
     }

@@ -62,6 +62,7 @@ from privml.fl.engine import (
 from privml.fl.flower import protocol as P
 from privml.fl.flower.evaluation import EvalStats, pooled_metrics
 from privml.fl.flower.site import check_supported, site_names, site_prox_mu
+from privml.fl.metrics import MAX_SITES_PER_ROUND, ROUND_KEYS
 from privml.fl.validate import REJECTION_REASONS
 from privml.models.nets import ModelSpec
 
@@ -358,6 +359,11 @@ class Coordinator:
             record.loss = pooled["loss"]
             record.accuracy = pooled["accuracy"]
             record.auc = pooled["auc"]
+            if len(sites) <= MAX_SITES_PER_ROUND:
+                record.per_site = {
+                    name: {k: m[k] for k in ROUND_KEYS}
+                    for name, m in ((n, pooled_metrics([st])) for n, st in stats.items())
+                }
             history.append(record)
             if on_round is not None:
                 on_round(record)
