@@ -1,8 +1,9 @@
 """The command line's consoles: rich on a terminal, plain and unwrapped when piped.
 
 rich wraps output that is not a terminal at 80 columns, which breaks table rows across lines
-in files and pipes. :class:`PlainWhenPiped` keeps a table's natural width there (the width
-given by ``COLUMNS`` still wins); rich already drops colours when not on a terminal.
+in files and pipes. :class:`PlainWhenPiped` keeps a table's natural width there, whatever
+``COLUMNS`` says (a terminal's width means nothing to a file); rich already drops colours when
+not on a terminal.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class PlainWhenPiped(Console):
     @property
     def size(self) -> ConsoleDimensions:
         dims = super().size
-        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS"):
+        if not self.is_terminal:
             return ConsoleDimensions(PIPED_WIDTH, dims.height)
         return dims
 
