@@ -15,7 +15,7 @@ import privml.pipeline as pipeline
 from privml.artifacts import atomic_folder, load_model
 from privml.config import load_config, parse_config
 from privml.data import datasets
-from privml.errors import DataError
+from privml.errors import DataError, SignatureError
 from privml.fl.metrics import predict_scores
 
 
@@ -101,6 +101,12 @@ def test_tampered_weights_are_refused(demo_run: pipeline.RunOutput, tmp_path: Pa
     key = next(iter(state))
     state[key] = state[key] + 0.01
     torch.save(state, copy / "model.pt")
+    with pytest.raises(SignatureError, match="changed after signing"):
+        load_model(copy)  # the signature is checked first
+    # a folder re-signed by the deployment (privml sign) still has its own consistency checks
+    from privml.security.defenses.signing import sign_model_dir
+
+    sign_model_dir(copy)
     with pytest.raises(DataError, match="does not match the weights_sha256"):
         load_model(copy)
     # weights consistent with a tampered hash but not with the architecture
@@ -110,6 +116,7 @@ def test_tampered_weights_are_refused(demo_run: pipeline.RunOutput, tmp_path: Pa
     meta["weights_sha256"] = sha256_file(copy / "model.pt")
     meta["architecture"]["n_features"] = 29
     (copy / "model.json").write_text(json.dumps(meta))
+    sign_model_dir(copy)
     with pytest.raises(DataError, match="do not fit together"):
         load_model(copy)
     (copy / "model.pt").unlink()

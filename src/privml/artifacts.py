@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from privml.data.encoding import Encoder, Task
-from privml.errors import DataError, UsageError
+from privml.errors import DataError, SignatureError, UsageError
 from privml.models.nets import ModelSpec, build_model, load_flat_params
 
 MODEL_FORMAT = "privml-model/1"
@@ -91,27 +91,56 @@ def save_model(
     return meta
 
 
+#: Largest model.json / model.pt a loader reads (the weights of a 500M-parameter model).
+MAX_MODEL_JSON_BYTES = 64 * 1024**2
+MAX_MODEL_WEIGHTS_BYTES = 2 * 1024**3
+
+
 def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task, dict[str, Any]]:
-    """Load a saved model; refuses one whose weights do not match the hash in model.json, or
-    whose signature does not verify against a trusted key (:class:`SignatureError`)."""
+    """Load a saved model, checking its signature before reading anything else.
+
+    Order: the Ed25519 signature (``model.sig``) must verify against a trusted key
+    (:class:`SignatureError`, exit code 4); then ``model.json`` and ``model.pt`` are read once,
+    with size limits, and their bytes must be the ones signed (so a file swapped after the check
+    is refused too); only then is ``model.json`` parsed (bounded nesting) and the weights
+    loaded, which must match the ``weights_sha256`` in ``model.json`` and the architecture.
+    """
+    import hashlib
+    import io
+
+    from privml.safe_io import loads_json_bounded, read_bytes_bounded
+    from privml.security.defenses.signing import verify_model_dir
+
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "model.pt"
+    if not folder.is_dir():
+        raise DataError(f"{str(folder)!r} not found: pass a run folder written by `privml run`")
     for p in (meta_path, weights):
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise DataError(f"{str(p)!r} not found: pass a run folder written by `privml run`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
-    if meta.get("format") != MODEL_FORMAT:
-        raise DataError(f"{str(meta_path)!r}: unknown model format {meta.get('format')!r}")
-    if meta.get("feature_map") is not None:
+    verified = verify_model_dir(folder)
+    meta_bytes = read_bytes_bounded(meta_path, max_bytes=MAX_MODEL_JSON_BYTES, what="model file")
+    weight_bytes = read_bytes_bounded(
+        weights, max_bytes=MAX_MODEL_WEIGHTS_BYTES, what="model weights"
+    )
+    for name, data in (("model.json", meta_bytes), ("model.pt", weight_bytes)):
+        if hashlib.sha256(data).hexdigest() != verified.files.get(name):
+            raise SignatureError(
+                f"{str(folder / name)!r} changed while it was being loaded; refusing the model"
+            )
+    meta = loads_json_bounded(meta_bytes, what=f"{str(meta_path)!r}")
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{str(meta_path)!r}: unknown model format {got!r}")
+    fmap = meta.get("feature_map")
+    if fmap is not None:
+        name = fmap.get("name", "?") if isinstance(fmap, dict) else "?"
         raise DataError(
-            f"{str(folder)!r} holds a model trained on the {meta['feature_map'].get('name', '?')!r}"
+            f"{str(folder)!r} holds a model trained on the {name!r}"
             " feature map, which the model loaders do not apply yet; serve or audit a model "
             'trained with [model] features = "none"'
         )
-    if sha256_file(weights) != meta.get("weights_sha256"):
+    if hashlib.sha256(weight_bytes).hexdigest() != meta.get("weights_sha256"):
         raise DataError(
             f"{str(weights)!r} does not match the weights_sha256 in model.json: the weights were "
             "changed or replaced after the run; refusing them (re-run `privml run` to get a "
@@ -120,21 +149,19 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
     try:
         spec = ModelSpec.from_dict(meta["architecture"])
         model = build_model(spec)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(weight_bytes), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         enc = Encoder.from_dict(meta["encoding"])
         t = meta["task"]
         task = Task(t["kind"], t["target"], tuple(t["classes"]))
-    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+    except (
+        KeyError, TypeError, ValueError, AttributeError, RuntimeError, EOFError,
+        pickle.UnpicklingError,
+    ) as exc:  # fmt: skip
         raise DataError(
             f"{str(folder)!r}: model.json and model.pt do not fit together "
             f"({type(exc).__name__}: {exc}); re-run `privml run` to get a consistent folder"
         ) from None
-    # Issue 8: refuse a model whose Ed25519 signature (model.sig) is missing, altered, or by
-    # a key this deployment does not trust (SignatureError, exit code 4).
-    from privml.security.defenses.signing import verify_model_dir
-
-    verify_model_dir(folder)
     model.eval()
     return model, spec, enc, task, meta
 

@@ -21,6 +21,7 @@ from privml.config import Config
 from privml.data.federation import FederatedData, load_federation
 from privml.errors import ConfigError, UsageError
 from privml.fl.checkpoint import (
+    has_checkpoint,
     locate_partial_run,
     partial_dir,
     read_run_config,
@@ -263,7 +264,7 @@ def _run(
         if resume is None:
             write_run_config(partial, config)
         checkpoint_dir = partial / "checkpoint"
-        resuming = resume is not None and (checkpoint_dir / "state.npz").is_file()
+        resuming = resume is not None and has_checkpoint(checkpoint_dir)
     private = None
     if config.privacy.mode != "none" or config.model.features != "none":
         # Issue 4: DP training (sample / client level) and fixed feature maps live in

@@ -18,7 +18,7 @@ import torch
 
 from privml.config import parse_config
 from privml.data.federation import load_federation
-from privml.errors import ConfigError, DataError, UsageError
+from privml.errors import ConfigError, DataError, SignatureError, UsageError
 from privml.fl import checkpoint as ck
 from privml.fl.engine import RoundRecord, ServerPlan, init_server_state, simulate
 from privml.fl.server_opt import ServerOptState
@@ -136,7 +136,7 @@ def test_pipeline_resume_writes_the_same_run(tmp_path: Path) -> None:
     with pytest.raises(Crash):
         run(cfg, out_dir=target, on_round=_crash_after(3))
     partial = tmp_path / "broken.partial"
-    assert not target.exists() and (partial / "checkpoint" / "state.npz").is_file()
+    assert not target.exists() and (partial / "checkpoint" / ck.STATE_FILE).is_file()
     # starting the same folder again without --resume is refused, nothing is touched
     with pytest.raises(UsageError, match="--resume"):
         run(cfg, out_dir=target)
@@ -183,7 +183,7 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path, monkeypatch) -
     np.testing.assert_array_equal(got.state.params, st.params)
     np.testing.assert_array_equal(got.state.opt.v, st.opt.v)
     np.testing.assert_array_equal(got.state.center, st.center)
-    before = (tmp_path / "state.npz").read_bytes()
+    before = (tmp_path / ck.STATE_FILE).read_bytes()
 
     def boom(src: Any, dst: Any) -> None:
         raise OSError("disk full")
@@ -192,8 +192,8 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path, monkeypatch) -
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(tmp_path, _state(rnd=3), fingerprint="abc", meta={})
     monkeypatch.undo()
-    assert (tmp_path / "state.npz").read_bytes() == before  # the old checkpoint survives
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]  # no temp file left
+    assert (tmp_path / ck.STATE_FILE).read_bytes() == before  # the old checkpoint survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.STATE_FILE]  # no temp file left
     assert ck.load_checkpoint(tmp_path).state.round == 2
 
 
@@ -201,9 +201,9 @@ def test_checkpoint_refuses_damaged_foreign_or_missing_files(tmp_path: Path) -> 
     ck.save_checkpoint(tmp_path, _state(), fingerprint="abc", meta={})
     with pytest.raises(ConfigError, match="another configuration"):
         ck.load_checkpoint(tmp_path, fingerprint="xyz")
-    data = (tmp_path / "state.npz").read_bytes()
-    (tmp_path / "state.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match="damaged"):
+    data = (tmp_path / ck.STATE_FILE).read_bytes()
+    (tmp_path / ck.STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SignatureError, match="truncated"):
         ck.load_checkpoint(tmp_path)
     with pytest.raises(UsageError, match="No checkpoint"):
         ck.load_checkpoint(tmp_path / "empty")
@@ -224,7 +224,7 @@ def test_cli_run_killed_mid_run_resumes_to_the_same_model(tmp_path: Path) -> Non
         'server_optimizer = "yogi"\nserver_lr = 0.5\n[output]\nhtml = false\n'
     )
     out = tmp_path / "run"
-    state = tmp_path / "run.partial" / "checkpoint" / "state.npz"
+    state = tmp_path / "run.partial" / "checkpoint" / ck.STATE_FILE
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "privml.cli", "run", "-c", str(toml), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

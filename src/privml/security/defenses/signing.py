@@ -51,6 +51,7 @@ __all__ = [
     "SIGNED_FILES",
     "Verified",
     "default_key_path",
+    "deployment_key",
     "generate_signing_key",
     "key_id",
     "load_public_key",
@@ -64,6 +65,7 @@ SIGNATURE_FORMAT = "privml-signature/1"
 SIGNATURE_FILE = "model.sig"
 SIGNED_FILES: tuple[str, ...] = ("model.json", "model.pt")
 _PUB_SUFFIX = ".pub"
+_MAX_SIG_BYTES = 64 * 1024
 
 
 def default_key_path() -> Path:
@@ -194,6 +196,36 @@ def load_signing_key(
         raise CryptoError(f"cannot read the signing key {str(p)!r}: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise CryptoError(f"{str(p)!r} is not an Ed25519 private key")
+    return key
+
+
+_KEY_CACHE: dict[tuple[str, int, int, int, bytes | None], Ed25519PrivateKey] = {}
+
+
+def deployment_key(
+    key_path: str | Path | None = None, *, create: bool = True
+) -> Ed25519PrivateKey:
+    """The deployment's signing key (:func:`load_signing_key`), created on first use when
+    ``create``; kept in memory while its file is unchanged, so signing every round of a run
+    reads (and decrypts) it once.
+
+    Raises:
+        CryptoError: as :func:`load_signing_key`.
+    """
+    kp = Path(key_path).expanduser() if key_path is not None else default_key_path()
+    pw = _passphrase(None)
+    if create and not kp.exists():
+        _create_key(kp, pw)
+    try:
+        st = kp.stat()
+    except OSError:
+        return load_signing_key(kp)  # raises the documented CryptoError
+    ident = (str(kp.resolve()), st.st_ino, st.st_mtime_ns, st.st_size, pw)
+    key = _KEY_CACHE.get(ident)
+    if key is None:
+        key = load_signing_key(kp)
+        _KEY_CACHE.clear()
+        _KEY_CACHE[ident] = key
     return key
 
 
@@ -345,23 +377,43 @@ def verify_model_dir(
             ``trusted=False`` (integrity only: anyone can sign with a fresh key).
 
     Raises:
-        SignatureError: no signature, a changed file, a bad signature, an untrusted key, or no
-            trusted key configured.
+        UsageError: ``folder`` is not an existing folder (exit code 2: not found).
+        SignatureError: no signature, a changed file, a bad signature (also one too large or
+            too deeply nested to read), an untrusted key, or no trusted key configured.
     """
+    from privml.safe_io import check_regular_file, read_json_bounded
+
     d = Path(folder)
+    if not d.is_dir():
+        what = "is not a folder" if d.exists() else "not found"
+        raise UsageError(f"{str(d)!r} {what}: pass a run folder written by `privml run`")
     sig_path = d / SIGNATURE_FILE
-    if not sig_path.is_file():
+    if not os.path.lexists(sig_path):
         raise SignatureError(
             f"{str(d)!r} has no {SIGNATURE_FILE}: the model is unsigned and is refused. Sign it "
             f"with `privml sign {d}` if you trust where it came from."
         )
+    check_regular_file(sig_path, what="signature file", error=SignatureError)
+    doc = read_json_bounded(
+        sig_path, max_bytes=_MAX_SIG_BYTES, what="signature file", max_depth=4,
+        error=SignatureError,
+    )
     try:
-        doc = json.loads(sig_path.read_text())
-        kid = str(doc["key_id"])
-        files = {str(k): str(v) for k, v in dict(doc["files"]).items()}
-        signature = base64.b64decode(doc["signature"], validate=True)
-        embedded = Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["public_key"]))
+        if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+            raise TypeError("expected an object with a 'files' object")
+        kid = doc["key_id"]
         fmt = doc["format"]
+        if not isinstance(kid, str) or not isinstance(fmt, str):
+            raise TypeError("key_id and format must be strings")
+        files = {}
+        for k, v in doc["files"].items():
+            if not isinstance(v, str):
+                raise TypeError(f"the digest of {k!r} must be a string")
+            files[k] = v
+        signature = base64.b64decode(doc["signature"], validate=True)
+        embedded = Ed25519PublicKey.from_public_bytes(
+            base64.b64decode(doc["public_key"], validate=True)
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"{str(sig_path)!r} is not a valid privml signature: {exc}") from None
     if fmt != SIGNATURE_FORMAT or sorted(files) != sorted(SIGNED_FILES):
@@ -399,8 +451,9 @@ def verify_model_dir(
         ) from None
     for name, digest in files.items():
         p = d / name
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise SignatureError(f"{str(d)!r}: signed file {name} is missing")
+        check_regular_file(p, what="signed file", error=SignatureError)
         if _sha256(p) != digest:
             raise SignatureError(
                 f"{str(p)!r} was changed after signing (SHA-256 differs); refusing the model"
