@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privml.dp.sgd import DPSGDGradient, noise_generators, poisson_batches
+from privml.dp.randomness import NoiseSource
+from privml.dp.sgd import DPSGDGradient, poisson_batches
 from privml.fl.local import CohortData, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
 
@@ -129,7 +130,9 @@ def privml_epoch(
 
     def run() -> int:
         counter[0] += 1
-        rngs = [np.random.default_rng([counter[0], s]) for s in range(len(Xs))]
+        # private training's randomness: a fresh OS-keyed source, one stream per use
+        source = NoiseSource.fresh()
+        rngs = [source.stream("dpsgd-sampling", counter[0], s) for s in range(len(Xs))]
         pb = poisson_batches(data.sizes, batch_size=B, epochs=1, rngs=rngs)
         rule = DPSGDGradient(
             model,
@@ -139,7 +142,7 @@ def privml_epoch(
             noise_multipliers=[SIGMA] * len(Xs),
             expected_batch=pb.expected_batch,
             steps=pb.steps,
-            generators=noise_generators(0, counter[0], range(len(Xs))),
+            generators=[source.stream("dpsgd-noise", counter[0], s) for s in range(len(Xs))],
             method=method,  # type: ignore[arg-type]
         )
         train_cohort(
@@ -149,7 +152,7 @@ def privml_epoch(
             lr=LR,
             batch_size=B,
             epochs=1,
-            rngs=rngs,
+            rngs=(),
             batches=(pb.idx, pb.mask),
         )
         return int(pb.mask.sum())

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` made strict-JSON-able: NaN and +-Infinity become ``null`` (JSON has no such
+    numbers; ``json.dumps`` would write the non-standard tokens ``NaN`` / ``Infinity``), numpy
+    scalars and arrays become numbers and lists, tuples lists, anything else unknown its str."""
+    if isinstance(data, bool) or data is None or isinstance(data, str | int):
+        return data
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {str(k): strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    if hasattr(data, "tolist") and callable(data.tolist):  # numpy scalars and arrays, tensors
+        return strict_json(data.tolist())
+    return str(data)
+
+
+def dumps_json(data: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text of ``data`` (see :func:`strict_json`); never ``NaN`` or ``Infinity``."""
+    return json.dumps(strict_json(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Writes ``data`` as strict JSON (non-finite numbers as ``null``)."""
+    path.write_text(dumps_json(data) + "\n")
 
 
 def model_metadata(

@@ -187,7 +187,9 @@ def run(
         )
     res = output.results
     if as_json:
-        sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
+        from privml.artifacts import dumps_json
+
+        sys.stdout.write(dumps_json(res) + "\n")
         return
     _summary(res, output.out_dir)
 
@@ -237,6 +239,11 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
             f"privacy: {priv['mode']}-level DP, epsilon {_f(priv.get('epsilon'))}, "
             f"delta {priv.get('delta')}"
         )
+        if priv.get("reproducible_noise"):
+            out.print(
+                "[bold red]WARNING: reproducible noise (PRIVML_INSECURE_REPRODUCIBLE_NOISE): "
+                "the noise can be regenerated from the seed; this epsilon does not hold[/]"
+            )
     if res.get("audit", {}).get("summary"):
         out.print(f"audit: {res['audit']['summary']}", highlight=False)
     for section, key in (("encrypted_inference", "agreement"), ("audit", None)):

@@ -28,6 +28,9 @@ from privml.errors import ConfigError
 
 BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic")
 
+#: Target epsilon of a DP run that gives neither ``epsilon`` nor ``noise_multiplier``.
+DEFAULT_EPSILON = 1.0
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -319,14 +322,23 @@ class PrivacyConfig(_Strict):
     """Privacy settings. Epsilons are per site (sample level) or per client (client level)."""
 
     mode: Literal["none", "sample", "client"] = "none"
-    epsilon: float | None = Field(default=None, gt=0)
+    epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="target epsilon of a DP run (default 1.0 unless noise_multiplier is given)",
+    )
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     clip: float = Field(default=1.0, gt=0)
     accountant: Literal["pld", "rdp"] = "pld"
     noise_multiplier: float | None = Field(default=None, ge=0)
     budget_epsilon: float = Field(default=10.0, gt=0)
-    budget_delta: float = Field(default=1e-5, gt=0, lt=1)
+    budget_delta: float = Field(
+        default=1e-4,
+        gt=0,
+        lt=1,
+        description="total delta per site (basic composition): 10 runs at the default delta",
+    )
     ledger: Path | None = None
     # Private training (issue 4, privml.dp.training).
     adaptive_clip: bool = Field(
@@ -359,10 +371,7 @@ class PrivacyConfig(_Strict):
             return self
         problems = []
         if self.epsilon is None and self.noise_multiplier is None:
-            problems.append(
-                f'mode = "{self.mode}" needs a target epsilon = ... (the noise is calibrated to '
-                "it) or a noise_multiplier = ..."
-            )
+            self.epsilon = DEFAULT_EPSILON
         if self.noise_multiplier == 0:
             problems.append(
                 'noise_multiplier = 0 adds no noise and gives no privacy; use mode = "none"'

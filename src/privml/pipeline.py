@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from privml import __version__
-from privml.artifacts import atomic_folder, check_output_folder, save_model, write_json
+from privml.artifacts import (
+    atomic_folder,
+    check_output_folder,
+    save_model,
+    strict_json,
+    write_json,
+)
 from privml.config import Config
 from privml.data.federation import FederatedData, load_federation
 from privml.errors import ConfigError, UsageError
@@ -333,6 +339,7 @@ def _run(
             result.model, result.params, fed, privacy=results["privacy"], seed=config.training.seed
         )
     results["timing"] = {"total_seconds": time.perf_counter() - t0}
+    results = strict_json(results)  # what is returned is what results.json holds
     if write or resume is not None:
         assert final_dir is not None
         stage("writing results")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privml.dp import sgd as sgd_module
+from privml.dp.randomness import NoiseSource
 from privml.dp.sgd import (
     DPSGDGradient,
     clipped_grad_sum,
@@ -175,9 +178,15 @@ def test_sampling_plan_uses_batch_over_n() -> None:
         sampling_plan(10, batch_size=2.5, epochs=1)  # type: ignore[arg-type]
 
 
-def test_poisson_batches_have_the_planned_rate_and_steps() -> None:
+@pytest.mark.parametrize("kind", ["numpy", "secure"])
+def test_poisson_batches_have_the_planned_rate_and_steps(kind: str) -> None:
     sizes = np.array([400, 100])
-    rngs = [np.random.default_rng([1, s]) for s in range(2)]
+    source = NoiseSource.fresh()
+    rngs: list[Any] = (
+        [np.random.default_rng([1, s]) for s in range(2)]
+        if kind == "numpy"
+        else [source.stream("sampling", s) for s in range(2)]
+    )
     pb = poisson_batches(sizes, batch_size=40, epochs=5, rngs=rngs)
     assert list(pb.steps) == [50, 15]
     np.testing.assert_allclose(pb.sampling_rates, [0.1, 0.4])
@@ -198,7 +207,9 @@ def test_poisson_batches_have_the_planned_rate_and_steps() -> None:
     assert pb.mask[0, :50].sum() > 0 and (counts != 40).any()  # sizes vary
 
 
-def test_noise_has_the_calibrated_scale_and_skips_finished_sites() -> None:
+@pytest.mark.parametrize("kind", ["torch", "secure"])
+def test_noise_has_the_calibrated_scale_and_skips_finished_sites(kind: str) -> None:
+    source = NoiseSource.fresh()
     spec = ModelSpec("logistic", 199, 1)
     model = build_model(spec)
     P = flat_params(model).numel()
@@ -215,7 +226,9 @@ def test_noise_has_the_calibrated_scale_and_skips_finished_sites() -> None:
             noise_multipliers=[sigma, sigma],
             expected_batch=[expected, expected],
             steps=[1, 0],
-            generators=noise_generators(0, rnd, [0, 1]),
+            generators=noise_generators(0, rnd, [0, 1])
+            if kind == "torch"
+            else [source.stream("n", rnd, s) for s in range(2)],
         )
         g = rule(params, batch, 0)
         assert torch.all(g[1] == 0)  # site 1 has finished its steps: no noise, no move
@@ -309,3 +322,34 @@ def test_bad_arguments_are_refused_with_the_value() -> None:
         clipped_grad_sum(
             bn, torch.zeros(1, 12), batch, max_grad_norm=1, binary=False, method="layerwise"
         )
+
+
+def test_stream_noise_of_a_site_does_not_depend_on_its_cohort_or_prefetching(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = ModelSpec("logistic", 7, 1)
+    model = build_model(spec)
+    P = flat_params(model).numel()
+    source = NoiseSource.fresh()
+    batch3 = Batch(torch.zeros(3, 1, 7), torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1))
+
+    def noise_of(sites: list[int], prefetch: int) -> torch.Tensor:
+        monkeypatch.setattr(sgd_module, "NOISE_PREFETCH", prefetch)
+        rule = DPSGDGradient(
+            model, spec, binary=True, max_grad_norm=1.0, noise_multipliers=[1.0] * len(sites),
+            expected_batch=[1.0] * len(sites), steps=[4] * len(sites),
+            generators=[source.stream("n", 1, s) for s in sites],
+        )  # fmt: skip
+        b = Batch(batch3.X[: len(sites)], batch3.y[: len(sites)], batch3.mask[: len(sites)])
+        return torch.stack([rule(torch.zeros(len(sites), P), b, t) for t in range(4)], dim=1)
+
+    alone = noise_of([2], 1 << 22)[0]
+    with_others = noise_of([0, 1, 2], 1)[2]  # one step per refill, two other sites
+    assert torch.equal(alone, with_others)
+    rule = DPSGDGradient(
+        model, spec, binary=True, max_grad_norm=1.0, noise_multipliers=[1.0],
+        expected_batch=[1.0], steps=[4], generators=[source.stream("n", 9, 0)],
+    )  # fmt: skip
+    b1 = Batch(batch3.X[:1], batch3.y[:1], batch3.mask[:1])
+    with pytest.raises(UsageError, match="step order"):
+        rule(torch.zeros(1, P), b1, 2)

@@ -36,14 +36,17 @@ Sampling rate
     not ``B / N`` when ``B`` does not divide ``N``; accounting with ``B / N`` there would be
     wrong.) An empty Poisson batch is still a step: it adds noise and moves the parameters.
 
-Noise
-    Gaussian noise comes from ``torch.randn`` with a ``torch.Generator`` per site seeded from
-    ``(seed, round, site)``, so a run is reproducible and a site's noise does not depend on
-    which other sites are in the cohort. This is floating-point noise from a non-cryptographic
-    generator: it is *not* protected against floating-point attacks on the Gaussian mechanism
-    (Mironov 2012; Jin et al. 2022) or against an adversary who learns the seed. Opacus's
-    ``secure_mode`` needs ``torchcsprng``, which does not exist for torch 2.13; closing this gap
-    is open work (see docs/privacy_training.md).
+Noise and sampling
+    Private training gives every site one :class:`privml.dp.randomness.NoiseStream` for its
+    Gaussian noise and one for its Poisson sampling (AES-256-CTR keystreams under a fresh
+    OS-random key per run): nobody can predict or regenerate them, not even from the seed, and
+    a site's draws do not depend on which other sites are in the cohort. The noise of many
+    sites and several steps is drawn in one vectorized call. The Gaussian is computed in
+    floating point and is not hardened against floating-point attacks on the Gaussian mechanism
+    (Mironov 2012; Jin et al. 2022); see :mod:`privml.dp.randomness`. Seeded
+    ``torch.Generator`` noise (:func:`noise_generators`) and numpy generators remain accepted
+    for simulations that release nothing (an auditor's shadow models), never by private
+    training.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
+from privml.dp.randomness import NoiseStream, normal_rows
 from privml.errors import UsageError
 from privml.fl.local import Batch, per_sample_loss
 from privml.models.nets import ModelSpec, functional_forward
@@ -76,6 +80,15 @@ __all__ = [
 
 #: Opacus's guard against division by zero in the clipping factor ``C / (norm + 1e-6)``.
 CLIP_EPS = 1e-6
+
+#: Most noise numbers :class:`DPSGDGradient` draws at once (several steps of every site).
+NOISE_PREFETCH = 1 << 22
+
+
+class UniformSource(Protocol):
+    """Anything with numpy's ``random(size)``: a NoiseStream or a ``numpy.random.Generator``."""
+
+    def random(self, size: Any) -> Any: ...
 
 
 # ----------------------------------------------------------------------------- validation
@@ -160,21 +173,25 @@ def poisson_batches(
     *,
     batch_size: int,
     epochs: int,
-    rngs: Sequence[np.random.Generator],
+    rngs: Sequence[UniformSource],
 ) -> PoissonBatches:
     """Draws every site's Poisson batches for one round of local DP-SGD.
 
     Site ``s`` (``N_s = sizes[s]`` records) takes ``steps_s`` steps; at each step every record
     joins the batch independently with probability ``q_s`` (see :func:`sampling_plan`). The
-    batch size is therefore random (Binomial(N_s, q_s)) and may be 0. Sampled as "draw the
-    size from the binomial, then a uniformly random subset of that size", which has exactly
-    the same distribution as independent coin flips.
+    batch size is therefore random (Binomial(N_s, q_s)) and may be 0. Sampled by geometric
+    skipping: the gaps between consecutive sampled records are independent
+    Geometric(q_s) variables, ``floor(log(1 - u) / log(1 - q_s))`` for a uniform ``u``, which
+    has exactly the distribution of independent coin flips and needs about ``q_s N_s`` uniforms
+    per step instead of ``N_s``.
 
     Args:
         sizes: ``[S]`` training records per site (each >= 1).
         batch_size: expected batch size B.
         epochs: local epochs per round.
-        rngs: one ``numpy.random.Generator`` per site.
+        rngs: one source of uniforms per site: a :class:`privml.dp.randomness.NoiseStream`
+            (what private training uses: unpredictable) or a ``numpy.random.Generator``
+            (seeded simulations, e.g. an auditor's shadow models).
     """
     func = "poisson_batches"
     sizes = np.asarray(sizes, dtype=np.int64)
@@ -188,18 +205,11 @@ def poisson_batches(
     plans = [sampling_plan(int(n), batch_size=batch_size, epochs=epochs) for n in sizes]
     rates = np.array([p[0] for p in plans])
     steps = np.array([p[1] for p in plans], dtype=np.int64)
-    chosen: list[list[np.ndarray]] = []
-    width = 1
-    for s, n in enumerate(sizes):
-        counts = rngs[s].binomial(int(n), rates[s], size=int(steps[s]))
-        picks = [
-            np.sort(rngs[s].choice(int(n), size=int(k), replace=False))
-            if k
-            else np.empty(0, np.int64)
-            for k in counts
-        ]
-        chosen.append(picks)
-        width = max(width, int(counts.max(initial=0)))
+    chosen = [
+        _poisson_steps(int(n), float(rates[s]), int(steps[s]), rngs[s])
+        for s, n in enumerate(sizes)
+    ]
+    width = max([1] + [len(p) for picks in chosen for p in picks])
     T = int(steps.max())
     idx = np.zeros((len(sizes), T, width), dtype=np.int64)
     mask = np.zeros((len(sizes), T, width), dtype=np.float32)
@@ -210,11 +220,34 @@ def poisson_batches(
     return PoissonBatches(idx, mask, steps, rates, rates * sizes)
 
 
-def noise_generators(seed: int, rnd: int, site_ids: Sequence[int]) -> list[torch.Generator]:
-    """One ``torch.Generator`` per site, seeded from ``(seed, round, site)``.
+def _poisson_steps(n: int, q: float, steps: int, rng: UniformSource) -> list[np.ndarray]:
+    """``steps`` independent Poisson samples (rate ``q``) of ``range(n)``, sorted indices."""
+    if q >= 1.0:
+        return [np.arange(n) for _ in range(steps)]
+    log1mq = math.log1p(-q)
+    # enough gaps to pass the end with high probability; rows that do not are extended
+    width = int(math.ceil(q * n + 6.0 * math.sqrt(q * n) + 8))
+    pos = np.full(steps, -1, dtype=np.int64)  # last sampled index of each step
+    picks: list[list[np.ndarray]] = [[] for _ in range(steps)]
+    rows = np.arange(steps)
+    while len(rows):
+        u = np.asarray(rng.random((len(rows), width)), dtype=np.float64)
+        gaps = np.floor(np.log1p(-u) / log1mq)
+        gaps = np.minimum(gaps, n).astype(np.int64)  # a gap past the end is as good as n
+        at = pos[rows, None] + np.cumsum(gaps + 1, axis=1)
+        for j, r in enumerate(rows):
+            picks[r].append(at[j][at[j] < n])
+        pos[rows] = at[:, -1]
+        rows = rows[pos[rows] < n]
+    return [np.concatenate(p) if len(p) > 1 else p[0] for p in picks]
 
-    The seed is derived with numpy's ``SeedSequence`` (a hash of the three numbers), so
-    neighbouring seeds give unrelated streams.
+
+def noise_generators(seed: int, rnd: int, site_ids: Sequence[int]) -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` per site, from ``(seed, round, site)``: SIMULATIONS ONLY.
+
+    Anyone who knows the seed regenerates this noise, so it must never protect a release;
+    private training uses :class:`privml.dp.randomness.NoiseSource` streams instead. The seed
+    is derived with numpy's ``SeedSequence``, so neighbouring seeds give unrelated streams.
     """
     gens = []
     for site in site_ids:
@@ -478,7 +511,10 @@ class DPSGDGradient:
         noise_multipliers: ``[S]`` sigma_s >= 0 (0 = no noise, not private; for tests).
         expected_batch: ``[S]`` q_s N_s > 0, the divisor.
         steps: ``[S]`` number of real steps of each site.
-        generators: ``[S]`` torch generators for the noise (see :func:`noise_generators`).
+        generators: ``[S]`` the noise of each site: :class:`~privml.dp.randomness.NoiseStream`
+            (private training) or seeded ``torch.Generator`` (simulations only, see
+            :func:`noise_generators`). With streams the rule must be called for steps 0, 1,
+            ... in order.
         method: per-sample gradient route, see :func:`clipped_grad_sum`.
     """
 
@@ -492,7 +528,7 @@ class DPSGDGradient:
         noise_multipliers: Sequence[float] | np.ndarray,
         expected_batch: Sequence[float] | np.ndarray,
         steps: Sequence[int] | np.ndarray,
-        generators: Sequence[torch.Generator],
+        generators: Sequence[torch.Generator] | Sequence[NoiseStream],
         method: Literal["auto", "layerwise", "vmap"] = "auto",
     ) -> None:
         func = "DPSGDGradient"
@@ -513,6 +549,15 @@ class DPSGDGradient:
         self.expected_batch = torch.tensor(exp, dtype=torch.float32)
         self.steps = np.asarray(st)
         self.generators = list(generators)
+        kinds = {isinstance(g, NoiseStream) for g in self.generators}
+        if len(kinds) > 1:
+            raise UsageError(
+                f"{func}: give every site a NoiseStream (private training) or every site a "
+                "torch.Generator (seeded simulations), not a mix."
+            )
+        self._streams = kinds == {True}
+        self._cache: torch.Tensor | None = None  # [S, K, P] noise of steps t0 .. t0 + K - 1
+        self._cache_t0 = 0
         self.method = method
         if method == "layerwise" and not layerwise_supported(model):
             raise UsageError(f"{func}: this model needs method='vmap' or 'auto'.")
@@ -528,9 +573,42 @@ class DPSGDGradient:
         )
         S, P = sums.shape
         active = step < self.steps
-        noise = torch.zeros(S, P, dtype=sums.dtype)
-        for s in np.flatnonzero(active):
-            if self.noise_std[s] > 0:
-                noise[s] = torch.randn(P, generator=self.generators[s], dtype=sums.dtype)
+        if self._streams:
+            noise = self._stream_noise(step, P, sums.dtype)
+        else:
+            noise = torch.zeros(S, P, dtype=sums.dtype)
+            for s in np.flatnonzero(active):
+                gen = self.generators[s]
+                if self.noise_std[s] > 0 and isinstance(gen, torch.Generator):
+                    noise[s] = torch.randn(P, generator=gen, dtype=sums.dtype)
         out = (sums + noise * self.noise_std[:, None]) / self.expected_batch[:, None]
         return out * torch.from_numpy(active.astype(np.float32))[:, None]
+
+    def _stream_noise(self, step: int, P: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[S, P]`` standard normals of ``step`` (0 for inactive or noiseless sites).
+
+        Site ``s``'s noise at step ``t`` is normals ``t P .. (t + 1) P - 1`` of its stream,
+        whatever the batching: they are drawn for several steps at once (up to
+        ``NOISE_PREFETCH`` numbers per refill) through one vectorized call for all sites.
+        """
+        cache = self._cache
+        if cache is None or cache.dtype != dtype or not (
+            self._cache_t0 <= step < self._cache_t0 + cache.shape[1]
+        ):
+            expected = 0 if cache is None else self._cache_t0 + cache.shape[1]
+            if step != expected:
+                raise UsageError(
+                    "DPSGDGradient draws noise in step order from step 0; it was called for "
+                    f"step {step} when step {expected} was due."
+                )
+            S = len(self.generators)
+            rows = np.flatnonzero((step < self.steps) & (self.noise_std.numpy() > 0))
+            remaining = int(self.steps.max()) - step
+            K = max(1, min(remaining, NOISE_PREFETCH // max(1, len(rows) * P)))
+            cache = torch.zeros(S, K, P, dtype=dtype)
+            if len(rows):
+                streams = [g for i in rows if isinstance(g := self.generators[int(i)], NoiseStream)]
+                drawn = normal_rows(streams, K * P, dtype=dtype)
+                cache[torch.from_numpy(rows)] = drawn.view(len(rows), K, P)
+            self._cache, self._cache_t0 = cache, step
+        return cache[:, step - self._cache_t0]

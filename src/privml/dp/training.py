@@ -93,7 +93,8 @@ from privml.dp.accounting import (
 from privml.dp.advice import client_level_warning
 from privml.dp.features import HogFeatures, make_feature_map
 from privml.dp.ledger import PrivacyLedger
-from privml.dp.sgd import DPSGDGradient, noise_generators, poisson_batches, sampling_plan
+from privml.dp.randomness import NoiseSource, NoiseStream, run_noise_source
+from privml.dp.sgd import DPSGDGradient, poisson_batches, sampling_plan
 from privml.errors import (
     BudgetExceededError,
     ConfigError,
@@ -138,11 +139,6 @@ __all__ = [
 #: Relative slack of the noise calibration: the epsilon reached is in [(1 - tol) target, target].
 CALIBRATION_TOLERANCE = 0.01
 
-NOISE_NOTE = (
-    "Gaussian noise from torch.randn with generators seeded by (seed, round, site): "
-    "floating-point and not hardened against floating-point attacks (Mironov 2012) or an "
-    "adversary who knows the seed; Opacus's secure_mode needs torchcsprng, absent for torch 2.13."
-)
 UNACCOUNTED_NOTE = (
     "Hyper-parameters tuned on private validation data and the test metrics in this file are "
     "not covered by the epsilon reported."
@@ -557,17 +553,20 @@ def dp_local_updates(
     max_grad_norm: float,
     binary: bool,
     prox_mu: float = 0.0,
+    noise: NoiseSource | None = None,
 ) -> np.ndarray:
     """DP-SGD local training of ``sites`` from ``params``; returns updates ``[S, P]`` (float64).
 
     The site-side counterpart of :func:`privml.fl.engine.local_updates`: site
-    ``site_ids[s]`` draws its Poisson batches from a numpy generator seeded with
-    ``(training.seed, rnd, 2, site)`` and its noise from a torch generator seeded with
-    ``(training.seed, rnd, site)`` (:func:`~privml.dp.sgd.noise_generators`), so its update
-    does not depend on the other sites of the cohort.
+    ``site_ids[s]`` draws its Poisson batches from ``noise.stream("dpsgd-sampling", rnd,
+    site)`` and its Gaussian noise from ``noise.stream("dpsgd-noise", rnd, site)``
+    (:mod:`privml.dp.randomness`), so its update does not depend on the other sites of the
+    cohort and nobody can regenerate it. ``noise`` defaults to a fresh secure source (a site
+    running alone makes its own).
     """
+    source = noise if noise is not None else NoiseSource.fresh()
     data = CohortData.from_arrays([s.X_train for s in sites], [s.y_train for s in sites])
-    rngs = [np.random.default_rng([training.seed, rnd, 2, int(i)]) for i in site_ids]
+    rngs = [source.stream("dpsgd-sampling", rnd, int(i)) for i in site_ids]
     pb = poisson_batches(
         data.sizes, batch_size=training.batch_size, epochs=training.local_epochs, rngs=rngs
     )
@@ -579,7 +578,7 @@ def dp_local_updates(
         noise_multipliers=noise_multipliers,
         expected_batch=pb.expected_batch,
         steps=pb.steps,
-        generators=noise_generators(training.seed, rnd, [int(i) for i in site_ids]),
+        generators=[source.stream("dpsgd-noise", rnd, int(i)) for i in site_ids],
     )
     new = train_cohort(
         params,
@@ -588,7 +587,7 @@ def dp_local_updates(
         lr=training.lr,
         batch_size=training.batch_size,
         epochs=training.local_epochs,
-        rngs=rngs,
+        rngs=(),  # unused: the Poisson batches are given
         prox_mu=prox_mu,
         batches=(pb.idx, pb.mask),
     )
@@ -600,26 +599,23 @@ CENTER_CLIP = 1.0
 
 
 def _private_mean(
-    H: np.ndarray, *, q: float, steps: int, sigma: float, clip: float, seed: int, site_id: int
+    H: np.ndarray, *, q: float, steps: int, sigma: float, clip: float, stream: NoiseStream
 ) -> np.ndarray:
     """Private mean of the rows of ``H``: the average of ``steps`` Poisson-sampled noisy sums.
 
     Each step sums the sampled rows, each scaled to L2 norm <= ``clip``, adds
     ``N(0, (sigma clip)^2 I)`` and divides by the expected count ``q N``: a Poisson-subsampled
     Gaussian mechanism with sensitivity ``clip`` and noise multiplier ``sigma``, the same event
-    as one DP-SGD step. Batches come from ``(seed, 0, 2, site)`` and noise from the site's
-    round-0 torch generator, so the estimate does not depend on the other sites.
+    as one DP-SGD step. Sampling and noise come from ``stream`` (the site's own).
     """
     n, d = H.shape
-    rng = np.random.default_rng([seed, 0, 2, site_id])
-    gen = noise_generators(seed, 0, [site_id])[0]
     Ht = torch.from_numpy(H.astype(np.float64))
     norms = Ht.norm(dim=1, keepdim=True)
     Ht = Ht * torch.clamp(clip / torch.clamp(norms, min=1e-12), max=1.0)
     acc = torch.zeros(d, dtype=torch.float64)
     for _ in range(steps):
-        take = torch.from_numpy(rng.random(n) < q)
-        noise = torch.randn(d, generator=gen, dtype=torch.float64) * (sigma * clip)
+        take = torch.from_numpy(stream.random(n) < q)
+        noise = stream.normal(d, dtype=torch.float64) * (sigma * clip)
         acc += (Ht[take].sum(0) + noise) / (q * n)
     return (acc / steps).numpy()
 
@@ -734,6 +730,7 @@ def _train_sample_level(
     fmap: HogFeatures | None,
     ledger: PrivacyLedger,
     on_round: Callable[[RoundRecord], None] | None,
+    noise: NoiseSource,
 ) -> PrivateRun:
     t, p = config.training, config.privacy
     cache = _EpsilonCache(delta=p.delta, accountant=p.accountant)
@@ -759,8 +756,7 @@ def _train_sample_level(
                 steps=sp.center_steps,
                 sigma=sp.noise_multiplier,
                 clip=1.0 if fmap is not None else CENTER_CLIP,
-                seed=t.seed,
-                site_id=sp.index,
+                stream=noise.stream("centre", sp.index),
             )
             total += est * s.n_train
             n_total += s.n_train
@@ -804,6 +800,7 @@ def _train_sample_level(
                 max_grad_norm=p.max_grad_norm,
                 binary=binary,
                 prox_mu=prox_mu,
+                noise=noise,
             )
         else:
             updates = np.zeros((0, state.params.shape[0]))
@@ -869,7 +866,8 @@ def _train_sample_level(
         "ledger": str(ledger.path),
         "dataset": ledger.dataset,
         "run": run_id,
-        "noise": NOISE_NOTE,
+        "noise": noise.describe(),
+        "reproducible_noise": not noise.secure,
         "not_accounted": UNACCOUNTED_NOTE,
     }
     extra = {"federation": {"engine": "simulation", **server.to_dict()}, "privacy": privacy}
@@ -902,7 +900,7 @@ def dp_fedavg_aggregate(
     clip: float,
     noise_multiplier: float,
     expected_clients: float,
-    generator: torch.Generator,
+    generator: NoiseStream | torch.Generator,
     count_stddev: float | None = None,
 ) -> DPFedAvgRound:
     """The server side of one DP-FedAvg round (McMahan et al. 2018; Andrew et al. 2021).
@@ -919,7 +917,9 @@ def dp_fedavg_aggregate(
         clip: L2 clipping norm > 0.
         noise_multiplier: noise std / clip (>= 0).
         expected_clients: q * n_clients > 0, the fixed denominator.
-        generator: the server's torch generator for this round.
+        generator: the server's noise for this round: a
+            :class:`~privml.dp.randomness.NoiseStream` (private training), or a seeded
+            ``torch.Generator`` for simulations that release nothing.
         count_stddev: sigma_b of the unclipped count, or None (fixed clipping).
     """
     func = "dp_fedavg_aggregate"
@@ -938,22 +938,21 @@ def dp_fedavg_aggregate(
     norms = np.linalg.norm(U, axis=1)
     factors = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
     total = (U * factors[:, None]).sum(axis=0)
-    noise = torch.randn(U.shape[1], generator=generator, dtype=torch.float64).numpy()
+    noise = _normals(generator, U.shape[1]).numpy()
     update = (total + noise_multiplier * clip * noise) / expected_clients
     fraction = None
     if count_stddev is not None:
         below = float((norms[finite] <= clip).sum()) - 0.5 * int(finite.sum())
-        z = float(torch.randn(1, generator=generator, dtype=torch.float64))
+        z = float(_normals(generator, 1)[0])
         fraction = (below + count_stddev * z) / expected_clients + 0.5
     return DPFedAvgRound(update, norms, int((~finite).sum()), fraction)
 
 
-def _server_generator(seed: int, rnd: int) -> torch.Generator:
-    """The server's noise generator of round ``rnd`` (seeded from ``(seed, round, 13)``)."""
-    ss = np.random.SeedSequence([int(seed), int(rnd), 13])
-    g = torch.Generator()
-    g.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
-    return g
+def _normals(generator: NoiseStream | torch.Generator, n: int) -> torch.Tensor:
+    """``n`` float64 standard normals from a noise stream (or a seeded torch generator)."""
+    if isinstance(generator, NoiseStream):
+        return generator.normal(n, dtype=torch.float64)
+    return torch.randn(n, generator=generator, dtype=torch.float64)
 
 
 def _train_client_level(
@@ -963,6 +962,7 @@ def _train_client_level(
     fmap: HogFeatures | None,
     ledger: PrivacyLedger,
     on_round: Callable[[RoundRecord], None] | None,
+    noise: NoiseSource,
 ) -> PrivateRun:
     t, p = config.training, config.privacy
     cache = _EpsilonCache(delta=p.delta, accountant=p.accountant)
@@ -1010,7 +1010,7 @@ def _train_client_level(
     head_spec = _head_spec(spec, fmap)
 
     def sample(rnd: int) -> tuple[np.ndarray, int]:
-        rng = np.random.default_rng([t.seed, rnd, 11])
+        rng = noise.stream("clients", rnd)
         chosen = np.flatnonzero(rng.random(n_clients) < q)
         if t.dropout > 0 and len(chosen):
             keep = rng.random(len(chosen)) >= t.dropout
@@ -1030,8 +1030,7 @@ def _train_client_level(
                 total += torch.from_numpy(
                     fmap.histogram_array(s.X_train).mean(0).astype(np.float64)
                 )
-        gen = _server_generator(t.seed, 0)
-        total += torch.randn(d, generator=gen, dtype=torch.float64) * plan.noise_multiplier
+        total += noise.stream("dp-fedavg", 0).normal(d, dtype=torch.float64) * plan.noise_multiplier
         fmap.set_center((total / denom).numpy())
     if fmap is not None:
         fed = _with_features(fed, fmap)
@@ -1076,7 +1075,7 @@ def _train_client_level(
             clip=clip,
             noise_multiplier=plan.update_noise_multiplier,
             expected_clients=denom,
-            generator=_server_generator(t.seed, rnd),
+            generator=noise.stream("dp-fedavg", rnd),
             count_stddev=plan.count_stddev,
         )
         rejected_total += agg.rejected
@@ -1136,7 +1135,8 @@ def _train_client_level(
         "ledger": str(ledger.path),
         "dataset": ledger.dataset,
         "run": run_id,
-        "noise": NOISE_NOTE,
+        "noise": noise.describe(),
+        "reproducible_noise": not noise.secure,
         "not_accounted": UNACCOUNTED_NOTE,
     }
     extra = {
@@ -1218,6 +1218,7 @@ def train_private(
     check_dp_schema(config, fed)
     _check_training(config)
     led = ledger if ledger is not None else _ledger(config)
+    noise = run_noise_source(config.training.seed)
     if mode == "sample":
-        return _train_sample_level(config, fed, spec, fmap, led, on_round)
-    return _train_client_level(config, fed, spec, fmap, led, on_round)
+        return _train_sample_level(config, fed, spec, fmap, led, on_round, noise)
+    return _train_client_level(config, fed, spec, fmap, led, on_round, noise)
