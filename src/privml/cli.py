@@ -195,7 +195,7 @@ def run(
 
 
 def _summary(res: dict[str, Any], folder: Path | None) -> None:
-    from privml.fl.metrics import baseline_warning
+    from privml.baselines import baseline_warning
 
     m = res["metrics"]
     classes = res.get("task", {}).get("classes")

@@ -107,6 +107,23 @@ def _noting(notes: list[str]) -> Iterator[None]:
         yield
 
 
+def budget_snapshot(config: Config, sites: list[str]) -> dict[str, Any]:
+    """Each site's budget, total spend and remainder in the ledger after this run (all runs
+    and queries on this dataset, basic composition), for the report."""
+    from privml.dp.cli import ledger_from_config
+
+    ledger = ledger_from_config(config)
+    per_site = {}
+    for site in sites:
+        st = ledger.status(site)
+        per_site[site] = {
+            "budget_epsilon": st.budget.epsilon, "spent_epsilon": st.spent.epsilon,
+            "remaining_epsilon": st.remaining.epsilon, "budget_delta": st.budget.delta,
+            "spent_delta": st.spent.delta, "remaining_delta": st.remaining.delta,
+        }  # fmt: skip
+    return {"composition": "basic (epsilons and deltas add up)", "per_site": per_site}
+
+
 def check_extras(config: Config) -> None:
     """Refuses, before any data is read, a config whose features need a missing extra."""
     from privml.extras import require
@@ -321,6 +338,8 @@ def _run(
         "overrides": list(config.overrides),
     }
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
+    if private is not None and config.privacy.mode != "none":
+        results["privacy"]["budget"] = budget_snapshot(config, [s.name for s in fed.sites])
     if result.extra.get("attack") is not None:
         results["attack"] = result.extra["attack"]
     if private is not None and private.features is not None:

@@ -485,6 +485,7 @@ class _Booking:
     epsilon: float = 0.0
     delta_booked: bool = False
     charges: int = 0
+    by_round: list[list[float]] = field(default_factory=list)  # [round, cumulative epsilon]
 
 
 class _SampleBooker:
@@ -533,6 +534,7 @@ class _SampleBooker:
         )
         b.steps = total_steps
         b.epsilon = max(b.epsilon, eps_now)
+        b.by_round.append([rnd, b.epsilon])
         b.delta_booked = True
         b.charges += 1
 
@@ -863,6 +865,9 @@ def _train_sample_level(
             "folded into the first layer's bias"
         ),
         "per_site": {sp.name: sp.to_dict() for sp in plan.sites},
+        "epsilon_by_round": {
+            sp.name: b.by_round for sp, b in zip(plan.sites, booker.books, strict=True)
+        },
         "ledger": str(ledger.path),
         "dataset": ledger.dataset,
         "run": run_id,

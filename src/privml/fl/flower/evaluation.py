@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from privml.baselines import class_balance
 from privml.errors import DataError
 from privml.fl.local import per_sample_loss
-from privml.fl.metrics import EMPTY_METRICS, class_balance
+from privml.fl.metrics import EMPTY_METRICS
 from privml.models.nets import functional_forward
 
 __all__ = ["BINS", "LOGIT_RANGE", "EvalStats", "pooled_metrics", "site_stats"]

@@ -316,6 +316,10 @@ def _scores_and_labels(scores: Any, is_member: Any, where: str) -> tuple[np.ndar
     return s, m
 
 
+ROC_POINTS = 101
+"""Points of the attack's ROC curve kept in results.json (``roc``: ``fpr``, ``tpr``)."""
+
+
 @dataclass
 class MembershipResult:
     """The outcome of one membership inference attack.
@@ -395,6 +399,10 @@ def membership_metrics(
         )
     bound = epsilon_lower_bound(s, m, delta=delta, confidence=confidence, seed=seed)
     rates = tpr_at_fpr(s, m, FPR_LEVELS)
+    fpr, tpr, _ = roc_curve(m, s)
+    if len(fpr) > ROC_POINTS:  # the report's ROC plot: evenly spaced corners of the curve
+        keep = np.unique(np.linspace(0, len(fpr) - 1, ROC_POINTS).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
     res = MembershipResult(
         attack=attack,
         auc=float(roc_auc_score(m, s)),
@@ -403,6 +411,7 @@ def membership_metrics(
         accountant_epsilon=accountant_epsilon,
         n_members=int(m.sum()),
         n_nonmembers=int((~m).sum()),
+        extra={"roc": {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}},
     )
     if accountant_epsilon is not None and bound.epsilon > accountant_epsilon * (1 + 1e-9):
         res.violation = True
