@@ -137,3 +137,27 @@ def test_client_level_dp_with_few_sites_warns_before_training(tmp_path: Path) ->
     need = int(text.split("needs roughly ")[1].split()[0])
     assert need > 3 and client_level_noise_ratio(z, 31, need) <= 1.0
     assert any("client-level DP" in n for n in result.results["notes"])
+
+
+def test_schema_infer_marks_impute_and_errors_name_the_config_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from tests.data.sites import five_line_config, write_sites
+
+    paths = write_sites(tmp_path, sizes=(80, 60))
+    code, draft, err = cli(capsys, "schema", "infer", *paths, "--target", "death")
+    assert code == 0, err
+    assert "impute" in err and "derived_from_data = false" in " ".join(err.split())
+    impute_lines = [ln for ln in draft.splitlines() if ln.startswith("impute")]
+    assert impute_lines and all("median of the private data" in ln for ln in impute_lines)
+    schema = tomllib.loads(draft)["data"]["schema"]
+    assert all(c["derived_from_data"] for c in schema.values())
+    cfg = five_line_config(tmp_path, paths, extra="[privacy]\nmode = \"sample\"\nepsilon = 2\n"
+                           f'ledger = "{tmp_path / "l.sqlite"}"\n\n' + draft)  # fmt: skip
+    code, _, err = cli(capsys, "run", "--config", cfg, "--out", tmp_path / "run")
+    assert code == 2
+    msg = " ".join(err.split())
+    assert "derived_from_data = false" in msg and "not declared" not in msg
+    assert "privacy.allow_data_derived_bounds = true" in msg and "=True" not in msg

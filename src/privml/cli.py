@@ -292,16 +292,19 @@ def schema_infer(
     schema, skipped = infer_schema(frames, target=target, exclude=tuple(exclude or ()))
     header = (
         "Schema inferred by `privml schema infer` FROM PRIVATE DATA.\n"
-        "Review every bound and category: bounds below are the data's own extremes (rounded\n"
-        "out) and reveal them. Replace them with public knowledge (e.g. age 0..120) and set\n"
-        "derived_from_data = false only for what you have reviewed."
+        "Review every bound, category and impute value: bounds below are the data's own\n"
+        "extremes (rounded out) and impute values its medians; both reveal the data. Replace\n"
+        "them with public knowledge (e.g. age 0..120; delete an impute line to impute the\n"
+        "midpoint of the bounds) and set derived_from_data = false only for what you have\n"
+        "reviewed."
     )
     if skipped:
         header += f"\nLeft out (look like identifiers; list them in data.exclude): {skipped}"
     sys.stdout.write(schema_to_toml(schema, header=header))
     err.print(
         f"[yellow]warning:[/yellow] schema of {len(schema)} columns inferred from private "
-        "data; review it before use"
+        "data (bounds, categories and impute medians); review it, then set "
+        "derived_from_data = false for each column you replaced with public values"
     )
 
 

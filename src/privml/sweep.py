@@ -4,7 +4,8 @@ Each point is a full private run of the config (:func:`privml.dp.training.train_
 the code ``privml run`` uses) with ``[privacy] epsilon`` set to the point's target and the
 noise calibrated to it; a non-private run of the same config is the reference line. Writes
 ``sweep.json`` (every point's target and reached epsilon, accuracy, AUC, noise multiplier)
-and ``sweep.png`` (accuracy against epsilon, log scale).
+``sweep.png`` (accuracy and balanced accuracy against epsilon, log scale) and ``report.html``
+(the curve and the table of points in one self-contained page).
 
 Every run is real and books its spend in the ledger: the sweep costs the *sum* of its runs'
 epsilons (and one delta per run) for every site, under the ledger's basic composition. The
@@ -17,6 +18,7 @@ records without DP, as in ``privml run``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -78,6 +80,9 @@ class SweepPoint:
     auc: float | None
     noise_multiplier: float
     seconds: float
+    balanced_accuracy: float | None = None
+    f1: float | None = None
+    majority_baseline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,29 +137,54 @@ def _precheck(config: Config, site_names: Sequence[str], epsilons: Sequence[floa
         )
 
 
-def _plot(result: SweepResult, path: Path) -> None:
+def _plot(result: SweepResult) -> bytes:
+    """The privacy-utility curve as PNG bytes: accuracy and balanced accuracy against epsilon
+    (log scale, one labelled tick per point, labels thinned where they would overlap), the
+    non-private model and the majority baseline as reference lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    fig = Figure(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    xs = [p.epsilon for p in result.points]
-    ys = [math.nan if p.accuracy is None else p.accuracy for p in result.points]
-    ax.plot(xs, ys, marker="o", label=f"{result.mode}-level DP (delta={result.delta:g})")
-    ref = result.nonprivate.get("accuracy")
-    if ref is not None:
-        ax.axhline(ref, linestyle="--", color="gray", label=f"non-private ({ref:.3f})")
+    pts = sorted(result.points, key=lambda p: p.epsilon)
+    xs = [p.epsilon for p in pts]
+
+    def ys(key: str) -> list[float]:
+        return [math.nan if getattr(p, key) is None else float(getattr(p, key)) for p in pts]
+
+    ref = result.nonprivate
+    lines = (("accuracy", "accuracy", "tab:blue"),
+             ("balanced_accuracy", "balanced accuracy", "tab:orange"))  # fmt: skip
+    for key, label, color in lines:
+        ax.plot(xs, ys(key), marker="o", color=color, label=f"{label}, {result.mode}-level DP")
+        if ref.get(key) is not None:
+            ax.axhline(ref[key], ls="--", lw=1, color=color,
+                       label=f"{label}, non-private ({ref[key]:.3f})")  # fmt: skip
+    base = ref.get("majority_baseline")
+    if base is not None:
+        ax.axhline(base, ls=":", lw=1.2, color="black", label=f"majority baseline ({base:.3f})")
     ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([f"{x:.3g}" for x in xs])
-    ax.set_xlabel("epsilon (per site)" if result.mode == "sample" else "epsilon (per client)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("privacy-utility curve")
+    ax.xaxis.set_minor_locator(NullLocator())  # log-axis minor labels were what overlapped
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    shown: list[float] = []
+    for x in xs:  # one label per point, skipping any within 35 % of the previous one
+        if not shown or x / shown[-1] >= 1.35:
+            shown.append(x)
+    ax.xaxis.set_major_locator(FixedLocator(shown))
+    ax.set_xticklabels([f"{x:.3g}" for x in shown])
+    ax.set_xlabel("epsilon reached (per site)" if result.mode == "sample"
+                  else "epsilon reached (per client)")  # fmt: skip
+    ax.set_ylabel("on the held-out records")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"privacy-utility curve (delta {result.delta:g})", fontsize=11)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def run_sweep(
@@ -220,6 +250,9 @@ def run_sweep(
     nonprivate = {
         "accuracy": ref_result.metrics["accuracy"],
         "auc": ref_result.metrics["auc"],
+        "balanced_accuracy": ref_result.metrics.get("balanced_accuracy"),
+        "f1": ref_result.metrics.get("f1"),
+        "majority_baseline": ref_result.metrics.get("majority_baseline"),
         "seconds": time.perf_counter() - t0,
     }
     points: list[SweepPoint] = []
@@ -235,6 +268,9 @@ def run_sweep(
             auc=m["auc"],
             noise_multiplier=float(run.privacy["noise_multiplier"]),
             seconds=time.perf_counter() - t0,
+            balanced_accuracy=m.get("balanced_accuracy"),
+            f1=m.get("f1"),
+            majority_baseline=m.get("majority_baseline"),
         )
         points.append(point)
         if on_point is not None:
@@ -250,8 +286,12 @@ def run_sweep(
     )
 
     def fill(tmp: Path) -> None:
+        from privml.report.sweep import render_sweep_report
+
         (tmp / result.json_path.name).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        _plot(result, tmp / result.png_path.name)
+        png = _plot(result)
+        (tmp / result.png_path.name).write_bytes(png)
+        (tmp / "report.html").write_text(render_sweep_report(result.to_dict(), png))
 
     atomic_folder(out, fill, force=force)
     return result

@@ -221,7 +221,7 @@ ledger = "{tmp_path / "l.sqlite"}"
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "'age'" in err and "'sex'" in err and "'weight'" not in err
-    assert "no declared public bounds" in err
+    assert "not declared in [data.schema]" in err
 
 
 def test_derived_bounds_opt_in_warns(tmp_path: Path) -> None:

@@ -55,6 +55,13 @@ def test_sweep_writes_curve_and_books_every_run(tmp_path: Path) -> None:
     assert data["points"][0]["noise_multiplier"] > data["points"][1]["noise_multiplier"]
     png = (tmp_path / "sw" / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for p in data["points"]:  # a balanced metric and the baseline beside accuracy
+        assert 0.0 <= p["balanced_accuracy"] <= 1.0 and p["majority_baseline"] > 0.5
+    page = (tmp_path / "sw" / "report.html").read_text()
+    assert "privacy-utility curve" in page and "balanced accuracy" in page
+    import base64
+
+    assert base64.b64encode(png).decode()[:200] in page  # the same curve, inline
     ledger = PrivacyLedger(
         tmp_path / "l.sqlite", dataset="breast_cancer", budget_epsilon=10, budget_delta=1e-4
     )

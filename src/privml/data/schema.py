@@ -191,6 +191,10 @@ def _toml_key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_\-]+", k) else _toml_value(k)
 
 
+IMPUTE_MARK = "  # median of the private data: replace or delete (midpoint of min..max)"
+"""Comment `privml schema infer` puts on an inferred impute value (it is private too)."""
+
+
 def schema_to_toml(schema: Mapping[str, ColumnSchema], *, header: str | None = None) -> str:
     """Render a schema as ``[data.schema.COL]`` tables, ready to paste into a config."""
     lines: list[str] = []
@@ -202,6 +206,12 @@ def schema_to_toml(schema: Mapping[str, ColumnSchema], *, header: str | None = N
         lines.append(f'type = "{spec.type}"')
         for key, val in spec.model_dump(exclude_defaults=True).items():
             if key != "type" and val is not None:
-                lines.append(f"{key} = {_toml_value(val)}")
+                line = f"{key} = {_toml_value(val)}"
+                if spec.derived_from_data and key == "impute":
+                    # a statistic of the private records, like the bounds: marked as such
+                    line += IMPUTE_MARK
+                elif spec.derived_from_data and key in ("min", "max", "values"):
+                    line += "  # read off the private data"
+                lines.append(line)
         lines.append("")
     return "\n".join(lines)

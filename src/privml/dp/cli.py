@@ -256,6 +256,9 @@ def run_query(
         ledger=ledger,
         site=site,
         rng=rng,
+        allow_data_derived_bounds=bool(
+            getattr(_section(config, "privacy"), "allow_data_derived_bounds", False)
+        ),
     )
     remaining = ledger.remaining(site)
     return {

@@ -274,12 +274,15 @@ def _check_derived(column: str, col_schema: Any, allow: bool) -> None:
         if not allow:
             raise SchemaError(
                 f"The bounds/categories of column {column!r} were derived from the private data "
-                "(derived_from_data = true); using them for DP leaks the data. "
+                "(derived_from_data = true, as `privml schema infer` writes them); using them "
+                "for DP leaks the data. Replace them with public values and set "
+                f"derived_from_data = false in [data.schema.{column}]; or "
                 + _declare_hint(
                     column,
                     "numeric" if _attr(col_schema, "type") != "categorical" else "categorical",
                 )
-                + "\nor pass allow_data_derived_bounds=True to accept the leak."
+                + "\nTo accept the leak instead, set privacy.allow_data_derived_bounds = true in "
+                "the config (Python: allow_data_derived_bounds=True)."
             )
         warnings.warn(
             f"Column {column!r} uses bounds derived from the private data; the DP guarantee "

@@ -162,19 +162,29 @@ def check_dp_schema(config: Config, fed: FederatedData) -> list[str]:
     )
     if not derived:
         return []
-    numeric = [c for c in derived if schema[c].type == "numeric"]
-    other = [c for c in derived if c not in numeric]
+    declared = set(config.data.schema or {})
+    marked = [c for c in derived if c in declared]
+    inferred = [c for c in derived if c not in declared]
     what = []
-    if numeric:
-        what.append(f"numeric columns {numeric} have no declared public bounds")
-    if other:
-        what.append(f"columns {other} have categories")
+    if inferred:
+        what.append(
+            f"columns {inferred} are not declared in [data.schema]: their bounds and categories "
+            "were read off the private data at load time. Declare them (e.g. "
+            f'[data.schema.{inferred[0]}] type = "numeric", min = ..., max = ..., from public '
+            "knowledge; `privml schema infer` writes a draft)"
+        )
+    if marked:
+        what.append(
+            f"columns {marked} are declared with derived_from_data = true (a `privml schema "
+            "infer` draft). Replace their bounds, categories and impute values with public "
+            f"ones, then set derived_from_data = false in [data.schema.{marked[0]}] and the "
+            "others"
+        )
     msg = (
-        f"DP training ([privacy] mode = {config.privacy.mode!r}) needs public bounds, but "
-        f"{' and '.join(what)} inferred from the private data (derived_from_data); a bound read "
-        "off the data reveals it. Declare them in [data.schema] (e.g. "
-        f'[data.schema.{derived[0]}] type = "numeric" min = ... max = ...), or set [privacy] '
-        "allow_data_derived_bounds = true to accept the leak."
+        f"DP training (privacy.mode = {config.privacy.mode!r}) needs public bounds, but "
+        + "; ".join(what)
+        + ". To accept the leak instead, set privacy.allow_data_derived_bounds = true "
+        "(--set privacy.allow_data_derived_bounds=true)."
     )
     if not config.privacy.allow_data_derived_bounds:
         raise SchemaError(msg)
