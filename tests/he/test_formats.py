@@ -77,3 +77,22 @@ def test_header_lies() -> None:
 def test_not_bytes() -> None:
     with pytest.raises(TypeError, match="must be bytes"):
         formats.unpack("text", expected=Kind.CKKS_FEATURES)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("depth", [17, 5000, 30000])
+def test_deeply_nested_header_is_refused_without_recursion(depth: int) -> None:
+    """A header nested thousands of levels deep (within the 64 KiB header limit) is a
+    CryptoError naming the depth, never a RecursionError."""
+    nested = ("[" * depth + "]" * depth).encode()
+    hb = b'{"parts":[],"x":' + nested + b"}"
+    hb = hb[: formats.MAX_HEADER_BYTES] if len(hb) > formats.MAX_HEADER_BYTES else hb
+    prefix = struct.pack(">8sBBI", formats.MAGIC, formats.VERSION, int(Kind.CKKS_PUBLIC), len(hb))
+    blob = prefix + hb
+    with pytest.raises(CryptoError, match="nested|bytes, above"):
+        formats.unpack(blob, expected=Kind.CKKS_PUBLIC)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b'{"a": NaN}', b'{"a": Infinity}', b"[1,"])
+def test_bad_header_json_is_a_crypto_error(raw: bytes) -> None:
+    with pytest.raises(CryptoError, match="malformed"):
+        formats.loads_bounded(raw, what="header")

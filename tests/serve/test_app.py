@@ -192,7 +192,8 @@ def test_features_with_the_wrong_scale_or_level_are_refused(
     good = he.encrypt_features(keys, trained.X_test[:4])
     bad_scale = encrypt_vectors(keys.secret, lay["profile"], [np.zeros(4)] * len(good.cts),
                                 scale=2.0 ** (lay["scale_bits"] + 3))
-    forged = type(good)(**{**good.__dict__, "cts": bad_scale})
+    forged = type(good)(good.role, good.key_id, good.profile, good.packing, good.n_rows,
+                        good.n_cols, good.complex_packed, bad_scale, holder=good.holder)
     r = api.post("/v1/predict", {"key_id": kid, "ciphertexts": b64(forged.to_bytes())})
     assert "scale" in error(r, 422, "ciphertexts")["message"]
 
@@ -323,16 +324,20 @@ def test_contexts_below_128_bits_or_unable_to_evaluate_are_refused(
     other["layouts"]["columns"]["scale_bits"] = 31
     msg = register(he.keygen(scheme="ckks", requirements=other).public.to_bytes())
     assert "requirements.layouts.columns.scale_bits" in msg and "31" in msg
-    # declared requirements equal, actual keys lack rotations
+    # declared requirements equal, actual keys lack the public key the server re-randomizes
+    # its answers with
     profiles = [CKKSProfile.from_dict(p) for p in reqs["profiles"]]
-    target = next(p for p in profiles if len(p.galois_steps) > 1)
+    target = profiles[0]
     weak = [p if p is not target else CKKSProfile(
-        p.name, p.poly_modulus_degree, p.coeff_bits, p.galois_steps[:1], p.relin, p.public_key)
+        p.name, p.poly_modulus_degree, p.coeff_bits, p.galois_steps, p.relin, False)
         for p in profiles]
-    public, _ = ckks_keygen(weak, reqs)
-    msg = register(public.to_bytes())
+    public, _ = ckks_keygen(weak, {**reqs, "profiles": [p.to_dict() for p in weak]})
+    kind, header, parts = formats.unpack(public.to_bytes(), expected=formats.Kind.CKKS_PUBLIC)
+    header["requirements"] = reqs  # the header claims the model's requirements
+    header.pop("parts")
+    msg = register(formats.pack(kind, header, parts))
     # refused by privml.he when it loads the context, or by the server's own check
-    assert ("galois_steps" in msg and f"{target.name!r}" in msg) or "do not match" in msg
+    assert ("public_key" in msg and f"{target.name!r}" in msg) or "do not match" in msg
     assert public.key_id not in {r.key_id for r in api.app.state.service.store.records()}
     # a secret key is never accepted as a context
     secret_blob = keys.secret.to_encrypted_bytes(passphrase=PASSPHRASE, scrypt_n=1 << 14)

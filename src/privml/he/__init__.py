@@ -4,7 +4,9 @@
   ``keys.secret.save(path, passphrase=...)`` writes the secret key encrypted, mode 0600.
 * Encrypted inference: :func:`compile_model` turns a trained privml model into an evaluator
   (logistic regression on both schemes, a polynomial-activation MLP on CKKS);
-  :func:`encrypt_features` / ``evaluator.predict`` / :func:`decrypt_scores`.
+  :func:`encrypt_features` / ``evaluator.predict`` / :func:`decrypt_scores`. Answers carry only
+  the scores (masked, re-randomized, flooded: :mod:`privml.he.protect`); ``evaluator.make_pool``
+  precomputes that protection per key.
 * Encrypted aggregation for federated rounds: :class:`SecureAggregator`.
 * :func:`run_encrypted_inference_check`: the figures ``privml run`` reports.
 
@@ -29,7 +31,9 @@ try:
     from privml.he.evaluators import (
         CKKSLinearEvaluator,
         CKKSMLPEvaluator,
+        EvaluationTimeout,
         PaillierLinearEvaluator,
+        charged_patients,
         compile_model,
     )
     from privml.he.paillier import (
@@ -38,6 +42,7 @@ try:
         PaillierRandomnessPool,
         PaillierSecretKey,
     )
+    from privml.he.protect import CKKSAnswerPool
     from privml.he.requirements import EvaluatorRequirements
 except ImportError:  # the 'he' extra is missing: say so, and how to install it
     from privml.extras import require
@@ -47,12 +52,14 @@ except ImportError:  # the 'he' extra is missing: say so, and how to install it
 
 __all__ = [
     "HE_STANDARD_128",
+    "CKKSAnswerPool",
     "CKKSCiphertexts",
     "CKKSLinearEvaluator",
     "CKKSMLPEvaluator",
     "CKKSProfile",
     "CKKSPublicContext",
     "CKKSSecretKey",
+    "EvaluationTimeout",
     "EvaluatorRequirements",
     "KeyPair",
     "PaillierCiphertexts",
@@ -61,6 +68,7 @@ __all__ = [
     "PaillierRandomnessPool",
     "PaillierSecretKey",
     "SecureAggregator",
+    "charged_patients",
     "compile_model",
     "decrypt_scores",
     "encrypt_features",

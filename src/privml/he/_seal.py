@@ -8,12 +8,15 @@ go through an anonymous in-memory file (``memfd_create``), so no key or cipherte
 
 from __future__ import annotations
 
+import functools
 import os
+import struct
 import tempfile
 import threading
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from tenseal import sealapi as seal
 
 from privml.errors import CryptoError
@@ -178,3 +181,44 @@ def parms_ids(context: Any) -> list[Any]:
         out.append(cd.parms_id())
         cd = cd.next_context_data()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# SEAL's own serialization of a ciphertext in coefficient form
+# --------------------------------------------------------------------------------------------
+
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, 0, size
+
+
+@functools.lru_cache(maxsize=1)
+def seal_version() -> tuple[int, int]:
+    """(major, minor) of the SEAL serialization format the bundled SEAL writes."""
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    _, _, major, minor, _, _, _ = _SEAL_HEADER.unpack_from(save_bytes(parms))
+    return int(major), int(minor)
+
+
+def _seal_header(body_len: int) -> bytes:
+    major, minor = seal_version()
+    return _SEAL_HEADER.pack(_SEAL_MAGIC, 16, major, minor, 0, 0, 16 + body_len)
+
+
+def coefficient_ciphertext(context: Any, parms_id: Any, polys: np.ndarray, scale: float) -> Any:
+    """A SEAL ciphertext whose components are ``polys`` in coefficient (non-NTT) form.
+
+    ``polys`` has shape ``(size, L, N)``: residues modulo the ``L`` primes of the level named by
+    ``parms_id``. The object is built through SEAL's documented serialization (uncompressed:
+    parms_id, NTT flag, size, degree, modulus count, scale, correction factor, then the data
+    array) and loaded back by SEAL, which validates every residue against its prime. Used to
+    add polynomials chosen coefficient by coefficient (the answer masks of
+    :mod:`privml.he.protect`), which the Python bindings offer no other way to build.
+    """
+    arr = np.ascontiguousarray(polys, dtype="<u8")
+    size, n_primes, n = arr.shape
+    body = struct.pack("<4Q", *[int(v) for v in parms_id])
+    body += struct.pack("<B", 0)  # not in NTT form
+    body += struct.pack("<QQQdQ", size, n, n_primes, float(scale), 1)
+    data = struct.pack("<Q", arr.size) + arr.tobytes()
+    body += _seal_header(len(data)) + data
+    return load_bytes(seal.Ciphertext(), _seal_header(len(body)) + body, context, "answer mask")

@@ -147,6 +147,7 @@ def encrypt_features(
     *,
     packing: str = "auto",
     pool: PaillierRandomnessPool | None = None,
+    compact: bool = False,
 ) -> Ciphertexts:
     """Encrypt a feature matrix for an evaluator.
 
@@ -162,6 +163,9 @@ def encrypt_features(
             with ``"columns"``; ``"replicated"`` there means one patient per ciphertext.
         pool: Paillier only: precomputed encryptions of zero, so the online cost is one modular
             multiplication per ciphertext (see :class:`PaillierRandomnessPool`).
+        compact: CKKS with the secret key only: keep SEAL's seeded serialization of each
+            ciphertext (half the bytes on the wire); the ciphertexts are loaded again only if
+            evaluated in this process.
     """
     if packing not in ("auto", "replicated", "columns"):
         raise UsageError(
@@ -176,7 +180,7 @@ def encrypt_features(
     if isinstance(holder, CKKSPublicContext | CKKSSecretKey):
         if pool is not None:
             raise UsageError("The 'pool' parameter applies to Paillier only.")
-        return _encrypt_ckks(holder, link, X, packing)
+        return _encrypt_ckks(holder, link, X, packing, compact)
     if isinstance(holder, PaillierSecretKey):
         holder = holder.public
     if isinstance(holder, PaillierPublicKey):
@@ -188,7 +192,7 @@ def encrypt_features(
 
 
 def _encrypt_ckks(
-    holder: CKKSPublicContext | CKKSSecretKey, link: Any, X: Any, packing: str
+    holder: CKKSPublicContext | CKKSSecretKey, link: Any, X: Any, packing: str, compact: bool
 ) -> CKKSCiphertexts:
     reqs = holder.requirements
     d = int(reqs["n_features"])
@@ -202,10 +206,10 @@ def _encrypt_ckks(
     vecs: list[np.ndarray] = []
     complex_packed = False
     if packing == "replicated":
-        Ip, R = int(lay["Ip"]), int(lay["Hp"]) * int(lay["Kp"])
-        reps = rt.slots // (Ip * R)
+        Ip, Hp = int(lay["Ip"]), int(lay["Hp"])
+        reps = rt.slots // (Ip * Hp)
         for row in arr:
-            block = np.zeros((Ip, R))
+            block = np.zeros((Ip, Hp))
             block[:d, :] = row[:, None]
             vecs.append(np.tile(block.ravel(), reps))
     else:
@@ -224,7 +228,8 @@ def _encrypt_ckks(
                     vecs.append(v)
                 else:
                     vecs.append(seg)
-    cts = encrypt_vectors(holder, lay["profile"], vecs, scale=scale)
+    compact = compact and isinstance(holder, CKKSSecretKey)
+    made = encrypt_vectors(holder, lay["profile"], vecs, scale=scale, compact=compact)
     return CKKSCiphertexts(
         role="features",
         key_id=holder.key_id,
@@ -233,8 +238,9 @@ def _encrypt_ckks(
         n_rows=n,
         n_cols=d,
         complex_packed=complex_packed,
-        cts=cts,
+        cts=None if compact else made,
         holder=link if isinstance(link, CKKSPublicContext) else holder,
+        blobs=made if compact else None,
     )
 
 
@@ -327,8 +333,12 @@ def _decrypt_ckks(secret: CKKSSecretKey, out: CKKSCiphertexts) -> np.ndarray:
     K, n = out.n_cols, out.n_rows
     rt = secret.runtime(out.profile)
     if out.packing == "replicated":
-        vals = decrypt_vectors(secret, out.profile, out.cts, complex_out=False)
-        return np.stack([v[:K] for v in vals])
+        # one ciphertext per patient and output; the score is the constant coefficient, i.e.
+        # score_factor times the real part of the mean of the slots
+        factor = float(secret.requirements["layouts"]["replicated"]["score_factor"])
+        vals = decrypt_vectors(secret, out.profile, out.cts, complex_out=True)
+        means = np.asarray([float(v.mean().real) for v in vals]) * factor
+        return means.reshape(n, K)
     cap = rt.slots * (2 if out.complex_packed else 1)
     n_chunks = math.ceil(n / cap)
     vals = decrypt_vectors(secret, out.profile, out.cts, complex_out=out.complex_packed)
@@ -349,7 +359,11 @@ def _decrypt_paillier(secret: PaillierSecretKey, out: PaillierCiphertexts) -> np
     codec = SlotCodec(
         slot_bits=out.slot_bits, slots=out.per_ct, digit_bound=int(reqs["out_digit_bound"])
     )
-    ints = secret.decrypt_ints(out.cts)
+    # The answer occupies the low M = per_ct * slot_bits bits, offset by 2**(M-1); everything
+    # above is a one-time pad added by the server.
+    width = out.per_ct * out.slot_bits
+    low = (1 << width) - 1
+    ints = [(int(secret.key.raw_decrypt(int(c))) & low) - (1 << (width - 1)) for c in out.cts]
     n, K = out.n_rows, out.n_cols
     n_chunks = math.ceil(n / out.per_ct)
     res = np.zeros((n, K))
@@ -357,7 +371,7 @@ def _decrypt_paillier(secret: PaillierSecretKey, out: PaillierCiphertexts) -> np
     for k in range(K):
         for c in range(n_chunks):
             rows = min(out.per_ct, n - c * out.per_ct)
-            digits = codec.unpack([ints[k * n_chunks + c]], rows)
+            digits = codec.unpack([ints[k * n_chunks + c]], out.per_ct)[:rows]
             res[c * out.per_ct : c * out.per_ct + rows, k] = (
                 np.asarray(digits, dtype=np.float64) / scale
             )

@@ -95,11 +95,14 @@ class CKKSProfile:
         return prof
 
     def estimated_public_bytes(self) -> int:
-        """Rough serialized size of this profile's public keys (SEAL's zstd included)."""
+        """Rough serialized size of this profile's public keys (SEAL's zstd included).
+
+        Evaluation keys are serialized seeded (SEAL replaces each key's uniform half by the
+        seed it was drawn from), so they take half the space of the expanded keys."""
         n, bits = self.poly_modulus_degree, self.coeff_bits
         digits = len(bits) - 1
         ratio = min(1.0, sum(bits) / len(bits) / 64 + 0.13)
-        key = 2 * n * digits * len(bits) * 8 * ratio
+        key = n * digits * len(bits) * 8 * ratio
         pk = 2 * n * len(bits) * 8 * ratio if self.public_key else 0
         return int(key * (len(self.galois_steps) + (1 if self.relin else 0)) + pk + 4096)
 
@@ -390,7 +393,12 @@ class CKKSSecretKey(keystore.SealedSecretFile):
 def ckks_keygen(
     profiles: Sequence[CKKSProfile], requirements: dict[str, Any]
 ) -> tuple[CKKSPublicContext, CKKSSecretKey]:
-    """Generate a CKKS key set (one secret key per profile) and its public context."""
+    """Generate a CKKS key set (one secret key per profile) and its public context.
+
+    Evaluation keys are created for exactly the declared rotation steps and serialized seeded
+    (half the size); the returned public context is parsed back from those bytes, so it is the
+    object a server would hold.
+    """
     if not profiles:
         raise CryptoError("a CKKS key set needs at least one profile")
     names = [p.name for p in profiles]
@@ -413,18 +421,14 @@ def ckks_keygen(
             items.append("public_key")
             parts.append(_seal.save_bytes(pk))
         if prof.galois_steps:
-            gk = seal.GaloisKeys()
-            # Only the rotations the evaluator declared: SEAL's default makes 2*log2(N/2) keys.
-            kg.create_galois_keys(_seal.galois_elements(rt.context, prof.galois_steps), gk)
-            rt.galois = gk
+            # Only the rotations the evaluator declared (SEAL's default makes 2*log2(N/2) keys);
+            # the Serializable form is saved with its seed.
+            elts = _seal.galois_elements(rt.context, prof.galois_steps)
             items.append("galois")
-            parts.append(_seal.save_bytes(gk))
+            parts.append(_seal.save_bytes(kg.create_galois_keys(elts)))
         if prof.relin:
-            rk = seal.RelinKeys()
-            kg.create_relin_keys(rk)
-            rt.relin = rk
             items.append("relin")
-            parts.append(_seal.save_bytes(rk))
+            parts.append(_seal.save_bytes(kg.create_relin_keys()))
         layout.append({"profile": prof.to_dict(), "items": items})
         runtimes[prof.name] = rt
         sks[prof.name] = sk
@@ -434,9 +438,7 @@ def ckks_keygen(
         {"scheme": "ckks", "key_id": key_id, "requirements": requirements, "layout": layout},
         parts,
     )
-    public = CKKSPublicContext(
-        profiles=runtimes, requirements=requirements, key_id=key_id, _blob=blob
-    )
+    public = CKKSPublicContext.from_bytes(blob, max_bytes=max(len(blob), formats.MAX_CONTEXT_BYTES))
     secret = CKKSSecretKey(
         profiles=runtimes, secret_keys=sks, requirements=requirements, key_id=key_id
     )
@@ -455,34 +457,71 @@ _ROLES = {
 }
 
 
-@dataclass
 class CKKSCiphertexts:
     """A list of CKKS ciphertexts with the metadata needed to interpret them.
 
-    ``packing`` is ``"replicated"`` (one ciphertext per row, the row's values repeated across the
-    slots in the evaluator's layout) or ``"columns"`` (one ciphertext per column and chunk of
-    rows; with ``complex_packed`` the real parts hold one chunk and the imaginary parts the
-    next) or ``"slots"`` (a flat vector, for aggregation).
-    """
+    ``packing`` is ``"replicated"`` (one patient per ciphertext, its values repeated across the
+    slots in the evaluator's layout; an answer holds one ciphertext per patient and output) or
+    ``"columns"`` (one ciphertext per column and chunk of rows; with ``complex_packed`` the real
+    parts hold one chunk and the imaginary parts the next) or ``"slots"`` (a flat vector, for
+    aggregation).
 
-    role: str
-    key_id: str
-    profile: str
-    packing: str
-    n_rows: int
-    n_cols: int
-    complex_packed: bool
-    cts: list[Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: the public context or secret key these ciphertexts belong to (not serialized)
-    holder: CKKSPublicContext | CKKSSecretKey | None = field(
-        default=None, repr=False, compare=False
-    )
+    Ciphertexts made by symmetric encryption with ``compact=True`` are kept as SEAL's seeded
+    serialization (half the size on the wire) and loaded only if evaluated in this process.
+    """
 
     scheme = "ckks"
 
+    def __init__(
+        self,
+        role: str,
+        key_id: str,
+        profile: str,
+        packing: str,
+        n_rows: int,
+        n_cols: int,
+        complex_packed: bool,
+        cts: list[Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        holder: CKKSPublicContext | CKKSSecretKey | None = None,
+        *,
+        blobs: list[bytes] | None = None,
+    ) -> None:
+        if cts is None and blobs is None:
+            raise CryptoError("CKKSCiphertexts needs ciphertexts or their serialized form")
+        self.role = role
+        self.key_id = key_id
+        self.profile = profile
+        self.packing = packing
+        self.n_rows = n_rows
+        self.n_cols = n_cols
+        self.complex_packed = complex_packed
+        self.extra: dict[str, Any] = dict(extra or {})
+        #: the public context or secret key these ciphertexts belong to (not serialized)
+        self.holder = holder
+        self._cts = cts
+        self._blobs = blobs
+
+    def __repr__(self) -> str:
+        return (
+            f"CKKSCiphertexts(role={self.role!r}, packing={self.packing!r}, "
+            f"n_rows={self.n_rows}, n_cols={self.n_cols}, count={len(self)})"
+        )
+
+    @property
+    def cts(self) -> list[Any]:
+        if self._cts is None:
+            if self.holder is None:
+                raise CryptoError("these ciphertexts are not linked to a key set")
+            rt = self.holder.runtime(self.profile)
+            self._cts = [
+                _seal.load_bytes(seal.Ciphertext(), b, rt.context, f"CKKS {self.role} {i}")
+                for i, b in enumerate(self._blobs or [])
+            ]
+        return self._cts
+
     def __len__(self) -> int:
-        return len(self.cts)
+        return len(self._cts) if self._cts is not None else len(self._blobs or [])
 
     def to_bytes(self) -> bytes:
         header = {
@@ -496,7 +535,11 @@ class CKKSCiphertexts:
             "complex": self.complex_packed,
             "extra": self.extra,
         }
-        return formats.pack(_ROLES[self.role], header, [_seal.save_bytes(c) for c in self.cts])
+        parts = (
+            list(self._blobs) if self._blobs is not None
+            else [_seal.save_bytes(c) for c in self.cts]
+        )
+        return formats.pack(_ROLES[self.role], header, parts)
 
     @property
     def size_bytes(self) -> int:
@@ -536,9 +579,11 @@ class CKKSCiphertexts:
         packing = formats.require(header, "packing", str, what)
         complex_packed = formats.require(header, "complex", bool, what)
         extra = formats.require(header, "extra", dict, what)
-        if n_rows < 1 or n_cols < 1:
-            raise CryptoError(f"malformed {what}: n_rows and n_cols must be >= 1")
-        expected = expected_count(packing, n_rows, n_cols, rt.slots, complex_packed)
+        if not 1 <= n_rows <= 1 << 24 or not 1 <= n_cols <= 1 << 16:
+            raise CryptoError(
+                f"malformed {what}: n_rows must be in [1, 2**24] and n_cols in [1, 2**16]"
+            )
+        expected = expected_count(packing, n_rows, n_cols, rt.slots, complex_packed, role=role)
         if len(parts) != expected:
             raise CryptoError(
                 f"malformed {what}: {len(parts)} ciphertexts for packing {packing!r} with "
@@ -560,9 +605,14 @@ class CKKSCiphertexts:
         )
 
 
-def expected_count(packing: str, n_rows: int, n_cols: int, slots: int, complex_packed: bool) -> int:
+def expected_count(
+    packing: str, n_rows: int, n_cols: int, slots: int, complex_packed: bool, *,
+    role: str = "features",
+) -> int:
+    """Ciphertexts in a message: ``replicated`` features carry one per patient, answers one per
+    patient and output; ``columns`` one per column and chunk of rows."""
     if packing == "replicated":
-        return n_rows
+        return n_rows if role == "features" else n_rows * n_cols
     cap = slots * (2 if complex_packed else 1)
     if packing == "columns":
         return n_cols * math.ceil(n_rows / cap)
@@ -589,24 +639,29 @@ def encrypt_vectors(
     *,
     scale: float,
     level: int = 0,
+    compact: bool = False,
 ) -> list[Any]:
     """Encode and encrypt each vector (real or complex, at most ``slots`` long).
 
     With a :class:`CKKSSecretKey` this is symmetric encryption; with a public context, public-key
-    encryption (needs a profile with ``public_key=True``).
+    encryption (needs a profile with ``public_key=True``). ``compact=True`` (symmetric only)
+    returns SEAL's seeded serialization of each ciphertext (bytes, half the size) instead of
+    ciphertext objects.
     """
     rt = holder.runtime(profile)
-    if isinstance(holder, CKKSSecretKey):
-        enc = holder.encryptor(profile)
-        encrypt = enc.encrypt_symmetric
-    else:
-        enc = rt.pk_encryptor()
-        encrypt = enc.encrypt
-    out = []
+    symmetric = isinstance(holder, CKKSSecretKey)
+    enc = holder.encryptor(profile) if isinstance(holder, CKKSSecretKey) else rt.pk_encryptor()
+    out: list[Any] = []
     for v in vectors:
         pt = rt.encode(v, level, scale)
+        if symmetric and compact:
+            out.append(_seal.save_bytes(enc.encrypt_symmetric(pt)))
+            continue
         ct = seal.Ciphertext()
-        encrypt(pt, ct)
+        if symmetric:
+            enc.encrypt_symmetric(pt, ct)
+        else:
+            enc.encrypt(pt, ct)
         out.append(ct)
     return out
 

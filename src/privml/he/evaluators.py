@@ -6,29 +6,34 @@ CKKS and Paillier, and a one-hidden-layer MLP with a polynomial activation (``"s
 
 CKKS layouts (how the client lays its values out in the slots):
 
-* ``replicated`` (one patient): feature ``i`` goes to slots ``R*i + r`` for ``r < R``, the
-  pattern repeated over all slots. The server multiplies by the weights laid out the same way and
-  sums over ``i`` with log2(I) rotations. Because every vector is periodic over the whole slot
-  ring, each rotate-and-add window covers every feature exactly once, so **every slot ends up
-  holding a complete result**: no slot holds a partial sum of the weights, and decryption reveals
-  the scores and nothing else, without a masking multiplication.
+* ``replicated`` (one patient): feature ``i`` goes to slots ``Hp*i + j`` for ``j < Hp``, the
+  block of ``Ip*Hp`` slots repeated over all slots. The answer is one ciphertext per output
+  whose **constant coefficient** carries the score: it equals the real part of the mean of all
+  slots, so the server's sum over the features (and, for the MLP, over the hidden units) comes
+  from the polynomial structure instead of rotations. Every other coefficient of the answer is
+  a one-time pad (:mod:`privml.he.protect`): a crafted ciphertext gets back one number per
+  output, not one per slot or block.
 * ``columns`` (many patients): one ciphertext per feature, patients in the slots (for the linear
   model, two patients per slot: real and imaginary parts). No rotations, no Galois keys; the
-  weights are plaintext scalars.
+  weights are plaintext scalars. Every slot is a patient, and the request is counted as the
+  capacity of its ciphertexts (:func:`charged_patients`).
 
 MLP: with the activation ``f(h) = a*h**2 + b*h + c``, output ``k`` is
 ``sum_j W2[k,j] f(h_j) + b2[k] = sum_j s_kj u_kj**2 + const_k`` where
 ``u_kj = sqrt(|a W2[k,j]|) (h_j + b/(2a))`` is linear in the input and ``s_kj`` is the sign of
 ``a W2[k,j]``. The server folds ``sqrt(|a W2|)`` and the shift into the first layer and puts
 ``u_kj`` in a real slot when ``s_kj > 0`` and ``i * u_kj`` (imaginary) when ``s_kj < 0``: squaring
-then gives ``s_kj u_kj**2`` directly. The whole network costs one plaintext multiplication and one
-squaring (multiplicative depth 2), which keeps the ring at N = 8192.
+then gives ``s_kj u_kj**2`` directly. The whole network costs one plaintext multiplication,
+``log2(Ip)`` rotations and one squaring (multiplicative depth 2), which keeps the ring at
+N = 8192.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import secrets
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from tenseal import sealapi as seal
 from torch import nn
 
 from privml.errors import CryptoError, PrivmlError, UsageError
+from privml.he import protect
 from privml.he.ckks import (
     CKKSCiphertexts,
     CKKSProfile,
@@ -52,6 +58,12 @@ from privml.he.paillier import (
     PaillierPublicKey,
     PaillierRandomnessPool,
     rerandomize,
+)
+from privml.he.protect import (
+    DEFAULT_RESOLUTION,
+    STATISTICAL_SECURITY_BITS,
+    CKKSAnswerPool,
+    MaskSpec,
 )
 from privml.he.requirements import EvaluatorRequirements
 from privml.models.nets import POLYNOMIAL_ACTIVATIONS, ModelSpec, Poly2, Square
@@ -71,6 +83,12 @@ _HOW_TO_TRAIN = (
     'train an HE-compatible model: set `[model] activation = "square"` (or "poly2") with one '
     "hidden layer, e.g. `hidden = [16]`"
 )
+
+
+class EvaluationTimeout(PrivmlError, TimeoutError):
+    """An evaluation ran past the deadline it was given (the service's per-request limit)."""
+
+    exit_code = 1
 
 
 def _seal_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -247,9 +265,19 @@ def choose_galois_keys(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise EvaluationTimeout(
+            "the evaluation exceeded its time limit; send fewer patients per request"
+        )
+
+
 class _CKKSBase(ABC):
     requirements: EvaluatorRequirements
+    resolution: float
     _cache: dict[Any, dict[str, Any]]
+
+    scheme = "ckks"
 
     def _check_features(self, features: object) -> CKKSCiphertexts:
         if not isinstance(features, CKKSCiphertexts) or features.role != "features":
@@ -322,80 +350,164 @@ class _CKKSBase(ABC):
             holder=features.holder,
         )
 
+    # -- answer protection -------------------------------------------------------------------
+
+    def _layout_rt(self, public: Any, packing: str) -> tuple[dict[str, Any], _Runtime]:
+        lay = self.requirements.data["layouts"][packing]
+        return lay, public.runtime(lay["profile"])
+
+    @abstractmethod
+    def answer_specs(self, public: CKKSPublicContext) -> dict[str, dict[MaskSpec, int]]:
+        """Per packing, the precomputed elements one ciphertext of input needs (a pool's
+        recipe): ``{"replicated": {spec: count per patient}, "columns": {spec: count per
+        chunk}}``."""
+
+    def make_pool(self, public: CKKSPublicContext, *, patients: int = 8,
+                  chunks: int = 1, fill: bool = True) -> CKKSAnswerPool:
+        """A pool of answer masks for ``public``, sized for ``patients`` single-patient queries
+        and ``chunks`` column chunks (precomputed now unless ``fill=False``)."""
+        sizes: dict[MaskSpec, int] = {}
+        specs = self.answer_specs(public)
+        for spec, n in specs.get("replicated", {}).items():
+            sizes[spec] = sizes.get(spec, 0) + n * patients
+        for spec, n in specs.get("columns", {}).items():
+            sizes[spec] = sizes.get(spec, 0) + n * chunks
+        return CKKSAnswerPool(public, sizes, fill=fill)
+
     def predict_bytes(
-        self, data: bytes, public: CKKSPublicContext, *, max_bytes: int | None = None
+        self,
+        data: bytes,
+        public: CKKSPublicContext,
+        *,
+        pool: CKKSAnswerPool | None = None,
+        max_bytes: int | None = None,
+        deadline: float | None = None,
     ) -> bytes:
         """Load features from bytes (validated against ``public``), evaluate, serialize scores."""
         feats = CKKSCiphertexts.from_bytes(data, public, role="features", max_bytes=max_bytes)
-        return self.predict(feats).to_bytes()
+        return self.predict(feats, pool=pool, deadline=deadline).to_bytes()
 
     @abstractmethod
-    def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
+    def predict(
+        self,
+        features: CKKSCiphertexts,
+        *,
+        pool: CKKSAnswerPool | None = None,
+        deadline: float | None = None,
+    ) -> CKKSCiphertexts:
         """Evaluate the model on encrypted features (each subclass's circuit)."""
+
+
+def _score_sigma(resolution: float, scale: float, factor: float) -> float:
+    """Flooding of the constant coefficient: the client multiplies it by ``factor / scale``."""
+    return resolution * scale / factor
+
+
+def _flood_sigma(resolution: float, scale: float, n: int) -> float:
+    """Flooding of every coefficient so that each real slot value gets ``resolution``."""
+    return resolution * scale / math.sqrt(n / 2)
 
 
 @dataclass
 class CKKSLinearEvaluator(_CKKSBase):
-    """Logistic regression (any number of outputs) on CKKS. Returns encrypted logits."""
+    """Logistic regression (any number of outputs) on CKKS. Returns encrypted logits.
+
+    One patient (``replicated``): one plaintext product per output, the bias as a constant, and
+    the answer protection of :mod:`privml.he.protect`; the score is the constant coefficient (the
+    mean of the slots), so no rotation and no Galois key is needed. Batches (``columns``): one
+    plaintext-scalar product per feature, every slot a patient, re-randomized and flooded.
+    """
 
     W: np.ndarray
     b: np.ndarray
     requirements: EvaluatorRequirements
+    resolution: float = DEFAULT_RESOLUTION
     _cache: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
 
-    scheme = "ckks"
+    def _scale_after(self, rt: _Runtime, lay: dict[str, Any]) -> tuple[int, float]:
+        """(level, scale) of the product: one prime dropped by a rescale when the layout has
+        one (the weights are then encoded at that prime's size)."""
+        sx = 2.0 ** int(lay["scale_bits"])
+        if lay.get("rescale"):
+            return 1, sx * float(rt.primes[-1]) / float(rt.primes[-1])
+        return 0, sx * 2.0 ** int(lay["w_scale_bits"])
 
-    @_seal_errors
-    def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
-        """Evaluate the model on encrypted features; the result is encrypted under the same key."""
-        feats = self._check_features(features)
-        if feats.packing == "replicated":
-            return self._scores(feats, self._replicated(feats), False)
-        return self._scores(feats, self._columns(feats), True)
-
-    def _replicated(self, feats: CKKSCiphertexts) -> list[Any]:
-        lay = self.requirements.data["layouts"]["replicated"]
-        rt = feats.holder.runtime(lay["profile"])  # type: ignore[union-attr]
-        K, d = self.W.shape
-        Ip, Kp = int(lay["Ip"]), int(lay["Kp"])
-        cache = self._plains(rt)
-        rescale = bool(lay.get("rescale", True))
-        if "w" not in cache:
-            block = np.zeros((Ip, Kp))
-            block[:d, :K] = self.W.T
-            vec = np.tile(block.ravel(), rt.slots // (Ip * Kp))
-            # With a rescale, encode at the scale of the prime it drops: the result keeps the
-            # input scale. Without, at the declared weight scale.
-            w_scale = float(rt.primes[-1]) if rescale else 2.0 ** int(lay["w_scale_bits"])
-            cache["w"] = rt.encode(vec, 0, w_scale)
-        steps = [Kp << m for m in range(int(math.log2(Ip)))]
-        out = []
-        ev = rt.evaluator
-        for ct in feats.cts:
-            r = seal.Ciphertext()
-            ev.multiply_plain(ct, cache["w"], r)
-            if rescale:
-                ev.rescale_to_next_inplace(r)
-            self._rotate_sum(rt, r, steps)
-            bkey = ("b", float(r.scale))
-            if bkey not in cache:
-                bias = np.zeros(Kp)
-                bias[:K] = self.b
-                cache[bkey] = rt.encode(
-                    np.tile(bias, rt.slots // Kp), rt.level_of(r), float(r.scale)
-                )
-            ev.add_plain_inplace(r, cache[bkey])
-            out.append(r)
+    def answer_specs(self, public: CKKSPublicContext) -> dict[str, dict[MaskSpec, int]]:
+        K = self.requirements.n_outputs
+        out: dict[str, dict[MaskSpec, int]] = {}
+        lay, rt = self._layout_rt(public, "replicated")
+        level, scale = self._scale_after(rt, lay)
+        sig = _score_sigma(self.resolution, scale, float(lay["score_factor"]))
+        out["replicated"] = {MaskSpec("score", lay["profile"], level, sig): K}
+        lay, rt = self._layout_rt(public, "columns")
+        level, scale = self._scale_after(rt, lay)
+        out["columns"] = {MaskSpec("flood", lay["profile"], level,
+                                   _flood_sigma(self.resolution, scale, rt.n)): K}
         return out
 
-    def _columns(self, feats: CKKSCiphertexts) -> list[Any]:
-        lay = self.requirements.data["layouts"]["columns"]
-        rt = feats.holder.runtime(lay["profile"])  # type: ignore[union-attr]
+    @_seal_errors
+    def predict(
+        self,
+        features: CKKSCiphertexts,
+        *,
+        pool: CKKSAnswerPool | None = None,
+        deadline: float | None = None,
+    ) -> CKKSCiphertexts:
+        """Evaluate the model on encrypted features; the result is encrypted under the same key.
+
+        ``pool``: precomputed answer masks for this key (:meth:`make_pool`); without one they are
+        computed on the spot (about a millisecond each)."""
+        feats = self._check_features(features)
+        if pool is not None:
+            pool.check_key(feats.holder)
+        if feats.packing == "replicated":
+            return self._scores(feats, self._replicated(feats, pool, deadline), False)
+        return self._scores(feats, self._columns(feats, pool, deadline), True)
+
+    def _replicated(self, feats: CKKSCiphertexts, pool: CKKSAnswerPool | None,
+                    deadline: float | None) -> list[Any]:
+        lay, rt = self._layout_rt(feats.holder, "replicated")
         K, d = self.W.shape
+        Ip, factor = int(lay["Ip"]), float(lay["score_factor"])
+        rescale = bool(lay.get("rescale"))
         cache = self._plains(rt)
-        w_scale = 2.0 ** int(lay["w_scale_bits"])
-        x_scale = 2.0 ** int(lay["scale_bits"])
+        level, scale = self._scale_after(rt, lay)
+        spec = MaskSpec("score", lay["profile"], level, _score_sigma(self.resolution, scale,
+                                                                     factor))
+        if "w" not in cache:
+            w_scale = float(rt.primes[-1]) if rescale else 2.0 ** int(lay["w_scale_bits"])
+            cache["w"] = []
+            for k in range(K):
+                block = np.zeros(Ip)
+                block[:d] = self.W[k]
+                cache["w"].append(rt.encode(np.tile(block, rt.slots // Ip), 0, w_scale))
+            # the bias enters the mean of the slots: b / factor in every slot (a constant)
+            cache["b"] = [rt.encode_scalar(self.b[k] / factor, level, scale) for k in range(K)]
+        ev = rt.evaluator
+        out = []
+        for ct in feats.cts:
+            _check_deadline(deadline)
+            for k in range(K):
+                r = seal.Ciphertext()
+                ev.multiply_plain(ct, cache["w"][k], r)
+                if rescale:
+                    ev.rescale_to_next_inplace(r)
+                ev.add_plain_inplace(r, _at_scale(rt, cache["b"][k], r))
+                protect.apply(rt, r, spec, pool)
+                out.append(r)
+        return out
+
+    def _columns(self, feats: CKKSCiphertexts, pool: CKKSAnswerPool | None,
+                 deadline: float | None) -> list[Any]:
+        lay, rt = self._layout_rt(feats.holder, "columns")
+        K, d = self.W.shape
+        rescale = bool(lay.get("rescale"))
+        cache = self._plains(rt)
+        level, scale = self._scale_after(rt, lay)
+        spec = MaskSpec("flood", lay["profile"], level,
+                        _flood_sigma(self.resolution, scale, rt.n))
         if "wc" not in cache:
+            w_scale = float(rt.primes[-1]) if rescale else 2.0 ** int(lay["w_scale_bits"])
             cache["wc"] = [
                 [rt.encode_scalar(self.W[k, i], 0, w_scale) for i in range(d)] for k in range(K)
             ]
@@ -403,9 +515,7 @@ class CKKSLinearEvaluator(_CKKSBase):
             for k in range(K):
                 pt = seal.Plaintext()
                 # complex packing: the bias goes to both the real and the imaginary half
-                rt.encoder.encode(
-                    complex(self.b[k], self.b[k]), rt.levels[0], x_scale * w_scale, pt
-                )
+                rt.encoder.encode(complex(self.b[k], self.b[k]), rt.levels[level], scale, pt)
                 cache["bc"].append(pt)
         cap = 2 * rt.slots
         n_chunks = math.ceil(feats.n_rows / cap)
@@ -413,6 +523,7 @@ class CKKSLinearEvaluator(_CKKSBase):
         out: list[Any] = []
         for k in range(K):
             for c in range(n_chunks):
+                _check_deadline(deadline)
                 acc = None
                 for i in range(d):
                     t = seal.Ciphertext()
@@ -421,20 +532,37 @@ class CKKSLinearEvaluator(_CKKSBase):
                         acc = t
                     else:
                         ev.add_inplace(acc, t)
-                ev.add_plain_inplace(acc, cache["bc"][k])
+                if rescale:
+                    ev.rescale_to_next_inplace(acc)
+                ev.add_plain_inplace(acc, _at_scale(rt, cache["bc"][k], acc))
+                protect.apply(rt, acc, spec, pool)
                 out.append(acc)
         return out
 
 
+def _at_scale(rt: _Runtime, pt: Any, ct: Any) -> Any:
+    """``pt`` with its scale metadata set to ``ct``'s (equal up to floating-point rounding)."""
+    if abs(float(pt.scale) / float(ct.scale) - 1.0) > 1e-9:
+        raise CryptoError("internal error: plaintext and ciphertext scales differ")
+    pt.scale = float(ct.scale)
+    return pt
+
+
 @dataclass
 class CKKSMLPEvaluator(_CKKSBase):
-    """One-hidden-layer MLP with a polynomial activation on CKKS. Returns encrypted logits."""
+    """One-hidden-layer MLP with a polynomial activation on CKKS. Returns encrypted logits.
+
+    One patient: per output, one plaintext product (the first layer, folded with the output
+    weights), a re-randomization, ``log2(Ip)`` rotations, the squaring and the answer
+    protection; the output is the constant coefficient (the mean over the slots sums the
+    hidden units). Batches: slot-wise, every slot a patient.
+    """
 
     model: _MLP
     requirements: EvaluatorRequirements
+    resolution: float = DEFAULT_RESOLUTION
+    noise_bound: float = 0.0
     _cache: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
-
-    scheme = "ckks"
 
     def __post_init__(self) -> None:
         m = self.model
@@ -444,70 +572,112 @@ class CKKSMLPEvaluator(_CKKSBase):
         self._neg = (a * m.W2) < 0  # (K, H)
         self._const = m.b2 + m.W2.sum(axis=1) * (c - b * b / (4 * a))  # (K,)
 
-    @_seal_errors
-    def predict(self, features: CKKSCiphertexts) -> CKKSCiphertexts:
-        """Evaluate the MLP on encrypted features; the result is encrypted under the same key."""
-        feats = self._check_features(features)
-        if feats.packing == "replicated":
-            return self._scores(feats, self._replicated(feats), False)
-        return self._scores(feats, self._columns(feats), False)
+    @property
+    def flood_resolution(self) -> float:
+        """Standard deviation of the flooding on an output: the declared resolution, or more
+        where the weight-dependent noise of the squaring needs it (``2**(lambda/4)`` times it,
+        see :mod:`privml.he.protect`)."""
+        return max(self.resolution, self.noise_bound * 2.0 ** (STATISTICAL_SECURITY_BITS / 4))
 
-    def _replicated(self, feats: CKKSCiphertexts) -> list[Any]:
-        lay = self.requirements.data["layouts"]["replicated"]
-        rt = feats.holder.runtime(lay["profile"])  # type: ignore[union-attr]
-        m = self.model
-        H, d = m.W1.shape
-        K = m.W2.shape[0]
-        Ip, Hp, Kp = int(lay["Ip"]), int(lay["Hp"]), int(lay["Kp"])
-        R = Hp * Kp
-        cache = self._plains(rt)
-        phase = np.where(self._neg, 1j, 1.0)  # (K, H)
-        if "w" not in cache:
-            block = np.zeros((Ip, Hp, Kp), dtype=np.complex128)
-            # slot R*i + Kp*j + k holds phase_kj * amp_kj * W1[j, i]
-            block[:d, :H, :K] = m.W1.T[:, :, None] * (self._amp * phase).T[None, :, :]
-            cache["w"] = rt.encode(
-                np.tile(block.ravel(), rt.slots // (Ip * R)), 0, float(rt.primes[-1])
-            )
-        ev = rt.evaluator
-        steps_i = [R << s for s in range(int(math.log2(Ip)))]
-        steps_j = [Kp << s for s in range(int(math.log2(Hp)))]
-        out = []
-        for ct in feats.cts:
-            r = seal.Ciphertext()
-            ev.multiply_plain(ct, cache["w"], r)
-            ev.rescale_to_next_inplace(r)
-            self._rotate_sum(rt, r, steps_i)
-            k1 = ("b1", float(r.scale))
-            if k1 not in cache:
-                bias = np.zeros((Hp, Kp), dtype=np.complex128)
-                bias[:H, :K] = ((m.b1 + self._shift)[None, :] * self._amp * phase).T
-                cache[k1] = rt.encode(
-                    np.tile(bias.ravel(), rt.slots // R), rt.level_of(r), float(r.scale)
-                )
-            ev.add_plain_inplace(r, cache[k1])
-            ev.square_inplace(r)
-            ev.relinearize_inplace(r, rt.relin)
-            ev.rescale_to_next_inplace(r)
-            self._rotate_sum(rt, r, steps_j)
-            k2 = ("c", float(r.scale))
-            if k2 not in cache:
-                const = np.zeros(Kp)
-                const[:K] = self._const
-                cache[k2] = rt.encode(
-                    np.tile(const, rt.slots // Kp), rt.level_of(r), float(r.scale)
-                )
-            ev.add_plain_inplace(r, cache[k2])
-            out.append(r)
+    def _scales(self, rt: _Runtime, lay: dict[str, Any]) -> tuple[float, float]:
+        delta = 2.0 ** int(lay["scale_bits"])
+        s1 = delta * float(rt.primes[-1]) / float(rt.primes[-1])
+        return s1, s1 * s1 / float(rt.primes[-2])
+
+    def answer_specs(self, public: CKKSPublicContext) -> dict[str, dict[MaskSpec, int]]:
+        K, H = self._amp.shape
+        res = self.flood_resolution
+        lay, rt = self._layout_rt(public, "replicated")
+        _, s2 = self._scales(rt, lay)
+        name = lay["profile"]
+        out = {"replicated": {
+            MaskSpec("rerand", name, 1): K,
+            MaskSpec("score", name, 2, _score_sigma(res, s2, float(lay["score_factor"]))): K,
+        }}
+        lay, rt = self._layout_rt(public, "columns")
+        _, s2 = self._scales(rt, lay)
+        out["columns"] = {
+            MaskSpec("rerand", lay["profile"], 1): K * H,
+            MaskSpec("flood", lay["profile"], 2, _flood_sigma(res, s2, rt.n)): K,
+        }
         return out
 
-    def _columns(self, feats: CKKSCiphertexts) -> list[Any]:
-        lay = self.requirements.data["layouts"]["columns"]
-        rt = feats.holder.runtime(lay["profile"])  # type: ignore[union-attr]
+    @_seal_errors
+    def predict(
+        self,
+        features: CKKSCiphertexts,
+        *,
+        pool: CKKSAnswerPool | None = None,
+        deadline: float | None = None,
+    ) -> CKKSCiphertexts:
+        """Evaluate the MLP on encrypted features; the result is encrypted under the same key."""
+        feats = self._check_features(features)
+        if pool is not None:
+            pool.check_key(feats.holder)
+        if feats.packing == "replicated":
+            return self._scores(feats, self._replicated(feats, pool, deadline), False)
+        return self._scores(feats, self._columns(feats, pool, deadline), False)
+
+    def _replicated(self, feats: CKKSCiphertexts, pool: CKKSAnswerPool | None,
+                    deadline: float | None) -> list[Any]:
+        lay, rt = self._layout_rt(feats.holder, "replicated")
+        m = self.model
+        H, d = m.W1.shape
+        K = m.W2.shape[0]
+        Ip, Hp = int(lay["Ip"]), int(lay["Hp"])
+        factor = float(lay["score_factor"])
+        cache = self._plains(rt)
+        s1, s2 = self._scales(rt, lay)
+        rerand = MaskSpec("rerand", lay["profile"], 1)
+        score = MaskSpec("score", lay["profile"], 2,
+                         _score_sigma(self.flood_resolution, s2, factor))
+        phase = np.where(self._neg, 1j, 1.0)  # (K, H)
+        if "w" not in cache:
+            cache["w"], cache["b1"], cache["c"] = [], [], []
+            for k in range(K):
+                block = np.zeros((Ip, Hp), dtype=np.complex128)
+                # slot Hp*i + j holds phase_kj * amp_kj * W1[j, i]
+                block[:d, :H] = m.W1.T * (self._amp[k] * phase[k])[None, :]
+                cache["w"].append(
+                    rt.encode(np.tile(block.ravel(), rt.slots // (Ip * Hp)), 0,
+                              float(rt.primes[-1]))
+                )
+                bias = np.zeros(Hp, dtype=np.complex128)
+                bias[:H] = (m.b1 + self._shift) * self._amp[k] * phase[k]
+                cache["b1"].append(rt.encode(np.tile(bias, rt.slots // Hp), 1, s1))
+                cache["c"].append(rt.encode_scalar(self._const[k] / factor, 2, s2))
+        ev = rt.evaluator
+        steps = [Hp << s for s in range(int(math.log2(Ip)))]
+        out = []
+        for ct in feats.cts:
+            for k in range(K):
+                _check_deadline(deadline)
+                r = seal.Ciphertext()
+                ev.multiply_plain(ct, cache["w"][k], r)
+                ev.rescale_to_next_inplace(r)
+                # pseudo-random c1 before key switching: its noise cannot depend on the weights
+                protect.apply(rt, r, rerand, pool)
+                self._rotate_sum(rt, r, steps)
+                ev.add_plain_inplace(r, _at_scale(rt, cache["b1"][k], r))
+                ev.square_inplace(r)
+                ev.relinearize_inplace(r, rt.relin)
+                ev.rescale_to_next_inplace(r)
+                ev.add_plain_inplace(r, _at_scale(rt, cache["c"][k], r))
+                protect.apply(rt, r, score, pool)
+                out.append(r)
+        return out
+
+    def _columns(self, feats: CKKSCiphertexts, pool: CKKSAnswerPool | None,
+                 deadline: float | None) -> list[Any]:
+        lay, rt = self._layout_rt(feats.holder, "columns")
         m = self.model
         H, d = m.W1.shape
         K = m.W2.shape[0]
         cache = self._plains(rt)
+        s1, s2 = self._scales(rt, lay)
+        rerand = MaskSpec("rerand", lay["profile"], 1)
+        flood = MaskSpec("flood", lay["profile"], 2,
+                         _flood_sigma(self.flood_resolution, s2, rt.n))
         top_scale = float(rt.primes[-1])
         if "wc" not in cache:
             cache["wc"] = [
@@ -517,6 +687,12 @@ class CKKSMLPEvaluator(_CKKSBase):
                 ]
                 for k in range(K)
             ]
+            cache["bc"] = [
+                [rt.encode_scalar(self._amp[k, j] * (m.b1[j] + self._shift), 1, s1)
+                 for j in range(H)]
+                for k in range(K)
+            ]
+            cache["cc"] = [rt.encode_scalar(self._const[k], 2, s2) for k in range(K)]
         ev = rt.evaluator
         n_chunks = math.ceil(feats.n_rows / rt.slots)
         out: list[Any] = []
@@ -524,6 +700,7 @@ class CKKSMLPEvaluator(_CKKSBase):
             for c in range(n_chunks):
                 total: Any = None
                 for j in range(H):
+                    _check_deadline(deadline)
                     u: Any = None
                     for i in range(d):
                         t = seal.Ciphertext()
@@ -533,12 +710,8 @@ class CKKSMLPEvaluator(_CKKSBase):
                         else:
                             ev.add_inplace(u, t)
                     ev.rescale_to_next_inplace(u)
-                    ev.add_plain_inplace(
-                        u,
-                        rt.encode_scalar(
-                            self._amp[k, j] * (m.b1[j] + self._shift), 1, float(u.scale)
-                        ),
-                    )
+                    ev.add_plain_inplace(u, _at_scale(rt, cache["bc"][k][j], u))
+                    protect.apply(rt, u, rerand, pool)
                     ev.square_inplace(u)
                     ev.relinearize_inplace(u, rt.relin)
                     ev.rescale_to_next_inplace(u)
@@ -550,7 +723,8 @@ class CKKSMLPEvaluator(_CKKSBase):
                         ev.sub_inplace(total, u)
                     else:
                         ev.add_inplace(total, u)
-                ev.add_plain_inplace(total, rt.encode_scalar(self._const[k], 2, float(total.scale)))
+                ev.add_plain_inplace(total, _at_scale(rt, cache["cc"][k], total))
+                protect.apply(rt, total, flood, pool)
                 out.append(total)
         return out
 
@@ -559,19 +733,35 @@ class CKKSMLPEvaluator(_CKKSBase):
 class PaillierLinearEvaluator:
     """Logistic regression on Paillier: fixed-point weights times encrypted fixed-point inputs.
 
-    The result is re-randomized (multiplied by a fresh encryption of zero) before it leaves the
-    server: otherwise a client that knows the randomness of its own ciphertexts could recover
-    the weights from the result's randomness (see docs/threat-model.md).
+    Before an answer leaves the server, its plaintext gets, per patient slot, uniform flooding
+    noise in ``[-F, F]`` (the declared resolution), an offset, and a one-time pad above the
+    ``per_ct * slot_bits`` bits the answer may occupy (``rho * 2**M`` with ``rho`` uniform);
+    then it is re-randomized (multiplied by a fresh encryption of zero). A crafted input (for
+    example ``2**(64 (i+1))`` for feature ``i``, beyond the input bounds, invisible to the
+    server) therefore decodes to at most ``M`` low bits of the result, with flooding: no more
+    than the patients the ciphertext is counted as. Without the re-randomization a client that
+    knows its own randomness could recover the weights from the result's (docs/threat-model.md).
     """
 
     Wq: list[list[int]]
     bq: list[int]
     requirements: EvaluatorRequirements
+    flood: int = 1
 
     scheme = "paillier"
 
+    def make_pool(self, public: PaillierPublicKey, *, patients: int = 8,
+                  fill: bool = True) -> PaillierRandomnessPool:
+        """Encryptions of zero for ``patients`` single-patient answers (one per output)."""
+        size = patients * len(self.Wq) if fill else 0
+        return PaillierRandomnessPool(public, size=size)
+
     def predict(
-        self, features: PaillierCiphertexts, *, pool: PaillierRandomnessPool | None = None
+        self,
+        features: PaillierCiphertexts,
+        *,
+        pool: PaillierRandomnessPool | None = None,
+        deadline: float | None = None,
     ) -> PaillierCiphertexts:
         """Evaluate on encrypted features. ``pool``: precomputed encryptions of zero under the
         client's key for the final re-randomization (else computed on the spot)."""
@@ -590,17 +780,26 @@ class PaillierLinearEvaluator:
                 "differ); encrypt them with this evaluator's requirements"
             )
         pk = public.key
-        n_chunks = math.ceil(features.n_rows / features.per_ct)
-        codec = SlotCodec(slot_bits=features.slot_bits, slots=features.per_ct, digit_bound=1)
+        per_ct, slot_bits = features.per_ct, features.slot_bits
+        n_chunks = math.ceil(features.n_rows / per_ct)
+        codec = SlotCodec(slot_bits=slot_bits, slots=per_ct, digit_bound=1)
+        width = per_ct * slot_bits  # bits the answer may occupy (checked <= key_bits - 2)
+        pad_range = max(1, (pk.n >> width) - 1)
         out: list[int] = []
         for k, row in enumerate(self.Wq):
             for c in range(n_chunks):
-                rows = min(features.per_ct, features.n_rows - c * features.per_ct)
+                _check_deadline(deadline)
+                rows = min(per_ct, features.n_rows - c * per_ct)
                 (bias,) = codec.pack([self.bq[k]] * rows)
                 acc = phe.EncryptedNumber(pk, pk.raw_encrypt(bias % pk.n, r_value=1))
                 for i, w in enumerate(row):
                     if w:
                         acc = acc + phe.EncryptedNumber(pk, features.cts[i * n_chunks + c]) * w
+                (noise,) = codec.pack(
+                    [secrets.randbelow(2 * self.flood + 1) - self.flood for _ in range(per_ct)]
+                )
+                blind = noise + (1 << (width - 1)) + (secrets.randbelow(pad_range) << width)
+                acc = acc + phe.EncryptedNumber(pk, pk.raw_encrypt(blind % pk.n, r_value=1))
                 out.append(rerandomize(public, acc.ciphertext(be_secure=False), pool))
         return PaillierCiphertexts(
             role="scores",
@@ -608,8 +807,8 @@ class PaillierLinearEvaluator:
             packing="columns",
             n_rows=features.n_rows,
             n_cols=len(self.Wq),
-            slot_bits=features.slot_bits,
-            per_ct=features.per_ct,
+            slot_bits=slot_bits,
+            per_ct=per_ct,
             cts=out,
             holder=public,
         )
@@ -621,12 +820,37 @@ class PaillierLinearEvaluator:
         *,
         pool: PaillierRandomnessPool | None = None,
         max_bytes: int | None = None,
+        deadline: float | None = None,
     ) -> bytes:
         feats = PaillierCiphertexts.from_bytes(data, public, role="features", max_bytes=max_bytes)
-        return self.predict(feats, pool=pool).to_bytes(public.ciphertext_bytes)
+        out = self.predict(feats, pool=pool, deadline=deadline)
+        return out.to_bytes(public.ciphertext_bytes)
 
 
 Evaluator = CKKSLinearEvaluator | CKKSMLPEvaluator | PaillierLinearEvaluator
+
+
+def charged_patients(
+    scheme: str, header: dict[str, Any], requirements: dict[str, Any], key_bits: int = 0
+) -> int:
+    """Patients a prediction request is counted as: what its ciphertexts can carry.
+
+    CKKS one-patient layout: one per ciphertext (an answer carries one number per output).
+    CKKS columns: every slot of every chunk (4,096 per chunk for the linear model), however
+    many rows the header declares. Paillier: ``per_ct`` per ciphertext chunk. ``header`` is the
+    envelope header of the encrypted features (sizes checked by the caller's parser).
+    """
+    n = int(header["n_rows"])
+    if scheme == "paillier":
+        per_ct = max(1, int(header.get("per_ct", 1)))
+        return math.ceil(n / per_ct) * per_ct
+    packing = header.get("packing")
+    if packing == "replicated":
+        return n
+    lay = requirements["layouts"]["columns"]
+    prof = next(p for p in requirements["profiles"] if p["name"] == lay["profile"])
+    cap = prof["poly_modulus_degree"] // 2 * (2 if lay["complex"] else 1)
+    return math.ceil(n / cap) * cap
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +869,7 @@ def compile_model(
     scale_bits: int | None = None,
     x_frac_bits: int = 20,
     w_frac_bits: int = 20,
+    resolution: float = DEFAULT_RESOLUTION,
 ) -> Evaluator:
     """Compile a trained privml model into an encrypted evaluator.
 
@@ -656,12 +881,15 @@ def compile_model(
         x_bound: declared bound on input magnitudes, ``|x_i| <= x_bound`` (privml's encoder puts
             every feature in [0, 1], so 1.0). The parameters are sized for the worst case over
             this box, so no valid input can overflow; the client's encryption checks it.
-        public_key: include a public encryption key in CKKS contexts (lets parties without the
-            secret key encrypt; costs ~0.1-0.5 MB).
+        public_key: kept for compatibility; CKKS contexts always carry the public key, which the
+            server needs to re-randomize its answers.
         max_context_bytes: upper bound on the CKKS public context (Galois keys are dropped and
             rotations composed from the remaining ones until it fits).
         scale_bits: CKKS input scale (log2); default 30 (linear) or 40 (MLP).
         x_frac_bits, w_frac_bits: Paillier fixed-point precision of inputs and weights (bits).
+        resolution: standard deviation of the noise flooding on every returned score (logit
+            units, default ``2**-20``): what an answer can reveal is capped at this resolution
+            (docs/threat-model.md). Larger values return coarser scores ("rounded scores").
 
     Returns:
         An evaluator whose ``requirements`` the server publishes to key holders, and whose
@@ -684,6 +912,16 @@ def compile_model(
         raise UsageError(
             f"The 'scale_bits' parameter must be an int in [20, 50]. Got {scale_bits!r} instead."
         )
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int | float)
+        or not math.isfinite(resolution)
+        or not 2.0**-30 <= resolution <= 1.0
+    ):
+        raise UsageError(
+            "The 'resolution' parameter must be a number in [2**-30, 1] (logit units). "
+            f"Got {resolution!r} instead."
+        )
     parsed = extract_model(model, spec)
     x_bound = float(x_bound)
     if scheme == "paillier":
@@ -692,20 +930,19 @@ def compile_model(
                 "Paillier is only additively homomorphic, so it evaluates linear models only "
                 '(`[model] kind = "logistic"`); use scheme="ckks" for an MLP'
             )
-        return _compile_paillier(parsed, x_bound, x_frac_bits, w_frac_bits)
+        return _compile_paillier(parsed, x_bound, x_frac_bits, w_frac_bits, float(resolution))
     if isinstance(parsed, _Linear):
-        return _compile_ckks_linear(parsed, x_bound, public_key, scale_bits)
-    return _compile_ckks_mlp(parsed, x_bound, public_key, max_context_bytes, scale_bits)
+        return _compile_ckks_linear(parsed, x_bound, scale_bits, float(resolution))
+    return _compile_ckks_mlp(parsed, x_bound, max_context_bytes, scale_bits, float(resolution))
 
 
 def _compile_ckks_linear(
-    lin: _Linear, x_bound: float, public_key: bool, scale_bits: int | None
+    lin: _Linear, x_bound: float, scale_bits: int | None, resolution: float
 ) -> CKKSLinearEvaluator:
     K, d = lin.W.shape
     bound = float(np.max(np.abs(lin.b) + x_bound * np.abs(lin.W).sum(axis=1)))
     bbits = _bits(bound)
-    Ip, Kp = _next_pow2(d), _next_pow2(K)
-    steps = tuple(Kp << m for m in range(int(math.log2(Ip))))
+    Ip = _next_pow2(d)
     sx = scale_bits or 30
     room = 60 - 2 - bbits - sx  # weight-scale bits left in one 60-bit prime
     base = {
@@ -714,85 +951,53 @@ def _compile_ckks_linear(
         "n_features": d,
         "n_outputs": K,
         "x_bound": x_bound,
+        "answer": "mean",
     }
-    if room >= 20 and Ip * Kp <= _N_LINEAR // 2:
-        # Common case: one 60-bit data prime holds input scale x weight scale x output bound.
-        # No rescale: encryption, rotations and the product all run at one prime, and the
-        # rotations' key-switching noise is negligible at the product's scale (~2**52).
+    if Ip > _N_LINEAR // 2 and Ip > 4096:
+        raise UsageError(f"{d} features do not fit the CKKS slots; reduce the model")
+    if room >= 20 and Ip <= _N_LINEAR // 2:
+        # Common case: one 60-bit data prime holds input scale x weight scale x output bound;
+        # no rescale, no rotation: one plaintext product per output.
         sw = min(24, room)
-        main = CKKSProfile("main", _N_LINEAR, (60, 49), steps, relin=False, public_key=public_key)
-        reqs = {
-            **base,
-            "profiles": [main.to_dict()],
-            "layouts": {
-                "replicated": {
-                    "profile": "main",
-                    "scale_bits": sx,
-                    "w_scale_bits": sw,
-                    "rescale": False,
-                    "Ip": Ip,
-                    "Hp": 1,
-                    "Kp": Kp,
-                },
-                "columns": {
-                    "profile": "main",
-                    "scale_bits": sx,
-                    "w_scale_bits": sw,
-                    "complex": True,
-                },
-            },
+        main = CKKSProfile("main", _N_LINEAR, (60, 49), (), relin=False, public_key=True)
+        layouts: dict[str, Any] = {
+            "replicated": {"profile": "main", "scale_bits": sx, "w_scale_bits": sw,
+                           "rescale": False, "Ip": Ip, "Hp": 1, "score_factor": Ip},
+            "columns": {"profile": "main", "scale_bits": sx, "w_scale_bits": sw,
+                        "rescale": False, "complex": True},
         }
-        return CKKSLinearEvaluator(
-            W=lin.W, b=lin.b, requirements=EvaluatorRequirements.from_dict(reqs)
-        )
-    # Large outputs: one patient is multiplied at two primes and rescaled by a 25-bit prime, the
-    # rotations run at the remaining one; a batch uses its own parameters.
-    n = _N_LINEAR
-    w_bits = 25
-    q0 = sx + bbits + 2
-    special = min(60, 109 - q0 - w_bits)
-    if q0 > 60 or special < q0 or Ip * Kp > n // 2:
-        n, sx, w_bits = 8192, scale_bits or 36, 30
-        q0 = sx + bbits + 2
-        special = 60
-        if Ip * Kp > n // 2:
-            raise UsageError(
-                f"{d} features x {K} outputs do not fit the CKKS slots; reduce the model"
-            )
-    if q0 > 60:
-        raise UsageError(
-            f"the model's outputs can reach {bound:.3g} on inputs within +/-{x_bound:g}, "
-            "too large for precise CKKS evaluation; retrain with weight decay (smaller weights)"
-        )
-    single = CKKSProfile(
-        "single", n, (q0, w_bits, special), steps, relin=False, public_key=public_key
-    )
-    bx, bw = 30, min(24, 60 - 30 - bbits - 2)
-    if bw >= 16:
-        batch = CKKSProfile("batch", 4096, (60, 49), (), relin=False, public_key=public_key)
     else:
-        bx, bw = 36, 24
-        batch = CKKSProfile("batch", 8192, (60, 60, 49), (), relin=False, public_key=public_key)
-    reqs = {
-        **base,
-        "profiles": [single.to_dict(), batch.to_dict()],
-        "layouts": {
-            "replicated": {
-                "profile": "single",
-                "scale_bits": sx,
-                "rescale": True,
-                "Ip": Ip,
-                "Hp": 1,
-                "Kp": Kp,
-            },
-            "columns": {"profile": "batch", "scale_bits": bx, "w_scale_bits": bw, "complex": True},
-        },
-    }
-    return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements.from_dict(reqs))
+        # Large outputs: the weights are encoded at the size of a second prime, which the
+        # product drops again (rescale): the result keeps the input scale.
+        sx = min(scale_bits or 30, 58 - bbits)
+        if sx < 20:
+            raise UsageError(
+                f"the model's outputs can reach {bound:.3g} on inputs within +/-{x_bound:g}, "
+                "too large for precise CKKS evaluation; retrain with weight decay (smaller "
+                "weights)"
+            )
+        n = 8192
+        if Ip > n // 2:
+            raise UsageError(f"{d} features do not fit the CKKS slots; reduce the model")
+        main = CKKSProfile("main", n, (60, 60, 60), (), relin=False, public_key=True)
+        layouts = {
+            "replicated": {"profile": "main", "scale_bits": sx, "rescale": True, "Ip": Ip,
+                           "Hp": 1, "score_factor": Ip},
+            "columns": {"profile": "main", "scale_bits": sx, "rescale": True, "complex": True},
+        }
+    reqs = {**base, "profiles": [main.to_dict()], "layouts": layouts}
+    return CKKSLinearEvaluator(W=lin.W, b=lin.b, requirements=EvaluatorRequirements.from_dict(reqs),
+                               resolution=resolution)
+
+
+#: Assumed standard deviation (coefficient units) of the weight-independent noise a ciphertext
+#: carries before the MLP's squaring (re-randomization, rotations, rescaling); checked against
+#: measurements in the tests.
+MLP_PRE_SQUARE_NOISE = 2.0**13
 
 
 def _compile_ckks_mlp(
-    m: _MLP, x_bound: float, public_key: bool, budget: int, scale_bits: int | None
+    m: _MLP, x_bound: float, budget: int, scale_bits: int | None, resolution: float
 ) -> CKKSMLPEvaluator:
     H, d = m.W1.shape
     K = m.W2.shape[0]
@@ -804,7 +1009,9 @@ def _compile_ckks_mlp(
     const = m.b2 + m.W2.sum(axis=1) * (c - b * b / (4 * a))
     out_b = np.abs(const) + (ub**2).sum(axis=1)
     bbits = _bits(max(float(out_b.max()), float((ub**2).max()), 1.0))
-    delta = scale_bits or 40
+    # The largest scale the first prime allows (at most 47 bits): the squaring's
+    # weight-dependent noise, which the flooding must cover, shrinks with the scale.
+    delta = scale_bits or min(47, 58 - bbits)
     q0 = delta + bbits + 2
     if q0 > 60:
         delta, q0 = 60 - bbits - 2, 60
@@ -816,25 +1023,22 @@ def _compile_ckks_mlp(
         )
     n = _N_MLP
     special = min(60, 218 - q0 - 2 * delta)
-    Ip, Hp, Kp = _next_pow2(d), _next_pow2(H), _next_pow2(K)
-    R = Hp * Kp
-    if Ip * R > n // 2:
+    Ip, Hp = _next_pow2(d), _next_pow2(H)
+    if Ip * Hp > n // 2:
         raise UsageError(
-            f"an MLP {d}-{H}-{K} needs {Ip * R} slots, more than the {n // 2} available; use fewer "
-            "features, hidden units or outputs"
+            f"an MLP {d}-{H}-{K} needs {Ip * Hp} slots, more than the {n // 2} available; use "
+            "fewer features or hidden units"
         )
-    steps_i = [R << s for s in range(int(math.log2(Ip)))]
-    steps_j = [Kp << s for s in range(int(math.log2(Hp)))]
+    steps_i = [Hp << s for s in range(int(math.log2(Ip)))]
     bits = (q0, delta, delta, special)
 
     def size_of(keys: Sequence[int]) -> int:
         return CKKSProfile(
-            "main", n, bits, tuple(keys), relin=True, public_key=public_key
+            "main", n, bits, tuple(keys), relin=True, public_key=True
         ).estimated_public_bytes()
 
-    # rotations over i run with two data primes left, over j with one: weight 2 and 1
-    keys = choose_galois_keys([(steps_i, 2.0), (steps_j, 1.0)], size_of, budget)
-    main = CKKSProfile("main", n, bits, tuple(keys), relin=True, public_key=public_key)
+    keys = choose_galois_keys([(steps_i, 1.0)], size_of, budget) if steps_i else []
+    main = CKKSProfile("main", n, bits, tuple(keys), relin=True, public_key=True)
     reqs = {
         "scheme": "ckks",
         "model": "mlp",
@@ -842,16 +1046,25 @@ def _compile_ckks_mlp(
         "n_outputs": K,
         "x_bound": x_bound,
         "activation": m.activation,
+        "answer": "mean",
         "profiles": [main.to_dict()],
         "layouts": {
-            "replicated": {"profile": "main", "scale_bits": delta, "Ip": Ip, "Hp": Hp, "Kp": Kp},
+            "replicated": {"profile": "main", "scale_bits": delta, "Ip": Ip, "Hp": Hp,
+                           "score_factor": Hp},
             "columns": {"profile": "main", "scale_bits": delta, "complex": False},
         },
     }
-    return CKKSMLPEvaluator(model=m, requirements=EvaluatorRequirements.from_dict(reqs))
+    # Weight-dependent noise of the squaring: 2 * M * e, where e is the weight-independent
+    # noise (std MLP_PRE_SQUARE_NOISE) and M the hidden pre-activations (bounded by ub on the
+    # declared input box); in output units after the client's factor Hp (see the threat model).
+    dep = 2.0 * MLP_PRE_SQUARE_NOISE * math.sqrt(Hp * float((ub**2).sum(axis=1).max())) / 2.0**delta
+    return CKKSMLPEvaluator(model=m, requirements=EvaluatorRequirements.from_dict(reqs),
+                            resolution=resolution, noise_bound=dep)
 
 
-def _compile_paillier(lin: _Linear, x_bound: float, fx: int, fw: int) -> PaillierLinearEvaluator:
+def _compile_paillier(
+    lin: _Linear, x_bound: float, fx: int, fw: int, resolution: float
+) -> PaillierLinearEvaluator:
     for name, v in (("x_frac_bits", fx), ("w_frac_bits", fw)):
         if isinstance(v, bool) or not isinstance(v, int) or not 8 <= v <= 40:
             raise UsageError(
@@ -861,8 +1074,13 @@ def _compile_paillier(lin: _Linear, x_bound: float, fx: int, fw: int) -> Paillie
     bq = [int(v) for v in np.rint(lin.b * 2.0 ** (fx + fw)).tolist()]
     wq_rows = [[int(v) for v in row] for row in Wq.tolist()]
     x_digit = math.floor(x_bound * 2**fx + 0.5)
-    out_digit = max(abs(bq[k]) + x_digit * sum(abs(w) for w in wq_rows[k]) for k in range(len(bq)))
-    slot_bits = max(out_digit, x_digit).bit_length() + 2
+    out_exact = max(abs(bq[k]) + x_digit * sum(abs(w) for w in wq_rows[k]) for k in range(len(bq)))
+    # Published: a power of two above the worst-case output (never the exact bound, which is
+    # |b| + sum |w| and would hand out a function of the weights), plus the flooding.
+    out_bits = max(1, out_exact.bit_length())
+    flood = max(1, 1 << max(0, round(fx + fw + math.log2(resolution))))
+    digit_bound = (1 << out_bits) + flood
+    slot_bits = max(digit_bound, x_digit).bit_length() + 2
     reqs = {
         "scheme": "paillier",
         "model": "linear",
@@ -872,8 +1090,9 @@ def _compile_paillier(lin: _Linear, x_bound: float, fx: int, fw: int) -> Paillie
         "x_frac_bits": fx,
         "w_frac_bits": fw,
         "slot_bits": slot_bits,
-        "out_digit_bound": out_digit,
+        "out_digit_bound": digit_bound,
+        "answer": "padded",
     }
     return PaillierLinearEvaluator(
-        Wq=wq_rows, bq=bq, requirements=EvaluatorRequirements.from_dict(reqs)
+        Wq=wq_rows, bq=bq, requirements=EvaluatorRequirements.from_dict(reqs), flood=flood
     )

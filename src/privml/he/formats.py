@@ -33,6 +33,8 @@ MAX_HEADER_BYTES = 1 << 16
 MAX_CONTEXT_BYTES = 64 << 20
 #: Default size limit for any other envelope, in bytes.
 MAX_MESSAGE_BYTES = 256 << 20
+#: Deepest nesting of arrays and objects accepted in a header (privml's own headers use 4).
+MAX_HEADER_DEPTH = 16
 
 
 class Kind(IntEnum):
@@ -108,10 +110,7 @@ def unpack(
     start = _PREFIX.size
     if len(data) < start + hlen:
         raise CryptoError("truncated message: the header is cut short")
-    try:
-        header = json.loads(data[start : start + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CryptoError(f"malformed message header: {exc}") from None
+    header = loads_bounded(data[start : start + hlen], what="message header")
     if not isinstance(header, dict):
         raise CryptoError("malformed message header: not a JSON object")
     lengths = header.get("parts")
@@ -131,6 +130,54 @@ def unpack(
         parts.append(bytes(body[off : off + n]))
         off += n
     return kind, header, parts
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[`` and ``{`` in JSON text, outside strings (a linear scan: no
+    recursion, so a hostile document cannot exhaust the stack before it is measured)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in raw:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:  # quote
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(
+    raw: bytes, *, what: str, max_bytes: int = MAX_HEADER_BYTES, max_depth: int = MAX_HEADER_DEPTH
+) -> Any:
+    """Parse UTF-8 JSON received from another party, with a size and a nesting-depth limit.
+
+    Raises :class:`CryptoError` (never RecursionError or UnicodeDecodeError) for anything that is
+    not valid JSON within the limits; NaN and infinities are refused too.
+    """
+    if len(raw) > max_bytes:
+        raise CryptoError(f"malformed {what}: {len(raw)} bytes, above the {max_bytes}-byte limit")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise CryptoError(
+            f"malformed {what}: nested {depth} levels deep, above the limit of {max_depth}"
+        )
+
+    def _no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CryptoError(f"malformed {what}: {exc}") from None
 
 
 def require(header: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:

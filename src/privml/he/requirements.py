@@ -69,8 +69,18 @@ class EvaluatorRequirements:
         if isinstance(xb, bool) or not isinstance(xb, int | float) or not 0 < xb < 1e6:
             raise CryptoError(f"malformed evaluator requirements: x_bound {xb!r}")
         if d["scheme"] == "ckks":
+            if d.get("answer") != "mean":
+                raise CryptoError(
+                    "malformed evaluator requirements: unsupported CKKS answer format "
+                    f"{d.get('answer')!r} (this client reads 'mean'); upgrade privml"
+                )
             _check_ckks_layouts(d)
         else:
+            if d.get("answer") != "padded":
+                raise CryptoError(
+                    "malformed evaluator requirements: unsupported Paillier answer format "
+                    f"{d.get('answer')!r} (this client reads 'padded'); upgrade privml"
+                )
             _int(d, "x_frac_bits", 8, 40)
             _int(d, "w_frac_bits", 8, 40)
             slot_bits = _int(d, "slot_bits", 2, 4096)
@@ -108,7 +118,7 @@ def _check_ckks_layouts(d: Mapping[str, Any]) -> None:
     for p in profiles:
         parsed = CKKSProfile.from_dict(p)  # includes the 128-bit security check
         by_name[parsed.name] = parsed
-    n_feat, n_out = int(d["n_features"]), int(d["n_outputs"])
+    n_feat = int(d["n_features"])
     for name, lay in layouts.items():
         if name not in ("replicated", "columns") or not isinstance(lay, Mapping):
             raise CryptoError(f"malformed evaluator requirements: unknown layout {name!r}")
@@ -117,10 +127,11 @@ def _check_ckks_layouts(d: Mapping[str, Any]) -> None:
             raise CryptoError(f"malformed evaluator requirements: layout {name!r} names no profile")
         _int(lay, "scale_bits", 20, 60)
         if name == "replicated":
-            ip, hp, kp = (_int(lay, k, 1, prof.slots) for k in ("Ip", "Hp", "Kp"))
-            if not all(_pow2(v) for v in (ip, hp, kp)) or ip < n_feat or kp < n_out:
+            ip, hp = (_int(lay, k, 1, prof.slots) for k in ("Ip", "Hp"))
+            _int(lay, "score_factor", 1, prof.slots)
+            if not all(_pow2(v) for v in (ip, hp)) or ip < n_feat:
                 raise CryptoError("malformed evaluator requirements: bad replicated layout sizes")
-            if ip * hp * kp > prof.slots:
+            if ip * hp > prof.slots:
                 raise CryptoError("malformed evaluator requirements: layout exceeds the slots")
         elif not isinstance(lay.get("complex"), bool):
             raise CryptoError("malformed evaluator requirements: columns layout needs 'complex'")

@@ -55,6 +55,7 @@ from privml.errors import CryptoError, InsecureOptionWarning, PrivmlError
 from privml.he import formats
 from privml.he.api import PublicMaterial, load_features, load_public
 from privml.he.ckks import CKKSProfile, CKKSPublicContext
+from privml.he.evaluators import charged_patients
 from privml.he.paillier import DEFAULT_KEY_BITS, PaillierPublicKey
 from privml.serve.model import API_VERSION, ServedModel
 from privml.serve.settings import ServeSettings
@@ -706,11 +707,18 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                            "no such context for this token (never registered, deleted or "
                            "expired); register it with POST /v1/contexts")
         data = _b64(body.ciphertexts, "ciphertexts")
+        ev = served.evaluators[rec.scheme]
         try:
             _, header, _ = formats.unpack(
                 data, expected=_FEATURES_OF_SCHEME[rec.scheme], max_bytes=lim.max_body_bytes
             )
             n = formats.require(header, "n_rows", int, "encrypted features")
+            if rec.scheme == "paillier":
+                formats.require(header, "per_ct", int, "encrypted features")
+            else:
+                packing = formats.require(header, "packing", str, "encrypted features")
+                if packing not in ("replicated", "columns"):
+                    raise CryptoError(f"unsupported packing {packing!r}")
         except CryptoError as exc:
             raise ApiError(422, "invalid_ciphertext", "ciphertexts", str(exc)) from None
         if not 1 <= n <= lim.max_batch:
@@ -719,8 +727,10 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 f"the batch declares {n} patients; this server takes 1 to {lim.max_batch} per "
                 "request",
             )
-        wait = svc.store.take(owner, "patients", float(n), rate=lim.rate_patients,
-                              burst=lim.burst_patients)
+        # counted by what the ciphertexts can carry, not by what the header declares
+        charged = charged_patients(rec.scheme, header, ev.requirements.normalized)
+        wait = svc.store.take(owner, "patients", float(charged), rate=lim.rate_patients,
+                              burst=max(lim.burst_patients, float(charged)))
         if wait:
             raise ApiError(
                 429, "rate_limited", None,
@@ -728,7 +738,6 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 f"retry after {math.ceil(wait)} s",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
-        ev = served.evaluators[rec.scheme]
         try:
             feats = load_features(data, pub, max_bytes=lim.max_body_bytes)
             out = ev.predict(feats)  # type: ignore[arg-type]

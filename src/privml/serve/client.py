@@ -422,7 +422,7 @@ class PredictionClient:
     def _predict_batch(self, X: np.ndarray) -> np.ndarray:
         keys = self.keys()
         kid = self.register()
-        ct = encrypt_features(keys, X)
+        ct = encrypt_features(keys, X, compact=True)
         body = {
             "key_id": kid,
             "ciphertexts": binascii.b2a_base64(ct.to_bytes(), newline=False).decode("ascii"),
