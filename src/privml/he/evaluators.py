@@ -750,6 +750,12 @@ class PaillierLinearEvaluator:
 
     scheme = "paillier"
 
+    @property
+    def resolution(self) -> float:
+        """Half-width of the uniform flooding on every score, logit units."""
+        d = self.requirements.data
+        return self.flood / 2.0 ** (int(d["x_frac_bits"]) + int(d["w_frac_bits"]))
+
     def make_pool(self, public: PaillierPublicKey, *, patients: int = 8,
                   fill: bool = True) -> PaillierRandomnessPool:
         """Encryptions of zero for ``patients`` single-patient answers (one per output)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -254,15 +255,22 @@ class PaillierRandomnessPool:
     fresh encryption **provided each element is used once and stays secret**. The pool hands out
     each element once and deletes it; it refuses to be pickled, and it empties itself when used
     in a forked child process (a fork would otherwise hand the same elements to two processes).
+    Thread-safe: a background thread may :meth:`top_up` while requests :meth:`take`.
+
+    ``size`` elements are computed now; ``target`` (default ``size``) is the level
+    :meth:`top_up` refills to.
     """
 
-    def __init__(self, public: PaillierPublicKey, *, size: int) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise UsageError(f"The 'size' parameter must be an int >= 0. Got {size!r} instead.")
+    def __init__(self, public: PaillierPublicKey, *, size: int, target: int | None = None) -> None:
+        for name, v in (("size", size), ("target", target if target is not None else size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise UsageError(f"The {name!r} parameter must be an int >= 0. Got {v!r} instead.")
         self.key_id = public.key_id
         self._public = public
         self._pid = os.getpid()
         self._items: list[int] = []
+        self._lock = threading.Lock()
+        self.target = target if target is not None else size
         self.misses = 0
         self.refill(size)
 
@@ -277,13 +285,30 @@ class PaillierRandomnessPool:
 
     def _fork_guard(self) -> None:
         if os.getpid() != self._pid:
-            self._items.clear()
-            self._pid = os.getpid()
+            with self._lock:
+                self._items.clear()
+                self._pid = os.getpid()
+
+    def _fresh(self) -> int:
+        return int(self._public.key.raw_encrypt(0))
 
     def refill(self, count: int) -> None:
         """Precompute ``count`` more encryptions of zero (the slow, offline part)."""
-        pk = self._public.key
-        self._items.extend(pk.raw_encrypt(0) for _ in range(count))
+        for _ in range(count):
+            item = self._fresh()
+            with self._lock:
+                self._items.append(item)
+
+    def deficit(self) -> int:
+        """Elements missing to reach ``target``."""
+        self._fork_guard()
+        return max(0, self.target - len(self._items))
+
+    def top_up(self, limit: int | None = None) -> int:
+        """Refill towards ``target`` (at most ``limit`` elements); returns how many were made."""
+        n = self.deficit() if limit is None else min(limit, self.deficit())
+        self.refill(n)
+        return n
 
     def check_key(self, public: PaillierPublicKey) -> None:
         if public.key_id != self.key_id:
@@ -292,10 +317,11 @@ class PaillierRandomnessPool:
     def take(self) -> int:
         """One fresh encryption of zero; computed on the spot when the pool is empty."""
         self._fork_guard()
-        if self._items:
-            return self._items.pop()
+        with self._lock:
+            if self._items:
+                return self._items.pop()
         self.misses += 1
-        return int(self._public.key.raw_encrypt(0))
+        return self._fresh()
 
 
 def rerandomize(public: PaillierPublicKey, c: int, pool: PaillierRandomnessPool | None) -> int:

@@ -206,6 +206,10 @@ class CKKSAnswerPool:
                 made += 1
         return made
 
+    def top_up(self, limit: int | None = None) -> int:
+        """Same as :meth:`refill` (the name the service's background filler uses)."""
+        return self.refill(limit)
+
     def take(self, spec: MaskSpec) -> Any:
         self._fork_guard()
         with self._lock:

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import traceback
 import warnings
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -55,11 +58,12 @@ from privml.errors import CryptoError, InsecureOptionWarning, PrivmlError
 from privml.he import formats
 from privml.he.api import PublicMaterial, load_features, load_public
 from privml.he.ckks import CKKSProfile, CKKSPublicContext
-from privml.he.evaluators import charged_patients
+from privml.he.evaluators import EvaluationTimeout, charged_patients
 from privml.he.paillier import DEFAULT_KEY_BITS, PaillierPublicKey
 from privml.serve.model import API_VERSION, ServedModel
+from privml.serve.pools import PoolKeeper
 from privml.serve.settings import ServeSettings
-from privml.serve.store import ContextQuotaError, StateStore
+from privml.serve.store import BudgetExhaustedError, ContextQuotaError, StateStore
 from privml.serve.tokens import MAX_TOKEN_CHARS, TokenStore
 
 log = logging.getLogger("privml.serve")
@@ -169,9 +173,13 @@ class ModelResponse(BaseModel):
     auth: bool
 
 
-class StatusResponse(_Strict):
-    status: str
-    model_hash: str | None = None
+class HealthResponse(_Strict):
+    status: str = Field(description="always 'ok' while the process answers")
+
+
+class ReadyResponse(_Strict):
+    status: str = Field(description="'ready'")
+    model_hash: str
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -179,12 +187,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, desc in (
         (400, "malformed request"),
         (401, "missing, unknown or revoked bearer token"),
-        (403, "quota of registered contexts reached"),
+        (403, "quota of registered contexts reached, or the token's patient budget used up"),
         (404, "unknown key id"),
         (408, "request body too slow"),
         (413, "request body too large"),
         (422, "invalid field (named in the error)"),
         (429, "rate limit; see Retry-After"),
+        (503, "all evaluation workers busy, or the evaluation exceeded its time limit"),
     )
 }
 
@@ -201,13 +210,18 @@ class _Service:
     tokens: TokenStore
     store: StateStore
     cache: OrderedDict[str, PublicMaterial]
+    executor: ThreadPoolExecutor
+    slots: asyncio.Semaphore
+    pools: PoolKeeper
     next_sweep: float = 0.0
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def public_material(self, key_id: str, scheme: str) -> PublicMaterial | None:
-        pub = self.cache.get(key_id)
-        if pub is not None:
-            self.cache.move_to_end(key_id)
-            return pub
+        with self.cache_lock:
+            pub = self.cache.get(key_id)
+            if pub is not None:
+                self.cache.move_to_end(key_id)
+                return pub
         blob = self.store.read_blob(key_id)
         if blob is None:
             return None
@@ -220,10 +234,35 @@ class _Service:
         return pub
 
     def _remember(self, key_id: str, pub: PublicMaterial) -> None:
-        self.cache[key_id] = pub
-        self.cache.move_to_end(key_id)
-        while len(self.cache) > CONTEXT_CACHE_SIZE:
-            self.cache.popitem(last=False)
+        with self.cache_lock:
+            self.cache[key_id] = pub
+            self.cache.move_to_end(key_id)
+            while len(self.cache) > CONTEXT_CACHE_SIZE:
+                self.cache.popitem(last=False)
+
+    async def run(self, fn: Callable[[float], Any]) -> Any:
+        """Run ``fn(deadline)`` on an evaluation thread, off the event loop.
+
+        503 when every worker is busy and the queue is full, or when the work overruns the
+        per-request time limit (the evaluators stop at their next patient or chunk)."""
+        if self.slots.locked():
+            raise ApiError(
+                503, "busy", None,
+                "every evaluation worker of this server is busy; retry after 1 s",
+                headers={"Retry-After": "1"},
+            )
+        limit = self.settings.limits.eval_timeout_s
+        async with self.slots:
+            deadline = time.monotonic() + limit
+            fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, deadline)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), limit + 2.0)
+            except (TimeoutError, EvaluationTimeout):
+                raise ApiError(
+                    503, "evaluation_timeout", None,
+                    f"the evaluation exceeded this server's limit of {limit:g} s; send fewer "
+                    "patients per request",
+                ) from None
 
     def maybe_sweep(self) -> None:
         now = time.monotonic()
@@ -517,14 +556,19 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
     """
     settings = settings.validate()
     if served is None:
-        served = ServedModel.load(settings.model_dir, schemes=settings.schemes)
+        served = ServedModel.load(settings.model_dir, schemes=settings.schemes,
+                                  resolution=settings.limits.output_resolution)
     state_dir = settings.resolved_state_dir
+    lim = settings.limits
     svc = _Service(
         settings=settings,
         served=served,
         tokens=TokenStore(state_dir),
         store=StateStore(state_dir),
         cache=OrderedDict(),
+        executor=ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="privml-eval"),
+        slots=asyncio.Semaphore(4 * lim.workers),
+        pools=PoolKeeper(),
     )
     svc.store.expire(ttl_s=settings.limits.context_ttl_s)
     if not settings.auth:
@@ -542,7 +586,6 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         )
 
     info = served.public_info()
-    lim = settings.limits
     info["limits"] = {
         "max_body_bytes": lim.max_body_bytes,
         "max_batch": lim.max_batch,
@@ -550,10 +593,22 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         "rate_requests_per_s": lim.rate_requests,
         "rate_patients_per_s": lim.rate_patients,
         "context_ttl_s": lim.context_ttl_s,
+        "patient_budget": lim.patient_budget,
+        "eval_timeout_s": lim.eval_timeout_s,
+        "patients_counted_as": "the capacity of the request's ciphertexts: one per "
+        "single-patient ciphertext, every slot of a column-packed chunk, per_ct per Paillier "
+        "ciphertext",
     }
     info["auth"] = settings.auth
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        svc.pools.stop()
+        svc.executor.shutdown(wait=False, cancel_futures=True)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="privml encrypted prediction service",
         version=API_VERSION,
         description=(
@@ -598,12 +653,12 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         return ApiError(exc.status_code, code, None, str(exc.detail),
                         headers=dict(exc.headers or {})).response()
 
-    @app.get("/healthz", response_model=StatusResponse, tags=["health"])
-    async def healthz() -> StatusResponse:
-        """Liveness: the process answers."""
-        return StatusResponse(status="ok")
+    @app.get("/healthz", response_model=HealthResponse, tags=["health"])
+    async def healthz() -> HealthResponse:
+        """Liveness: the process answers (evaluation runs on worker threads, never here)."""
+        return HealthResponse(status="ok")
 
-    @app.get("/readyz", response_model=StatusResponse, tags=["health"],
+    @app.get("/readyz", response_model=ReadyResponse, tags=["health"],
              responses={503: {"model": ErrorResponse, "description": "not ready"}})
     async def readyz() -> Response:
         """Readiness: model compiled, state folder writable."""
@@ -648,11 +703,15 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 422, "scheme_not_accepted", "context",
                 f"this server does not accept {scheme!r}; it accepts {sorted(served.evaluators)}",
             )
-        try:
-            pub = _load_quietly(blob, lim.max_body_bytes)
-            check_can_evaluate(pub, ev.requirements.normalized)
-        except CryptoError as exc:
-            raise ApiError(422, "invalid_context", "context", str(exc)) from None
+        def parse(_deadline: float) -> PublicMaterial:
+            try:
+                pub = _load_quietly(blob, lim.max_body_bytes)
+                check_can_evaluate(pub, ev.requirements.normalized)
+            except CryptoError as exc:
+                raise ApiError(422, "invalid_context", "context", str(exc)) from None
+            return pub
+
+        pub = await svc.run(parse)  # SEAL parses and validates every key: CPU work
         svc.maybe_sweep()
         try:
             rec, created = svc.store.register(
@@ -701,8 +760,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         owner = _owner(request)
         svc.maybe_sweep()
         rec = svc.store.lookup(owner, body.key_id, ttl_s=lim.context_ttl_s)
-        pub = svc.public_material(body.key_id, rec.scheme) if rec is not None else None
-        if rec is None or pub is None:
+        if rec is None:
             raise ApiError(404, "unknown_key_id", "key_id",
                            "no such context for this token (never registered, deleted or "
                            "expired); register it with POST /v1/contexts")
@@ -738,20 +796,46 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 f"retry after {math.ceil(wait)} s",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
-        try:
-            feats = load_features(data, pub, max_bytes=lim.max_body_bytes)
-            out = ev.predict(feats)  # type: ignore[arg-type]
-            payload = out.to_bytes()
-        except PrivmlError as exc:  # CryptoError, UsageError: the ciphertexts are at fault
-            raise ApiError(422, "invalid_ciphertext", "ciphertexts", str(exc)) from None
-        return JSONResponse(
-            {
+        budget = svc.tokens.budget(owner)
+        if budget is None:
+            budget = lim.patient_budget
+
+        def work(deadline: float) -> dict[str, Any]:
+            pub = svc.public_material(body.key_id, rec.scheme)
+            if pub is None or pub.requirements != ev.requirements.normalized:
+                # gone from disk, damaged, or registered for an earlier model of this folder
+                raise ApiError(404, "unknown_key_id", "key_id",
+                               "this context is not registered for the model served now; "
+                               "register it again with POST /v1/contexts")
+            try:
+                feats = load_features(data, pub, max_bytes=lim.max_body_bytes)
+            except PrivmlError as exc:  # the ciphertexts are at fault
+                raise ApiError(422, "invalid_ciphertext", "ciphertexts", str(exc)) from None
+            try:  # booked before anything is computed or returned
+                svc.store.spend(owner, charged, budget=budget)
+            except BudgetExhaustedError as exc:
+                raise ApiError(403, "budget_exhausted", None, str(exc)) from None
+            pool = svc.pools.get(body.key_id, pub, ev)
+            try:
+                out = ev.predict(feats, pool=pool, deadline=deadline)  # type: ignore[arg-type]
+                if isinstance(pub, PaillierPublicKey):
+                    payload = out.to_bytes(pub.ciphertext_bytes)  # type: ignore[call-arg]
+                else:
+                    payload = out.to_bytes()
+            except EvaluationTimeout:
+                raise
+            except PrivmlError as exc:  # CryptoError, UsageError: the ciphertexts are at fault
+                raise ApiError(422, "invalid_ciphertext", "ciphertexts", str(exc)) from None
+            finally:
+                svc.pools.kick()
+            return {
                 "key_id": body.key_id,
                 "n_patients": n,
                 "scores": binascii.b2a_base64(payload, newline=False).decode("ascii"),
                 "model_hash": served.hash,
             }
-        )
+
+        return JSONResponse(await svc.run(work))
 
     app.add_middleware(_Guard, service=svc)
     return app

@@ -5,8 +5,10 @@ so ``privml --help`` stays fast."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -44,7 +46,8 @@ def serve_command(
     workers: Annotated[int, typer.Option(help="worker processes (they share the state folder)")
                        ] = 1,
     state_dir: Annotated[Path | None, typer.Option(
-        "--state-dir", help="tokens and registered contexts (default <model>/serve-state)",
+        "--state-dir", help="tokens, registered contexts, budgets (default: the service's own "
+        "folder under $XDG_STATE_HOME/privml/serve, never inside the run folder)",
         file_okay=False)] = None,
     schemes: Annotated[str | None, typer.Option(
         help="accepted HE schemes, comma-separated (default: all the model supports)")] = None,
@@ -63,6 +66,22 @@ def serve_command(
         help="patients per second per token")] = 20_000.0,
     context_ttl_hours: Annotated[float, typer.Option(
         help="unused registered contexts expire after this many hours")] = 168.0,
+    patient_budget: Annotated[int | None, typer.Option(
+        "--patient-budget", help="lifetime budget of every token, in patients (a token's own "
+        "--budget wins; default: no limit)")] = None,
+    output_resolution: Annotated[float, typer.Option(
+        "--output-resolution", help="noise on every returned score, logit units: coarser "
+        "scores reveal less per answer")] = 2.0**-20,
+    eval_timeout: Annotated[float, typer.Option(
+        "--eval-timeout", help="longest evaluation of one request, seconds (503 above)")] = 60.0,
+    eval_workers: Annotated[int, typer.Option(
+        "--eval-workers", help="evaluation threads per worker process (0: one per core)")] = 0,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", help="seconds a connection may take to send its request "
+        "headers")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", help="seconds a request may take to send its body (408 "
+        "above)")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Serve encrypted predictions of a trained model."""
@@ -79,6 +98,17 @@ def serve_command(
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise UsageError(f"The '--log-level' option must be debug, info, warning or error. "
                          f"Got {log_level!r} instead.")
+    for flag, value, lo, hi in (
+        ("--max-body-mb", max_body_mb, 0.004, 2048.0),
+        ("--rate-limit", rate_limit, 0.01, 1e9),
+        ("--patient-rate-limit", patient_rate_limit, 0.01, 1e12),
+        ("--context-ttl-hours", context_ttl_hours, 0.001, 87600.0),
+        ("--output-resolution", output_resolution, 2.0**-30, 1.0),
+        ("--eval-timeout", eval_timeout, 0.1, 86400.0),
+        ("--header-timeout", header_timeout, 0.1, 3600.0),
+        ("--body-timeout", body_timeout, 0.1, 3600.0),
+    ):
+        _check_number(flag, value, lo, hi)
     limits = Limits(
         max_body_bytes=int(max_body_mb * (1 << 20)),
         max_batch=max_batch,
@@ -86,6 +116,12 @@ def serve_command(
         rate_requests=rate_limit,
         rate_patients=patient_rate_limit,
         context_ttl_s=context_ttl_hours * 3600.0,
+        body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
+        eval_timeout_s=eval_timeout,
+        eval_workers=eval_workers,
+        patient_budget=patient_budget,
+        output_resolution=output_resolution,
     )
     settings = ServeSettings(
         model_dir=model,
@@ -103,23 +139,32 @@ def serve_command(
     run_server(settings, log_level=log_level.lower())
 
 
+def _check_number(flag: str, value: float, lo: float, hi: float) -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UsageError(f"The '{flag}' option must be a number in [{lo:g}, {hi:g}]. "
+                         f"Got {value!r} instead.")
+
+
 def _state(model: Path | None, state_dir: Path | None) -> Path:
+    from privml.serve.settings import check_state_dir, default_state_dir
+
     if state_dir is not None:
+        if model is not None:
+            check_state_dir(state_dir, model)
         return state_dir
     if model is not None:
-        from privml.serve.settings import DEFAULT_STATE_DIRNAME
-
         if not model.is_dir():
             raise UsageError(f"The '--model' option must be a run folder. {str(model)!r} is not "
                              "a folder.")
-        return model / DEFAULT_STATE_DIRNAME
+        return default_state_dir(model)
     raise UsageError("pass --model DIR (the served run folder) or --state-dir DIR")
 
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="the served run folder",
                                                file_okay=False)]
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="the server's state folder "
-                                               "(default <model>/serve-state)", file_okay=False)]
+StateOpt = Annotated[Path | None, typer.Option(
+    "--state-dir", help="the server's state folder (default: derived from --model, under "
+    "$XDG_STATE_HOME/privml/serve)", file_okay=False)]
 
 
 @tokens_app.command("add")
@@ -127,11 +172,14 @@ def tokens_add(
     name: Annotated[str, typer.Argument(help="who the token is for, e.g. clinic-a")],
     model: ModelOpt = None,
     state_dir: StateOpt = None,
+    budget: Annotated[int | None, typer.Option(
+        "--budget", help="lifetime budget of this token, in patients (default: the "
+        "server's --patient-budget)")] = None,
 ) -> None:
     """Create a token and print it once (only its SHA-256 is stored)."""
     from privml.serve.tokens import TokenStore
 
-    token = TokenStore(_state(model, state_dir)).add(name)
+    token = TokenStore(_state(model, state_dir)).add(name, budget=budget)
     sys.stdout.write(token + "\n")
     _err.print(
         f"token for [bold]{name}[/bold] created; it is shown only now: give it to the client "
@@ -166,22 +214,28 @@ def tokens_list(
     """List tokens (names and dates; tokens themselves are not stored)."""
     from rich.table import Table
 
+    from privml.serve.store import StateStore
     from privml.serve.tokens import TokenStore
 
-    infos = TokenStore(_state(model, state_dir)).list()
+    state = _state(model, state_dir)
+    infos = TokenStore(state).list()
+    store = StateStore(state)
+    used = {t.name: store.usage(t.name) for t in infos}
     if as_json:
-        sys.stdout.write(json.dumps([t.to_dict() for t in infos], indent=2) + "\n")
+        sys.stdout.write(json.dumps([{**t.to_dict(), "used_patients": used[t.name]}
+                                     for t in infos], indent=2) + "\n")
         return
 
     def when(ts: float | None) -> str:
         return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
     table = Table(title="API tokens")
-    for col in ("name", "created (UTC)", "revoked (UTC)", "status"):
+    for col in ("name", "created (UTC)", "revoked (UTC)", "status", "patients used / budget"):
         table.add_column(col)
     for t in infos:
         table.add_row(t.name, when(t.created), when(t.revoked),
-                      "active" if t.active else "revoked")
+                      "active" if t.active else "revoked",
+                      f"{used[t.name]:,} / {'-' if t.budget is None else f'{t.budget:,}'}")
     PlainWhenPiped().print(table)
 
 
@@ -206,12 +260,15 @@ def predict_command(
         "--ca-cert", help="CA certificate to verify the server with (self-signed servers)",
         dir_okay=False)] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    clip: Annotated[bool, typer.Option(
+        "--clip", help="clip numeric values outside the schema's bounds (with a warning) "
+        "instead of refusing the file")] = False,
 ) -> None:
     """Predict encrypted: the server never sees the features or the scores.
 
     The secret key is kept encrypted under a passphrase: $PRIVML_KEY_PASSPHRASE, or asked.
     """
-    from privml.serve.client import PASSPHRASE_ENV, PredictionClient
+    from privml.serve.client import PASSPHRASE_ENV, OutOfRangeWarning, PredictionClient
 
     def ask(new: bool) -> str:
         env = os.environ.get(PASSPHRASE_ENV)
@@ -228,8 +285,12 @@ def predict_command(
         server, token=token, keys_dir=keys, passphrase=ask, scheme=scheme,
         batch_size=batch_size, verify=str(ca_cert) if ca_cert else True,
     ) as client:
-        summary = client.predict_csv(input, out, id_column=id_column,
-                                     progress=not no_progress and sys.stderr.isatty())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OutOfRangeWarning)
+            summary = client.predict_csv(input, out, id_column=id_column, clip=clip,
+                                         progress=not no_progress and sys.stderr.isatty())
+        for w in caught:
+            _err.print(f"warning: {w.message}", highlight=False)
     _err.print(
         f"{summary.n_patients} predictions written to {summary.out} in {summary.seconds:.1f} s "
         f"({summary.n_requests} request(s); model {summary.model_hash[:16]}..., key "

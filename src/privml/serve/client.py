@@ -71,6 +71,10 @@ MAX_RATE_RETRIES = 5
 PassphraseSource = str | Callable[[bool], str] | None
 
 
+class OutOfRangeWarning(UserWarning):
+    """Input values outside the schema's declared bounds were clipped (``--clip``)."""
+
+
 class ServiceError(PrivmlError, RuntimeError):
     """The server refused a request or could not be reached.
 
@@ -297,10 +301,16 @@ class PredictionClient:
         self.http = http_client or httpx.Client(timeout=timeout, verify=tls)
         self._info: dict[str, Any] | None = None
         self._registered: set[str] = set()
+        self._pool: Any = None
+        self._refill: Any = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        refill = self._refill
+        if refill is not None:
+            refill[1].set()
+            self._refill = None
         if self._own_http:
             self.http.close()
 
@@ -419,10 +429,60 @@ class PredictionClient:
         self._registered.add(kid)
         return kid
 
+    def prepare(self, patients: int) -> float:
+        """Precompute the client's Paillier randomness for ``patients`` single-patient queries
+        (``r**n mod n**2`` per feature: the offline part of encryption); returns the seconds it
+        took. The pool is kept in memory only, used once per element, and topped up from a
+        background thread as queries use it. CKKS needs no precomputation on the client."""
+        if isinstance(patients, bool) or not isinstance(patients, int) or patients < 0:
+            raise UsageError(f"The 'patients' parameter must be an int >= 0. Got {patients!r}.")
+        if self.scheme != "paillier":
+            return 0.0
+        from privml.he.paillier import PaillierRandomnessPool
+
+        t0 = time.perf_counter()
+        keys = self.keys()
+        assert isinstance(keys.public, PaillierPublicKey)
+        per = int(self.requirements()["n_features"])
+        if self._pool is None:
+            self._pool = PaillierRandomnessPool(keys.public, size=0, target=patients * per)
+        self._pool.target = max(self._pool.target, patients * per)
+        self._pool.top_up()
+        self._start_refill()
+        return time.perf_counter() - t0
+
+    def _start_refill(self) -> None:
+        import threading
+
+        pool = self._pool
+        if pool is None or self._refill is not None:
+            return
+        stop = threading.Event()
+
+        def run() -> None:
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                import gmpy2
+
+                gmpy2.get_context().allow_release_gil = True
+            while not stop.is_set():
+                if pool.deficit() > 0:
+                    pool.top_up(1)
+                else:
+                    stop.wait(0.05)
+
+        self._refill = (threading.Thread(target=run, name="privml-client-pool", daemon=True),
+                        stop)
+        self._refill[0].start()
+
     def _predict_batch(self, X: np.ndarray) -> np.ndarray:
         keys = self.keys()
         kid = self.register()
-        ct = encrypt_features(keys, X, compact=True)
+        if self.scheme == "paillier":
+            ct = encrypt_features(keys, X, pool=self._pool)
+        else:
+            ct = encrypt_features(keys, X, compact=True)
         body = {
             "key_id": kid,
             "ciphertexts": binascii.b2a_base64(ct.to_bytes(), newline=False).decode("ascii"),
@@ -484,14 +544,25 @@ class PredictionClient:
         return _sigmoid(z[:, 0]) if z.shape[1] == 1 else _softmax(z)
 
     def predict_frame(self, df: pd.DataFrame, *, id_column: str | None = None,
-                      progress: bool = False) -> pd.DataFrame:
+                      progress: bool = False, clip: bool = False,
+                      source: str = "input") -> pd.DataFrame:
         """Encode ``df`` with the server's public schema, predict, and return a frame with the
         id column, the probabilities (``probability`` of ``classes[1]`` for a binary task, one
-        ``p_<class>`` column per class otherwise) and the ``label``."""
+        ``p_<class>`` column per class otherwise) and the ``label``.
+
+        Numeric values outside the schema's declared ``[min, max]`` are refused (the model was
+        never trained there, and clipping would silently predict another patient), unless
+        ``clip=True``: then they are clipped to the bounds with an :class:`OutOfRangeWarning`
+        saying how many values in which columns. ``source`` names the input in messages."""
         if len(df) == 0:
-            raise DataError("the input has no rows")
+            raise DataError(f"{source} has no rows")
         ids, id_name = _ids(df, id_column)
-        X = self.encoder.transform(df, site="input")
+        self._check_ranges(df, clip=clip, source=source)
+        try:
+            X = self.encoder.transform(df, site=source)
+        except DataError as exc:  # the encoder speaks of sites; here it is the user's file
+            raise DataError([p.replace(f"site {source!r}", source) for p in exc.problems]) \
+                from None
         task = self.task
         z = self.predict_logits(X, progress=progress)
         res = pd.DataFrame({id_name: ids})
@@ -506,13 +577,43 @@ class PredictionClient:
             res["label"] = [task.classes[k] for k in p.argmax(axis=1)]
         return res
 
+    def _check_ranges(self, df: pd.DataFrame, *, clip: bool, source: str) -> None:
+        from privml.data.loading import numeric_values
+
+        problems: list[str] = []
+        clipped: list[str] = []
+        for col, spec in self.encoder.schema.items():
+            if spec.type != "numeric" or col not in df.columns or spec.min is None \
+                    or spec.max is None:
+                continue
+            v = numeric_values(df[col]).to_numpy()
+            out = (v < spec.min) | (v > spec.max)
+            if not out.any():
+                continue
+            rows = np.flatnonzero(out)
+            shown = ", ".join(str(int(r) + 2) for r in rows[:5]) + (", ..." if rows.size > 5
+                                                                    else "")
+            what = (f"{source}, column {col!r}: {rows.size} value(s) outside the declared "
+                    f"range [{spec.min:g}, {spec.max:g}] (lines {shown}; first {v[rows[0]]:g})")
+            (clipped if clip else problems).append(what)
+        if problems:
+            raise DataError(
+                [*problems, "the model never saw such values: fix them in the file, or pass "
+                 "--clip (clip=True) to clip them to the bounds with a warning"]
+            )
+        for what in clipped:
+            warnings.warn(f"{what}; clipped to the bounds (--clip)", OutOfRangeWarning,
+                          stacklevel=3)
+
     def predict_csv(self, input: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                    id_column: str | None = None, progress: bool = True) -> PredictionSummary:
+                    id_column: str | None = None, progress: bool = True,
+                    clip: bool = False) -> PredictionSummary:
         """Read a CSV of patients, predict them encrypted, write ``out`` (CSV) atomically."""
         t0 = time.perf_counter()
         src, dst = Path(input), Path(out)
         df = _read_csv(src)
-        res = self.predict_frame(df, id_column=id_column, progress=progress)
+        res = self.predict_frame(df, id_column=id_column, progress=progress, clip=clip,
+                                 source=f"input file {str(src)!r}")
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
         try:

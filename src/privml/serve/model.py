@@ -68,12 +68,15 @@ class ServedModel:
     signature: dict[str, Any] | None = None
 
     @classmethod
-    def load(cls, folder: str | Path, *, schemes: tuple[str, ...] | None = None) -> ServedModel:
+    def load(cls, folder: str | Path, *, schemes: tuple[str, ...] | None = None,
+             resolution: float = 2.0**-20) -> ServedModel:
         """Load ``folder`` (checked by :func:`privml.artifacts.load_model`) and compile it.
 
         Args:
             folder: a run folder written by ``privml run``.
             schemes: schemes to accept; None = every scheme the model supports.
+            resolution: noise flooding on every returned score, logit units (the service's
+                ``--output-resolution``).
 
         Raises:
             UsageError: a requested scheme cannot evaluate this model (e.g. Paillier for an MLP,
@@ -98,7 +101,7 @@ class ServedModel:
                     "additively homomorphic: logistic regression only); serve it with "
                     "--schemes ckks"
                 )
-            evaluators[scheme] = compile_model(model, spec, scheme=scheme)
+            evaluators[scheme] = compile_model(model, spec, scheme=scheme, resolution=resolution)
         return cls(
             folder=folder,
             model=model,
@@ -131,6 +134,12 @@ class ServedModel:
                     "requirements": ev.requirements.to_dict(),
                     "security_bits": 128,
                     "output": "logits",
+                    "answer": {
+                        "carries": "one number per output and counted patient; every other "
+                        "part of the answer is masked (a one-time pad) and re-randomized",
+                        "resolution": getattr(ev, "flood_resolution", ev.resolution),
+                        "statistical_security_bits": 40,
+                    },
                 }
                 for name, ev in self.evaluators.items()
             },

@@ -29,6 +29,62 @@ def log_config(level: str = "info") -> dict[str, Any]:
     return cfg
 
 
+def header_timeout_protocol(seconds: float) -> Any:
+    """uvicorn's httptools protocol, closing a connection whose request headers do not arrive
+    within ``seconds`` (from the connection, or from the first byte of each later request).
+
+    uvicorn itself only times out idle keep-alive connections: a client that opens a connection
+    and sends headers slowly (or never finishes them) would otherwise hold it, unauthenticated,
+    for as long as it likes. The body is then bounded by the app's own body timeout."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: Any = None
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request headers took over %gs", seconds)
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def __getattr__(name: str) -> Any:
+    """``privml.serve.server:HeaderTimeoutProtocol`` for uvicorn's worker processes (their
+    settings arrive in ``PRIVML_SERVE_SETTINGS``)."""
+    if name == "HeaderTimeoutProtocol":
+        text = os.environ.get(SETTINGS_ENV)
+        seconds = ServeSettings.from_json(text).limits.header_timeout_s if text else 10.0
+        return header_timeout_protocol(seconds)
+    raise AttributeError(name)
+
+
 def app_from_env() -> Any:
     """App factory for worker processes: settings come from ``PRIVML_SERVE_SETTINGS``."""
     from privml.serve.app import create_app
@@ -58,6 +114,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         "access_log": False,
         "server_header": False,
         "timeout_keep_alive": 15,
+        "http": header_timeout_protocol(settings.limits.header_timeout_s),
         "timeout_graceful_shutdown": 10,  # then open connections are closed, not waited for
         "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
         "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
@@ -74,6 +131,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         return
     del app
     os.environ[SETTINGS_ENV] = settings.to_json()
+    common["http"] = "privml.serve.server:HeaderTimeoutProtocol"
     uvicorn.run(
         "privml.serve.server:app_from_env", factory=True, workers=settings.workers, **common
     )

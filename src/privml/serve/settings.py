@@ -7,9 +7,12 @@ The same :class:`ServeSettings` object drives the in-process app
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,46 @@ from privml.errors import UsageError
 
 #: Environment variable carrying the settings to worker processes.
 SETTINGS_ENV = "PRIVML_SERVE_SETTINGS"
-#: Name of the default state folder, created inside the model folder.
-DEFAULT_STATE_DIRNAME = "serve-state"
+#: Environment variable naming the folder under which default state folders are made.
+STATE_HOME_ENV = "PRIVML_STATE_HOME"
 SCHEMES = ("ckks", "paillier")
+
+
+def state_home() -> Path:
+    """``$PRIVML_STATE_HOME``, else ``$XDG_STATE_HOME/privml``, else ``~/.local/state/privml``."""
+    env = os.environ.get(STATE_HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "privml"
+
+
+def default_state_dir(model_dir: str | os.PathLike[str]) -> Path:
+    """The service's own state folder for the model folder ``model_dir``:
+    ``<state home>/serve/<folder name>-<hash of its absolute path>``.
+
+    It lives outside the run folder, so re-running ``privml run --out`` on that folder (which
+    replaces it) never touches tokens or registered contexts; the same folder path always maps
+    to the same state, so tokens outlive a retrained model.
+    """
+    resolved = Path(model_dir).expanduser().resolve()
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", resolved.name)[:40] or "model"
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return state_home() / "serve" / f"{slug}-{digest}"
+
+
+def check_state_dir(state_dir: Path, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse a state folder inside the model's run folder (a new run would replace it)."""
+    try:
+        Path(state_dir).expanduser().resolve().relative_to(Path(model_dir).expanduser().resolve())
+    except ValueError:
+        return
+    raise UsageError(
+        f"The 'state_dir' parameter {str(state_dir)!r} is inside the model folder "
+        f"{str(model_dir)!r}: re-running `privml run` there would replace it and lose every "
+        "token and registered context. Use a folder outside it, or leave --state-dir out "
+        f"(default {str(default_state_dir(model_dir))!r})."
+    )
 
 
 def _number(name: str, value: object, *, lo: float, hi: float, integer: bool = False) -> None:
@@ -55,6 +95,17 @@ class Limits:
             registers it again).
         body_timeout_s: a request body not received completely within this many seconds is
             refused with 408.
+        header_timeout_s: a connection whose request headers are not complete within this many
+            seconds (from the connection, or from the first byte of a later request) is
+            closed, before any authentication.
+        eval_timeout_s: longest evaluation of one request; past it the request is answered 503
+            and its work stopped at the next patient or chunk.
+        eval_workers: threads evaluating requests (default: one per core); the event loop only
+            parses headers, authenticates and routes, so health checks stay responsive.
+        patient_budget: default lifetime budget of a token, in patients (None: no limit; a
+            token's own budget, set with ``tokens add --budget``, takes precedence).
+        output_resolution: standard deviation of the noise flooding on every returned score
+            (logit units; default 2**-20): coarser scores reveal less per answer.
     """
 
     max_body_bytes: int = 32 << 20
@@ -63,7 +114,12 @@ class Limits:
     rate_requests: float = 100.0
     rate_patients: float = 20_000.0
     context_ttl_s: float = 7 * 86400.0
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    eval_timeout_s: float = 60.0
+    eval_workers: int = 0
+    patient_budget: int | None = None
+    output_resolution: float = 2.0**-20
 
     def validate(self) -> Limits:
         _number("max_body_bytes", self.max_body_bytes, lo=4096, hi=1 << 31, integer=True)
@@ -74,7 +130,18 @@ class Limits:
         _number("rate_patients", self.rate_patients, lo=0.01, hi=1e12)
         _number("context_ttl_s", self.context_ttl_s, lo=1.0, hi=10 * 365 * 86400.0)
         _number("body_timeout_s", self.body_timeout_s, lo=0.1, hi=3600.0)
+        _number("header_timeout_s", self.header_timeout_s, lo=0.1, hi=3600.0)
+        _number("eval_timeout_s", self.eval_timeout_s, lo=0.1, hi=86400.0)
+        _number("eval_workers", self.eval_workers, lo=0, hi=256, integer=True)
+        if self.patient_budget is not None:
+            _number("patient_budget", self.patient_budget, lo=1, hi=1 << 62, integer=True)
+        _number("output_resolution", self.output_resolution, lo=2.0**-30, hi=1.0)
         return self
+
+    @property
+    def workers(self) -> int:
+        """Evaluation threads: ``eval_workers``, or one per core."""
+        return self.eval_workers or max(1, os.cpu_count() or 1)
 
     @property
     def burst_requests(self) -> float:
@@ -91,8 +158,9 @@ class ServeSettings:
 
     Attributes:
         model_dir: a run folder written by ``privml run`` (model.json + model.pt).
-        state_dir: tokens, registered contexts and rate-limit state (default
-            ``<model_dir>/serve-state``); shared by all worker processes, kept across restarts.
+        state_dir: tokens, registered contexts, rate-limit state and budgets (default
+            :func:`default_state_dir`, outside the run folder); shared by all worker
+            processes, kept across restarts and retrained models.
         host, port: where to listen. Binding anything but a loopback address without TLS is
             refused unless ``allow_plaintext`` (bearer tokens would cross the network in clear).
         tls_cert, tls_key: PEM certificate chain and private key; both or neither.
@@ -121,7 +189,7 @@ class ServeSettings:
     def resolved_state_dir(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)
-        return Path(self.model_dir) / DEFAULT_STATE_DIRNAME
+        return default_state_dir(self.model_dir)
 
     @property
     def tls(self) -> bool:
@@ -166,6 +234,7 @@ class ServeSettings:
         if not isinstance(self.limits, Limits):
             raise UsageError(f"The 'limits' parameter must be Limits. Got {self.limits!r}.")
         self.limits.validate()
+        check_state_dir(self.resolved_state_dir, self.model_dir)
         return self
 
     def to_json(self) -> str:

@@ -57,7 +57,17 @@ CREATE TABLE IF NOT EXISTS buckets (
     PRIMARY KEY (owner, kind)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT PRIMARY KEY,
+    patients INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
 """
+
+
+class BudgetExhaustedError(UsageError):
+    """A token's lifetime budget in patients does not cover the request."""
 
 
 class ContextQuotaError(UsageError):
@@ -289,6 +299,40 @@ class StateStore:
             (n,) = conn.execute("SELECT COUNT(*) FROM contexts WHERE key_id=?", (kid,)).fetchone()
             if n == 0:
                 self._blob_path(kid).unlink(missing_ok=True)
+
+    # -- lifetime budgets -------------------------------------------------------------------
+
+    def spend(self, owner: str, patients: int, *, budget: int | None) -> int:
+        """Count ``patients`` against ``owner``'s lifetime budget, in one write transaction
+        (so concurrent workers never overspend); returns the patients used so far.
+
+        Raises :class:`BudgetExhaustedError` (nothing counted) when ``budget`` would be
+        exceeded. Counted before the answer is computed: a request that then fails still
+        counts (its ciphertexts were accepted)."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT patients FROM usage WHERE owner=?", (owner,)).fetchone()
+            used = int(row[0]) if row else 0
+            if budget is not None and used + patients > budget:
+                raise BudgetExhaustedError(
+                    f"token {owner!r} has used {used} of its {budget} patients; this request "
+                    f"counts {patients}. Ask the server's operator for a new budget"
+                )
+            conn.execute(
+                "INSERT INTO usage (owner, patients, requests, updated) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(owner) DO UPDATE SET patients=patients+excluded.patients, "
+                "requests=requests+1, updated=excluded.updated",
+                (owner, patients, now),
+            )
+            return used + patients
+
+    def usage(self, owner: str) -> int:
+        """Patients counted so far for ``owner``."""
+        with self._lock:
+            row = self._connect().execute(
+                "SELECT patients FROM usage WHERE owner=?", (owner,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     # -- rate limits ------------------------------------------------------------------------
 

@@ -9,12 +9,18 @@ and would cost tens of milliseconds on every request). Comparison is constant-ti
 (:func:`hmac.compare_digest` against every active digest).
 
 Every worker process re-reads the file when its modification time or size changes, so a
-revocation takes effect on the next request everywhere, without a restart.
+revocation takes effect on the next request everywhere, without a restart. Changes (``add``,
+``revoke``) hold an exclusive ``flock`` on ``tokens.json.lock`` across the read, the change and
+the atomic replace, so concurrent operators never lose each other's tokens.
+
+A token may carry a lifetime **budget in patients** (``tokens add NAME --budget N``); the server
+counts every prediction against it (see :class:`privml.serve.store.StateStore`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -24,6 +30,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,13 +81,15 @@ class TokenInfo:
     name: str
     created: float
     revoked: float | None
+    budget: int | None = None
 
     @property
     def active(self) -> bool:
         return self.revoked is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "created": self.created, "revoked": self.revoked}
+        return {"name": self.name, "created": self.created, "revoked": self.revoked,
+                "budget_patients": self.budget}
 
 
 class TokenStore:
@@ -95,6 +104,18 @@ class TokenStore:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._active: list[tuple[str, str]] = []  # (digest, name)
+        self._budgets: dict[str, int | None] = {}
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """An exclusive lock across processes for a read-modify-write of the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- file -------------------------------------------------------------------------------
 
@@ -103,12 +124,20 @@ class TokenStore:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return {"format": _FORMAT, "tokens": []}
+        except OSError as exc:
+            raise UsageError(f"cannot read {str(self.path)!r}: {exc.strerror or exc}") from None
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise UsageError(f"{str(self.path)!r} is not valid JSON ({exc}); restore it or "
                              "delete it and create new tokens") from None
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != _FORMAT
+            or not isinstance(data.get("tokens"), list)
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                       for t in data["tokens"])
+        ):
             raise UsageError(f"{str(self.path)!r} is not a privml token file")
         return data
 
@@ -118,41 +147,59 @@ class TokenStore:
 
     # -- operator ---------------------------------------------------------------------------
 
-    def add(self, name: str) -> str:
-        """Create a token for ``name`` and return it. The caller shows it once; it is not kept."""
+    def add(self, name: str, *, budget: int | None = None) -> str:
+        """Create a token for ``name`` and return it. The caller shows it once; it is not kept.
+
+        ``budget``: lifetime budget in patients (None: the server's default)."""
         check_token_name(name)
-        data = self._read()
-        if any(t["name"] == name and t.get("revoked") is None for t in data["tokens"]):
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+        ):
             raise UsageError(
-                f"an active token named {name!r} exists; revoke it first "
-                f"(`privml serve tokens revoke {name}`) or pick another name"
+                f"The 'budget' parameter must be a positive number of patients. Got {budget!r}."
             )
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        data["tokens"].append(
-            {"name": name, "sha256": _digest(token), "created": time.time(), "revoked": None}
-        )
-        self._write(data)
+        with self._exclusive():
+            data = self._read()
+            if any(t["name"] == name and t.get("revoked") is None for t in data["tokens"]):
+                raise UsageError(
+                    f"an active token named {name!r} exists; revoke it first "
+                    f"(`privml serve tokens revoke {name}`) or pick another name"
+                )
+            data["tokens"].append(
+                {"name": name, "sha256": _digest(token), "created": time.time(),
+                 "revoked": None, "budget_patients": budget}
+            )
+            self._write(data)
         return token
 
     def revoke(self, name: str) -> int:
         """Revoke every active token named ``name``; returns how many were revoked."""
         check_token_name(name)
-        data = self._read()
-        n = 0
-        for t in data["tokens"]:
-            if t["name"] == name and t.get("revoked") is None:
-                t["revoked"] = time.time()
-                n += 1
-        if not n:
-            raise UsageError(f"no active token named {name!r}; see `privml serve tokens list`")
-        self._write(data)
+        with self._exclusive():
+            data = self._read()
+            n = 0
+            for t in data["tokens"]:
+                if t["name"] == name and t.get("revoked") is None:
+                    t["revoked"] = time.time()
+                    n += 1
+            if not n:
+                raise UsageError(f"no active token named {name!r}; see `privml serve tokens list`")
+            self._write(data)
         return n
 
     def list(self) -> list[TokenInfo]:
         return [
-            TokenInfo(str(t["name"]), float(t["created"]), t.get("revoked"))
+            TokenInfo(str(t["name"]), float(t["created"]), t.get("revoked"),
+                      t.get("budget_patients"))
             for t in self._read()["tokens"]
         ]
+
+    def budget(self, name: str) -> int | None:
+        """The lifetime budget (patients) of the active token ``name``; None: no own budget."""
+        with self._lock:
+            self._refresh()
+            return self._budgets.get(name)
 
     # -- server -----------------------------------------------------------------------------
 
@@ -166,11 +213,13 @@ class TokenStore:
         if stamp == self._stamp and self._stamp is not None:
             return
         data = self._read()
-        self._active = [
-            (str(t["sha256"]), str(t["name"]))
-            for t in data["tokens"]
-            if t.get("revoked") is None and isinstance(t.get("sha256"), str)
-        ]
+        active = [t for t in data["tokens"]
+                  if t.get("revoked") is None and isinstance(t.get("sha256"), str)]
+        self._active = [(str(t["sha256"]), str(t["name"])) for t in active]
+        self._budgets = {
+            str(t["name"]): b if isinstance(b := t.get("budget_patients"), int) else None
+            for t in active
+        }
         self._stamp = stamp
 
     def verify(self, token: str) -> str | None:

@@ -1,0 +1,114 @@
+"""A live server stays responsive: evaluation runs on worker threads (health checks answer while
+an 8,192-patient Paillier request is evaluated), connections that never finish their headers
+are closed, and the Paillier path uses precomputed randomness at both ends.
+
+The latency figures themselves are measured by benchmarks/bench_serve.py; here only that the
+server is not blocked (a loose bound that a blocked event loop would fail by seconds)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import privml.he as he
+from privml.he.paillier import PaillierCiphertexts
+from privml.serve.client import PredictionClient
+from privml.serve.tokens import TokenStore
+from tests.serve.conftest import PASSPHRASE, Server, Trained, start_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_server(trained: Trained, tmp_path_factory: pytest.TempPathFactory,
+                 signing_key: Path) -> Server:
+    root = tmp_path_factory.mktemp("responsive")
+    state = root / "state"
+    token = TokenStore(state).add("alice")
+    srv = start_server(trained.folder, state, root / "server.log", "--header-timeout", "1",
+                       "--patient-rate-limit", "1e9", signing_key=signing_key)
+    srv.tokens = {"alice": token}
+    yield srv
+    srv.stop()
+
+
+def test_headers_that_never_finish_are_cut_off(quick_server: Server) -> None:
+    host, port = quick_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")
+        t0 = time.monotonic()
+        s.settimeout(8)
+        assert s.recv(100) == b""  # closed by the server, not by our timeout
+        assert time.monotonic() - t0 < 5
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # idle from the start
+        t0 = time.monotonic()
+        s.settimeout(8)
+        assert s.recv(100) == b""
+        assert time.monotonic() - t0 < 5
+    assert httpx.get(quick_server.url + "/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_healthz_answers_while_a_large_paillier_request_is_evaluated(
+    quick_server: Server, trained: Trained, tmp_path: Path
+) -> None:
+    token = quick_server.tokens["alice"]
+    with PredictionClient(quick_server.url, token=token, keys_dir=tmp_path / "keys",
+                          passphrase=PASSPHRASE, scheme="paillier", batch_size=8192) as c:
+        kid = c.register()
+        keys = c.keys()
+        reqs = c.requirements()
+        # 8,192 patients: 135 chunks of 61 per ciphertext; one chunk's 30 ciphertexts
+        # encrypted once and repeated (the server validates and evaluates every one)
+        one = he.encrypt_features(keys, trained.X_test[:61])
+        assert isinstance(one, PaillierCiphertexts)
+        chunks = -(-8192 // one.per_ct)
+        cts = [one.cts[i] for i in range(reqs["n_features"]) for _ in range(chunks)]
+        big = PaillierCiphertexts("features", keys.public.key_id, "columns", 8192,
+                                  reqs["n_features"], one.slot_bits, one.per_ct, cts,
+                                  holder=keys.public)
+        body = {"key_id": kid, "ciphertexts": base64.b64encode(big.to_bytes()).decode()}
+        done: dict[str, float] = {}
+
+        def send() -> None:
+            t0 = time.monotonic()
+            r = httpx.post(quick_server.url + "/v1/predict", json=body,
+                           headers={"Authorization": f"Bearer {token}"}, timeout=300)
+            done["status"] = r.status_code
+            done["seconds"] = time.monotonic() - t0
+
+        worker = threading.Thread(target=send)
+        worker.start()
+        lat = []
+        while worker.is_alive() and len(lat) < 400:
+            t0 = time.monotonic()
+            assert httpx.get(quick_server.url + "/healthz", timeout=10).status_code == 200
+            lat.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        worker.join()
+    assert done["status"] == 200
+    assert len(lat) >= 5, f"the request took only {done['seconds']:.2f} s"
+    # a blocked event loop would hold every probe for the whole evaluation (seconds)
+    assert max(lat) < min(1.0, 0.5 * done["seconds"])
+
+
+def test_paillier_through_the_service_with_pools(quick_server: Server, trained: Trained,
+                                                 tmp_path: Path) -> None:
+    """The served Paillier path: the client encrypts from its precomputed pool, the server
+    answers from its pool (filled in the background after registration); scores match."""
+    with PredictionClient(quick_server.url, token=quick_server.tokens["alice"],
+                          keys_dir=tmp_path / "keys", passphrase=PASSPHRASE,
+                          scheme="paillier") as c:
+        c.register()
+        offline = c.prepare(5)
+        assert offline > 0
+        time.sleep(2)  # the server's pool fills in the background
+        got = np.vstack([c.predict_logits(trained.X_test[i]) for i in range(5)])
+        assert c._pool.misses == 0
+    np.testing.assert_allclose(got, trained.logits(trained.X_test[:5]), atol=1e-5)
