@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_app are parameters here)
 """Limits a model owner relies on and state that must never be lost: lifetime budgets in
 patients, counting by ciphertext capacity, contexts of an earlier model, hostile envelopes,
 evaluation time limits, the service's own state folder, concurrent token commands."""
