@@ -133,8 +133,10 @@ class ErrorResponse(_Strict):
 class ContextRequest(_Strict):
     context: str = Field(
         min_length=1,
-        description="base64 of a public context (CKKS, `keys.public.to_bytes()`) or public key "
-        "(Paillier) generated from this model's requirements; never the secret key",
+        description="base64 of a privml envelope of kind 1 (CKKS public context: parameters, "
+        "public key, the evaluation keys the requirements list) or 4 (Paillier public key), "
+        "made from GET /v1/model's requirements; never the secret key. Byte layout: "
+        "docs/wire-format.md",
     )
 
 
@@ -151,15 +153,18 @@ class PredictRequest(_Strict):
     key_id: str = Field(pattern=_KEY_ID_PATTERN, description="from POST /v1/contexts")
     ciphertexts: str = Field(
         min_length=1,
-        description="base64 of the encrypted features (`privml.he.encrypt_features(...)."
-        "to_bytes()`), one or many patients",
+        description="base64 of a privml envelope of kind 2 (CKKS features, one patient per "
+        "ciphertext or column-packed) or 5 (Paillier features) under the registered key; "
+        "docs/wire-format.md",
     )
 
 
 class PredictResponse(_Strict):
     key_id: str
     n_patients: int
-    scores: str = Field(description="base64 of the encrypted logits, under the same key")
+    scores: str = Field(description="base64 of a privml envelope of kind 3 or 6: the encrypted "
+                        "logits under the same key; docs/wire-format.md says how to read "
+                        "them")
     model_hash: str
 
 
