@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # the first import, which compiles only the modules privml uses (faster install, smaller .venv).
 PIP_INSTALL := $(PIP) install --progress-bar on --no-compile -c constraints.txt
 
-.PHONY: run test install install-dev lint browser
+.PHONY: run test install install-dev lint bench bench-quick browser
 
 $(PY):
 	@echo "== creating $(VENV)"
@@ -46,3 +46,12 @@ browser:
 
 test: install-dev lint browser
 	$(VENV)/bin/python -m pytest -n 2 --timeout 600
+
+# Every benchmark at full size (JSON in benchmarks/results/), then the docs tables regenerated
+# from it (benchmarks/render_docs.py). About 25 minutes on a quiet 2-core machine; run nothing
+# else meanwhile. bench-quick: every benchmark on tiny sizes, docs untouched (a smoke run).
+bench: install-dev
+	$(PY) benchmarks/run_all.py
+
+bench-quick: install-dev
+	$(PY) benchmarks/run_all.py --quick

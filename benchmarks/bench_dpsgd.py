@@ -1,44 +1,66 @@
-"""Speed of privml's DP-SGD against Opacus 1.6 (hooks) and plain SGD, in one process.
+"""Speed of privml's DP-SGD against Opacus 1.6 (every grad-sample mode) and plain SGD.
 
-Run:  .venv/bin/python benchmarks/bench_dpsgd.py [--repeats 7] [--quick]
+Run:  .venv/bin/python benchmarks/bench_dpsgd.py [--reps 7] [--quick]
 
-Three measurements, each on one torch thread (``torch.set_num_threads(1)``), same data, same
-model, same (expected) batch size, noise multiplier 1.0, clipping norm 1.0:
+Three workloads, every variant on one torch thread (``torch.set_num_threads(1)``), the same
+data, the same model, the same (expected) batch size, noise multiplier 1.0, clipping norm 1.0:
 
-1. breast cancer, MLP 30-64-2 (ReLU), B = 64: samples/s of one local epoch of
-   * plain SGD: a standard torch loop (DataLoader(shuffle=True), CrossEntropyLoss, SGD),
-   * Opacus: ``PrivacyEngine.make_private`` (hooks mode, Poisson DPDataLoader), same loop,
-   * privml: ``train_cohort`` with :class:`privml.dp.sgd.DPSGDGradient` (layer-wise route),
-   * privml-vmap: the same rule forced onto the torch.func vmap(grad) route.
-2. digits, the privml CNN (conv 16, conv 32 stride 2, dense 32, 10 outputs), B = 64.
-3. one federated round of 100 sites (synthetic, 256 records x 30 features each, MLP 30-64-2,
-   B = 32, one local epoch): privml's cohort-vectorized DP-SGD vs Opacus run site after site
-   (each site's wrapped model, optimizer and Poisson loader built before the clock starts, so
-   Opacus is timed at its best).
+1. ``mlp``: breast cancer, MLP 30-64-2 (ReLU), B = 64, one epoch (569 records);
+2. ``cnn``: digits, the privml CNN (conv 16, conv 32 stride 2, dense 32, 10 outputs), B = 64,
+   one epoch (1,797 records);
+3. ``round``: one federated round of 100 sites (synthetic, 256 records x 30 features each,
+   MLP 30-64-2, B = 32, one local epoch).
 
-Prints the median of ``--repeats`` timings of each and the ratios privml / Opacus and
-privml / plain SGD. Figures are recorded in docs/benchmarks_dp_training.md.
+Variants, each in its best configuration:
+
+* plain SGD: the physical limit (no clipping, no noise): a shuffled permutation and batches
+  taken by tensor indexing (``X[idx]``), ``CrossEntropyLoss``, ``torch.optim.SGD``;
+* Opacus ``PrivacyEngine.make_private`` with ``grad_sample_mode`` ``hooks``, ``ghost``
+  (ghost clipping, its wrapped criterion) and ``functorch``; batches Poisson-sampled by tensor
+  indexing at Opacus's own sample rate (the same sampling its ``DPDataLoader`` does, without
+  collating records one by one); ``hooks + DPDataLoader`` is the documented pipeline,
+  reported for reference;
+* privml: ``train_cohort`` with :class:`privml.dp.sgd.DPSGDGradient` and Poisson batches (the
+  code private training runs; layer-wise route), and ``privml vmap`` (the generic
+  ``torch.func`` route, the fallback for architectures the layer-wise route does not cover).
+
+For the 100-site round, Opacus runs site after site in each mode (each site's wrapped model,
+optimizer and criterion built before the clock starts).
+
+Every repetition runs every variant once, in rotating order (benchmarks/harness.py); one
+warm-up run of each is excluded. Reported: median time per epoch (round) with min-max, samples
+per second, and per-repetition ratios against the best Opacus mode and plain SGD.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from privml.dp.randomness import NoiseSource
-from privml.dp.sgd import DPSGDGradient, poisson_batches
-from privml.fl.local import CohortData, train_cohort
-from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, Summary, add_common_args, fmt_ratio, fmt_spread, ratios  # noqa: E402
+
+from privml.dp.randomness import NoiseSource  # noqa: E402
+from privml.dp.sgd import DPSGDGradient, poisson_batches  # noqa: E402
+from privml.fl.local import CohortData, train_cohort  # noqa: E402
+from privml.models.nets import (  # noqa: E402
+    ModelSpec,
+    build_model,
+    flat_params,
+    load_flat_params,
+)
 
 SIGMA, C, LR = 1.0, 1.0, 0.1
+OPACUS_MODES = ("hooks", "ghost", "functorch")
 
 
 def _data(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,83 +74,90 @@ def _data(name: str) -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float32), y.astype(np.int64)
 
 
-def _median_rate(fn: Callable[[], int], repeats: int) -> float:
-    fn()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
-
-
-def plain_epoch(spec: ModelSpec, X: np.ndarray, y: np.ndarray, B: int) -> Callable[[], int]:
+def plain_epoch(spec: ModelSpec, X: np.ndarray, y: np.ndarray, B: int) -> Callable[[], None]:
+    """Plain mini-batch SGD, batches by tensor indexing (no per-record collation)."""
     torch.manual_seed(0)
     model = build_model(spec)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), B, shuffle=True)
+    tX, ty = torch.from_numpy(X), torch.from_numpy(y)
     loss_fn = nn.CrossEntropyLoss()
+    n = len(ty)
 
-    def run() -> int:
-        n = 0
-        for xb, yb in loader:
+    def run() -> None:
+        perm = torch.randperm(n)
+        for start in range(0, n, B):
+            idx = perm[start : start + B]
             opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
+            loss_fn(model(tX[idx]), ty[idx]).backward()
             opt.step()
-            n += len(yb)
-        return n
 
     return run
 
 
-def _opacus(spec: ModelSpec, X: np.ndarray, y: np.ndarray, B: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    from opacus import PrivacyEngine
+class _Opacus:
+    """A model, optimizer (and criterion) made private by Opacus in one grad-sample mode."""
 
-    torch.manual_seed(seed)
-    model = build_model(spec)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), B, shuffle=True)
-    engine = PrivacyEngine()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, opt, loader = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=SIGMA,
-            max_grad_norm=C,
-            poisson_sampling=True,
-        )
-    return model, opt, loader
+    def __init__(
+        self, spec: ModelSpec, X: np.ndarray, y: np.ndarray, B: int, mode: str, seed: int = 0
+    ) -> None:
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
 
+        torch.manual_seed(seed)
+        model = build_model(spec)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        self.X, self.y = torch.from_numpy(X), torch.from_numpy(y)
+        loader = DataLoader(TensorDataset(self.X, self.y), B, shuffle=True)
+        engine = PrivacyEngine()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = engine.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                criterion=nn.CrossEntropyLoss(),
+                noise_multiplier=SIGMA,
+                max_grad_norm=C,
+                poisson_sampling=True,
+                grad_sample_mode=mode,
+            )
+        if mode == "ghost":
+            self.model, self.opt, self.criterion, self.loader = made
+        else:
+            self.model, self.opt, self.loader = made
+            self.criterion = nn.CrossEntropyLoss()
+        self.steps = len(self.loader)
+        self.rate = 1.0 / self.steps  # Opacus's sample rate (what its DPDataLoader uses)
 
-def opacus_epoch(spec: ModelSpec, X: np.ndarray, y: np.ndarray, B: int) -> Callable[[], int]:
-    model, opt, loader = _opacus(spec, X, y, B)
-    loss_fn = nn.CrossEntropyLoss()
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        if len(yb):
+            self.criterion(self.model(xb), yb).backward()
+        self.opt.step()
 
-    def run() -> int:
-        n = 0
-        for xb, yb in loader:
-            opt.zero_grad()
-            if len(yb):
-                loss_fn(model(xb), yb).backward()
-            opt.step()
-            n += len(yb)
-        return n
+    def epoch_indexed(self) -> None:
+        """One epoch of Poisson batches drawn by tensor indexing."""
+        n = len(self.y)
+        for _ in range(self.steps):
+            idx = torch.nonzero(torch.rand(n) < self.rate).squeeze(1)
+            self.step(self.X[idx], self.y[idx])
 
-    return run
+    def epoch_loader(self) -> None:
+        """One epoch through Opacus's DPDataLoader (its documented pipeline)."""
+        for xb, yb in self.loader:
+            self.step(xb, yb)
 
 
 def privml_epoch(
     spec: ModelSpec, Xs: list[np.ndarray], ys: list[np.ndarray], B: int, method: str
-) -> Callable[[], int]:
+) -> Callable[[], None]:
     torch.manual_seed(0)
     model = build_model(spec)
     params = flat_params(model)
     data = CohortData.from_arrays(Xs, ys)
     counter = [0]
 
-    def run() -> int:
+    def run() -> None:
         counter[0] += 1
         # private training's randomness: a fresh OS-keyed source, one stream per use
         source = NoiseSource.fresh()
@@ -155,81 +184,118 @@ def privml_epoch(
             rngs=(),
             batches=(pb.idx, pb.mask),
         )
-        return int(pb.mask.sum())
 
     return run
 
 
-def single_site(name: str, spec: ModelSpec, B: int, repeats: int) -> None:
+def _best(t: dict[str, Summary], names: list[str]) -> str:
+    return min(names, key=lambda n: t[n].median)
+
+
+def single_site(
+    bench: Bench, key: str, name: str, spec: ModelSpec, B: int, reps: int, limit: int | None
+) -> None:
     X, y = _data(name)
-    rates = {
-        "plain SGD": _median_rate(plain_epoch(spec, X, y, B), repeats),
-        "Opacus hooks": _median_rate(opacus_epoch(spec, X, y, B), repeats),
-        "privml": _median_rate(privml_epoch(spec, [X], [y], B, "auto"), repeats),
-        "privml vmap": _median_rate(privml_epoch(spec, [X], [y], B, "vmap"), repeats),
+    X, y = X[:limit], y[:limit]
+    n = len(y)
+    opacus = {m: _Opacus(spec, X, y, B, m) for m in OPACUS_MODES}
+    variants: dict[str, Callable[[], Any]] = {
+        "plain SGD": plain_epoch(spec, X, y, B),
+        **{f"Opacus {m}": opacus[m].epoch_indexed for m in OPACUS_MODES},
+        "Opacus hooks + DPDataLoader": opacus["hooks"].epoch_loader,
+        "privml": privml_epoch(spec, [X], [y], B, "auto"),
+        "privml vmap": privml_epoch(spec, [X], [y], B, "vmap"),
     }
-    print(f"\n{name}, {spec.kind} ({flat_params(build_model(spec)).numel()} params), B={B}")
-    for k, v in rates.items():
-        print(f"  {k:<14} {v:>12,.0f} samples/s")
-    print(f"  privml / Opacus     = {rates['privml'] / rates['Opacus hooks']:.2f}x")
-    print(f"  privml vmap / Opacus= {rates['privml vmap'] / rates['Opacus hooks']:.2f}x")
-    print(f"  privml / plain SGD  = {rates['privml'] / rates['plain SGD']:.2f}")
-    print(f"  Opacus / plain SGD  = {rates['Opacus hooks'] / rates['plain SGD']:.2f}")
+    t = bench.interleave(variants, reps=reps, key=key)
+    best = _best(t, [v for v in t if v.startswith("Opacus")])
+    vs_best, vs_plain = ratios(t[best], t["privml"]), ratios(t["plain SGD"], t["privml"])
+    bench.record(f"{key}_best_opacus", best)
+    bench.record(f"{key}_privml_vs_best_opacus", vs_best.to_dict())
+    bench.record(f"{key}_privml_vs_plain", vs_plain.to_dict())
+    rows = []
+    for v, s in t.items():
+        rate = n / s.median
+        rel = "1" if v == "privml" else fmt_ratio(ratios(s, t["privml"]))
+        rows.append([v + (" (best Opacus)" if v == best else ""), fmt_spread(s, 1e3, 1, "ms"),
+                     f"{rate:,.0f}", rel])  # fmt: skip
+    params = flat_params(build_model(spec)).numel()
+    bench.table(
+        key,
+        ["variant", "ms per epoch", "samples/s", "privml speed-up"],
+        rows,
+        caption=(
+            f"{name.replace('_', ' ')}, {spec.kind.upper()} ({params:,} parameters), B = {B}, "
+            f"one epoch of {n:,} records; median (min-max) of {reps} interleaved repetitions. "
+            f"privml is {fmt_ratio(vs_best)} as fast as the best Opacus mode ({best}) and "
+            f"runs at {fmt_ratio(vs_plain)} the speed of plain SGD (speed-up column: time of the "
+            "variant / time of privml, per repetition)."
+        ),
+    )
 
 
-def hundred_sites(repeats: int, n_sites: int = 100, n: int = 256, B: int = 32) -> None:
+def hundred_sites(bench: Bench, reps: int, n_sites: int, n: int = 256, B: int = 32) -> None:
     rng = np.random.default_rng(0)
     spec = ModelSpec("mlp", 30, 2, hidden=(64,))
     w = rng.normal(size=30)
     Xs = [rng.random((n, 30), dtype=np.float32) for _ in range(n_sites)]
     ys = [((x - 0.5) @ w > 0).astype(np.int64) for x in Xs]
-    ours = privml_epoch(spec, Xs, ys, B, "auto")
-
     torch.manual_seed(0)
     global_params = flat_params(build_model(spec))
-    wrapped = [_opacus(spec, Xs[s], ys[s], B, seed=s) for s in range(n_sites)]
-    loss_fn = nn.CrossEntropyLoss()
 
-    def theirs() -> int:
-        total = 0
-        for model, opt, loader in wrapped:
-            load_flat_params(model._module, global_params)
-            for xb, yb in loader:
-                opt.zero_grad()
-                if len(yb):
-                    loss_fn(model(xb), yb).backward()
-                opt.step()
-                total += len(yb)
-        return total
+    def site_loop(mode: str) -> Callable[[], None]:
+        wrapped = [_Opacus(spec, Xs[s], ys[s], B, mode, seed=s) for s in range(n_sites)]
 
-    def timed(fn: Callable[[], int]) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        def run() -> None:
+            for o in wrapped:
+                load_flat_params(o.model._module, global_params)
+                o.epoch_indexed()
 
-    t_ours, t_theirs = timed(ours), timed(theirs)
-    print(f"\none round, {n_sites} sites x {n} records, MLP 30-64-2, B={B}, 1 local epoch")
-    print(f"  privml (vectorized)   {t_ours * 1e3:9.1f} ms")
-    print(f"  Opacus site by site   {t_theirs * 1e3:9.1f} ms")
-    print(f"  speed-up              {t_theirs / t_ours:9.1f}x")
+        return run
+
+    variants: dict[str, Callable[[], Any]] = {
+        "privml (all sites at once)": privml_epoch(spec, Xs, ys, B, "auto"),
+        **{f"Opacus {m}, site after site": site_loop(m) for m in OPACUS_MODES},
+    }
+    t = bench.interleave(variants, reps=reps, key="round")
+    ours = t["privml (all sites at once)"]
+    best = _best(t, [f"Opacus {m}, site after site" for m in OPACUS_MODES])
+    r = ratios(t[best], ours)
+    bench.record("round_best_opacus", best)
+    bench.record("round_speedup_vs_best_opacus", r.to_dict())
+    rows = [
+        [v + (" (best Opacus)" if v == best else ""), fmt_spread(s, 1e3, 1, "ms"),
+         "1" if s is ours else fmt_ratio(ratios(s, ours))]  # fmt: skip
+        for v, s in t.items()
+    ]
+    bench.table(
+        "round",
+        ["variant", "ms per round", "privml speed-up"],
+        rows,
+        caption=(
+            f"One federated round, {n_sites} sites x {n} records, MLP 30-64-2, B = {B}, one "
+            f"local epoch; median (min-max) of {reps} interleaved repetitions."
+        ),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="3 repeats (smoke run)")
+    add_common_args(ap)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 2)")
     args = ap.parse_args()
-    repeats = 3 if args.quick else args.repeats
+    reps = args.reps or (2 if args.quick else 7)
+    n_sites = 5 if args.quick else 100
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook warnings, every step
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, median of {repeats}")
-    single_site("breast_cancer", ModelSpec("mlp", 30, 2, hidden=(64,)), 64, repeats)
-    single_site("digits", ModelSpec("cnn", 64, 10, hidden=(32,), image_shape=(8, 8)), 64, repeats)
-    hundred_sites(repeats)
+    bench = Bench("dpsgd", quick=args.quick, out=args.out,
+                  params={"reps": reps, "sites": n_sites, "sigma": SIGMA, "clip": C})  # fmt: skip
+    limit = 256 if args.quick else None  # quick: a slice of the records, to keep it short
+    mlp = ModelSpec("mlp", 30, 2, hidden=(64,))
+    cnn = ModelSpec("cnn", 64, 10, hidden=(32,), image_shape=(8, 8))
+    single_site(bench, "mlp", "breast_cancer", mlp, 64, reps, limit)
+    single_site(bench, "cnn", "digits", cnn, 64, reps, limit)
+    hundred_sites(bench, reps if args.quick else max(3, reps // 2), n_sites)
+    bench.write()
 
 
 if __name__ == "__main__":

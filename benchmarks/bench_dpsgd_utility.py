@@ -3,6 +3,11 @@
 Run:  .venv/bin/python benchmarks/bench_dpsgd_utility.py            # the chosen settings
       .venv/bin/python benchmarks/bench_dpsgd_utility.py --tune     # the validation search
       .venv/bin/python benchmarks/bench_dpsgd_utility.py --only digits
+      .venv/bin/python benchmarks/bench_dpsgd_utility.py --quick    # one seed, few rounds
+
+Accuracies (no timing) go to the JSON results and the ``utility`` table (benchmarks/harness.py,
+benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed with at most 3 rounds
+(a smoke run: its accuracies are not the targets').
 
 Experiments (each through :func:`privml.dp.training.train_private`, the code ``privml run``
 uses, with a throw-away ledger):
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -37,7 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from privml.config import Config, parse_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args  # noqa: E402
+
+from privml.config import Config, parse_config  # noqa: E402
 from privml.data.federation import FederatedData, SiteData, load_federation
 from privml.dp.training import train_private
 from privml.fl.engine import simulate
@@ -206,24 +216,38 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def report(name: str, raw: dict[str, Any], ledger_dir: Path, target: str) -> None:
+def _quick(raw: dict[str, Any]) -> dict[str, Any]:
+    t = raw["training"]
+    return merge(raw, training={"rounds": min(3, t["rounds"])})
+
+
+def report(
+    bench: Bench, name: str, raw: dict[str, Any], ledger_dir: Path, target: str, seeds: list[int]
+) -> list[str]:
     t0 = time.perf_counter()
-    val = evaluate_on(raw, ledger_dir, validation=True, seeds=[0, 1, 2])
-    test = evaluate_on(raw, ledger_dir, validation=False, seeds=[0, 1, 2])
-    print(
-        f"{name:<24} validation {statistics.mean(val):.4f}  test {statistics.mean(test):.4f} "
-        f"(seeds {', '.join(f'{a:.4f}' for a in test)})  target {target}  "
-        f"[{time.perf_counter() - t0:.0f} s]",
-        flush=True,
-    )
+    val = evaluate_on(raw, ledger_dir, validation=True, seeds=seeds)
+    test = evaluate_on(raw, ledger_dir, validation=False, seeds=seeds)
+    seconds = time.perf_counter() - t0
+    bench.record(name, {"validation": val, "test": test, "seconds": seconds,
+                        "settings": raw})  # fmt: skip
+    print(f"{name:<24} validation {statistics.mean(val):.4f}  test {statistics.mean(test):.4f} "
+          f"[{seconds:.0f} s]", flush=True)  # fmt: skip
+    return [name, f"{statistics.mean(val):.3f}",
+            f"**{statistics.mean(test):.3f}** ({', '.join(f'{a:.3f}' for a in test)})",
+            target]  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--tune", action="store_true", help="run the validation grid search")
     ap.add_argument("--only", choices=["demo", "digits", "client"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    seeds = [0] if args.quick else [0, 1, 2]
+    bench = Bench("dpsgd_utility", quick=args.quick, out=args.out,
+                   params={"seeds": seeds, "delta": DELTA, "tune": args.tune})  # fmt: skip
+    rows: list[list[str]] = []
     chosen = {"demo": DEMO, "digits": DIGITS, "client": CLIENT}
     with tempfile.TemporaryDirectory() as tmp:
         ledger_dir = Path(tmp)
@@ -232,15 +256,32 @@ def main() -> None:
                 continue
             if args.tune:
                 raw = tune(name, raw, SEARCH[name], ledger_dir, seeds=[0, 1, 2])
+            if args.quick:
+                raw = _quick(raw)
             if name == "demo":
-                report("demo eps=1", raw, ledger_dir, ">= 0.95")
+                rows.append(report(bench, "demo, epsilon 1", raw, ledger_dir, ">= 0.95", seeds))
             elif name == "digits":
-                report("digits eps=1", raw, ledger_dir, ">= 0.93")
+                rows.append(report(bench, "digits, epsilon 1", raw, ledger_dir, ">= 0.93", seeds))
                 eps3 = merge(raw, privacy={"epsilon": 3.0}) if args.tune else DIGITS_EPS3
-                report("digits eps=3", eps3, ledger_dir, ">= 0.96")
+                if args.quick:
+                    eps3 = _quick(eps3)
+                rows.append(report(bench, "digits, epsilon 3", eps3, ledger_dir, ">= 0.96", seeds))
             else:
-                report("client eps=2", raw, ledger_dir, "within 3 points of non-private")
-                report("client non-private", merge(raw, privacy={"mode": "none"}), ledger_dir, "-")
+                rows.append(report(bench, "1,000 clients, client-level, epsilon 2", raw,
+                                   ledger_dir, "within 3 points of non-private", seeds))
+                rows.append(report(bench, "1,000 clients, non-private",
+                                   merge(raw, privacy={"mode": "none"}), ledger_dir, "-", seeds))
+    bench.table(
+        "utility",
+        ["experiment", "validation", "test (per seed)", "target"],
+        rows,
+        caption=(
+            f"Test accuracy, delta = 1e-5, PLD accountant, mean over training seeds "
+            f"{', '.join(map(str, seeds))} (the data split is fixed by data.seed = 0); settings "
+            "in the script (DEMO, DIGITS, CLIENT) and in the JSON results."
+        ),
+    )
+    bench.write()
 
 
 if __name__ == "__main__":

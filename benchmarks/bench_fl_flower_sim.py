@@ -13,36 +13,38 @@ held-out records.
   runs an ordinary torch SGD loop on its client's records, driven by
   ``flwr.simulation.run_simulation``.
 
-Flower's simulation runtime runs ClientApps through a *backend*; Flower 1.42 ships only the Ray
-backend (``flwr[simulation]``). When ``ray`` is importable it is used
-(``client_resources = {num_cpus: 1}``). When it is not (this project does not depend on Ray),
-the script gives Flower's runtime a minimal in-process backend: the same ``Backend`` interface,
-ClientApps called in worker threads of this process (one per CPU) instead of Ray actors. Every
-other part of Flower's runtime runs as shipped (LinkState, Grid, message (de)serialisation,
-the VCE worker queues). Ray's actors only add overhead, so the in-process figure is a lower
-bound on Flower's time and the ratio is conservative; the script prints which backend ran.
+Flower's simulation runtime runs ClientApps through a *backend*. Flower 1.42 ships the Ray
+backend (``pip install 'flwr[simulation]'``, in privml's ``bench`` extra): when ``ray`` is
+importable it is measured (``client_resources = {num_cpus: 1}``, one actor per CPU). Flower's
+runtime is also measured with a minimal in-process backend: the same ``Backend`` interface,
+ClientApps called in worker threads of this process (one per CPU) instead of Ray actors; every
+other part of Flower's runtime runs as shipped (LinkState, Grid, message (de)serialisation, the
+VCE worker queues). Both are reported; the in-process figure is Flower without Ray's actor
+overhead.
 
-Timing: wall time of ``simulate(...)`` vs of ``run_simulation(...)``, both in this process after
-imports and data loading (shared); median of ``--reps`` repetitions of each, interleaved. torch
-runs one intra-op thread on both sides (what Ray gives an actor with ``num_cpus = 1``; privml's
-engine does the same for linear models).
+Timing: wall time of ``simulate(...)`` vs of ``run_simulation(...)`` (Ray started and stopped
+by each call, as a user's run does), in this process after imports and data loading (shared);
+every repetition runs every variant once in rotating order (benchmarks/harness.py), one warm-up
+run of each excluded. torch runs one intra-op thread everywhere (what Ray gives an actor with
+``num_cpus = 1``; privml's engine does the same for linear models).
 
-Run: ``.venv/bin/python benchmarks/bench_fl_flower_sim.py [--reps 3] [--clients 100]``
+Run: ``.venv/bin/python benchmarks/bench_fl_flower_sim.py [--reps 3] [--clients 100] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import importlib.util
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -51,6 +53,10 @@ os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args, fmt_ratio, fmt_spread, ratios  # noqa: E402
 
 from privml.config import parse_config  # noqa: E402
 from privml.data.federation import FederatedData, load_federation  # noqa: E402
@@ -88,12 +94,15 @@ def make_config(n_clients: int, rounds: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _install_inprocess_backend() -> None:
-    """Let Flower's simulation runtime run ClientApps in threads of this process.
+_RAY_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
+
+
+def _inprocess_backend_module() -> types.ModuleType:
+    """A module standing in for Flower's ``raybackend``: ClientApps in threads of this process.
 
     Flower 1.42's ``start_vce`` builds its backend with
-    ``from .backend.raybackend import RayBackend``; without Ray that module cannot be imported,
-    so a module of the same name providing an in-process ``Backend`` is registered instead.
+    ``from .backend.raybackend import RayBackend``; while this module is registered under that
+    name (:func:`_backend`), Flower's runtime uses the in-process ``Backend`` below instead.
     """
     from flwr.app.message import Context, Message
     from flwr.clientapp.client_app import ClientApp, LoadClientAppError
@@ -135,44 +144,58 @@ def _install_inprocess_backend() -> None:
                 raise ClientAppException(str(ex)) from ex
             return out, context
 
-    mod = types.ModuleType("flwr.server.superlink.fleet.vce.backend.raybackend")
+    mod = types.ModuleType(_RAY_MODULE)
     mod.RayBackend = InProcessBackend  # type: ignore[attr-defined]
-    sys.modules[mod.__name__] = mod
+    return mod
 
 
-def run_flower(
-    fed: FederatedData, spec: ModelSpec, training: Any, *, backend: str
-) -> tuple[float, np.ndarray]:
-    """One Flower simulation; returns (wall seconds, final flat params)."""
+@contextlib.contextmanager
+def _backend(kind: str) -> Iterator[None]:
+    """Make Flower's runtime use Ray (``ray``) or the in-process backend for a while."""
+    if kind == "ray":
+        yield
+        return
+    saved = sys.modules.get(_RAY_MODULE)
+    sys.modules[_RAY_MODULE] = _inprocess_backend_module()
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop(_RAY_MODULE, None)
+        else:
+            sys.modules[_RAY_MODULE] = saved
+
+
+def make_client_app(fed: FederatedData, spec: ModelSpec, training: Any) -> Any:
+    """The ClientApp: an ordinary torch SGD loop on its client's records.
+
+    Everything it closes over pickles (Ray ships the app to its actors): the template model is
+    copied per call instead of being rebuilt under a lock from torch's global RNG.
+    """
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
 
-    n = len(fed.sites)
-    model0, p0 = init_params(spec, training.seed)
-    out: dict[str, Any] = {}
-    lock = threading.Lock()
+    template, _ = init_params(spec, training.seed)
+    sites = [(s.X_train.astype(np.float32), s.y_train.astype(np.float32)) for s in fed.sites]
+    lr, epochs, batch, seed = training.lr, training.local_epochs, training.batch_size, training.seed
 
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
         site_id = int(context.node_config["partition-id"])
-        site = fed.sites[site_id]
+        Xn, yn = sites[site_id]
         rnd = int(msg.content["config"]["server-round"])
-        with lock:  # build_model touches torch's global RNG; keep it out of the race
-            model, _ = init_params(spec, training.seed)
+        model = copy.deepcopy(template)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        opt = torch.optim.SGD(model.parameters(), lr=training.lr)
-        X = torch.from_numpy(site.X_train.astype(np.float32))
-        y = torch.from_numpy(site.y_train.astype(np.float32))
-        rng = np.random.default_rng([training.seed, rnd, 2, site_id])  # privml's seeding
-        for _ in range(training.local_epochs):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        X, y = torch.from_numpy(Xn), torch.from_numpy(yn)
+        rng = np.random.default_rng([seed, rnd, 2, site_id])  # privml's seeding
+        for _ in range(epochs):
             perm = rng.permutation(len(y))
-            for start in range(0, len(y), training.batch_size):
-                idx = torch.from_numpy(perm[start : start + training.batch_size])
+            for start in range(0, len(y), batch):
+                idx = torch.from_numpy(perm[start : start + batch])
                 opt.zero_grad()
                 loss = F.binary_cross_entropy_with_logits(model(X[idx])[:, 0], y[idx])
                 loss.backward()
@@ -185,6 +208,22 @@ def run_flower(
         )
         return Message(content=content, reply_to=msg)
 
+    return client_app
+
+
+def run_flower(
+    fed: FederatedData, spec: ModelSpec, training: Any, *, backend: str
+) -> tuple[float, np.ndarray]:
+    """One Flower simulation; returns (wall seconds, final flat params)."""
+    from flwr.app import ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    n = len(fed.sites)
+    model0, _ = init_params(spec, training.seed)
+    out: dict[str, Any] = {}
+    client_app = make_client_app(fed, spec, training)
     server_app = ServerApp()
 
     @server_app.main()
@@ -204,18 +243,18 @@ def run_flower(
 
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     if backend == "ray":
-        backend_config["init_args"] = {"num_cpus": os.cpu_count() or 1}
-    t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=n,
-        backend_name="ray" if backend == "ray" else "inprocess",
-        backend_config=backend_config,  # type: ignore[arg-type]
-    )
-    seconds = time.perf_counter() - t0
+        backend_config["init_args"] = {"num_cpus": os.cpu_count() or 1, "log_to_driver": False}
+    with _backend(backend):
+        t0 = time.perf_counter()
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=n,
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+        seconds = time.perf_counter() - t0
     if "arrays" not in out:
-        raise RuntimeError("Flower's simulation ended without a result; see its log above")
+        raise RuntimeError(f"Flower's simulation ({backend}) ended without a result; see its log")
     model, _ = init_params(spec, training.seed)
     model.load_state_dict(out["arrays"].to_torch_state_dict())
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
@@ -227,34 +266,58 @@ def run_flower(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=10)
+    add_common_args(ap)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--clients", type=int, default=None, help="default 100 (quick 10)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 10 (quick 2)")
+    ap.add_argument(
+        "--ray",
+        choices=("auto", "yes", "no"),
+        default=None,
+        help="measure Flower on Ray: auto (when importable; the default), yes, no (the default "
+        "with --quick: starting Ray takes longer than the whole quick run)",
+    )
     args = ap.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    clients = args.clients or (10 if args.quick else 100)
+    rounds = args.rounds or (2 if args.quick else 10)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    # One torch thread per ClientApp, as Ray gives an actor with num_cpus=1 (OMP_NUM_THREADS=1);
-    # privml's simulate uses one thread for linear models by itself.
     torch.set_num_threads(1)
 
-    cfg = make_config(args.clients, args.rounds)
+    cfg = make_config(clients, rounds)
     fed = load_federation(cfg)
     spec = model_spec(cfg, fed)
     X_test, y_test = fed.pooled_test()
-    backend = "ray" if importlib.util.find_spec("ray") is not None else "inprocess"
-    if backend != "ray":
-        _install_inprocess_backend()
+    ray = args.ray or ("no" if args.quick else "auto")
+    has_ray = ray == "yes" or (ray == "auto" and importlib.util.find_spec("ray") is not None)
+    bench = Bench(
+        "fl_flower_sim",
+        quick=args.quick,
+        out=args.out,
+        params={"clients": clients, "rounds": rounds, "reps": reps, "ray": has_ray},
+    )
+    params: dict[str, np.ndarray] = {}
 
-    simulate(fed, spec, cfg.training)  # warm-up (torch kernels, allocator)
-    privml_times, flower_times = [], []
-    privml_params = flower_params = None
-    for _ in range(args.reps):
+    def ours() -> float:
         t0 = time.perf_counter()
         res = simulate(fed, spec, cfg.training)
-        privml_times.append(time.perf_counter() - t0)
-        privml_params = res.params.numpy()
-        secs, flower_params = run_flower(fed, spec, cfg.training, backend=backend)
-        flower_times.append(secs)
-    assert privml_params is not None and flower_params is not None
+        seconds = time.perf_counter() - t0
+        params["privml"] = res.params.numpy()
+        return seconds
+
+    def flower(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            seconds, flat = run_flower(fed, spec, cfg.training, backend=kind)
+            params[f"flower_{kind}"] = flat
+            return seconds
+
+        return run
+
+    variants: dict[str, Callable[[], float]] = {"privml simulate": ours}
+    if has_ray:
+        variants["Flower run_simulation, Ray"] = flower("ray")
+    variants["Flower run_simulation, in-process backend"] = flower("inprocess")
+    t = bench.interleave(variants, reps=reps, key="seconds")
 
     model, _ = init_params(spec, SEED)
 
@@ -262,21 +325,41 @@ def main() -> None:
         load_flat_params(model, torch.from_numpy(flat))
         return float(evaluate(model, torch.from_numpy(flat), X_test, y_test)["accuracy"])
 
-    p_med, f_med = statistics.median(privml_times), statistics.median(flower_times)
-    diff = float(np.max(np.abs(privml_params - flower_params)))
-    print(
-        f"work: {args.clients} clients x {args.rounds} rounds, logistic regression, breast "
-        f"cancer IID, every client every round; {len(y_test)} pooled test records"
+    accuracy = {k: acc(v) for k, v in params.items()}
+    diff = {
+        k: float(np.max(np.abs(params["privml"] - v))) for k, v in params.items() if k != "privml"
+    }
+    bench.record("accuracy", accuracy)
+    bench.record("max_param_diff_vs_privml", diff)
+    ours_s = t["privml simulate"]
+    rows = []
+    for name, s in t.items():
+        key = "privml" if name.startswith("privml") else (
+            "flower_ray" if "Ray" in name else "flower_inprocess"
+        )  # fmt: skip
+        r = ratios(s, ours_s)
+        if key != "privml":
+            bench.record(f"ratio_{key}", r.to_dict())
+        rows.append(
+            [name, fmt_spread(s, digits=3, unit="s"), "1" if key == "privml" else fmt_ratio(r),
+             f"{accuracy[key]:.4f}", "-" if key == "privml" else f"{diff[key]:.1e}"]  # fmt: skip
+        )
+    if not has_ray:
+        why = "not run (--ray no)" if ray == "no" else "not measured: ray is not installed"
+        rows.append(["Flower run_simulation, Ray", why, "-", "-", "-"])
+    bench.table(
+        "sim",
+        ["", "wall time", "privml speed-up", "accuracy", "max |param - privml|"],
+        rows,
+        caption=(
+            f"{clients} clients x {rounds} rounds, logistic regression, breast cancer IID, "
+            f"every client every round, the demo's local SGD (lr 8, 5 local epochs, batch 32); "
+            f"{len(y_test)} pooled test records; median (min-max) of {reps} interleaved "
+            "repetitions. Both sides compute the same model (largest parameter difference in "
+            "the last column)."
+        ),
     )
-    where = "Ray actors" if backend == "ray" else "in-process threads, Ray not installed"
-    runs_p = ", ".join(f"{t:.3f}" for t in privml_times)
-    runs_f = ", ".join(f"{t:.3f}" for t in flower_times)
-    print(f"flower backend: {backend} ({where}); torch intra-op threads: 1")
-    print(f"privml simulate      : median {p_med:8.3f} s  (runs: {runs_p})")
-    print(f"flower run_simulation: median {f_med:8.3f} s  (runs: {runs_f})")
-    print(f"ratio flower / privml: {f_med / p_med:.1f}x")
-    print(f"accuracy privml {acc(privml_params):.4f}  flower {acc(flower_params):.4f}")
-    print(f"max |privml - flower| parameter difference: {diff:.2e}")
+    bench.write()
 
 
 if __name__ == "__main__":

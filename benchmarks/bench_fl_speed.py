@@ -19,9 +19,10 @@ Three ways to get a model, timed in this process on the same encoded arrays:
   union of the sites' training records, scored on the union of their held-out records: the
   same split as the federated runs, the same [0, 1]-scaled features.
 
-Timing: wall time of training only (data loading and encoding is shared and timed apart),
-median of ``--reps`` repetitions, interleaved; one warm-up of each first. torch runs one
-intra-op thread on both torch sides (privml's engine does so for linear models).
+Timing: wall time of training only (data loading and encoding is shared and timed apart);
+every repetition runs the three once in rotating order (benchmarks/harness.py), one warm-up of
+each excluded; medians with min-max. torch runs one intra-op thread on both torch sides
+(privml's engine does so for linear models).
 
 Accuracy: a held-out set of ~115 records moves 0.9 points per record, so the script also
 repeats the accuracy comparison over ``--splits`` data seeds (different partitions and
@@ -30,16 +31,18 @@ training records, never on held-out ones) and prints mean accuracies and the mea
 against scikit-learn's default ``LogisticRegression`` and against ``LogisticRegressionCV``
 (C chosen by 5-fold cross-validation on the training records).
 
-Run: ``.venv/bin/python benchmarks/bench_fl_speed.py [--reps 5] [--rounds 20] [--splits 10]``
+Run: ``.venv/bin/python benchmarks/bench_fl_speed.py [--reps 5] [--rounds 20] [--splits 10]
+[--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +50,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
-from privml.config import Config, load_config, parse_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args, fmt_ratio, fmt_spread, ratios  # noqa: E402
+
+from privml.config import Config, load_config, parse_config  # noqa: E402
 from privml.data.federation import FederatedData, load_federation
 from privml.fl.engine import init_params, simulate
 from privml.fl.metrics import evaluate
@@ -114,64 +121,61 @@ def centralized(fed: FederatedData) -> tuple[LogisticRegression, float]:
     return clf, float(clf.score(Xt, yt))
 
 
-def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _void(fn: Callable[[], Any]) -> Callable[[], None]:
+    """The harness times a call returning None (a number would be taken as its own timing)."""
+
+    def run() -> None:
+        fn()
+
+    return run
 
 
-def bench(name: str, cfg: Config, reps: int) -> dict[str, Any]:
+def bench_case(
+    bench: Bench, key: str, name: str, cfg: Config, reps: int
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     fed = load_federation(cfg)
     load_s = time.perf_counter() - t0
     spec = model_spec(cfg, fed)
     X_test, y_test = fed.pooled_test()
-
-    def run_privml() -> Any:
-        return simulate(fed, spec, cfg.training)
-
-    def run_loop() -> torch.Tensor:
-        return per_site_loop(fed, spec, cfg)
-
-    def run_sklearn() -> tuple[LogisticRegression, float]:
-        return centralized(fed)
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for fn in (run_privml, run_loop, run_sklearn):  # warm-up
-            fn()
-        t_privml, t_loop, t_sk = [], [], []
-        for _ in range(reps):  # interleaved
-            t_privml.append(median_time(run_privml, 1)[0])
-            t_loop.append(median_time(run_loop, 1)[0])
-            t_sk.append(median_time(run_sklearn, 1)[0])
+        t = bench.interleave(
+            {
+                "privml simulate": _void(lambda: simulate(fed, spec, cfg.training)),
+                "per-site PyTorch loop": _void(lambda: per_site_loop(fed, spec, cfg)),
+                "centralized scikit-learn": _void(lambda: centralized(fed)),
+            },
+            reps=reps,
+            key=f"{key}_seconds",
+        )
     finally:
         torch.set_num_threads(before)
-    res = run_privml()
-    loop_params = run_loop()
-    _, sk_acc = run_sklearn()
+    res = simulate(fed, spec, cfg.training)
+    loop_params = per_site_loop(fed, spec, cfg)
+    _, sk_acc = centralized(fed)
     model, _ = init_params(spec, cfg.training.seed)
     loop_acc = evaluate(model, loop_params, X_test, y_test)["accuracy"]
-    return {
+    out = {
         "name": name,
         "sites": len(fed.sites),
         "rounds": cfg.training.rounds,
         "n_train": sum(s.n_train for s in fed.sites),
         "n_test": len(y_test),
         "load_s": load_s,
-        "privml_s": statistics.median(t_privml),
-        "loop_s": statistics.median(t_loop),
-        "sklearn_s": statistics.median(t_sk),
-        "privml_acc": res.metrics["accuracy"],
-        "privml_auc": res.metrics["auc"],
-        "loop_acc": loop_acc,
+        "times": t,
+        "privml_acc": float(res.metrics["accuracy"]),
+        "privml_auc": float(res.metrics["auc"]),
+        "loop_acc": float(loop_acc),
         "sklearn_acc": sk_acc,
         "max_param_diff": float((res.params - loop_params).abs().max()),
     }
+    bench.record(key, {k: v for k, v in out.items() if k != "times"})
+    ratio = ratios(t["per-site PyTorch loop"], t["privml simulate"])
+    bench.record(f"{key}_ratio_loop_vs_privml", ratio.to_dict())
+    out["ratio"] = ratio
+    return out
 
 
 def accuracy_over_splits(make: Callable[[int], Config], splits: int) -> dict[str, Any]:
@@ -200,53 +204,101 @@ def accuracy_over_splits(make: Callable[[int], Config], splits: int) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--sites", type=int, default=100, help="sites of the IID split")
-    ap.add_argument("--splits", type=int, default=10, help="data seeds of the accuracy check")
+    add_common_args(ap)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 20 (quick 3)")
+    ap.add_argument("--sites", type=int, default=None, help="sites of the IID split (100)")
+    ap.add_argument("--splits", type=int, default=None, help="data seeds of the accuracy check")
     args = ap.parse_args()
-    rows = [
-        bench(f"breast_cancer IID, {args.sites} sites", iid_config(args.sites, args.rounds),
-              args.reps),
-        bench("demo, 3 hospitals", demo_config(args.rounds), args.reps),
+    reps = args.reps or (2 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 20)
+    sites = args.sites or (20 if args.quick else 100)
+    splits = args.splits if args.splits is not None else (2 if args.quick else 10)
+    bench = Bench(
+        "fl_speed",
+        quick=args.quick,
+        out=args.out,
+        params={"reps": reps, "rounds": rounds, "sites": sites, "splits": splits},
+    )
+    cases = [
+        bench_case(bench, "iid", f"breast cancer IID, {sites} sites", iid_config(sites, rounds),
+                   reps),
+        bench_case(bench, "demo", "demo, 3 hospitals", demo_config(rounds), reps),
     ]  # fmt: skip
-    print(f"torch {torch.__version__}, {args.reps} reps, medians; training time only\n")
-    for r in rows:
-        print(f"== {r['name']}: {r['rounds']} rounds, {r['n_train']} train / "
-              f"{r['n_test']} held-out records (load + encode {r['load_s']:.2f} s)")  # fmt: skip
-        print(f"  privml simulate (vectorized)  {r['privml_s']:8.3f} s   "
-              f"accuracy {r['privml_acc']:.4f}  auc {r['privml_auc']:.4f}")  # fmt: skip
-        print(f"  per-site PyTorch loop         {r['loop_s']:8.3f} s   "
-              f"accuracy {r['loop_acc']:.4f}  (max |param diff| vs privml "
-              f"{r['max_param_diff']:.1e})")  # fmt: skip
-        print(f"  centralized sklearn LogReg    {r['sklearn_s']:8.3f} s   "
-              f"accuracy {r['sklearn_acc']:.4f}")  # fmt: skip
-        print(f"  ratio loop / privml: {r['loop_s'] / r['privml_s']:.1f}x; "
-              f"federated - centralized accuracy: "
-              f"{100 * (r['privml_acc'] - r['sklearn_acc']):+.1f} points\n")  # fmt: skip
-    if args.splits < 2:
+    rows = []
+    for r in cases:
+        t = r["times"]
+        rows.append(
+            [f"{r['name']} ({r['n_train']} train / {r['n_test']} held-out records)",
+             fmt_spread(t["privml simulate"], digits=3, unit="s"),
+             fmt_spread(t["per-site PyTorch loop"], digits=3, unit="s"),
+             fmt_ratio(r["ratio"]),
+             fmt_spread(t["centralized scikit-learn"], digits=3, unit="s"),
+             f"{r['load_s']:.2f} s"]  # fmt: skip
+        )
+    bench.table(
+        "speed",
+        ["work", "privml simulate", "per-site PyTorch loop", "speed-up", "scikit-learn (central)",
+         "load + encode"],  # fmt: skip
+        rows,
+        caption=(
+            f"FedAvg, logistic regression, {rounds} rounds, every site every round, the demo's "
+            "local SGD (lr 8, 5 local epochs, batch 32); training time only, median (min-max) of "
+            f"{reps} interleaved repetitions. The per-site loop uses the same batches and ends "
+            "at the same parameters (largest difference "
+            f"{max(r['max_param_diff'] for r in cases):.1e})."
+        ),
+    )
+    bench.table(
+        "accuracy",
+        ["work", "privml federated", "per-site loop", "centralized scikit-learn", "difference"],
+        [
+            [r["name"], f"{r['privml_acc']:.4f} (AUC {r['privml_auc']:.4f})",
+             f"{r['loop_acc']:.4f}", f"{r['sklearn_acc']:.4f}",
+             f"{100 * (r['privml_acc'] - r['sklearn_acc']):+.1f} points"]  # fmt: skip
+            for r in cases
+        ],
+        caption="Pooled held-out accuracy of the runs timed above (data seed 0).",
+    )
+    if splits < 2:
+        bench.write()
         return
     torch.set_num_threads(1)
 
     def iid_seed(seed: int) -> Config:
-        cfg = iid_config(args.sites, args.rounds)
+        cfg = iid_config(sites, rounds)
         cfg.data.seed = seed
         return cfg
 
     def demo_seed(seed: int) -> Config:
-        cfg = demo_config(args.rounds)
+        cfg = demo_config(rounds)
         cfg.data.seed = seed
         return cfg
 
-    print(f"accuracy over {args.splits} data seeds (mean +- sd; difference +- standard error)")
-    for name, make in (("breast_cancer IID", iid_seed), ("demo, 3 hospitals", demo_seed)):
-        a = accuracy_over_splits(make, args.splits)
-        print(f"  {name:18s} federated {a['fed'][0]:.4f} +- {a['fed'][1]:.4f} | "
-              f"sklearn default {a['sk'][0]:.4f} +- {a['sk'][1]:.4f} | "
-              f"sklearn CV {a['cv'][0]:.4f} +- {a['cv'][1]:.4f}")  # fmt: skip
-        print(f"  {'':18s} federated - default {100 * a['diff_sk'][0]:+.2f} +- "
-              f"{100 * a['diff_sk'][1]:.2f} points; federated - CV "
-              f"{100 * a['diff_cv'][0]:+.2f} +- {100 * a['diff_cv'][1]:.2f} points")  # fmt: skip
+    rows = []
+    for key, name, make in (("iid", f"breast cancer IID, {sites} sites", iid_seed),
+                            ("demo", "demo, 3 hospitals", demo_seed)):  # fmt: skip
+        a = accuracy_over_splits(make, splits)
+        bench.record(f"{key}_splits", {k: list(v) for k, v in a.items()})
+        rows.append(
+            [name, f"{a['fed'][0]:.4f} +- {a['fed'][1]:.4f}",
+             f"{a['sk'][0]:.4f} +- {a['sk'][1]:.4f}",
+             f"{a['cv'][0]:.4f} +- {a['cv'][1]:.4f}",
+             f"{100 * a['diff_sk'][0]:+.2f} +- {100 * a['diff_sk'][1]:.2f}",
+             f"{100 * a['diff_cv'][0]:+.2f} +- {100 * a['diff_cv'][1]:.2f}"]  # fmt: skip
+        )
+    bench.table(
+        "splits",
+        ["work", "federated", "scikit-learn default", "scikit-learn CV",
+         "federated - default (points)", "federated - CV (points)"],  # fmt: skip
+        rows,
+        caption=(
+            f"Accuracy over {splits} data seeds (partitions and held-out splits): mean +- sd; "
+            "differences +- standard error. A held-out set of about 115 records moves 0.9 points "
+            "per record."
+        ),
+    )
+    bench.write()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ ClientApp code; only the SuperNodes differ:
 * ``privml``: ``privml flower supernode`` (Flower's Fleet client, the ClientApp in-process,
   site data encoded once, adaptive polling).
 
-Run: ``python benchmarks/bench_flower_rounds.py [--rounds 5] [--only privml|flower]``.
-Prints each round's wall time (handshake excluded), the medians and their ratio, and the final
-accuracy of each (equal to the simulation's with the same seed).
+Run: ``python benchmarks/bench_flower_rounds.py [--rounds 5] [--reps 1] [--quick]``.
+Each repetition deploys both, one after the other in rotating order (benchmarks/harness.py);
+the summaries are over every round of every deployment (handshake excluded). A warm-up
+deployment is not run: every deployment starts fresh processes. Also reported: the handshake,
+the final accuracy of each (equal to the simulation's with the same seed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args, fmt_spread, summarize  # noqa: E402
 
 SITES = ("hospital_a", "hospital_b", "hospital_c")
 
@@ -125,51 +131,72 @@ def deploy_and_run(kind: str, rounds: int, root: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    add_common_args(ap)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per deployment (default 5)")
+    ap.add_argument("--reps", type=int, default=1, help="deployments of each (default 1)")
     ap.add_argument("--only", choices=("privml", "flower"))
     args = ap.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
     import torch
 
     torch.set_num_threads(1)
-    if hasattr(os, "getloadavg"):
-        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     kinds = [args.only] if args.only else ["privml", "flower"]
-    res: dict[str, dict[str, Any]] = {}
+    if args.quick and not args.only:
+        kinds = ["privml"]  # Flower's own SuperNode takes about a minute per round
+    bench = Bench("flower_rounds", quick=args.quick, out=args.out,
+                  params={"rounds": rounds, "reps": args.reps, "kinds": kinds})  # fmt: skip
+    res: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            print(f"{kind}: {args.rounds} rounds of the demo, 3 SuperNodes on localhost")
-            res[kind] = deploy_and_run(kind, args.rounds, Path(tmp))
-    from privml.config import load_config
+        counter = [0]
+
+        def deploy(kind: str) -> float:
+            counter[0] += 1
+            root = Path(tmp) / str(counter[0])
+            root.mkdir()
+            print(f"{kind}: {rounds} rounds of the demo, 3 SuperNodes on localhost", flush=True)
+            r = deploy_and_run(kind, rounds, root)
+            res[kind].append(r)
+            return float(statistics.median(r["round_seconds"]))
+
+        bench.interleave({k: (lambda k=k: deploy(k)) for k in kinds}, reps=args.reps, warmup=0)
+    from privml.config import load_config, parse_config
     from privml.pipeline import run as run_simulation
 
-    cfg = load_config(None)
-    raw = cfg.resolved()
-    raw["training"]["rounds"] = args.rounds
-    from privml.config import parse_config
-
+    raw = load_config(None).resolved()
+    raw["training"]["rounds"] = rounds
     sim = run_simulation(parse_config(raw), write=False)
-    print()
-    print(
-        f"{'SuperNodes':<10} {'median s/round':>15} {'min':>7} {'max':>7} "
-        f"{'handshake s':>12} {'accuracy':>9}"
+    sim_acc = float(sim.results["metrics"]["accuracy"])
+    per_round = {k: summarize([x for r in rs for x in r["round_seconds"]]) for k, rs in res.items()}
+    bench.record("deployments", res)
+    bench.record("round_seconds", {k: s.to_dict() for k, s in per_round.items()})
+    bench.record("simulation_accuracy", sim_acc)
+    rows = []
+    for kind, s in per_round.items():
+        hs = [r["handshake_seconds"] for r in res[kind]]
+        acc = {round(r["accuracy"], 6) for r in res[kind]}
+        label = "privml SuperNode" if kind == "privml" else "Flower's flower-supernode"
+        ratio = "1"
+        if kind != "privml" and "privml" in per_round:
+            ratio = f"{s.median / per_round['privml'].median:.1f}x"
+        accs = ", ".join(f"{a:.4f}" for a in sorted(acc))
+        handshake = f"{statistics.median(hs):.1f} s"
+        rows.append([label, fmt_spread(s, digits=2, unit="s"), ratio, handshake, accs])
+    if "flower" not in per_round:
+        rows.append(["Flower's flower-supernode", "not run (quick mode)", "-", "-", "-"])
+    if "flower" in per_round and "privml" in per_round:
+        bench.record("ratio_median_round", per_round["flower"].median / per_round["privml"].median)
+    bench.table(
+        "rounds",
+        ["SuperNodes", "seconds per round", "ratio of medians", "handshake", "accuracy"],
+        rows,
+        caption=(
+            f"The demo on a real Flower deployment on localhost (SuperLink with TLS, 3 "
+            f"SuperNodes), {rounds} rounds per deployment, {args.reps} deployment(s) of each; "
+            f"median (min-max) over all rounds. The simulation reaches {sim_acc:.4f} with the "
+            "same seed."
+        ),
     )
-    for kind, r in res.items():
-        rs = r["round_seconds"]
-        print(
-            f"{kind:<10} {statistics.median(rs):>15.2f} {min(rs):>7.2f} {max(rs):>7.2f} "
-            f"{r['handshake_seconds']:>12.1f} {r['accuracy']:>9.4f}"
-        )
-    print(
-        f"{'simulation':<10} {'':>15} {'':>7} {'':>7} {'':>12} "
-        f"{sim.results['metrics']['accuracy']:>9.4f}"
-    )
-    if len(res) == 2:
-        ratio = statistics.median(res["flower"]["round_seconds"]) / statistics.median(
-            res["privml"]["round_seconds"]
-        )
-        print(f"\nratio (Flower's SuperNode / privml's SuperNode, median s/round): {ratio:.1f}x")
-    if hasattr(os, "getloadavg"):
-        print(f"load average after: {os.getloadavg()[0]:.1f}")
+    bench.write()
 
 
 if __name__ == "__main__":

@@ -11,22 +11,31 @@ z = 1; ``ipm_eps10``: epsilon = 10). Each cell is the median over ``--seeds`` se
 accuracy on the pooled held-out records; a seed changes the data split, the attackers, the
 model's initialisation and the batches.
 
-Run: ``.venv/bin/python benchmarks/bench_robustness.py [--seeds 5] [--rounds 20] [--json out.json]``
+An accuracy table (no anchor library to time against): the reference is FedAvg with no attack,
+and the majority-class rate of the pooled test set is recorded beside it. Every accuracy goes
+to the JSON results (benchmarks/harness.py).
+
+Run: ``.venv/bin/python benchmarks/bench_robustness.py [--seeds 5] [--rounds 20] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from privml.config import parse_config
-from privml.data.federation import load_federation
-from privml.fl.aggregate import AGGREGATORS
-from privml.fl.engine import simulate
-from privml.pipeline import model_spec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args  # noqa: E402
+
+from privml.config import parse_config  # noqa: E402
+from privml.data.federation import load_federation  # noqa: E402
+from privml.fl.aggregate import AGGREGATORS  # noqa: E402
+from privml.fl.engine import simulate  # noqa: E402
+from privml.pipeline import model_spec  # noqa: E402
 
 # (column, kind, parameters): the six kinds with their defaults, then two stronger settings of
 # the omniscient attacks: ALIE with z = 1 (the formula gives z = 0.25 for n = 10, f = 2) and IPM
@@ -77,47 +86,58 @@ def _config(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--json", default=None, help="also write every accuracy to this file")
+    add_common_args(ap)
+    ap.add_argument("--seeds", type=int, default=None, help="default 5 (quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 20 (quick 2)")
     args = ap.parse_args()
+    seeds = args.seeds or (1 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 20)
     assert set(ORDER) == set(AGGREGATORS), "update ORDER with the registry"
+    bench = Bench(
+        "robustness", quick=args.quick, out=args.out, params={"seeds": seeds, "rounds": rounds}
+    )
 
     acc: dict[str, dict[str, list[float]]] = {a: {k: [] for k in COLUMNS} for a in ORDER}
+    majority: list[float] = []
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        base = _config(seed, args.rounds, "fedavg", None, {})
+    for seed in range(seeds):
+        base = _config(seed, rounds, "fedavg", None, {})
         fed = load_federation(base)
         spec = model_spec(base, fed)
+        _, y_test = fed.pooled_test()
+        majority.append(float(max(y_test.mean(), 1 - y_test.mean())))
         for name in ORDER:
             for column, kind, params in ATTACKS:
-                cfg = _config(seed, args.rounds, name, kind, params)
+                cfg = _config(seed, rounds, name, kind, params)
                 res = simulate(fed, spec, cfg.training, attack=cfg.attack)
                 acc[name][column].append(float(res.metrics["accuracy"]))
     elapsed = time.perf_counter() - t0
 
     med = {a: {k: statistics.median(v) for k, v in row.items()} for a, row in acc.items()}
-    print(
-        f"breast cancer IID, 10 sites, {args.rounds} rounds, 2 of 10 sites attacking; "
-        f"median accuracy over {args.seeds} seeds ({elapsed:.0f} s)"
-    )
-    head = f"{'aggregator':<14}" + "".join(f"{k:>11}" for k in COLUMNS)
-    print(head)
-    print("-" * len(head))
-    for name in ORDER:
-        print(f"{name:<14}" + "".join(f"{med[name][k]:>11.3f}" for k in COLUMNS))
+    bench.record("accuracy", acc)
+    bench.record("median", med)
+    bench.record("majority_class", majority)
+    bench.record("seconds", elapsed)
     clean = med["fedavg"]["none"]
-    print(f"\nwithin 2 points of FedAvg's clean accuracy ({clean:.3f}) -- 'ok', else the drop:")
-    print(f"{'aggregator':<14}" + "".join(f"{k:>11}" for k in COLUMNS[1:]))
+    rows = []
     for name in ORDER:
         cells = []
-        for k in COLUMNS[1:]:
-            drop = clean - med[name][k]
-            cells.append(f"{'ok' if drop <= 0.02 else f'-{drop:.3f}':>11}")
-        print(f"{name:<14}" + "".join(cells))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setting": vars(args), "accuracy": acc, "median": med}, f, indent=2)
+        for k in COLUMNS:
+            v = med[name][k]
+            cells.append(f"**{v:.3f}**" if clean - v > 0.02 else f"{v:.3f}")
+        rows.append([name, *cells])
+    bench.table(
+        "accuracy",
+        ["aggregator", *COLUMNS],
+        rows,
+        caption=(
+            f"Breast cancer IID over 10 sites, {rounds} rounds, 2 of 10 sites Byzantine; median "
+            f"pooled test accuracy over {seeds} seed(s). Bold: more than 2 points below FedAvg's "
+            f"clean accuracy ({clean:.3f}); the majority class is "
+            f"{statistics.median(majority):.3f}."
+        ),
+    )
+    bench.write()
 
 
 if __name__ == "__main__":

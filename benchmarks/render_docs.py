@@ -11,8 +11,8 @@ A docs page marks a generated table with two comments::
 ``dpsgd`` names ``benchmarks/results/dpsgd.json`` (written by a benchmark through
 :class:`harness.Bench`), ``mlp`` one of its tables. The table is written with its caption and a
 line saying when, with which command, on what machine and at what load it was measured.
-``--check`` changes nothing and exits 1 when a page differs from what its JSON gives (CI runs it,
-so a figure typed by hand into a generated table fails the suite).
+``--check`` changes nothing and exits 1 when a page differs from what its JSON gives, or names a
+table no JSON has (CI runs it, so a figure typed by hand into a generated table fails the suite).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for s in stale:
             print(f"{s}: generated tables differ from benchmarks/results/", file=sys.stderr)
-        return 1 if stale else 0
+        return 1 if stale or missing else 0
     for s in stale:
         print(f"updated docs/{s}")
     return 0

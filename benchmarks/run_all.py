@@ -1,0 +1,95 @@
+"""Run every benchmark, then regenerate the docs tables from their JSON results.
+
+Run:  .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--skip NAME ...]
+
+``make bench`` runs this at full size (results in ``benchmarks/results/NAME.json``, then
+``render_docs.py`` rewrites the tables in docs/); ``make bench-quick`` runs every script with
+``--quick`` on tiny sizes, writing to a temporary folder and leaving docs/ alone (a smoke run;
+the test suite does the same in ``tests/benchmarks/test_quick_runs.py``).
+
+A benchmark is a ``bench_*.py`` script in this folder that writes its results through
+``harness.Bench``; scripts not on the harness yet are listed and skipped. Each script runs in a
+fresh process, one after another (never two at once: they would time each other), and the
+wall time of each is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def scripts() -> list[Path]:
+    return sorted(HERE.glob("bench_*.py"))
+
+
+def on_harness(path: Path) -> bool:
+    """Whether a script writes its results through the harness (``Bench(...).write()``)."""
+    text = path.read_text()
+    return "from harness import" in text and "Bench(" in text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes; docs are not touched")
+    ap.add_argument("--only", nargs="*", default=None, help="names like dpsgd or bench_dpsgd")
+    ap.add_argument("--skip", nargs="*", default=[], help="names to leave out")
+    ap.add_argument("--out-dir", type=Path, default=None, help="JSON folder (quick: a temp dir)")
+    args = ap.parse_args(argv)
+
+    def name(p: Path) -> str:
+        return p.stem.removeprefix("bench_")
+
+    wanted = {s.removeprefix("bench_") for s in args.only} if args.only else None
+    skip = {s.removeprefix("bench_") for s in args.skip}
+    todo, pending = [], []
+    for p in scripts():
+        if (wanted is not None and name(p) not in wanted) or name(p) in skip:
+            continue
+        (todo if on_harness(p) else pending).append(p)
+    out_dir = args.out_dir
+    tmp = None
+    if args.quick and out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="privml-bench-quick-")
+        out_dir = Path(tmp.name)
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    timings: list[tuple[str, float, int]] = []
+    t_all = time.perf_counter()
+    for p in todo:
+        cmd = [sys.executable, str(p)]
+        if args.quick:
+            cmd.append("--quick")
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            cmd += ["--out", str(out_dir / f"{name(p)}{'-quick' if args.quick else ''}.json")]
+        print(f"\n=== {p.name} {'(quick)' if args.quick else ''}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        timings.append((p.name, time.perf_counter() - t0, rc))
+    total = time.perf_counter() - t_all
+    failed = [n for n, _, rc in timings if rc != 0]
+    print("\nbenchmark                            seconds  status")
+    for n, s, rc in timings:
+        print(f"{n:<36} {s:8.1f}  {'ok' if rc == 0 else f'FAILED ({rc})'}")
+    print(f"{'total':<36} {total:8.1f}")
+    if pending:
+        print("not on benchmarks/harness.py yet (skipped): " + ", ".join(p.name for p in pending))
+    rc = 1 if failed else 0
+    if not args.quick and not failed and args.out_dir is None:
+        rc = subprocess.run([sys.executable, str(HERE / "render_docs.py")], check=False).returncode
+    if tmp is not None:
+        tmp.cleanup()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
