@@ -353,3 +353,33 @@ def test_stream_noise_of_a_site_does_not_depend_on_its_cohort_or_prefetching(
     b1 = Batch(batch3.X[:1], batch3.y[:1], batch3.mask[:1])
     with pytest.raises(UsageError, match="step order"):
         rule(torch.zeros(1, P), b1, 2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "binary"),
+    [
+        (ModelSpec("mlp", 12, 1, hidden=(8,), activation="relu"), True),
+        (ModelSpec("mlp", 12, 3, hidden=(6, 5), activation="relu"), False),
+        (ModelSpec("mlp", 12, 3, hidden=(6,), activation="square"), False),
+        (ModelSpec("mlp", 12, 2, hidden=(5, 4), activation="poly2"), True),
+        (ModelSpec("logistic", 12, 4), False),
+    ],
+    ids=lambda v: getattr(v, "activation", ""),
+)
+def test_hand_written_backward_of_linear_stacks_equals_the_loop(
+    spec: ModelSpec, binary: bool
+) -> None:
+    """Linear stacks skip autograd (their backward is written out): same clipped sums."""
+    from privml.dp.sgd import _chain_clipped_sum, _is_chain, _plan
+
+    model, params = _stacked(spec, 3)
+    ops = _plan(model)
+    assert ops is not None and _is_chain(ops)
+    batch = _batch(spec, binary)
+    fast, norms = _chain_clipped_sum(ops, binary, params, batch, 0.4)
+    ref = _loop_reference(build_model(spec), params, batch, 0.4, binary)
+    torch.testing.assert_close(fast, ref, atol=2e-6, rtol=1e-4)
+    _, vnorms = clipped_grad_sum(
+        model, params, batch, max_grad_norm=0.4, binary=binary, method="vmap"
+    )
+    torch.testing.assert_close(norms, vnorms * batch.mask, atol=1e-4, rtol=1e-4)

@@ -65,7 +65,7 @@ from torch.func import grad, vmap
 from privml.dp.randomness import NoiseStream, normal_rows
 from privml.errors import UsageError
 from privml.fl.local import Batch, per_sample_loss
-from privml.models.nets import ModelSpec, functional_forward
+from privml.models.nets import ModelSpec, Poly2, Square, functional_forward
 
 __all__ = [
     "DPSGDGradient",
@@ -374,13 +374,110 @@ def _forward_record(
     return h.reshape(S, B, -1), records
 
 
+_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # d(module(x))/dx applied to the incoming gradient g, for the elementwise modules of
+    # privml's models (hand-written backward of Linear stacks, see _chain_clipped_sum)
+    nn.ReLU: lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0),
+    nn.Tanh: lambda g, x: g * (1.0 - torch.tanh(x).square()),
+    nn.Identity: lambda g, x: g,
+    Square: lambda g, x: g * (2.0 * x),
+    Poly2: lambda g, x: g * (0.25 * x + 0.5),
+}
+
+
+def _is_chain(ops: list[_Op]) -> bool:
+    """Linear layers and elementwise modules only (logistic regression, MLPs)."""
+    return any(isinstance(op, _Linear) for op in ops) and all(
+        isinstance(op, _Linear) or (isinstance(op, _Fn) and type(op.module) in _BACKWARD)
+        for op in ops
+    )
+
+
+def _linear_weights(op: _Linear, params: torch.Tensor) -> torch.Tensor:
+    nw = op.n_in * op.n_out
+    return params[:, op.offset : op.offset + nw].reshape(params.shape[0], op.n_out, op.n_in)
+
+
+def _chain_clipped_sum(
+    ops: list[_Op], binary: bool, params: torch.Tensor, batch: Batch, max_grad_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_layerwise_clipped_sum` for Linear stacks, with the backward pass by hand.
+
+    The gradient of the (masked) loss with respect to the logits is ``softmax - onehot``
+    (cross-entropy) or ``sigmoid - y`` (BCE); it is carried back through each Linear layer
+    (one batched matrix product) and elementwise module (its derivative). Same result as
+    autograd, without its per-node overhead, which dominates on small models.
+    """
+    S, B = batch.y.shape
+    h = batch.X
+    inputs: list[torch.Tensor] = []
+    for op in ops:
+        inputs.append(h)
+        if isinstance(op, _Linear):
+            W = _linear_weights(op, params)
+            if op.bias:
+                nw = op.offset + op.n_in * op.n_out
+                b = params[:, nw : nw + op.n_out].reshape(S, 1, op.n_out)
+                h = torch.baddbmm(b, h, W.transpose(1, 2))
+            else:
+                h = torch.bmm(h, W.transpose(1, 2))
+        else:
+            assert isinstance(op, _Fn)
+            h = op.module(h)
+    mask = batch.mask
+    if binary:  # BCE on the first logit (any others get no gradient)
+        g0 = (torch.sigmoid(h[..., 0]) - batch.y.to(h.dtype)).mul_(mask)
+        if h.shape[-1] == 1:
+            g = g0.unsqueeze(-1)
+        else:
+            g = torch.zeros_like(h)
+            g[..., 0] = g0
+    else:
+        g = torch.softmax(h, dim=-1)
+        g.scatter_add_(-1, batch.y.unsqueeze(-1), torch.full((S, B, 1), -1.0, dtype=g.dtype))
+        g.mul_(mask.unsqueeze(-1))
+    first = next(i for i, op in enumerate(ops) if isinstance(op, _Linear))
+    grads: list[torch.Tensor] = [g] * len(ops)  # entries of non-Linear ops are unused
+    for i in range(len(ops) - 1, first - 1, -1):
+        op = ops[i]
+        if isinstance(op, _Linear):
+            grads[i] = g
+            if i > first:
+                g = torch.bmm(g, _linear_weights(op, params))
+        else:
+            assert isinstance(op, _Fn)
+            g = _BACKWARD[type(op.module)](g, inputs[i])
+    sq: torch.Tensor | None = None
+    for op, a, g in zip(ops, inputs, grads, strict=True):
+        if isinstance(op, _Linear):
+            an = a.square().sum(-1)
+            if op.bias:
+                an = an + 1.0
+            term = g.square().sum(-1).mul_(an)
+            sq = term if sq is None else sq.add_(term)
+    assert sq is not None
+    norms = sq.sqrt_()
+    c = (max_grad_norm / (norms + CLIP_EPS)).clamp_(max=1.0).mul_(mask)
+    pieces: list[torch.Tensor] = []
+    for op, a, g in zip(ops, inputs, grads, strict=True):
+        if isinstance(op, _Linear):
+            cg = g * c.unsqueeze(-1)
+            pieces.append(torch.bmm(cg.transpose(1, 2), a).reshape(S, -1))
+            if op.bias:
+                pieces.append(cg.sum(1))
+    return torch.cat(pieces, dim=1), norms * mask
+
+
 def _layerwise_clipped_sum(
     ops: list[_Op],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    binary: bool,
     params: torch.Tensor,
     batch: Batch,
     max_grad_norm: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _is_chain(ops):
+        return _chain_clipped_sum(ops, binary, params, batch, max_grad_norm)
+    loss_fn = per_sample_loss(binary)
     S, B = batch.y.shape
     with torch.enable_grad():
         p = params.detach().requires_grad_(True)
@@ -393,16 +490,16 @@ def _layerwise_clipped_sum(
     conv_samples: list[torch.Tensor | None] = []
     for (op, a, _), g in zip(records, grads, strict=True):
         if isinstance(op, _Linear):
-            gn = g.pow(2).sum(-1)
-            an = a.pow(2).sum(-1) + (1.0 if op.bias else 0.0)
+            gn = g.square().sum(-1)
+            an = a.square().sum(-1) + (1.0 if op.bias else 0.0)
             sq = sq + gn * an
             conv_samples.append(None)
         else:
             assert isinstance(op, _Conv)
             G = torch.einsum("sbol,sbkl->sbok", g, a)
-            sq = sq + G.pow(2).sum((2, 3))
+            sq = sq + torch.linalg.vector_norm(G, dim=(2, 3)).square_()
             if op.bias:
-                sq = sq + g.sum(-1).pow(2).sum(-1)
+                sq = sq + g.sum(-1).square().sum(-1)
             conv_samples.append(G)
     norms = sq.sqrt()
     c = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * batch.mask
@@ -487,7 +584,7 @@ def clipped_grad_sum(
             "Conv2d layers and parameter-free modules; use method='vmap' for this model."
         )
     if ops is not None:
-        return _layerwise_clipped_sum(ops, per_sample_loss(binary), params, batch, C)
+        return _layerwise_clipped_sum(ops, binary, params, batch, C)
     return _vmap_clipped_sum(model, params, batch, C, binary)
 
 
@@ -559,18 +656,20 @@ class DPSGDGradient:
         self._cache: torch.Tensor | None = None  # [S, K, P] noise of steps t0 .. t0 + K - 1
         self._cache_t0 = 0
         self.method = method
-        if method == "layerwise" and not layerwise_supported(model):
+        # planned once (the plan walks the model): every step reuses it
+        self._ops = _plan(model) if method != "vmap" else None
+        if method == "layerwise" and self._ops is None:
             raise UsageError(f"{func}: this model needs method='vmap' or 'auto'.")
 
     def __call__(self, params: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
-        sums, _ = clipped_grad_sum(
-            self.model,
-            params,
-            batch,
-            max_grad_norm=self.max_grad_norm,
-            binary=self.binary,
-            method=self.method,
-        )
+        if self._ops is not None:
+            sums, _ = _layerwise_clipped_sum(
+                self._ops, self.binary, params, batch, self.max_grad_norm
+            )
+        else:
+            sums, _ = _vmap_clipped_sum(
+                self.model, params, batch, self.max_grad_norm, self.binary
+            )
         S, P = sums.shape
         active = step < self.steps
         if self._streams:
@@ -581,8 +680,11 @@ class DPSGDGradient:
                 gen = self.generators[s]
                 if self.noise_std[s] > 0 and isinstance(gen, torch.Generator):
                     noise[s] = torch.randn(P, generator=gen, dtype=sums.dtype)
-        out = (sums + noise * self.noise_std[:, None]) / self.expected_batch[:, None]
-        return out * torch.from_numpy(active.astype(np.float32))[:, None]
+        # sums is this step's own tensor; noise may be a view of the prefetched draws
+        out = sums.add_(noise * self.noise_std[:, None]).div_(self.expected_batch[:, None])
+        if not active.all():
+            out.mul_(torch.from_numpy(active.astype(np.float32))[:, None])
+        return out
 
     def _stream_noise(self, step: int, P: int, dtype: torch.dtype) -> torch.Tensor:
         """``[S, P]`` standard normals of ``step`` (0 for inactive or noiseless sites).
