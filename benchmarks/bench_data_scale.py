@@ -53,11 +53,11 @@ FULL = {
     "memory_reps": 2,
 }
 QUICK = {
-    "sizes": [(100, 20), (1_000, 20)],
-    "anchor_max_sites": 1_000,
-    "pair_sites": 50,
-    "memory_sites": 200,
-    "memory_rows": 100,
+    "sizes": [(100, 20), (400, 20)],
+    "anchor_max_sites": 400,
+    "pair_sites": 30,
+    "memory_sites": 100,
+    "memory_rows": 50,
     "reps": 2,
     "memory_reps": 1,
 }

@@ -57,11 +57,11 @@ class Col:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--rows", type=int, default=None, help="default 1,000,000 (quick 20,000)")
+    parser.add_argument("--rows", type=int, default=None, help="default 1,000,000 (quick 5,000)")
     parser.add_argument("--reps", type=int, default=None, help="default 7 (quick 2)")
     args = parser.parse_args()
-    n_rows = args.rows or (20_000 if args.quick else 1_000_000)
-    reps = args.reps or (2 if args.quick else 7)
+    n_rows = args.rows or (5_000 if args.quick else 1_000_000)
+    reps = args.reps or (1 if args.quick else 7)
     bench = Bench("dp_queries", quick=args.quick, out=args.out,
                   params={"rows": n_rows, "reps": reps, "epsilon": 1.0})  # fmt: skip
     rng = np.random.default_rng(0)

@@ -283,13 +283,13 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 2)")
     args = ap.parse_args()
-    reps = args.reps or (2 if args.quick else 7)
-    n_sites = 5 if args.quick else 100
+    reps = args.reps or (1 if args.quick else 7)
+    n_sites = 3 if args.quick else 100
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook warnings, every step
     torch.set_num_threads(1)
     bench = Bench("dpsgd", quick=args.quick, out=args.out,
                   params={"reps": reps, "sites": n_sites, "sigma": SIGMA, "clip": C})  # fmt: skip
-    limit = 256 if args.quick else None  # quick: a slice of the records, to keep it short
+    limit = 128 if args.quick else None  # quick: a slice of the records, to keep it short
     mlp = ModelSpec("mlp", 30, 2, hidden=(64,))
     cnn = ModelSpec("cnn", 64, 10, hidden=(32,), image_shape=(8, 8))
     single_site(bench, "mlp", "breast_cancer", mlp, 64, reps, limit)

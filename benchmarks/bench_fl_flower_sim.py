@@ -279,8 +279,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 3)
-    clients = args.clients or (10 if args.quick else 100)
-    rounds = args.rounds or (2 if args.quick else 10)
+    clients = args.clients or (4 if args.quick else 100)
+    rounds = args.rounds or (1 if args.quick else 10)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
 

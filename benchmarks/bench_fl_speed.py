@@ -210,9 +210,9 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=None, help="sites of the IID split (100)")
     ap.add_argument("--splits", type=int, default=None, help="data seeds of the accuracy check")
     args = ap.parse_args()
-    reps = args.reps or (2 if args.quick else 5)
-    rounds = args.rounds or (3 if args.quick else 20)
-    sites = args.sites or (20 if args.quick else 100)
+    reps = args.reps or (1 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 20)
+    sites = args.sites or (10 if args.quick else 100)
     splits = args.splits if args.splits is not None else (2 if args.quick else 10)
     bench = Bench(
         "fl_speed",

@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="deployments of each (default 1)")
     ap.add_argument("--only", choices=("privml", "flower"))
     args = ap.parse_args()
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 5)
     import torch
 
     torch.set_num_threads(1)

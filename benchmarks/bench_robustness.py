@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default 20 (quick 2)")
     args = ap.parse_args()
     seeds = args.seeds or (1 if args.quick else 5)
-    rounds = args.rounds or (2 if args.quick else 20)
+    rounds = args.rounds or (1 if args.quick else 20)
     assert set(ORDER) == set(AGGREGATORS), "update ORDER with the registry"
     bench = Bench(
         "robustness", quick=args.quick, out=args.out, params={"seeds": seeds, "rounds": rounds}
