@@ -18,15 +18,20 @@ half the trials, Clopper-Pearson 95% on the other half (privml.security.attacks.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from privml.models.nets import ModelSpec
-from privml.security.attacks.membership import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args  # noqa: E402
+
+from privml.models.nets import ModelSpec  # noqa: E402
+from privml.security.attacks.membership import (  # noqa: E402
     dpsgd_shadow_trainer,
     lira_game,
     sgd_shadow_trainer,
@@ -40,6 +45,7 @@ def row(res) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
         "tpr_at_1pct": res.tpr_at_fpr["0.01"],
         "tpr_at_0.1pct": res.tpr_at_fpr["0.001"],
         "empirical_epsilon": res.empirical_epsilon,
+        "max_certifiable": res.bound.max_certifiable,
         "loss_auc": y["auc"],
         "loss_empirical_epsilon": y["empirical_epsilon"],
         "accountant_epsilon": res.accountant_epsilon,
@@ -50,6 +56,7 @@ def row(res) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    add_common_args(ap)
     ap.add_argument("--pool", type=int, default=300)
     ap.add_argument("--models", type=int, default=24)
     ap.add_argument("--epsilon", type=float, default=1.0)
@@ -57,8 +64,9 @@ def main() -> None:
     ap.add_argument("--dp-lr", type=float, default=2.0)
     ap.add_argument("--dp-epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.pool, args.models, args.dp_epochs = 100, 4, 3
     torch.set_num_threads(args.threads)
     d = load_digits()
     rng = np.random.default_rng(0)
@@ -83,19 +91,25 @@ def main() -> None:
         out[f"dp_eps{args.epsilon:g}/{'online' if online else 'offline'}"] = row(r)
     out["dp_noise_multipliers"] = sorted({round(s, 3) for s in dp.noise_multipliers})  # type: ignore[attr-defined]
     out["seconds"] = time.perf_counter() - t0
-    print(json.dumps(out, indent=2))
-    print(f"\n{'model / LiRA':24s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@.1%':>8s} {'eps_lb':>7s} "
-          f"{'loss AUC':>8s} {'acc_eps':>7s} {'train':>6s} {'test':>6s}")  # fmt: skip
+    bench = Bench("security_membership", quick=args.quick, out=args.out,
+                  params={k: v for k, v in vars(args).items() if k not in ("out",)})
+    bench.record("membership", out)
+    rows = []
     for k, v in out.items():
         if not isinstance(v, dict):
             continue
         acc = "-" if v["accountant_epsilon"] is None else f"{v['accountant_epsilon']:.2f}"
-        print(f"{k:24s} {v['auc']:6.3f} {v['tpr_at_1pct']:7.3f} {v['tpr_at_0.1pct']:8.4f} "
-              f"{v['empirical_epsilon']:7.3f} {v['loss_auc']:8.3f} {acc:>7s} "
-              f"{v['train_accuracy']:6.3f} {v['test_accuracy']:6.3f}")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        rows.append([k.replace("/", ", LiRA "), f"{v['auc']:.3f}", f"{v['tpr_at_1pct']:.3f}",
+                     f"{v['tpr_at_0.1pct']:.3f}", f"{v['empirical_epsilon']:.2f}",
+                     f"{v['max_certifiable']:.2f}", acc, f"{v['loss_auc']:.3f}",
+                     f"{v['train_accuracy']:.3f}", f"{v['test_accuracy']:.3f}"])  # fmt: skip
+    bench.table("lira", ["model, attack", "AUC (chance 0.5)", "TPR @ 1% FPR", "TPR @ 0.1% FPR",
+                         "empirical eps (lower bound)", "could certify at most",
+                         "accountant eps", "loss-threshold AUC", "train acc", "test acc"], rows,
+                caption=f"Carlini et al.'s game on a pool of {args.pool} digits, {args.models} "
+                "models (each the target once); bound: threshold chosen on half the trials, "
+                "Clopper-Pearson 95% on the other half, delta 1e-5.")  # fmt: skip
+    bench.write()
 
 
 if __name__ == "__main__":

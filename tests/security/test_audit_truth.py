@@ -210,3 +210,51 @@ def test_anomaly_rates_count_honest_and_malicious_updates() -> None:
     r = anomaly_rates(rounds)
     assert (r.honest_updates, r.malicious_updates) == (10, 2)
     assert r.false_positive_rate == pytest.approx(0.1) and r.detection_rate == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ a real clinical table
+
+
+@pytest.mark.slow
+def test_audit_on_a_clinical_table_reports_no_false_success(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from privml.config import load_config
+    from privml.security.attacks.backdoor import attack_success_rate, feature_trigger
+    from privml.security.audit import run_audit
+    from privml.security.federated import federate
+
+    from .clinical import gbsg2_config
+
+    path = gbsg2_config(tmp_path, extra=(
+        "[training]\nrounds = 10\nlocal_epochs = 3\nlr = 2.0\n"
+        f'[output]\ndir = "{tmp_path / "run"}"\nhtml = false\n'
+        "[audit]\nevasion_budgets = [0.02]\nevasion_steps = 10\nadversarial_betas = [0.5, 6.0]\n"
+        "backdoor_non_iid_sites = 0\n"
+    ))  # fmt: skip
+    cfg = load_config(path)
+    rep = run_audit(cfg, attacks="evasion,backdoor", write=False)
+    ev = rep.details["evasion"]
+    assert ev["layout"]["categorical"] == {"horTh": 2, "menostat": 2, "tgrade": 3}
+    assert "age +-1.44" in ev["budgets_in_schema_units"]["0.02"]["text"]  # 2% of [18, 90]
+    for r in rep.rows:
+        if r.attack.startswith("evasion (") and r.metric.startswith("robust accuracy"):
+            # a defence is only "ok" when it is more robust than no defence; else it says why
+            if r.status == "ok":
+                assert r.with_defence is not None and r.with_defence > r.without_defence
+            else:
+                assert r.status in ("refused", "degenerate", "no effect") and r.reason
+    # the backdoor's trigger is one the clean model does not already obey ...
+    bd = rep.details["backdoor"]["configured"]
+    assert bd["clean_success"] <= 0.1 and bd["success_without_defence"] >= 0.5
+    succ = next(r for r in rep.rows if r.metric == "attack success rate")
+    assert succ.baseline == bd["clean_success"] and succ.baseline_kind == "clean model"
+    # ... unlike the old default (the first three columns -- age, tumour size, positive nodes --
+    # at the top of their range), which the clean model already answers with "recurrence"
+    fed = load_federation(cfg)
+    clean = federate(fed, model_spec(cfg, fed), cfg.training).model
+    X, y = fed.pooled_test()
+    old = attack_success_rate(clean, X, y, feature_trigger([0, 1, 2], 1.0), 1)
+    site = fed.sites[0]
+    lay = FeatureLayout.from_encoder(fed.encoder, fed.n_features)
+    chosen, _ = choose_trigger(clean, site.X_train, site.y_train, lay, target=1)
+    new = attack_success_rate(clean, X, y, chosen, 1)
+    assert old > 0.5 and new <= 0.15

@@ -288,6 +288,8 @@ def quick_audit(
     summary = (
         f"membership inference (loss threshold): AUC {res.auc:.3f}, TPR at 1% FPR "
         f"{res.tpr_at_fpr['0.01']:.3f}; empirical epsilon >= {res.empirical_epsilon:.2f}"
+        f" (its {res.bound.n_members + res.bound.n_nonmembers} trials could certify at most "
+        f"{res.bound.max_certifiable:.2f})"
         + (f" vs accountant epsilon {eps:.2f}" if eps is not None else " (non-private model)")
     )
     return {
@@ -586,13 +588,16 @@ def _evasion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict
     for i, b in enumerate(budgets):
         p0 = r0["budgets"][i]
         note = f"eps {b:g} = {units[b]}"
+        st, why = status, reason
+        if st == "ok" and r1 is not None and r1["budgets"][i]["accuracy"] <= p0["accuracy"]:
+            st, why = "no effect", f"the defended model is no more robust at eps {b:g}"
         rows += [
             AuditRow(name, f"robust accuracy, eps {b:g}", p0["accuracy"], w("accuracy", i), d,
                      cost, worse="lower", baseline=maj, baseline_kind="majority class",
-                     status=status, reason=reason, note=note),  # fmt: skip
+                     status=st, reason=why, note=note),  # fmt: skip
             AuditRow(name, f"robust balanced accuracy, eps {b:g}", p0["balanced_accuracy"],
                      w("balanced_accuracy", i), d, cost, worse="lower", baseline=chance_bal,
-                     baseline_kind="chance", status=status, reason=reason),  # fmt: skip
+                     baseline_kind="chance", status=st, reason=why),  # fmt: skip
             AuditRow(name, f"robust AUC, eps {b:g}", p0["auc"], w("auc", i), d, cost,
                      worse="lower", baseline=0.5, baseline_kind="chance", status=status,
                      reason=reason),  # fmt: skip

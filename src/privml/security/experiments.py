@@ -92,10 +92,12 @@ def backdoor_defence_for(n_sites: int) -> tuple[Defence, list[str]]:
     """privml's backdoor defence for a round of ``n_sites`` updates, and what it had to leave
     out (with the reason).
 
-    Anomaly filter, median-norm clipping, a coordinate-wise trimmed mean and weak DP noise
-    (multiplier 0.05). The trimmed mean trims ``beta = 0.2`` of each side from 5 sites on, and
-    one update per side (``beta = 1 / n``; with 3 sites the coordinate-wise median) with 3 or
-    4; with fewer than 3 sites no robust rule has a majority to trust, nor the anomaly filter.
+    Anomaly filter (robust z-score threshold 4; at 3 it flagged about 6% of the honest updates
+    of four IID demo hospitals without attack), median-norm clipping, a coordinate-wise
+    trimmed mean and weak DP noise (multiplier 0.05). The trimmed mean trims ``beta = 0.2`` of
+    each side from 5 sites on, and one update per side (``beta = 1 / n``; with 3 sites the
+    coordinate-wise median) with 3 or 4; with fewer than 3 sites no robust rule has a majority
+    to trust, nor the anomaly filter.
     """
     notes: list[str] = []
     if n_sites >= agg.min_clients("trimmed_mean", {"beta": 0.2}):
@@ -113,8 +115,9 @@ def backdoor_defence_for(n_sites: int) -> tuple[Defence, list[str]]:
         label = "no robust rule"
         notes.append(f"robust aggregation and the anomaly filter need >= 3 sites, have {n_sites}")
     d = Defence(
-        name=f"privml backdoor defence: anomaly filter, median-norm clip, {label}, weak DP 0.05",
-        anomaly_threshold=3.0 if n_sites >= 3 else None, clip="median", aggregator=rule,
+        name=f"privml backdoor defence: anomaly filter (z > 4), median-norm clip, {label}, "
+        "weak DP 0.05",
+        anomaly_threshold=4.0 if n_sites >= 3 else None, clip="median", aggregator=rule,
         aggregator_params=params, noise_multiplier=0.05,
     )  # fmt: skip
     return d, notes
@@ -147,7 +150,7 @@ def choose_trigger(
     *,
     target: int,
     n_columns: int = 3,
-    max_clean_success: float = 0.1,
+    max_clean_success: float = 0.05,
 ) -> tuple[Trigger, dict[str, Any]]:
     """A feature trigger the clean model does not already answer with ``target``.
 
@@ -336,8 +339,8 @@ def adversarial_defence(
       of every site's training records and judged on the other 20% (validation): clean AUC
       and balanced accuracy, and balanced accuracy under the schema-respecting attack at
       ``eps``. The non-degenerate candidate with the best robust balanced accuracy is the
-      defended model (trained on the 80%). If every candidate is degenerate the defence is
-      **refused**
+      defended model (trained on the 80%). If every candidate is degenerate, or none keeps its
+      balanced accuracy under attack above chance, the defence is **refused**
       (``model`` None, ``refused`` says why) rather than reported as robust.
     * ``"pgd"`` / ``"trades"``: that method as asked (TRADES at beta 6), no selection; a
       degenerate result is still reported, and flagged by the audit.
@@ -390,15 +393,23 @@ def adversarial_defence(
                            "val_balanced_accuracy": q.balanced_accuracy,
                            "val_robust_balanced_accuracy": rb, "degenerate": q.degenerate,
                            "reason": q.reason})  # fmt: skip
-    ok = [c for c in candidates if not c["degenerate"]]
+    chance = 1.0 / max(2, len(fed.task.classes))
+    alive = [c for c in candidates if not c["degenerate"]]
+    ok = [c for c in alive if c["val_robust_balanced_accuracy"] > chance]
+    label = f"TRADES (eps {eps:g}, beta chosen on validation)"
+    betas_txt = ", ".join(f"{c['beta']:g}" for c in candidates)
+    if not alive:
+        why = (f"every TRADES candidate (beta {betas_txt}) was degenerate on validation records ("
+               + "; ".join(str(c["reason"]) for c in candidates) + ")")  # fmt: skip
+    elif not ok:
+        best_rb = max(c["val_robust_balanced_accuracy"] for c in alive)
+        why = (f"no TRADES candidate (beta {betas_txt}) keeps its balanced accuracy under the "
+               f"attack at eps {eps:g} above chance on validation records (best {best_rb:.3f} "
+               f"<= {chance:.2f})")  # fmt: skip
     if not ok:
         return {"model": None, "method": "trades", "beta": None, "candidates": candidates,
-                "refused": "every TRADES candidate (beta "
-                + ", ".join(f"{c['beta']:g}" for c in candidates)
-                + ") was degenerate on validation records ("
-                + "; ".join(str(c["reason"]) for c in candidates)
-                + "): no adversarial training is offered for this model and budget",
-                "label": f"TRADES (eps {eps:g}, beta chosen on validation)"}  # fmt: skip
+                "refused": why + ": no adversarial training is offered for this model and "
+                "budget", "label": label}  # fmt: skip
     best = max(ok, key=lambda c: (c["val_robust_balanced_accuracy"], c["val_auc"] or 0.0))
     b = float(best["beta"])
     label = f"TRADES (eps {eps:g}, beta {b:g} chosen on validation)"
