@@ -269,7 +269,8 @@ def digits_cnn(bench: Bench, args: Any) -> None:
                 caption=f"Digits CNN, L-inf eps {eps:g}, {len(yte)} test images.")  # fmt: skip
     sp = out["speed"]
     assert isinstance(sp, dict)
-    bench.table("digits_speed", ["work", "ART", "privml", "ratio ART / privml", "max |diff|"], [[
+    cols = ["work", "ART", "privml", "ratio ART / privml", "max abs difference"]
+    bench.table("digits_speed", cols, [[
         f"PGD-20 on {len(yte)} records from the clean point, PGD-AT model",
         f"{sp['art_median_s']:.3f} s", f"{sp['privml_median_s']:.3f} s",
         f"{sp['ratio_art_over_privml']:.2f}x", f"{sp['max_abs_difference'] or 0:.1e}"]],

@@ -2,7 +2,7 @@
 trained with DP-SGD at epsilon = 1 -- with the empirical epsilon lower bound beside the
 accountant's epsilon.
 
-Setting (issue 8): a pool of ``--pool`` digits (8x8, [0, 1]); ``--models`` MLPs 64-256-10, each
+Setting: a pool of ``--pool`` digits (8x8, [0, 1]); ``--models`` MLPs 64-256-10, each
 trained on a random half of the pool (Carlini et al.'s game; every model is the target once,
 the others are its shadows). Non-private: SGD lr 0.5, batch 32, 200 epochs, no regularisation
 (deliberately overfit). Private: privml's DP-SGD (Poisson sampling, clipping 1.0, noise
