@@ -258,3 +258,23 @@ def test_audit_on_a_clinical_table_reports_no_false_success(tmp_path) -> None:  
     chosen, _ = choose_trigger(clean, site.X_train, site.y_train, lay, target=1)
     new = attack_success_rate(clean, X, y, chosen, 1)
     assert old > 0.5 and new <= 0.15
+
+
+def test_model_quality_equals_scikit_learn_binary_and_multiclass(digits) -> None:  # type: ignore[no-untyped-def]
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    X, y = digits
+    m = train_plain(X[:600], y[:600], ModelSpec("logistic", 64, 10), steps=60, lr=5e-2)
+    q = model_quality(m, X[600:900], y[600:900])
+    with torch.no_grad():
+        p = torch.softmax(m(torch.from_numpy(X[600:900])), dim=1).numpy()
+    assert q.accuracy == pytest.approx(accuracy_score(y[600:900], p.argmax(1)))
+    assert q.balanced_accuracy == pytest.approx(balanced_accuracy_score(y[600:900], p.argmax(1)))
+    assert q.auc == pytest.approx(roc_auc_score(y[600:900], p, multi_class="ovr"), abs=1e-6)
+    yb = (y[:600] > 4).astype(np.int64)
+    mb = train_plain(X[:600], yb, ModelSpec("logistic", 64, 1), steps=60, lr=5e-2)
+    qb = model_quality(mb, X[:600], yb)
+    with torch.no_grad():
+        s = torch.sigmoid(mb(torch.from_numpy(X[:600]))[:, 0]).numpy()
+    assert qb.auc == pytest.approx(roc_auc_score(yb, s))
+    assert qb.majority_accuracy == pytest.approx(max(yb.mean(), 1 - yb.mean()))

@@ -124,6 +124,18 @@ def _outputs(
     return logits_t.numpy().astype(np.float64), probs
 
 
+def metrics_from_logits(logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The reported metrics from a model's logits ``[n, outputs]`` on records labelled ``y``
+    (for callers that already ran the model, e.g. on adversarial records)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.shape[1] == 1:
+        probs = 1.0 / (1.0 + np.exp(-z[:, 0]))
+    else:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+    return _metrics_from_outputs(z, probs, np.asarray(y).astype(np.int64), z.shape[1])
+
+
 def pooled_metrics(
     model: nn.Module, params: torch.Tensor, X: np.ndarray, y: np.ndarray
 ) -> dict[str, Any]:

@@ -9,6 +9,8 @@ adversarial):
 * **ROC AUC** of the model's scores (binary: the positive-class probability; multiclass:
   macro one-vs-rest), whose chance level is 0.5,
 
+computed by :func:`privml.fl.metrics.metrics_from_logits` (the metrics every engine reports),
+
 and calls a model **degenerate** when it is (near-)constant -- one class predicted for at least
 :data:`NEAR_CONSTANT_SHARE` of the records, or its scores spread over less than
 :data:`MIN_SCORE_SPREAD` -- or when its AUC or balanced accuracy on clean records is below
@@ -23,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch import nn
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "ModelQuality",
     "majority_accuracy",
     "model_quality",
-    "scores_and_predictions",
 ]
 
 DEGENERATE_BELOW = 0.55
@@ -56,36 +56,16 @@ def majority_accuracy(y: Any) -> float:
     return float(counts.max() / arr.size)
 
 
-def scores_and_predictions(model: nn.Module, X: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``[n, C]`` (``C = 2`` for a one-logit binary model) and predicted
-    classes ``[n]`` of ``model`` on ``X``."""
+def _logits(model: nn.Module, X: Any) -> np.ndarray:
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = torch.cat([model(Xt[i : i + 4096]) for i in range(0, Xt.shape[0], 4096)])
+            out = torch.cat([model(Xt[i : i + 4096]) for i in range(0, Xt.shape[0], 4096)])
     finally:
         model.train(was)
-    if logits.shape[1] == 1:
-        p1 = torch.sigmoid(logits[:, 0])
-        probs = torch.stack([1 - p1, p1], dim=1)
-        pred = (logits[:, 0] > 0).to(torch.int64)
-    else:
-        probs = torch.softmax(logits, dim=1)
-        pred = logits.argmax(dim=1)
-    return probs.double().numpy(), pred.numpy()
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float | None:
-    present = np.unique(y)
-    if len(present) < 2:
-        return None
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    # macro one-vs-rest over the classes present (a class absent from y has no ROC curve)
-    aucs = [float(roc_auc_score(y == c, probs[:, c])) for c in present]
-    return float(np.mean(aucs))
+    return out.double().numpy()
 
 
 @dataclass(frozen=True)
@@ -135,29 +115,39 @@ def model_quality(
         y: their true labels ``[n]``.
         classes: class names, for the reason text (default the indices).
     """
+    from privml.fl.metrics import metrics_from_logits
+
     yy = np.asarray(y).astype(np.int64)
-    probs, pred = scores_and_predictions(model, X)
+    z = _logits(model, X)
+    m = metrics_from_logits(z, yy)  # the metrics every engine reports, one implementation
     n = int(len(yy))
-    acc = float((pred == yy).mean()) if n else float("nan")
-    bal = float(balanced_accuracy_score(yy, pred)) if n else float("nan")
-    auc = _auc(yy, probs)
+    if z.shape[1] == 1:
+        pred = (z[:, 0] > 0).astype(np.int64)
+        s = 1.0 / (1.0 + np.exp(-z[:, 0]))
+    else:
+        pred = z.argmax(axis=1)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        s = (e / e.sum(axis=1, keepdims=True)).max(axis=1)
+    acc = float(m["accuracy"]) if n else float("nan")
+    bal = float(m["balanced_accuracy"]) if n else float("nan")
+    auc = m["auc"]
     vals, counts = np.unique(pred, return_counts=True)
     top = int(vals[counts.argmax()]) if n else 0
     share = float(counts.max() / n) if n else float("nan")
-    s = probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)
     spread = float(np.quantile(s, 0.95) - np.quantile(s, 0.05)) if n else 0.0
     name = str(classes[top]) if classes is not None and top < len(classes) else str(top)
     reasons = []
     if share >= NEAR_CONSTANT_SHARE:
         reasons.append(f"predicts {name!r} for {share:.1%} of records")
-    elif probs.shape[1] == 2 and spread < MIN_SCORE_SPREAD:
+    elif z.shape[1] == 1 and spread < MIN_SCORE_SPREAD:
         reasons.append(f"near-constant scores (5-95% range {spread:.3f})")
     if auc is not None and auc < DEGENERATE_BELOW:
         reasons.append(f"AUC {auc:.3f} < {DEGENERATE_BELOW}")
     if bal < DEGENERATE_BELOW:
         reasons.append(f"balanced accuracy {bal:.3f} < {DEGENERATE_BELOW}")
     return ModelQuality(
-        accuracy=acc, balanced_accuracy=bal, auc=auc, majority_accuracy=majority_accuracy(yy),
+        accuracy=acc, balanced_accuracy=bal, auc=auc,
+        majority_accuracy=float(m["majority_baseline"]) if n else float("nan"),
         top_class_share=share, score_spread=spread, n=n, degenerate=bool(reasons),
         reason="; ".join(reasons) or None,
     )  # fmt: skip
