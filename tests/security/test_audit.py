@@ -168,3 +168,17 @@ def test_adversarial_training_that_collapses_on_validation_is_refused(tmp_path: 
     assert r.status == "refused" and r.with_defence is None
     assert "degenerate on validation" in (r.reason or "")
     assert any("REFUSED" in f for f in rep.findings())
+
+
+@pytest.mark.slow
+def test_canary_audit_of_dp_training_stays_below_the_accountant(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path, privacy={"mode": "sample", "epsilon": 1.0, "delta": 1e-5,
+                                   "budget_epsilon": 100.0, "budget_delta": 1e-3},
+                attack={"kind": "backdoor", "sites": [0]})  # fmt: skip
+    rep = run_audit(cfg, attacks="canary", write=False)
+    row = next(r for r in rep.rows if r.metric == "epsilon lower bound (one run)")
+    assert row.without_defence is not None and row.with_defence is not None
+    assert row.with_defence <= 1.0 and not rep.violations
+    d = rep.details["canary"]["with_defence"]
+    assert d["m"] == 200 and 60 < d["included"] < 140 and d["accountant_epsilon"] <= 1.0 + 1e-6
+    assert "cannot certify above" in (row.note or "") and d["max_certifiable"] > 1.0

@@ -436,7 +436,7 @@ def _canary(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[
                 Path(tmp) / "ledger.sqlite", dataset="canary-audit",
                 budget_epsilon=1e6, budget_delta=0.5,
             )  # fmt: skip
-            run = train_private(cfg, f, ctx.spec, ledger=ledger)
+            run = train_private(_clean_config(cfg), f, ctx.spec, ledger=ledger)
         e = run.privacy.get("epsilon")
         return _with_params(run.result.model, run.result.params), (
             None if e is None else float(e)
@@ -703,7 +703,7 @@ def _backdoor(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dic
 
     trigger, target, fraction, boost = trigger_from_config(ctx.config, ctx.fed, ctx.spec)
     a = ctx.config.attack
-    own = a is not None and a.kind == "backdoor" and (a.trigger_features or a.trigger)
+    own = a is not None and a.kind == "backdoor" and bool(a.trigger_features)
     image = trigger.kind == "pixel"
     # tabular data without a trigger of the user's: the attacker picks one the clean model
     # does not already answer with the target (a trigger the model "obeys" untrained
