@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--no-digits", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    seeds = 2 if args.quick else args.seeds
-    rounds = 5 if args.quick else 20
+    seeds = 1 if args.quick else args.seeds
+    rounds = 3 if args.quick else 20
     bench = Bench("security_backdoor", quick=args.quick, out=args.out,
                   params={"seeds": seeds, "rounds": rounds, "sites": 4, "alpha": 0.5,
                           "target": "benign", "boost": "replace"})  # fmt: skip
@@ -158,7 +158,7 @@ def main() -> None:
                 "rate on honest hospitals and detection rate on the attacker, medians (min-max) "
                 f"over {seeds} seeds, 20 rounds each.")  # fmt: skip
     if not args.no_digits:
-        d = digits(0, 3 if args.quick else 30)
+        d = digits(0, 2 if args.quick else 30)
         bench.record("digits", d)
         r = d["rows"]
         bench.table("digits", ["scenario", "main-task accuracy", "attack success"], [

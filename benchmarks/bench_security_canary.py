@@ -98,9 +98,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    runs = 2 if args.quick else args.runs
-    m = 200 if args.quick else args.canaries
-    rounds, epochs = (5, 5) if args.quick else (30, 20)
+    runs = 1 if args.quick else args.runs
+    m = 100 if args.quick else args.canaries
+    rounds, epochs = (3, 4) if args.quick else (30, 20)
     bench = Bench("security_canary", quick=args.quick, out=args.out,
                   params={"canaries": m, "dp_runs": runs, "rounds": rounds,
                           "local_epochs": epochs, "delta": 1e-5})  # fmt: skip

@@ -91,7 +91,7 @@ def tabular_demo(bench: Bench, quick: bool) -> None:
 
     cfg = load_config(None)
     if quick:
-        cfg.training.rounds = 5
+        cfg.training.rounds, cfg.training.local_epochs = 3, 2
     fed = load_federation(cfg)
     spec = model_spec(cfg, fed)
     X, y = fed.pooled_test()
@@ -101,13 +101,14 @@ def tabular_demo(bench: Bench, quick: bool) -> None:
     plain = res.model.eval()
     t_plain = time.perf_counter() - t0
     t0 = time.perf_counter()
-    d = adversarial_defence(fed, spec, cfg.training, eps=0.1, method="auto", seed=0)
+    betas = (0.5,) if quick else (0.5, 2.0, 6.0)
+    d = adversarial_defence(fed, spec, cfg.training, eps=0.1, method="auto", betas=betas, seed=0)
     t_def = time.perf_counter() - t0
     models = {"undefended": plain}
     if d["model"] is not None:
         models["defended"] = d["model"]
     budgets = [0.05] if quick else [0.02, 0.05, 0.1]
-    iters, restarts = (10, 1) if quick else (100, 5)
+    iters, restarts = (5, 1) if quick else (100, 5)
     out: dict[str, Any] = {"defence": {k: v for k, v in d.items() if k != "model"},
                            "train_seconds": {"undefended": t_plain, "defended": t_def},
                            "majority_accuracy": majority_accuracy(y), "models": {}}  # fmt: skip

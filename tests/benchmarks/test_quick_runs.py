@@ -28,9 +28,6 @@ NOT_YET_ON_HARNESS = {
     "bench_he_inference.py": "encrypted inference benchmark, moving to the harness",
     "bench_he_aggregation.py": "encrypted aggregation benchmark, moving to the harness",
     "bench_serve.py": "prediction service benchmark, moving to the harness",
-    "bench_security_backdoor.py": "security benchmark, moving to the harness",
-    "bench_security_evasion.py": "security benchmark, moving to the harness",
-    "bench_security_membership.py": "security benchmark, moving to the harness",
 }
 
 #: Seconds a quick run may take (on 2 busy cores); the sizes are tiny on purpose.
