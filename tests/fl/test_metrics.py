@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
 from privml.data.federation import SiteData
@@ -99,3 +101,43 @@ def test_curves() -> None:
     multi = curves(*_model(3), X, rng.integers(0, 3, 500))
     assert multi is not None and multi["roc"] is None and sum(multi["calibration"]["count"]) == 500
     assert curves(model, params, X[:0], y[:0]) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 12), min_size=1, max_size=15),
+    n_outputs=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**31),
+    ties=st.booleans(),
+)
+def test_segment_metrics_equal_each_site_alone(
+    sizes: list[int], n_outputs: int, seed: int, ties: bool
+) -> None:
+    """Every site's metrics from one vectorized pass equal the per-site computation."""
+    from privml.fl.metrics import _metrics_from_outputs, segment_metrics
+
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    logits = rng.normal(size=(n, n_outputs))
+    if ties:
+        logits = np.round(logits)  # equal scores: ties in the AUC and the argmax
+    if n_outputs == 1:
+        probs = 1 / (1 + np.exp(-logits[:, 0]))
+        y = rng.integers(0, 2, n)
+    else:
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+        y = rng.integers(0, n_outputs, n)
+    got = segment_metrics(logits, probs, y, np.array(sizes), n_outputs)
+    start = 0
+    for m, k in zip(got, sizes, strict=True):
+        want = _metrics_from_outputs(
+            logits[start : start + k], probs[start : start + k], y[start : start + k], n_outputs
+        )
+        start += k
+        assert set(m) == set(want)
+        for key, v in want.items():
+            if isinstance(v, float):
+                assert m[key] == pytest.approx(v, rel=1e-12, abs=1e-12), key
+            else:
+                assert m[key] == v, key

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from privml.errors import UsageError
 from privml.fl.validate import REJECTION_REASONS, stack_accepted, validate_updates
@@ -141,3 +143,35 @@ def test_bad_self_reported_weight_is_rejected(bad: object) -> None:
     assert ok.accepted_indices == [0, 1]
     with pytest.raises(UsageError, match="'weights'"):
         validate_updates([_good(), _good(1)], n_params=P, weights=[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 30),
+    seed=st.integers(0, 2**31),
+    bound=st.one_of(st.none(), st.floats(0.5, 3.0)),
+    with_weights=st.booleans(),
+)
+def test_whole_stack_checks_equal_update_by_update_checks(
+    n: int, seed: int, bound: float | None, with_weights: bool
+) -> None:
+    """Thousands of engine updates are checked as one array: same verdicts, same messages."""
+    rng = np.random.default_rng(seed)
+    ups = rng.normal(0, 1, size=(n, 5))
+    kinds = rng.integers(0, 5, n)
+    ups[kinds == 1, 0] = np.nan
+    ups[kinds == 2, 3] = np.inf
+    ups[kinds == 3] *= 10
+    w = rng.integers(0, 50, n).astype(np.float64)
+    w[kinds == 4] = -1.0
+    weights = w if with_weights else None
+    fast = validate_updates(ups, n_params=5, max_norm=bound, weights=weights)
+    rows = list(ups)
+    fast_rows = validate_updates(rows, n_params=5, max_norm=bound, weights=weights)
+    slow = validate_updates(  # a list of Python floats for weights: checked one by one
+        rows, n_params=5, max_norm=bound, weights=None if weights is None else list(w)
+    )
+    for got in (fast, fast_rows):
+        assert got.accepted_indices == slow.accepted_indices
+        assert got.rejected == slow.rejected and got.details == slow.details
+    np.testing.assert_array_equal(stack_accepted(rows, fast), stack_accepted(rows, slow))

@@ -168,14 +168,11 @@ def round_metrics(
     if len(sites) > MAX_SITES_PER_ROUND or sum(n for _, n in sites) != len(y):
         out["per_site"] = None
         return out
-    per_site: dict[str, dict[str, Any]] = {}
-    start = 0
-    for name, n in sites:
-        m = _metrics_from_outputs(logits[start : start + n], probs[start : start + n],
-                                  y[start : start + n], n_out)  # fmt: skip
-        per_site[name] = {k: m[k] for k in ROUND_KEYS}
-        start += n
-    out["per_site"] = per_site
+    sizes = np.array([n for _, n in sites], dtype=np.int64)
+    rows = segment_metrics(logits, probs, y, sizes, n_out)
+    out["per_site"] = {
+        name: {k: m[k] for k in ROUND_KEYS} for (name, _), m in zip(sites, rows, strict=True)
+    }
     return out
 
 
@@ -233,16 +230,116 @@ def per_site_metrics(
     if not sites:
         return {}
     X = np.concatenate([s.X_test for s in sites])
+    y = np.concatenate([np.asarray(s.y_test) for s in sites])
+    sizes = np.fromiter((s.n_test for s in sites), dtype=np.int64, count=len(sites))
     logits, probs = _outputs(model, params, X)
-    n_out = logits.shape[1]
-    out: dict[str, dict[str, Any]] = {}
-    start = 0
-    for s in sites:
-        end = start + s.n_test
-        out[s.name] = _metrics_from_outputs(
-            logits[start:end], probs[start:end], np.asarray(s.y_test), n_out
+    rows = segment_metrics(logits, probs, y, sizes, logits.shape[1])
+    return {s.name: m for s, m in zip(sites, rows, strict=True)}
+
+
+def segment_metrics(
+    logits: np.ndarray, probs: np.ndarray, y: np.ndarray, sizes: np.ndarray, n_outputs: int
+) -> list[dict[str, Any]]:
+    """:func:`_metrics_from_outputs` of every segment (site) of the records at once.
+
+    The records are the sites' records one site after another, ``sizes[i]`` of site ``i``.
+    Every metric is a segment reduction (``bincount`` over the site index; the AUCs from one
+    sort of (site, score)), so a hundred thousand sites cost a few array passes instead of a
+    Python call each; the results equal the per-site function's (tested).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    S = len(sizes)
+    y = np.asarray(y).astype(np.int64)
+    seg = np.repeat(np.arange(S), sizes)
+    n = sizes.astype(np.float64)
+    safe_n = np.maximum(n, 1.0)
+    k = 2 if n_outputs == 1 else n_outputs
+
+    def per_site(values: np.ndarray) -> np.ndarray:
+        return np.bincount(seg, weights=values, minlength=S)
+
+    if n_outputs == 1:
+        z = logits[:, 0]
+        loss = per_site(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))) / safe_n
+        pred = (probs >= 0.5).astype(np.int64)
+    else:
+        m = logits.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))).astype(np.float64)
+        loss = per_site(lse - logits[np.arange(len(y)), y]) / safe_n
+        pred = probs.argmax(axis=1)
+    confusion = np.bincount(seg * k * k + y * k + pred, minlength=S * k * k).reshape(S, k, k)
+    accuracy = np.trace(confusion, axis1=1, axis2=2) / safe_n
+    support = confusion.sum(axis=2)  # records of each true class
+    predicted = confusion.sum(axis=1)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    if n_outputs == 1:
+        wrong = (support[:, 0] + support[:, 1]) - tp[:, 0] - tp[:, 1]
+        denom = 2 * tp[:, 1] + wrong
+        f1 = np.where(denom > 0, 2 * tp[:, 1] / np.maximum(denom, 1), 0.0)
+        has_auc = (support > 0).all(axis=1)
+        auc = _segment_auc(seg, (y == 1), probs, S, has_auc)
+    else:
+        in_union = (support > 0) | (predicted > 0)
+        denom = 2 * tp + (support - tp) + (predicted - tp)
+        f1_c = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+        f1 = (f1_c * in_union).sum(axis=1) / np.maximum(in_union.sum(axis=1), 1)
+        has_auc = (support > 0).all(axis=1)
+        auc = np.zeros(S)
+        for c in range(n_outputs):
+            auc += _segment_auc(seg, (y == c), probs[:, c], S, has_auc)
+        auc /= n_outputs
+    present = support > 0
+    recall = np.where(present, tp / np.maximum(support, 1), 0.0)
+    balanced = recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    out: list[dict[str, Any]] = []
+    for i in range(S):
+        if sizes[i] == 0:
+            out.append(dict(EMPTY_METRICS))
+            continue
+        ni = int(sizes[i])
+        out.append(
+            {
+                "n": ni,
+                "loss": float(loss[i]),
+                "accuracy": float(accuracy[i]),
+                "auc": float(auc[i]) if has_auc[i] else None,
+                "f1": float(f1[i]),
+                "balanced_accuracy": float(balanced[i]),
+                "prevalence": float(support[i, 1] / ni) if k == 2 else None,
+                "majority_baseline": float(support[i].max() / ni),
+                "confusion": confusion[i].tolist(),
+            }
         )
-        start = end
+    return out
+
+
+def _segment_auc(
+    seg: np.ndarray, positive: np.ndarray, scores: np.ndarray, S: int, wanted: np.ndarray
+) -> np.ndarray:
+    """Each segment's ROC AUC (Mann-Whitney, ties count half), as :func:`_binary_auc` gives it
+    for the segments in ``wanted`` (0 elsewhere)."""
+    out = np.zeros(S)
+    if not wanted.any():
+        return out
+    keep = wanted[seg]
+    sg, pos, sc = seg[keep], positive[keep], np.asarray(scores, dtype=np.float64)[keep]
+    order = np.lexsort((sc, sg))
+    sg, pos, sc = sg[order], pos[order], sc[order]
+    neg = (~pos).astype(np.int64)
+    # ties: runs of equal (segment, score); negatives before the run and inside it
+    new = np.ones(len(sg), dtype=bool)
+    new[1:] = (sg[1:] != sg[:-1]) | (sc[1:] != sc[:-1])
+    run = np.cumsum(new) - 1
+    start = np.flatnonzero(new)
+    cum = np.concatenate([[0], np.cumsum(neg)])
+    seg_start = np.searchsorted(sg, sg, side="left")  # first position of each record's segment
+    below = cum[start][run] - cum[seg_start]  # negatives of the segment before the run
+    tied = np.add.reduceat(neg, start)[run] if len(start) else np.zeros(0, np.int64)
+    score2 = np.bincount(sg, weights=np.where(pos, 2 * below + tied, 0), minlength=S)
+    n_pos = np.bincount(sg, weights=pos, minlength=S)
+    n_neg = np.bincount(sg, weights=~pos, minlength=S)
+    ok = wanted & (n_pos > 0) & (n_neg > 0)
+    out[ok] = 0.5 * score2[ok] / (n_pos[ok] * n_neg[ok])
     return out
 
 

@@ -148,6 +148,9 @@ def validate_updates(
             f"update ({len(updates_list)}). Got {type(weights).__name__} of length "
             f"{len(weights) if hasattr(weights, '__len__') else 'unknown'} instead."
         )
+    fast = _validate_stack(updates_list, int(n_params), bound, weights)
+    if fast is not None:
+        return fast
     accepted: list[int] = []
     rejected: list[tuple[int, str]] = []
     details: dict[int, str] = {}
@@ -163,6 +166,71 @@ def validate_updates(
             details[i] = f"update {i} {message}"
     return ValidationResult(
         accepted_indices=accepted, rejected=rejected, n_params=int(n_params), details=details
+    )
+
+
+def _as_stack(updates_list: Sequence[object] | NDArray[Any], n_params: int) -> NDArray[Any] | None:
+    """The updates as one float ``[n, n_params]`` array when every one is a float numpy array
+    of the model's shape (the engines' case), else None (checked one by one)."""
+    if isinstance(updates_list, np.ndarray):
+        if updates_list.ndim == 2 and updates_list.shape[1] == n_params:
+            return updates_list if updates_list.dtype.kind == "f" else None
+        return None
+    if not all(
+        type(u) is np.ndarray and u.dtype.kind == "f" and u.shape == (n_params,)
+        for u in updates_list
+    ):
+        return None
+    if not updates_list:
+        return np.zeros((0, n_params))
+    return np.stack(updates_list)  # type: ignore[arg-type]
+
+
+def _validate_stack(
+    updates_list: Sequence[object] | NDArray[Any],
+    n_params: int,
+    bound: float | None,
+    weights: Sequence[object] | NDArray[Any] | None,
+) -> ValidationResult | None:
+    """:func:`validate_updates` in a few array operations when the updates allow it.
+
+    Gives the same result as the update-by-update checks (the dtype and shape checks hold by
+    construction; non-finite, norm and weight checks run on the whole stack), or None to fall
+    back to them: thousands of clients cost milliseconds, not a Python call each.
+    """
+    stack = _as_stack(updates_list, n_params)
+    if stack is None:
+        return None
+    w: NDArray[np.float64] | None = None
+    if weights is not None:
+        if not (isinstance(weights, np.ndarray) and weights.dtype.kind in "fiu"):
+            return None  # self-reported weights of any type: checked one by one
+        w = weights.astype(np.float64)
+    finite = np.isfinite(stack)
+    row_finite = finite.all(axis=1)
+    reason = np.full(len(stack), "", dtype=object)
+    message: dict[int, str] = {}
+    for i in np.flatnonzero(~row_finite).tolist():
+        reason[i] = "non_finite"
+        message[i] = f"has {int((~finite[i]).sum())} NaN or Inf entries"
+    if bound is not None:
+        norms = np.linalg.norm(stack.astype(np.float64, copy=False), axis=1)
+        over = row_finite & ~(norms <= bound)
+        for i in np.flatnonzero(over).tolist():
+            reason[i] = "norm"
+            message[i] = f"has L2 norm {float(norms[i]):.6g} > max_norm {bound:.6g}"
+    if w is not None:
+        bad_w = (reason == "") & ~(np.isfinite(w) & (w >= 0))
+        for i in np.flatnonzero(bad_w).tolist():
+            reason[i] = "weight"
+            message[i] = f"has weight {float(w[i])}, not a finite number >= 0"
+    ok = reason == ""
+    rejected = [(i, str(reason[i])) for i in np.flatnonzero(~ok).tolist()]
+    return ValidationResult(
+        accepted_indices=np.flatnonzero(ok).tolist(),
+        rejected=rejected,
+        n_params=n_params,
+        details={i: f"update {i} {m}" for i, m in message.items()},
     )
 
 
