@@ -244,15 +244,17 @@ def check_output_folder(
     """
     final = Path(final)
     shown = str(final)
-    target = final.resolve()
-    hit = [p for p in protected if (q := Path(p).resolve()) == target or target in q.parents]
+    from privml.safe_io import resolve_path
+
+    target = resolve_path(final)
+    hit = [p for p in protected if (q := resolve_path(p)) == target or target in q.parents]
     if hit:
-        what = "is" if any(Path(p).resolve() == target for p in hit) else "contains"
+        what = "is" if any(resolve_path(p) == target for p in hit) else "contains"
         shown_hits = ", ".join(repr(str(p)) for p in hit[:4]) + (" ..." if len(hit) > 4 else "")
         raise UsageError(
             f"{option} {shown!r} {what} {shown_hits}, which privml reads (data, config, "
             f"ledger or key); writing the run there could destroy it. Choose a new folder, "
-            f"e.g. {option} {str(final / 'runs' / 'run')!r}"
+            f"e.g. {option} {str((final if what == 'contains' else final.parent) / 'runs')!r}"
         )
     for parent in [final, *final.parents]:
         if parent.is_symlink() and parent == final:

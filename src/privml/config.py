@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -32,8 +33,18 @@ BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic")
 DEFAULT_EPSILON = 1.0
 
 
+# Numbers are taken as written: an integer key refuses 2.5, "5" and true (TOML's true is not 1),
+# a number key refuses "1" and true, and no key accepts inf or nan. Paths alone accept strings.
+_STRICT = ConfigDict(
+    extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+)
+FilePath = Annotated[Path, Field(strict=False)]
+#: Largest seed accepted (numpy's generators take any integer >= 0; 2**63 - 1 keeps it an int64).
+MAX_SEED = 2**63 - 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = _STRICT
 
 
 class ColumnSchema(_Strict):
@@ -68,6 +79,12 @@ class ColumnSchema(_Strict):
                 raise ValueError("declare both min and max, or neither")
             if self.min is not None and self.max is not None and not self.min < self.max:
                 raise ValueError(f"min must be < max (got min={self.min}, max={self.max})")
+            if self.min is not None and self.max is not None and not math.isfinite(
+                self.max - self.min
+            ):
+                raise ValueError(
+                    f"max - min must be a finite number (got min={self.min}, max={self.max})"
+                )
             if self.values is not None:
                 raise ValueError("'values' is for categorical/binary columns, not numeric")
         else:
@@ -88,7 +105,7 @@ class ColumnSchema(_Strict):
 
 class SiteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    path: Path
+    path: FilePath
 
 
 class DataConfig(_Strict):
@@ -108,15 +125,17 @@ class DataConfig(_Strict):
     partition: Literal["hospitals", "iid", "dirichlet", "column"] = "hospitals"
     alpha: float = Field(default=0.5, gt=0)
     partition_column: str | None = None
-    rows: int = Field(default=2000, ge=10, description="synthetic: rows per site")
+    rows: int = Field(default=2000, ge=10, le=10_000_000, description="synthetic: rows per site")
     n_features: int = Field(default=10, ge=1, le=10_000, description="synthetic: features")
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    seed: int = Field(default=0, description="seed of the simulated partition and test splits")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="seed of the simulated partition and test splits"
+    )
     exclude: list[str] = Field(default_factory=list, description="columns to ignore (ids, ...)")
     schema_: dict[str, ColumnSchema] = Field(default_factory=dict, alias="schema")
     allow_inferred_schema: bool = True
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(**{**_STRICT, "populate_by_name": True})
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -149,9 +168,11 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     kind: Literal["logistic", "mlp", "cnn"] = "logistic"
-    hidden: list[int] = Field(default_factory=lambda: [32])
+    hidden: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
+        default_factory=lambda: [32], max_length=64
+    )
     activation: Literal["relu", "tanh", "square", "poly2"] = "relu"
-    image_shape: list[int] | None = None
+    image_shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = None
     features: Literal["none", "hog"] = Field(
         default="none",
         description="fixed, data-independent feature map before the model (hog: gradient "
@@ -166,6 +187,8 @@ class ModelConfig(_Strict):
             len(self.image_shape) != 2 or min(self.image_shape) < 1
         ):
             raise ValueError(f"image_shape must be [height, width] (got {self.image_shape})")
+        if self.kind == "cnn" and self.image_shape is None:
+            raise ValueError('a cnn needs image_shape = [height, width] in [model]')
         if self.features != "none" and self.image_shape is None:
             raise ValueError(
                 f'features = "{self.features}" needs image_shape = [height, width] in [model]'
@@ -180,9 +203,9 @@ class ModelConfig(_Strict):
 class TrainingConfig(_Strict):
     rounds: int = Field(default=20, gt=0, le=100_000)
     local_epochs: int = Field(default=2, gt=0, le=10_000)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=32, gt=0, le=1_000_000)
     lr: float = Field(default=1.0, gt=0, description="local SGD step size (features are in [0, 1])")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     clients_per_round: int | None = Field(default=None, gt=0)
     fraction: float | None = Field(
         default=None, gt=0, le=1, description="fraction of the sites sampled each round"
@@ -339,7 +362,7 @@ class PrivacyConfig(_Strict):
         lt=1,
         description="total delta per site (basic composition): 10 runs at the default delta",
     )
-    ledger: Path | None = None
+    ledger: FilePath | None = None
     # Private training (issue 4, privml.dp.training).
     adaptive_clip: bool = Field(
         default=False,
@@ -376,6 +399,16 @@ class PrivacyConfig(_Strict):
             problems.append(
                 'noise_multiplier = 0 adds no noise and gives no privacy; use mode = "none"'
             )
+        elif self.noise_multiplier is not None and not 0.05 <= self.noise_multiplier <= 1e6:
+            problems.append(
+                f"noise_multiplier = {self.noise_multiplier:g} is outside [0.05, 1e6], the range "
+                "the accountant evaluates (below 0.05 epsilon is in the thousands)"
+            )
+        if self.epsilon is not None and not 0.01 <= self.epsilon <= 1000:
+            problems.append(
+                f"epsilon = {self.epsilon:g} is outside [0.01, 1000]: below, the noise drowns "
+                "any signal and cannot be calibrated; above, the guarantee means nothing"
+            )
         if self.adaptive_clip and self.mode != "client":
             problems.append('adaptive_clip applies to mode = "client" only')
         if self.delta > self.budget_delta:
@@ -393,10 +426,12 @@ class InferenceConfig(_Strict):
 
     encrypted: bool = False
     scheme: Literal["ckks", "paillier"] = "ckks"
-    max_samples: int = Field(default=1000, gt=0, description="test records encrypted")
-    n_single: int = Field(default=20, gt=0, description="single-patient queries timed")
-    key_bits: int = Field(default=3072, ge=2048, description="Paillier modulus size")
-    max_context_bytes: int = Field(default=10_000_000, gt=0)
+    max_samples: int = Field(
+        default=1000, gt=0, le=10_000_000, description="test records encrypted"
+    )
+    n_single: int = Field(default=20, gt=0, le=100_000, description="single-patient queries timed")
+    key_bits: int = Field(default=3072, ge=2048, le=8192, description="Paillier modulus size")
+    max_context_bytes: int = Field(default=10_000_000, gt=0, le=2**31)
 
 
 AuditAttack = Literal[
@@ -423,7 +458,9 @@ class AuditConfig(_Strict):
         description="fail (exit 5) when measured leakage exceeds the accountant's epsilon",
     )
     confidence: float = Field(default=0.95, gt=0, lt=1)
-    max_records: int = Field(default=2000, ge=10, description="records per attacked group")
+    max_records: int = Field(
+        default=2000, ge=10, le=10_000_000, description="records per attacked group"
+    )
     shadow_models: int = Field(default=8, ge=2, le=256, description="LiRA shadow models")
     evasion_norm: Literal["inf", "2"] = "inf"
     evasion_budgets: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1)
@@ -500,7 +537,9 @@ class AttackConfig(_Strict):
     trigger: Literal["pixel", "feature"] | None = Field(
         default=None, description="default: pixel for image models, feature otherwise"
     )
-    trigger_size: int | None = Field(default=None, ge=1, description="pixel patch side")
+    trigger_size: int | None = Field(
+        default=None, ge=1, le=10_000, description="pixel patch side"
+    )
     trigger_features: list[str | int] | None = Field(
         default=None, description="encoded feature names or positions the trigger sets"
     )
@@ -510,7 +549,7 @@ class AttackConfig(_Strict):
     boost: float | Literal["replace", "none"] | None = Field(
         default=None, description="update scale factor; 'replace' = model replacement (default)"
     )
-    start_round: int | None = Field(default=None, ge=1)
+    start_round: int | None = Field(default=None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
@@ -564,7 +603,7 @@ class AttackConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    dir: Path | None = None
+    dir: FilePath | None = None
     html: bool = True
 
 
@@ -581,7 +620,7 @@ class Config(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     name: str = "privml"
-    source: Path | None = Field(default=None, exclude=True)
+    source: FilePath | None = Field(default=None, exclude=True)
     _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @property
@@ -695,8 +734,48 @@ def _format_error(err: Any) -> str:
     if typ == "missing":
         return f"{loc}: required key is missing"
     got = err.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {_toml_repr(got)})"
+    if isinstance(got, bool) and typ in ("int_type", "float_type"):
+        msg = "must be a number; true/false is not one"
+    elif typ == "int_type" and isinstance(got, float):
+        msg = "must be a whole number (an integer, written without a decimal point)"
+    elif typ in ("int_type", "float_type") and isinstance(got, str):
+        msg = "must be a number, not text; remove the quotes"
+    elif typ == "finite_number":
+        msg = "must be a finite number (inf and nan are not allowed)"
+    elif typ in ("int_type", "float_type", "string_type", "bool_type", "list_type", "dict_type",
+                 "model_type", "model_attributes_type"):  # fmt: skip
+        want = {"int_type": "an integer", "float_type": "a number", "string_type": "text",
+                "bool_type": "true or false", "list_type": "a list [...]",
+                "dict_type": "a table of keys", "model_type": "a table of keys",
+                "model_attributes_type": "a table of keys"}[typ]  # fmt: skip
+        msg = f"must be {want}, not {_toml_type(got)}"
     return f"{loc or 'config'}: {msg}{shown}"
+
+
+def _toml_repr(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
 
 
 def parse_config(
@@ -721,14 +800,16 @@ def parse_config(
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
+    from privml.safe_io import resolve_path
+
     if cfg.data.sites:
         for s in cfg.data.sites:
             if not s.path.is_absolute():
-                s.path = (base / s.path).resolve()
+                s.path = resolve_path(base / s.path)
     if cfg.privacy.ledger is not None and not cfg.privacy.ledger.is_absolute():
-        cfg.privacy.ledger = (base / cfg.privacy.ledger).resolve()
+        cfg.privacy.ledger = resolve_path(base / cfg.privacy.ledger)
     if cfg.output.dir is not None and not cfg.output.dir.is_absolute():
-        cfg.output.dir = (base / cfg.output.dir).resolve()
+        cfg.output.dir = resolve_path(base / cfg.output.dir)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -814,16 +895,33 @@ def load_config(
     return cfg
 
 
+#: Largest config file read (a config with 100,000 sites listed is about 6 MB).
+MAX_CONFIG_BYTES = 32 * 1024**2
+
+
 def _load_file(p: Path, overrides: Sequence[str]) -> Config:
-    if not p.is_file():
+    from privml.safe_io import MAX_NESTING, nesting_depth, read_bytes_bounded
+
+    if not p.exists() and not p.is_symlink():
         raise ConfigError(
             f"config file {str(p)!r} not found; pass an existing TOML file with --config",
         )
+    data = read_bytes_bounded(
+        p, max_bytes=MAX_CONFIG_BYTES, what="config file", error=lambda m: ConfigError(m)
+    )
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(p)) from None
     except UnicodeDecodeError:
         raise ConfigError("not a UTF-8 text file", source=str(p)) from None
+    except RecursionError:
+        raise ConfigError(
+            f"lists or tables nest too deeply (limit {MAX_NESTING})", source=str(p)
+        ) from None
+    if nesting_depth(raw) > MAX_NESTING:
+        raise ConfigError(f"lists or tables nest too deeply (limit {MAX_NESTING})", source=str(p))
     raw = apply_overrides(raw, overrides)
-    return parse_config(raw, base_dir=p.resolve().parent, name=p.stem, source=p)
+    from privml.safe_io import resolve_path
+
+    return parse_config(raw, base_dir=resolve_path(p).parent, name=p.stem, source=p)

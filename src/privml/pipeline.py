@@ -25,7 +25,7 @@ from privml.artifacts import (
 )
 from privml.config import Config
 from privml.data.federation import FederatedData, load_federation
-from privml.errors import ConfigError, UsageError
+from privml.errors import ConfigError, DataError, UsageError
 from privml.fl.checkpoint import (
     has_checkpoint,
     locate_partial_run,
@@ -49,8 +49,15 @@ class RunOutput:
 
 
 def model_spec(config: Config, fed: FederatedData) -> ModelSpec:
+    """The architecture for ``config`` on ``fed``'s encoded features.
+
+    Raises:
+        ConfigError: the model does not fit the data (a cnn's image_shape) or is too large.
+    """
+    from privml.models.nets import check_spec
+
     m = config.model
-    return ModelSpec(
+    spec = ModelSpec(
         kind=m.kind,
         n_features=fed.n_features,
         n_outputs=fed.task.n_outputs,
@@ -58,6 +65,8 @@ def model_spec(config: Config, fed: FederatedData) -> ModelSpec:
         activation=m.activation,
         image_shape=tuple(m.image_shape) if m.image_shape else None,  # type: ignore[arg-type]
     )
+    check_spec(spec)
+    return spec
 
 
 def encrypted_inference(
@@ -204,7 +213,9 @@ def run(
                 f"the interrupted run in {str(partial)!r} was started with another config; "
                 "resume it with its own config (omit --config) or start a new run"
             )
-        if out_dir is not None and Path(out_dir).resolve() != final_dir.resolve():
+        from privml.safe_io import resolve_path
+
+        if out_dir is not None and resolve_path(out_dir) != resolve_path(final_dir):
             raise UsageError(
                 f"--out {str(out_dir)!r} differs from the interrupted run's folder "
                 f"{str(final_dir)!r}; omit --out when resuming"
@@ -257,6 +268,29 @@ def _after_failure(
     exc.add_note(
         f"{where} is kept in {str(partial)!r}; continue it with "
         f"`privml run --resume {final_dir}`"
+    )
+
+
+def _refuse_untrained(updates: Any, config: Config) -> None:
+    """Stop a run in which no client update was ever accepted: its model is the untrained
+    initialisation, and writing (and signing) it as a result would mislead."""
+    if not isinstance(updates, dict) or updates.get("accepted") != 0:
+        return
+    rejected = updates.get("rejected") or 0
+    if not rejected:
+        return
+    reasons = {k: v for k, v in (updates.get("by_reason") or {}).items() if v}
+    hint = "check the sites' data and [training]"
+    if reasons.get("non_finite"):
+        hint = (
+            f"the updates overflowed to inf/NaN: lower training.lr (now {config.training.lr:g})"
+        )
+    elif reasons.get("norm"):
+        hint = "the updates exceeded max_update_norm: raise it or lower training.lr"
+    raise DataError(
+        f"training failed: all {rejected} client updates of all {config.training.rounds} rounds "
+        f"were rejected ({', '.join(f'{k}: {v}' for k, v in reasons.items())}), so the model "
+        f"never trained; nothing was written. {hint[0].upper()}{hint[1:]}"
     )
 
 
@@ -337,6 +371,7 @@ def _run(
         "config_hash": config.config_hash(),
         "overrides": list(config.overrides),
     }
+    _refuse_untrained(results["updates"], config)
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
     if private is not None and config.privacy.mode != "none":
         results["privacy"]["budget"] = budget_snapshot(config, [s.name for s in fed.sites])

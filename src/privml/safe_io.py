@@ -28,12 +28,23 @@ __all__ = [
     "open_regular",
     "read_bytes_bounded",
     "read_json_bounded",
+    "resolve_path",
 ]
 
 #: Deepest nesting of lists/tables accepted in any JSON or TOML document privml reads.
 MAX_NESTING = 64
 
 ErrorFactory = Callable[[str], PrivmlError]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``Path(path).resolve()``, or the absolute, normalised path when resolving fails (a
+    symbolic-link loop): the loop is then reported by whatever opens the file."""
+    p = Path(path)
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(p))
 
 
 def _describe(mode: int) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -17,23 +19,134 @@ NA_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 _MAX_LISTED = 5
 
 
+#: Largest site file read (uncompressed bytes; a gzip file is stopped when it inflates past it).
+MAX_SITE_FILE_BYTES = 16 * 1024**3
+_MAX_HEADER_BYTES = 4 * 1024**2
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only stream that fails (DataError) once more than ``limit`` bytes were read."""
+
+    def __init__(self, inner: IO[bytes], limit: int, what: str) -> None:
+        self._inner, self._left, self._what = inner, limit, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._inner.read(min(len(b), self._left + 1))
+        self._left -= len(data)
+        if self._left < 0:
+            raise DataError(
+                f"{self._what} is larger than {MAX_SITE_FILE_BYTES:,} bytes uncompressed; "
+                "split it or raise the limit"
+            )
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def _open_text_source(path: Path, *, site: str) -> IO[bytes]:
+    """The file's bytes (decompressed for .gz), read with the size limit."""
+    import gzip
+
+    from privml.safe_io import open_regular
+
+    raw = open_regular(path, what=f"site {site!r}: file", error=DataError)
+    inner: Any = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
+    what = f"site {site!r}: file {str(path)!r}"
+    return io.BufferedReader(_Bounded(inner, MAX_SITE_FILE_BYTES, what), 1 << 20)
+
+
+def _header_names(path: Path, *, site: str) -> list[str]:
+    """The CSV header row as written (pandas renames repeated names, so read it ourselves)."""
+    import csv
+
+    with _open_text_source(path, site=site) as f:
+        line = f.readline(_MAX_HEADER_BYTES + 1)
+    if len(line) > _MAX_HEADER_BYTES:
+        raise DataError(
+            f"site {site!r}: the header row of {str(path)!r} is longer than "
+            f"{_MAX_HEADER_BYTES:,} bytes; is it a CSV file?"
+        )
+    text = line.decode("utf-8-sig").rstrip("\r\n")
+    rows = list(csv.reader([text], skipinitialspace=True))
+    return rows[0] if rows else []
+
+
+def check_header(names: Sequence[Any], *, site: str, path: Path) -> list[str]:
+    """Column names with surrounding spaces removed; refuses empty and repeated names.
+
+    ``outcome, age`` reads as ``outcome`` and ``age``; ``outcome,outcome `` is refused (the
+    same name twice once the space is removed), as is ``a,,b`` (a column without a name).
+    """
+    stripped = [str(c).strip() for c in names]
+    empty = [i + 1 for i, c in enumerate(stripped) if not c]
+    if empty:
+        raise DataError(
+            f"site {site!r}: column {empty[0]} of {str(path)!r} has no name in the header row; "
+            "name every column (or delete the empty one)"
+        )
+    seen: dict[str, list[str]] = {}
+    for raw, name in zip(names, stripped, strict=True):
+        seen.setdefault(name, []).append(str(raw))
+    dup = {n: v for n, v in seen.items() if len(v) > 1}
+    if dup:
+        shown = "; ".join(f"{n!r} ({', '.join(map(repr, v))})" for n, v in list(dup.items())[:5])
+        raise DataError(
+            f"site {site!r}: {str(path)!r} names a column more than once (surrounding spaces "
+            f"ignored): {shown}; give every column a distinct name"
+        )
+    return stripped
+
+
 def read_site_file(path: Path, *, site: str) -> pd.DataFrame:
-    """Read one site's file. Every column is read as text-or-number; nothing is coerced silently."""
-    if not path.exists():
+    """Read one site's file. Every column is read as text-or-number; nothing is coerced silently.
+
+    Refused with a :class:`DataError` naming the site and the file: a missing file, a folder, a
+    FIFO, a device or a symbolic-link loop (before anything is opened), a file larger than
+    :data:`MAX_SITE_FILE_BYTES` (uncompressed), a damaged or truncated gzip file, text that is
+    not UTF-8, and a header with empty or repeated column names.
+    """
+    import os
+    import zlib
+
+    from privml.safe_io import check_regular_file
+
+    path = Path(path)
+    if not os.path.lexists(path):
         raise DataError(
             f"site {site!r}: file {str(path)!r} not found; fix data.sites path "
             "(relative paths are resolved against the config file's folder)"
         )
+    st = check_regular_file(path, what=f"site {site!r}: file", error=DataError)
+    if st.st_size > MAX_SITE_FILE_BYTES:
+        raise DataError(
+            f"site {site!r}: file {str(path)!r} is larger than {MAX_SITE_FILE_BYTES:,} bytes"
+        )
     suffix = path.suffix.lower()
+    arrow_errors: tuple[type[Exception], ...] = ()
     try:
         if suffix in (".parquet", ".pq"):
             from privml.extras import require
 
             require("parquet", f"site {site!r}: reading Parquet ({path.name})",
                     alternative="convert the file to CSV")
+            import pyarrow as pa
+
+            arrow_errors = (pa.ArrowException,)
             df = pd.read_parquet(path)
+            names = list(df.columns)
         elif suffix in (".csv", ".txt", ".gz"):
-            df = pd.read_csv(path, na_values=NA_VALUES, keep_default_na=False, dtype=object)
+            names = _header_names(path, site=site)
+            with _open_text_source(path, site=site) as f:
+                df = pd.read_csv(
+                    f, na_values=NA_VALUES, keep_default_na=False, dtype=object,
+                    skipinitialspace=True, encoding="utf-8",
+                )  # fmt: skip
         else:
             raise DataError(
                 f"site {site!r}: {path.name!r} is neither CSV (.csv) nor Parquet (.parquet)"
@@ -44,9 +157,23 @@ def read_site_file(path: Path, *, site: str) -> pd.DataFrame:
         raise DataError(
             f"site {site!r}: file {str(path)!r} is empty (no header, no rows)"
         ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
+    except (EOFError, zlib.error) as exc:
+        raise DataError(
+            f"site {site!r}: {str(path)!r} is a damaged or truncated compressed file ({exc})"
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError(
+            f"site {site!r}: {str(path)!r} is not UTF-8 text; save it as UTF-8 CSV"
+        ) from None
+    except (pd.errors.ParserError, OSError, ValueError, TypeError) as exc:
         raise DataError(f"site {site!r}: cannot read {str(path)!r}: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    except Exception as exc:
+        if not isinstance(exc, arrow_errors):
+            raise
+        raise DataError(f"site {site!r}: cannot read {str(path)!r}: {exc}") from None
+    if len(names) != len(df.columns):
+        names = list(df.columns)  # the header row was not the first line pandas read
+    df.columns = check_header(names, site=site, path=path)
     return df
 
 

@@ -365,6 +365,37 @@ def compute_epsilon(
             f"The 'event' parameter of compute_epsilon must be a DpEvent. "
             f"Got {type(event).__name__} instead."
         )
+    if kind == "pld" and noise_multiplier is not None and noise_multiplier < MIN_PLD_NOISE:
+        raise UsageError(
+            f"The 'noise_multiplier' parameter of compute_epsilon must be >= {MIN_PLD_NOISE} "
+            f"with the PLD accountant (below it the loss grid does not fit in memory, and "
+            f"epsilon is in the thousands anyway); use accountant 'rdp'. Got {noise_multiplier!r}."
+        )
+    try:
+        return _epsilon(event, d, kind, neighboring_relation, value_discretization_interval)
+    except (OverflowError, ZeroDivisionError, FloatingPointError, MemoryError) as exc:
+        raise UsageError(
+            f"compute_epsilon: the {kind.upper()} accountant cannot evaluate this event "
+            f"({type(exc).__name__}: {exc}); its noise multiplier or sampling rate is outside "
+            "the range it can represent"
+        ) from None
+
+
+#: Smallest noise multiplier the PLD accountant is asked to evaluate from outside.
+MIN_PLD_NOISE = 0.05
+#: Target epsilons :func:`calibrate_noise_multiplier` accepts: below, the noise drowns any
+#: signal and the solver cannot bracket it; above, the guarantee means nothing.
+TARGET_EPSILON_RANGE = (0.01, 1000.0)
+
+
+def _epsilon(
+    event: DpEvent,
+    d: float,
+    kind: AccountantName,
+    neighboring_relation: NeighboringName,
+    value_discretization_interval: float | None,
+) -> float:
+    func = "compute_epsilon"
     if kind == "rdp":
         return _compose_epsilon(event, d, kind, neighboring_relation, 1.0)
     if value_discretization_interval is not None:
@@ -491,6 +522,13 @@ def _calibrate(
 ) -> NoiseCalibration:
     func = "calibrate_noise_multiplier"
     eps_star = _check_positive("target_epsilon", func, target_epsilon)
+    lo, hi = TARGET_EPSILON_RANGE
+    if not lo <= eps_star <= hi:
+        raise UsageError(
+            f"The 'target_epsilon' parameter of {func} must be in [{lo:g}, {hi:g}]: below, the "
+            "noise drowns any signal and cannot be calibrated; above, the guarantee means "
+            f"nothing. Got {target_epsilon!r} instead."
+        )
     d = _check_open_unit("delta", func, delta)
     q = _check_rate("sampling_rate", func, sampling_rate)
     t = _check_count("steps", func, steps)
@@ -506,23 +544,24 @@ def _calibrate(
     def eps_of(sigma: float, vdi: float | None = None) -> float:
         nonlocal evaluations
         evaluations += 1
-        return compute_epsilon(
-            delta=d,
-            sampling_rate=q,
-            noise_multiplier=sigma,
-            steps=t,
-            accountant=kind,
-            value_discretization_interval=vdi,
-        )
+        event = dpsgd_event(sampling_rate=q, noise_multiplier=sigma, steps=t)
+        return _epsilon(event, d, kind, "add_or_remove", vdi)  # as compute_epsilon computes it
 
     # First guess from the moments-accountant asymptotics eps ~ q sqrt(T log(1/delta)) / sigma.
     s0 = math.log(max(0.3, q * math.sqrt(t * math.log(1 / d)) / eps_star))
     slope = -1.0
-    if kind == "pld":
-        # Coarse PLD grid first (cheap, pessimistic), then the exact compute_epsilon from there.
-        coarse = _RELATIVE_INTERVAL * 10 * max(1.0, eps_star)
-        s0, _, slope = _solve(lambda sig: eps_of(sig, coarse), s0, eps_star, tol / 2, slope)
-    s, e, _ = _solve(eps_of, s0, eps_star, tol, slope)
+    try:
+        if kind == "pld":
+            # Coarse PLD grid first (cheap, pessimistic), then the exact compute_epsilon.
+            coarse = _RELATIVE_INTERVAL * 10 * max(1.0, eps_star)
+            s0, _, slope = _solve(lambda sig: eps_of(sig, coarse), s0, eps_star, tol / 2, slope)
+        s, e, _ = _solve(eps_of, s0, eps_star, tol, slope)
+    except (OverflowError, ZeroDivisionError, FloatingPointError, MemoryError) as exc:
+        raise UsageError(
+            f"{func}: the {kind.upper()} accountant cannot reach epsilon {eps_star:g} with "
+            f"sampling rate {q:g} over {t} steps ({type(exc).__name__}); change the target "
+            "or the number of steps"
+        ) from None
     return NoiseCalibration(math.exp(s), e, evaluations)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from privml.errors import ConfigError, UsageError
+from privml.errors import ConfigError, DataError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -172,9 +172,25 @@ def ledger_from_config(config: Any) -> PrivacyLedger:
         raise ConfigError(problems)
     configured = getattr(privacy, "ledger", None)
     path = Path(configured) if configured is not None else DEFAULT_LEDGER_PATH
-    return PrivacyLedger(
-        path, dataset=str(dataset), budget_epsilon=budget_eps, budget_delta=budget_delta
-    )
+    if path.exists() or path.is_symlink():
+        from privml.safe_io import check_regular_file
+
+        check_regular_file(
+            path, what="[privacy] ledger",
+            error=lambda m: ConfigError(f"{m}; name the ledger's file, e.g. ledger = "
+                                        '"privml-ledger.sqlite"'),
+        )  # fmt: skip
+    import sqlite3
+
+    try:
+        return PrivacyLedger(
+            path, dataset=str(dataset), budget_epsilon=budget_eps, budget_delta=budget_delta
+        )
+    except sqlite3.DatabaseError as exc:
+        raise DataError(
+            f"[privacy] ledger {str(path)!r} cannot be opened as a privml ledger ({exc}); "
+            "point ledger at the ledger's file, or at a new file to start one"
+        ) from None
 
 
 def _default_loader(config: Any) -> Mapping[str, pd.DataFrame]:

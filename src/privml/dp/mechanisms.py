@@ -102,12 +102,24 @@ def _real(name: str, func: str, value: object) -> float:
     return float(value)
 
 
+#: Epsilons a mechanism accepts: below, the noise is over a million times the sensitivity (and
+#: its scale stops being representable near 1e-308); above, the answer is exact in practice.
+EPSILON_RANGE = (1e-6, 1e4)
+
+
 def check_epsilon(epsilon: object, func: str) -> float:
-    """Validates epsilon > 0 and finite (nats); returns it as float."""
+    """Validates epsilon > 0, finite and within :data:`EPSILON_RANGE` (nats); returns it."""
     eps = _real("epsilon", func, epsilon)
     if not (eps > 0 and math.isfinite(eps)):
         raise UsageError(
             f"The 'epsilon' parameter of {func} must be > 0 and finite. Got {epsilon!r} instead."
+        )
+    lo, hi = EPSILON_RANGE
+    if not lo <= eps <= hi:
+        raise UsageError(
+            f"The 'epsilon' parameter of {func} must be in [{lo:g}, {hi:g}]: below, the noise "
+            "swamps any answer (and soon cannot be represented); above, the answer is exact "
+            f"in practice. Got {epsilon!r} instead."
         )
     return eps
 

@@ -78,6 +78,53 @@ class ModelSpec:
         )
 
 
+    @property
+    def n_params(self) -> int:
+        """Number of trainable parameters of :func:`build_model` (computed, nothing built)."""
+        out = self.n_outputs
+        if self.kind == "mlp":
+            widths = [self.n_features, *self.hidden, out]
+            return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        if self.kind == "cnn" and self.image_shape is not None:
+            h, w = self.image_shape
+            c1, c2 = self.channels
+            flat = c2 * math.ceil(h / 2) * math.ceil(w / 2)
+            head = self.hidden[0] if self.hidden else 32
+            return 10 * c1 + (9 * c1 + 1) * c2 + (flat + 1) * head + (head + 1) * out
+        return (self.n_features + 1) * out
+
+
+#: Largest model privml trains: every client update is a dense copy of the parameters.
+MAX_PARAMS = 20_000_000
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse a model that cannot be built for the data or is too large to train.
+
+    Raises:
+        ConfigError: a cnn without ``image_shape`` or one that does not fit the features, or a
+            model with more than :data:`MAX_PARAMS` parameters; the message names the key.
+    """
+    from privml.errors import ConfigError
+
+    if spec.kind == "cnn":
+        if spec.image_shape is None:
+            raise ConfigError("model.image_shape: a cnn needs image_shape = [height, width]")
+        h, w = spec.image_shape
+        if h * w != spec.n_features:
+            raise ConfigError(
+                f"model.image_shape: {h}x{w} = {h * w} pixels, but the data encodes to "
+                f"{spec.n_features} input features; give the data's [height, width]"
+            )
+    n = spec.n_params
+    if n > MAX_PARAMS:
+        raise ConfigError(
+            f"model: {spec.kind} with hidden = {list(spec.hidden)} on {spec.n_features} "
+            f"features has {n:,} parameters; privml trains at most {MAX_PARAMS:,} (each client "
+            "update is a dense copy). Use narrower or fewer hidden layers"
+        )
+
+
 class _Reshape(nn.Module):
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -106,13 +153,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
         layers.append(nn.Linear(width, spec.n_outputs))
         return nn.Sequential(*layers)
     if spec.kind == "cnn":
-        if spec.image_shape is None:
-            raise ValueError("A 'cnn' model needs image_shape = [height, width] in [model].")
+        check_spec(spec)
+        assert spec.image_shape is not None
         h, w = spec.image_shape
-        if h * w != spec.n_features:
-            raise ValueError(
-                f"image_shape {h}x{w} does not match the {spec.n_features} input features."
-            )
         c1, c2 = spec.channels
         conv: list[nn.Module] = [
             _Reshape((1, h, w)),

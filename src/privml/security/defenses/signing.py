@@ -268,7 +268,9 @@ def _statement(files: dict[str, str], kid: str) -> bytes:
 
 def _inside(child: Path, parent: Path) -> bool:
     try:
-        child.resolve().relative_to(parent.resolve())
+        from privml.safe_io import resolve_path
+
+        resolve_path(child).relative_to(resolve_path(parent))
     except ValueError:
         return False
     return True
