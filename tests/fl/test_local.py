@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from privml.config import TrainingConfig
 from privml.data.encoding import Encoder, Task
@@ -201,3 +203,77 @@ def test_simulation_does_not_touch_the_global_rng() -> None:
     np.random.seed(5)
     simulate(_fed(), spec, TrainingConfig(rounds=2, lr=0.5, seed=0))
     assert torch.equal(torch.rand(1), expected_t) and np.random.rand() == expected_np
+
+
+@pytest.mark.parametrize(
+    ("spec", "binary"),
+    [
+        (ModelSpec("logistic", 6, 1), True),
+        (ModelSpec("logistic", 6, 3), False),
+        (ModelSpec("mlp", 6, 1, hidden=(5,), activation="relu"), True),
+        (ModelSpec("mlp", 6, 4, hidden=(5, 3), activation="tanh"), False),
+        (ModelSpec("mlp", 6, 2, hidden=(4,), activation="square"), False),
+        (ModelSpec("mlp", 6, 1, hidden=(4,), activation="poly2"), True),
+    ],
+    ids=lambda v: f"{v.kind}-{v.activation}" if isinstance(v, ModelSpec) else str(v),
+)
+def test_hand_written_mean_gradient_equals_autograd(spec: ModelSpec, binary: bool) -> None:
+    from privml.fl.local import Batch, LinearStackGradient
+
+    torch.manual_seed(0)
+    model = build_model(spec)
+    S, B = 4, 7
+    params = flat_params(model) + 0.3 * torch.randn(S, flat_params(model).numel())
+    X = torch.rand(S, B, spec.n_features)
+    y = torch.randint(0, 2 if binary else spec.n_outputs, (S, B))
+    mask = (torch.rand(S, B) > 0.3).float()
+    mask[1] = 0.0  # a site without records this step gets no gradient
+    batch = Batch(X, y, mask)
+    stack = LinearStackGradient.of(spec, binary=binary)
+    assert stack is not None
+    fast = stack.mean_gradient(params, batch)
+    rule = MeanGradient(model, spec, binary=binary)
+    rule._stack = None  # the autograd route
+    torch.testing.assert_close(fast, rule(params, batch, 0), atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(fast[1]) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 70), min_size=1, max_size=12),
+    batch=st.integers(1, 40),
+    epochs=st.integers(1, 3),
+    seed=st.integers(-5, 2**40),
+    rnd=st.integers(1, 100),
+    one_large=st.booleans(),
+)
+def test_cohort_batches_are_each_site_shuffling_alone(
+    sizes: list[int], batch: int, epochs: int, seed: int, rnd: int, one_large: bool
+) -> None:
+    """A cohort's batches are what each site computes alone with site_order (so a site trains
+    alike in any cohort or engine), every record once per epoch."""
+    from privml.fl.local import cohort_batches, site_order
+
+    if one_large:
+        sizes = [*sizes, 500]  # widely different sizes: the one-sort path
+    ids = np.arange(len(sizes)) * 7 + 3
+    idx, mask = cohort_batches(
+        np.array(sizes), batch_size=batch, epochs=epochs, seed=seed, rnd=rnd, site_ids=ids
+    )
+    assert idx.shape[2] == min(batch, max(1, max(sizes)))
+    for s, n in enumerate(sizes):
+        k = 0
+        for e in range(epochs):
+            order = site_order(seed, rnd, int(ids[s]), e, n)
+            assert sorted(order.tolist()) == list(range(n))
+            for start in range(0, n, batch):
+                chunk = order[start : start + batch]
+                np.testing.assert_array_equal(idx[s, k, : len(chunk)], chunk)
+                assert mask[s, k, : len(chunk)].all() and not mask[s, k, len(chunk) :].any()
+                k += 1
+            k += n == 0
+        assert not mask[s, k:].any()
+    other = cohort_batches(np.array(sizes), batch_size=batch, epochs=epochs, seed=seed + 1,
+                           rnd=rnd, site_ids=ids)[0]  # fmt: skip
+    if max(sizes) > 8:
+        assert not np.array_equal(other, idx)  # the seed matters

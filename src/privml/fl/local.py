@@ -63,10 +63,13 @@ class MeanGradient:
 
     Sites are independent, so the gradient of the sum of the sites' losses with respect to the
     stacked parameters holds every site's own gradient: one forward and one backward pass for
-    the whole cohort.
+    the whole cohort. For Linear stacks (logistic regression, MLPs) the backward pass is
+    written out (:class:`LinearStackGradient`): on small models autograd's per-node overhead
+    is most of the cost.
     """
 
     def __init__(self, model: nn.Module, spec: ModelSpec, *, binary: bool) -> None:
+        self._stack = LinearStackGradient.of(spec, binary=binary)
         fast = stacked_forward(spec)
         if fast is None:
             fast = vmap(functional_forward(model))
@@ -74,6 +77,8 @@ class MeanGradient:
         self._loss = per_sample_loss(binary)
 
     def __call__(self, params: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
+        if self._stack is not None:
+            return self._stack.mean_gradient(params, batch)
         with torch.enable_grad():
             p = params.detach().requires_grad_(True)
             logits = self._forward(p, batch.X)
@@ -82,6 +87,90 @@ class MeanGradient:
             per_site = (losses * batch.mask).sum(dim=1) / batch.mask.sum(dim=1).clamp(min=1.0)
             (g,) = torch.autograd.grad(per_site.sum(), p)
         return g
+
+
+#: derivative of each activation of privml's Linear stacks, applied to the incoming gradient
+#: ``g`` given the activation's input ``x``
+_ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0),
+    "tanh": lambda g, x: g * (1.0 - torch.tanh(x).square()),
+    "square": lambda g, x: g * (2.0 * x),
+    "poly2": lambda g, x: g * (0.25 * x + 0.5),
+}
+
+
+@dataclass(frozen=True)
+class LinearStackGradient:
+    """Forward and hand-written backward pass of a Linear stack on stacked parameters.
+
+    Layers ``(offset, n_in, n_out)`` in :func:`~privml.models.nets.flat_params` layout (weight
+    ``[out, in]`` then bias), the activation between them, and the loss (BCE on one logit or
+    cross-entropy). :meth:`mean_gradient` gives each site's gradient of its mean batch loss,
+    equal to autograd's (tested).
+    """
+
+    layers: tuple[tuple[int, int, int], ...]
+    activation: str
+    binary: bool
+
+    @classmethod
+    def of(cls, spec: ModelSpec, *, binary: bool) -> LinearStackGradient | None:
+        if spec.kind not in ("logistic", "mlp") or spec.activation not in _ACTIVATION_BACKWARD:
+            return None
+        widths = [spec.n_features, *(spec.hidden if spec.kind == "mlp" else ()), spec.n_outputs]
+        layers, offset = [], 0
+        for i, o in zip(widths[:-1], widths[1:], strict=True):
+            layers.append((offset, i, o))
+            offset += i * o + o
+        return cls(tuple(layers), spec.activation, binary)
+
+    def mean_gradient(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        S = params.shape[0]
+        act = _ELEMENTWISE_FORWARD[self.activation]
+        h = batch.X
+        inputs, pre = [], []
+        last = len(self.layers) - 1
+        for k, (off, i, o) in enumerate(self.layers):
+            W = params[:, off : off + i * o].reshape(S, o, i)
+            b = params[:, off + i * o : off + i * o + o].reshape(S, 1, o)
+            inputs.append(h)
+            z = torch.baddbmm(b, h, W.transpose(1, 2))
+            if k < last:
+                pre.append(z)
+                h = act(z)
+            else:
+                h = z
+        # d(mean masked loss)/d logits: each record's weight is mask / (real records of its site)
+        scale = batch.mask / batch.mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        if self.binary:
+            g0 = (torch.sigmoid(h[..., 0]) - batch.y.to(h.dtype)).mul_(scale)
+            if h.shape[-1] == 1:
+                g = g0.unsqueeze(-1)
+            else:
+                g = torch.zeros_like(h)
+                g[..., 0] = g0
+        else:
+            g = torch.softmax(h, dim=-1)
+            g.scatter_add_(-1, batch.y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
+            g.mul_(scale.unsqueeze(-1))
+        pieces: list[torch.Tensor] = []
+        back = _ACTIVATION_BACKWARD[self.activation]
+        for k in range(last, -1, -1):
+            off, i, o = self.layers[k]
+            pieces.append(g.sum(1))  # bias
+            pieces.append(torch.bmm(g.transpose(1, 2), inputs[k]).reshape(S, -1))  # weight
+            if k > 0:
+                W = params[:, off : off + i * o].reshape(S, o, i)
+                g = back(torch.bmm(g, W), pre[k - 1])
+        return torch.cat(pieces[::-1], dim=1)
+
+
+_ELEMENTWISE_FORWARD: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "square": lambda x: x * x,
+    "poly2": lambda x: 0.125 * x * x + 0.5 * x + 0.25,
+}
 
 
 @dataclass
@@ -115,8 +204,10 @@ def shuffled_batches(
     """
     per_epoch = np.maximum(1, -(-sizes // batch_size))
     steps = int(per_epoch.max()) * epochs
-    idx = np.zeros((len(sizes), steps, batch_size), dtype=np.int64)
-    mask = np.zeros((len(sizes), steps, batch_size), dtype=np.float32)
+    # no wider than the largest site: padding costs compute and changes nothing
+    width = int(min(batch_size, max(1, int(sizes.max(initial=1)))))
+    idx = np.zeros((len(sizes), steps, width), dtype=np.int64)
+    mask = np.zeros((len(sizes), steps, width), dtype=np.float32)
     for s, n in enumerate(sizes):
         if n == 0:
             continue
@@ -128,6 +219,111 @@ def shuffled_batches(
                 idx[s, k, : len(chunk)] = chunk
                 mask[s, k, : len(chunk)] = 1.0
                 k += 1
+    return idx, mask
+
+
+_M64 = (1 << 64) - 1
+_GAMMA_INT = 0x9E3779B97F4A7C15
+_GAMMA = np.uint64(_GAMMA_INT)
+_KEY_BITS = 44  # bits of the shuffle key kept below the cohort position in the sort key
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijective hash."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _site_keys(seed: int, rnd: int, epoch: int, site_ids: np.ndarray) -> np.ndarray:
+    """One 64-bit key per site for (seed, round, epoch): the root of its records' keys."""
+    z = np.full(len(site_ids), seed & _M64, dtype=np.uint64)
+    for v in (rnd, epoch):
+        z = _mix(z + np.uint64((_GAMMA_INT * (v + 1)) & _M64))
+    return _mix(z + _GAMMA * (np.asarray(site_ids, dtype=np.int64).astype(np.uint64) + 1))
+
+
+def _record_keys(base: np.ndarray, counter: np.ndarray) -> np.ndarray:
+    """Sort keys of records ``counter - 1`` of the sites whose roots are ``base``."""
+    return _mix(base + _GAMMA * counter) >> np.uint64(64 - _KEY_BITS)
+
+
+def site_order(seed: int, rnd: int, site: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which site ``site`` visits its ``n`` records in ``epoch`` of round ``rnd``.
+
+    A pure function of (seed, round, epoch, site, record index): record ``j`` gets the key
+    ``hash(seed, rnd, epoch, site, j)`` (SplitMix64, 44 bits) and the records go in increasing
+    key order (ties by index). A site computes it alone (a Flower site, the per-site anchors of
+    the benchmarks); every site of a cohort gets it at once from :func:`cohort_batches`.
+    """
+    base = _site_keys(seed, rnd, epoch, np.array([site]))
+    keys = _record_keys(base, np.arange(1, n + 1, dtype=np.uint64))
+    return np.argsort(keys, kind="stable")
+
+
+def cohort_batches(
+    sizes: np.ndarray,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    rnd: int,
+    site_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shuffled_batches` for a whole cohort without a generator per site.
+
+    Site ``site_ids[s]`` (``sizes[s]`` records) walks its records in the order
+    :func:`site_order` gives for each epoch, in batches of ``batch_size`` (the last one
+    smaller), as a ``DataLoader(shuffle=True)`` would with that order. Every site's keys are
+    hashed and sorted in a few array operations per epoch (a row-wise sort of a sites x
+    records matrix, or one sort of all records when site sizes differ widely), so a hundred
+    thousand sites cost array operations, not a Python loop.
+
+    Returns ``(idx, mask)`` of shape ``[S, steps, width]`` (``width = min(batch_size, largest
+    site)``), indices local to each site.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    S = len(sizes)
+    site_ids = np.asarray(site_ids, dtype=np.int64)
+    if len(site_ids) != S:
+        raise ValueError("cohort_batches needs one site id per site")
+    per_epoch = np.maximum(1, -(-sizes // batch_size))
+    steps = int(per_epoch.max(initial=1)) * epochs
+    width = int(min(batch_size, max(1, int(sizes.max(initial=1)))))
+    idx = np.zeros((S, steps, width), dtype=np.int64)
+    mask = np.zeros((S, steps, width), dtype=np.float32)
+    n = int(sizes.sum())
+    if n == 0:
+        return idx, mask
+    longest = int(sizes.max())
+    # each record's site and position within its site, site after site
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    seg = np.repeat(np.arange(S, dtype=np.int64), sizes)
+    local = np.arange(n, dtype=np.int64) - offsets[seg]
+    step_in_epoch = local // batch_size
+    slot = local % batch_size
+    dense = S * longest <= 2 * n + 1024  # a padded [S, longest] matrix is cheap
+    if dense:
+        counter = np.arange(1, longest + 1, dtype=np.uint64)[None, :]
+        pad = np.arange(longest)[None, :] >= sizes[:, None]
+    for e in range(epochs):
+        base = _site_keys(seed, rnd, e, site_ids)
+        if dense:
+            keys = _record_keys(base[:, None], counter)
+            keys[pad] = np.uint64(1 << 63)  # padding sorts last
+            visit = np.argsort(keys, axis=1, kind="stable")[~pad]  # site after site
+        else:
+            keys = _record_keys(base[seg], (local + 1).astype(np.uint64))
+            if S < (1 << (64 - _KEY_BITS)):
+                sortkey = (seg.astype(np.uint64) << np.uint64(_KEY_BITS)) | keys
+                visit = np.argsort(sortkey, kind="stable") - offsets[seg]
+            else:
+                visit = np.lexsort((keys, seg)) - offsets[seg]
+        flat = (seg * steps + e * per_epoch[seg] + step_in_epoch) * width + slot
+        idx.reshape(-1)[flat] = visit
+        mask.reshape(-1)[flat] = 1.0
     return idx, mask
 
 
@@ -155,17 +351,24 @@ def train_cohort(
         if batches is not None
         else shuffled_batches(data.sizes, batch_size=batch_size, epochs=epochs, rngs=rngs)
     )
-    gidx = torch.from_numpy(idx + data.offsets[:-1, None, None])
-    tmask = torch.from_numpy(mask)
+    W = idx.shape[2]
+    # step-major copies, so each step's rows are one contiguous gather (index_select copies
+    # whole rows; fancy indexing of [S, W] rows walks them element by element)
+    gidx = torch.from_numpy(
+        np.ascontiguousarray((idx + data.offsets[:-1, None, None]).transpose(1, 0, 2))
+    )
+    tmask = torch.from_numpy(np.ascontiguousarray(mask.transpose(1, 0, 2)))
+    X2 = data.X.reshape(data.X.shape[0], -1)
     global_params = params.detach().reshape(1, -1)
     stacked = global_params.repeat(S, 1)
     for k in range(idx.shape[1]):
-        rows = gidx[:, k, :]
-        batch = Batch(data.X[rows], data.y[rows], tmask[:, k, :])
+        rows = gidx[k].reshape(-1)
+        Xb = X2.index_select(0, rows).reshape(S, W, *data.X.shape[1:])
+        batch = Batch(Xb, data.y.index_select(0, rows).reshape(S, W), tmask[k])
         with torch.no_grad():
             g = rule(stacked, batch, k)
             if prox_mu:
-                active = (tmask[:, k, :].sum(dim=1) > 0).to(g.dtype)[:, None]
+                active = (tmask[k].sum(dim=1) > 0).to(g.dtype)[:, None]
                 g = g + prox_mu * (stacked - global_params) * active
             stacked = stacked - lr * g
     return stacked
