@@ -1,6 +1,6 @@
 """privml's simulation engine vs Flower 1.42's ``run_simulation`` on the same work.
 
-The work (issue 5): logistic regression on breast cancer split IID over 100 clients, 10 rounds,
+The work: logistic regression on breast cancer split IID over 100 clients, 10 rounds,
 every client every round, FedAvg weighted by the clients' training-record counts. Both sides
 train on the same encoded per-client arrays with the same local SGD (lr, local epochs, batch
 size) and the same per-(round, client) batch shuffles, from the same initial model, so they

@@ -1,6 +1,6 @@
 """Speed and accuracy of privml's federated simulation, against two anchors on the same work.
 
-Work (issue 2): the logistic model trained by FedAvg for 20 rounds, every site every round,
+Work: the logistic model trained by FedAvg for 20 rounds, every site every round,
 with the demo's local SGD (5 local epochs, batch 32, lr 8; benchmarks/tune_demo.py), on
 
 * ``breast_cancer`` split IID into 100 simulated sites (each keeps a 20 % held-out split), and

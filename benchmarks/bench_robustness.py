@@ -1,6 +1,6 @@
 """Robustness table: each aggregator's accuracy with no attack and under each attack kind.
 
-Setting (issue 5): breast cancer split IID over 10 sites, 20 rounds, every site every round,
+Setting: breast cancer split IID over 10 sites, 20 rounds, every site every round,
 logistic regression with the demo's local SGD (lr 8, 5 local epochs, batch 32); 2 of the 10
 sites are Byzantine (``[attack] fraction = 0.2``, drawn per seed) and run each attack with its
 default parameters: ``sign_flip`` (-10 x own update), ``scale`` (10 x own update),

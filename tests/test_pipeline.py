@@ -46,7 +46,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> pipeline.RunOutput:
 def test_demo_run_writes_the_documented_results(demo_run: pipeline.RunOutput) -> None:
     assert demo_run.out_dir is not None
     files = {p.name for p in demo_run.out_dir.iterdir()}
-    assert {"model.json", "model.pt", "results.json"} <= files  # (+ model.sig, issue 8)
+    assert {"model.json", "model.pt", "results.json"} <= files  # (+ model.sig)
     res = json.loads((demo_run.out_dir / "results.json").read_text())
     assert res == json.loads(json.dumps(demo_run.results, default=str))
     assert res["schema"] == "privml-results/1"

@@ -108,7 +108,7 @@ def save_model(
     if feature_map is not None:
         meta["feature_map"] = feature_map
     write_json(folder / "model.json", meta)
-    # Issue 8: sign weights + metadata with the deployment's Ed25519 key (model.sig).
+    # sign weights + metadata with the deployment's Ed25519 key (model.sig).
     from privml.security.defenses.signing import sign_model_dir
 
     sign_model_dir(folder)

@@ -136,7 +136,7 @@ def run(
                 "--set is not supported with the Flower engine (the sites read the same config "
                 "file): edit the config file instead"
             )
-        if _load(config).training.secure_aggregation != "none":  # issue 6: simulation only
+        if _load(config).training.secure_aggregation != "none":  # simulation only
             raise UsageError(
                 "secure_aggregation runs in the simulation engine only; drop --engine flower "
                 'or set secure_aggregation = "none" in [training]'
@@ -308,7 +308,7 @@ def schema_infer(
     )
 
 
-# Flower deployment (issue 5): `privml flower superlink|supernode|run|register-node`
+# Flower deployment: `privml flower superlink|supernode|run|register-node`
 from privml.fl.flower.cli import certs_command, flower_app  # noqa: E402
 
 app.add_typer(flower_app, name="flower")
@@ -358,7 +358,7 @@ def _register_subapps() -> None:
 _register_subapps()
 
 
-# Private training (issue 4): `privml sweep`.
+# Private training: `privml sweep`.
 @app.command()
 def sweep(
     config: ConfigOpt = None,
@@ -398,14 +398,14 @@ def sweep(
     out.print(f"curve: {res.png_path}  data: {res.json_path}")
 
 
-# Encrypted prediction service (issue 7): `privml serve [tokens add|revoke|list]`, `privml predict`.
+# Encrypted prediction service: `privml serve [tokens add|revoke|list]`, `privml predict`.
 from privml.serve.cli import predict_command, serve_app  # noqa: E402
 
 app.add_typer(serve_app, name="serve")
 app.command("predict")(predict_command)
 
 
-# Security audit (issue 8): `privml audit`, `privml verify DIR`, `privml sign DIR`, `privml keygen`.
+# Security audit: `privml audit`, `privml verify DIR`, `privml sign DIR`, `privml keygen`.
 from privml.security.cli import register as _register_security  # noqa: E402
 
 _register_security(app)

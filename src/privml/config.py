@@ -233,7 +233,7 @@ class TrainingConfig(_Strict):
     server_optimizer_params: dict[str, Any] = Field(default_factory=dict)
     max_update_norm: float | None = Field(default=None, gt=0)
     engine: Literal["simulation", "flower"] = "simulation"
-    # Encrypted aggregation (issue 6, privml.fl.secure): sites encrypt their clipped, weighted
+    # Encrypted aggregation (privml.fl.secure): sites encrypt their clipped, weighted
     # updates under the key holder's key; the server sums ciphertexts only.
     secure_aggregation: Literal["none", "paillier", "ckks"] = Field(
         default="none",
@@ -258,7 +258,7 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_federation(self) -> TrainingConfig:
-        # Federation settings (issue 5): every problem at once, with the rule's own messages.
+        # Federation settings: every problem at once, with the rule's own messages.
         from privml.errors import UsageError
         from privml.fl.aggregate import SERVER_DATA_PARAMS, check_params
         from privml.fl.server_opt import make_server_optimizer
@@ -306,7 +306,7 @@ class TrainingConfig(_Strict):
         return self
 
     def _secure_aggregation_problems(self) -> list[str]:
-        # Issue 6 (privml.fl.secure): what encrypted aggregation can and cannot combine with.
+        # privml.fl.secure: what encrypted aggregation can and cannot combine with.
         if self.secure_aggregation == "none":
             return []
         sa = f'secure_aggregation = "{self.secure_aggregation}"'
@@ -363,7 +363,7 @@ class PrivacyConfig(_Strict):
         description="total delta per site (basic composition): 10 runs at the default delta",
     )
     ledger: FilePath | None = None
-    # Private training (issue 4, privml.dp.training).
+    # Private training (privml.dp.training).
     adaptive_clip: bool = Field(
         default=False,
         description="client mode: adapt clip to a private quantile of update norms "
@@ -443,7 +443,7 @@ AUDIT_ATTACKS: tuple[AuditAttack, ...] = (
 
 
 class AuditConfig(_Strict):
-    """The security audit (issue 8, :mod:`privml.security.audit`; docs/security.md).
+    """The security audit (:mod:`privml.security.audit`; docs/security.md).
 
     ``enabled``: every ``privml run`` reports a quick membership inference beside its epsilon.
     ``attacks``: what ``privml audit`` runs by default. The other keys tune the attacks.
@@ -532,7 +532,7 @@ class AttackConfig(_Strict):
     sigma: float | None = None
     z: float | None = None
     epsilon: float | None = None
-    # kind = "backdoor" (issue 8, privml.security.attacks.backdoor): trigger poisoning and
+    # kind = "backdoor" (privml.security.attacks.backdoor): trigger poisoning and
     # model replacement (Bagdasaryan et al. 2020).
     trigger: Literal["pixel", "feature"] | None = Field(
         default=None, description="default: pixel for image models, feature otherwise"
@@ -634,7 +634,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_federation(self) -> Config:
-        # Issue 5: the round's cohort must be large enough for the aggregator, where the number
+        # the round's cohort must be large enough for the aggregator, where the number
         # of sites is known before loading (same formula as privml.fl.engine.cohort_size).
         import math
 
@@ -678,7 +678,7 @@ class Config(_Strict):
                 '(engine = "simulation")'
             )
         if t.secure_aggregation != "none":
-            # Issue 6 (privml.fl.secure): checks that need other sections.
+            # privml.fl.secure: checks that need other sections.
             if self.privacy.mode != "none" or self.model.features != "none":
                 problems.append(
                     f'training: secure_aggregation = "{t.secure_aggregation}" is not combined '

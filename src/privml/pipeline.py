@@ -197,7 +197,7 @@ def run(
     stage = on_stage or (lambda _s: None)
     t0 = time.perf_counter()
     if config.attack is not None and config.attack.kind == "backdoor":
-        # Issue 8: the backdoor is simulated by `privml audit` (with and without defences);
+        # the backdoor is simulated by `privml audit` (with and without defences);
         # the simulation engine does not apply it yet.
         raise UsageError(
             '[attack] kind = "backdoor" is simulated by `privml audit --attacks backdoor`; '
@@ -324,7 +324,7 @@ def _run(
         resuming = resume is not None and has_checkpoint(checkpoint_dir)
     private = None
     if config.privacy.mode != "none" or config.model.features != "none":
-        # Issue 4: DP training (sample / client level) and fixed feature maps live in
+        # DP training (sample / client level) and fixed feature maps live in
         # privml.dp.training; it books every spend in the ledger before releasing anything.
         from privml.dp.training import train_private
 
@@ -384,7 +384,7 @@ def _run(
         stage(f"encrypted inference check ({config.inference.scheme})")
         results["encrypted_inference"] = encrypted_inference(config, result, fed, private)
     if config.audit.enabled:
-        # Issue 8: measured leakage (membership inference) beside the accountant's epsilon;
+        # measured leakage (membership inference) beside the accountant's epsilon;
         # raises PrivacyAuditError (exit 5) before anything is written if it contradicts it.
         from privml.security.audit import quick_audit
 

@@ -739,7 +739,7 @@ def _simulate(
     state = init_server_state(params0, plan)
     secure = None
     if training.secure_aggregation != "none":
-        # Issue 6: keys made at the key-holder site before round 1 (privml.fl.secure).
+        # keys made at the key-holder site before round 1 (privml.fl.secure).
         from privml.fl.secure import SecureAggregation
 
         secure = SecureAggregation.from_training(
