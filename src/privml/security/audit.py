@@ -599,8 +599,8 @@ def _evasion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict
                      w("balanced_accuracy", i), d, cost, worse="lower", baseline=chance_bal,
                      baseline_kind="chance", status=st, reason=why),  # fmt: skip
             AuditRow(name, f"robust AUC, eps {b:g}", p0["auc"], w("auc", i), d, cost,
-                     worse="lower", baseline=0.5, baseline_kind="chance", status=status,
-                     reason=reason),  # fmt: skip
+                     worse="lower", baseline=0.5, baseline_kind="chance", status=st,
+                     reason=why),  # fmt: skip
         ]
     detail = {
         "threat_model": mode, "layout": layout.to_dict(),
