@@ -53,3 +53,17 @@ def test_privml_report_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "missing")])
     assert exc.value.code == 2
+
+
+def test_audit_results_refresh_the_report(tmp_path: Path) -> None:
+    from privml.security.audit import _write_results
+
+    (tmp_path / "results.json").write_text(json.dumps({
+        "schema": "privml-results/1", "name": "r", "sites": [], "metrics": {"n": 0},
+    }))  # fmt: skip
+    write_report(tmp_path)
+    assert 'id="audit"' not in (tmp_path / "report.html").read_text()
+    row = {"attack": "membership", "metric": "AUC", "without_defence": 0.7, "with_defence": None}
+    _write_results(tmp_path, {"rows": [row]})
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="audit"' in page and "membership" in page

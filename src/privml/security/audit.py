@@ -856,6 +856,10 @@ def _write_results(run_dir: Path, audit: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
+    if (run_dir / "report.html").is_file():  # the report shows the audit too
+        from privml.report import write_report
+
+        write_report(run_dir)
 
 
 def run_audit(
