@@ -321,6 +321,8 @@ def _learning(results: Mapping[str, Any]) -> str:
     )
 
     def draw(axes: Any) -> None:
+        from matplotlib.ticker import MaxNLocator
+
         for ax, key, label in (
             (axes[0], "loss", "test loss (cross-entropy)"),
             (axes[1], "auc", "test AUC"),
@@ -335,6 +337,7 @@ def _learning(results: Mapping[str, Any]) -> str:
                 )
             ax.plot(xs, _nums(r.get(key) for r in rounds), color="black", lw=2.2, label="pooled")
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(label, fontsize=10)
             ax.grid(alpha=0.3)
         axes[1].set_ylim(top=1.01)
@@ -488,6 +491,8 @@ def _privacy(results: Mapping[str, Any]) -> str:
     if isinstance(by_round, Mapping) and by_round:
 
         def draw(axes: Any) -> None:
+            from matplotlib.ticker import MaxNLocator
+
             ax = axes[0]
             for site, pts in by_round.items():
                 pts = [q for q in pts if isinstance(q, list) and len(q) == 2]
@@ -496,6 +501,7 @@ def _privacy(results: Mapping[str, Any]) -> str:
             for cap in sorted(c for c in caps if isinstance(c, int | float)):
                 ax.axhline(cap, color="firebrick", ls="--", lw=1, label=f"budget {cap:g}")
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("epsilon spent (this run)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -533,7 +539,7 @@ def _privacy(results: Mapping[str, Any]) -> str:
             "The security audit's figures are measured on training and test records without noise."
         )
     if p.get("noise"):
-        released.append(f"Noise source: {_esc(p['noise'])}")
+        released.append(f"Noise source: {_plain(p['noise'])}")
     out.append(
         "<h3>Released outside the privacy budget</h3><ul>"
         + "".join(f"<li>{r}</li>" for r in released)
