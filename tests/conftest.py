@@ -27,3 +27,18 @@ def _isolated_user_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     mp.setenv("PRIVML_SIGNING_KEY", str(Path(home) / "privml" / "signing-key.pem"))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_data(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point the per-user privacy ledger (``$XDG_DATA_HOME/privml``) into a fresh folder.
+
+    The default ledger is one file per user; every test gets its own, so no test spends from
+    the real user's budget or from another test's (a budget belongs to the records, and the
+    suite runs the same built-in datasets many times). Returns the folder.
+    """
+    data = tmp_path_factory.mktemp("xdg-data")
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
+    return data

@@ -166,9 +166,9 @@ def protected_paths(config: Config) -> list[Path]:
     if config.privacy.ledger is not None:
         paths.append(Path(config.privacy.ledger))
     else:
-        from privml.dp.cli import DEFAULT_LEDGER_PATH
+        from privml.dp.ledger import default_ledger_path
 
-        paths.append(Path(DEFAULT_LEDGER_PATH))
+        paths.append(default_ledger_path())
     return paths
 
 

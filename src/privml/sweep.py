@@ -115,10 +115,15 @@ def _variant(config: Config, **privacy: Any) -> Config:
     return cfg
 
 
-def _precheck(config: Config, site_names: Sequence[str], epsilons: Sequence[float]) -> None:
+def _precheck(
+    config: Config,
+    site_names: Sequence[str],
+    epsilons: Sequence[float],
+    fingerprints: dict[str, str] | None = None,
+) -> None:
     from privml.dp.cli import ledger_from_config
 
-    ledger = ledger_from_config(config)
+    ledger = ledger_from_config(config, fingerprints=fingerprints)
     total = math.fsum(epsilons)
     delta = config.privacy.delta * len(epsilons)
     refused = []
@@ -239,7 +244,7 @@ def run_sweep(
     from privml.dp.training import check_dp_schema
 
     check_dp_schema(configs[0], fed)
-    _precheck(configs[0], [s.name for s in fed.sites], eps_list)
+    _precheck(configs[0], [s.name for s in fed.sites], eps_list, fed.fingerprints or None)
 
     reference = _variant(config, mode="none", epsilon=None, noise_multiplier=None)
     t0 = time.perf_counter()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from privml.data import partition
 
@@ -77,47 +75,3 @@ def test_by_column_one_site_per_value_or_grouped() -> None:
         for q in two:
             if p is not q:
                 assert not set(values[p]) & set(values[q])
-
-
-def test_train_test_split_is_stratified_and_disjoint() -> None:
-    y = np.array([0] * 80 + [1] * 20)
-    tr, te = partition.train_test_split(y, 0.25, rng=np.random.default_rng(0))
-    assert not set(tr) & set(te) and len(tr) + len(te) == 100
-    assert len(te) == 25 and y[te].sum() == 5  # 25 % of each class
-    tr2, te2 = partition.train_test_split(y, 0.25, rng=np.random.default_rng(0))
-    assert np.array_equal(te, te2)
-
-
-def test_train_test_split_tiny_sites_keep_training_records() -> None:
-    for n in (1, 2, 3):
-        y = np.arange(n) % 2
-        tr, te = partition.train_test_split(y, 0.5, rng=np.random.default_rng(0))
-        assert len(tr) >= 1 and len(tr) + len(te) == n
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=25),
-    n_classes=st.integers(1, 4),
-    fraction=st.sampled_from([0.05, 0.2, 0.5, 0.75, 0.9]),
-    seed=st.integers(0, 2**31),
-    block=st.sampled_from([7, 64, 1 << 20]),
-)
-def test_split_sites_is_each_site_splitting_alone(
-    sizes: list[int], n_classes: int, fraction: float, seed: int, block: int
-) -> None:
-    """All sites at once give exactly what each site's own train_test_split gives."""
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    y = np.random.default_rng(seed).integers(0, n_classes, offsets[-1])
-    old, partition._BLOCK = partition._BLOCK, block
-    try:
-        held = partition.split_sites(y, offsets, fraction, seed=seed)
-    finally:
-        partition._BLOCK = old
-    for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
-        if a == b:
-            continue
-        _, test = partition.train_test_split(
-            y[a:b], fraction, rng=np.random.default_rng([seed, i])
-        )
-        np.testing.assert_array_equal(np.flatnonzero(held[a:b]), test)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from privml.dp import cli
 from privml.dp.accounting import compute_epsilon
+from privml.dp.ledger import default_ledger_path
 from privml.errors import BudgetExceededError, ConfigError, SchemaError, UsageError
 
 runner = CliRunner()
@@ -140,22 +141,30 @@ def test_run_query_errors(tmp_path: Path) -> None:
         cli.run_query(broken, site="a", query="count()", epsilon=0.1, load_frames=_frames)
 
 
-def test_default_ledger_path_is_under_runs_in_the_cwd(
+def test_default_ledger_is_the_users_whatever_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    data_home = tmp_path / "data-home"
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
     config = _config(tmp_path, ledger=None)
-    cli.run_query(config, site="b", query="count()", epsilon=0.1, load_frames=_frames)
-    assert (tmp_path / "runs" / "privml-ledger.sqlite").exists()
-    assert cli.ledger_from_config(config).path == Path("runs") / "privml-ledger.sqlite"
-    assert os.path.exists(cli.ledger_from_config(config).path)
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        cli.run_query(config, site="b", query="count()", epsilon=0.1, load_frames=_frames)
+        assert not (tmp_path / folder / "runs").exists()
+    expected = data_home / "privml" / "privacy-ledger.sqlite"
+    ledger = cli.ledger_from_config(config, fingerprints=cli._fingerprints(_frames(config)))
+    assert ledger.path == expected and os.path.exists(expected)
+    assert ledger.status("b").spent.epsilon == pytest.approx(0.2)  # both folders, one budget
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/path")  # ignored, as the XDG spec says
+    assert default_ledger_path() == Path.home() / ".local/share/privml/privacy-ledger.sqlite"
 
 
 def test_budget_report(tmp_path: Path) -> None:
     config = _config(tmp_path, ledger=tmp_path / "l.sqlite")
     cli.run_query(config, site="a", query="mean(age) by sex", epsilon=0.3, load_frames=_frames)
     cli.run_query(config, site="a", query="count()", epsilon=0.2, load_frames=_frames)
-    report = cli.budget_report(config)
+    report = cli.budget_report(config, load_frames=_frames)
     assert report["dataset"] == "heart" and report["budget_epsilon"] == 1.0
     assert set(report["sites"]) == {"a", "b"}  # configured sites, even without charges
     assert report["sites"]["a"]["spent_epsilon"] == pytest.approx(0.5)

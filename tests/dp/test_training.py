@@ -16,9 +16,10 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from privml.cli import main
-from privml.config import parse_config
+from privml.config import load_config, parse_config
 from privml.data.federation import load_federation
 from privml.dp import training as tr
+from privml.dp.cli import ledger_from_config
 from privml.dp.events import event_from_dict
 from privml.dp.features import HogFeatures
 from privml.dp.ledger import PrivacyLedger
@@ -42,13 +43,8 @@ def _config(tmp_path: Path, **sections: dict[str, Any]) -> Any:
 
 
 def _ledger(cfg: Any) -> PrivacyLedger:
-    p = cfg.privacy
-    return PrivacyLedger(
-        p.ledger,
-        dataset=cfg.dataset_id,
-        budget_epsilon=p.budget_epsilon,
-        budget_delta=p.budget_delta,
-    )
+    """The ledger the run books in, keyed by the fingerprints of the sites' records."""
+    return ledger_from_config(cfg)
 
 
 def _train(cfg: Any) -> tr.PrivateRun:
@@ -169,10 +165,7 @@ ledger = "{ledger}"
     assert info.value.code == 3
     assert "privacy budget exceeded" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    assert (
-        PrivacyLedger(ledger, dataset="breast_cancer", budget_epsilon=1, budget_delta=1e-5).sites()
-        == []
-    )
+    assert _ledger(load_config(cfg)).sites() == []
 
 
 def _csv_sites(tmp_path: Path) -> list[Path]:

@@ -11,7 +11,7 @@ import pytest
 
 from privml.cli import main
 from privml.config import parse_config
-from privml.dp.ledger import PrivacyLedger
+from privml.dp.cli import ledger_from_config
 from privml.errors import BudgetExceededError, UsageError
 from privml.sweep import parse_epsilons, run_sweep
 
@@ -62,9 +62,7 @@ def test_sweep_writes_curve_and_books_every_run(tmp_path: Path) -> None:
     import base64
 
     assert base64.b64encode(png).decode()[:200] in page  # the same curve, inline
-    ledger = PrivacyLedger(
-        tmp_path / "l.sqlite", dataset="breast_cancer", budget_epsilon=10, budget_delta=1e-4
-    )
+    ledger = ledger_from_config(cfg)
     for site in ("hospital_a",):
         spent = ledger.spent(site)
         # basic composition of the two runs, each booked per round; the reference run is free
@@ -78,10 +76,7 @@ def test_sweep_over_budget_trains_and_spends_nothing(tmp_path: Path) -> None:
     with pytest.raises(BudgetExceededError, match="the sweep would spend epsilon 5"):
         run_sweep(cfg, epsilons=[1, 4], out_dir=tmp_path / "sw")
     assert not (tmp_path / "sw").exists()
-    ledger = PrivacyLedger(
-        tmp_path / "l.sqlite", dataset="breast_cancer", budget_epsilon=3, budget_delta=1e-4
-    )
-    assert ledger.sites() == []
+    assert ledger_from_config(cfg).sites() == []
 
 
 def test_cli_sweep_rejects_bad_epsilons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

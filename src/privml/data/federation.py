@@ -3,10 +3,14 @@
 Each site's records are read, checked against the public schema and the other sites, split
 into train and held-out test records at the site, and encoded with the schema alone.
 
+The split is record-local (:func:`privml.data.records.held_out`): a record is held out or not
+by a hash of its own content and ``data.seed``, so adding or removing a record never moves
+another. Each site's data also gets a fingerprint (:func:`privml.data.records.fingerprint`),
+the key of its privacy budget in the ledger.
+
 The work is done once over all sites' records pooled (site after site) rather than site by
 site, so it grows linearly with records and sites: one vectorized check and one encoding pass
-per column, the labels factorized once, each site's split from its own generator
-(:func:`privml.data.partition.split_sites`). The encoded records end in four contiguous
+per column, the labels factorized once. The encoded records end in four contiguous
 float32/int64 arrays (:class:`SitePool`); each site's arrays are views into them, so memory is
 the encoded size plus a small object per site, and no per-site pandas frame is kept.
 """
@@ -22,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from privml.config import ColumnSchema, Config
-from privml.data import datasets, partition
+from privml.data import datasets, partition, records
 from privml.data.encoding import Encoder, Task, encode_labels, resolve_task_pooled
 from privml.data.loading import (
     Locator,
@@ -103,7 +107,9 @@ class FederatedData:
     ``inferred_columns`` lists the columns whose schema came from the private data (inferred
     at load time, or declared with ``derived_from_data = true``); ``truth`` is the generator's
     ground truth for the synthetic dataset. ``pool`` holds the sites' records contiguously when
-    :func:`load_federation` built them (see :meth:`train_arrays`).
+    :func:`load_federation` built them (see :meth:`train_arrays`). ``fingerprints`` maps each
+    site to the fingerprint of its records (train and test), the key of its privacy budget;
+    it stays at the sites' side and is never published.
     """
 
     sites: list[SiteData]
@@ -113,6 +119,7 @@ class FederatedData:
     notes: list[str] = field(default_factory=list)
     truth: dict[str, Any] | None = None
     pool: SitePool | None = field(default=None, repr=False, compare=False)
+    fingerprints: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_features(self) -> int:
@@ -274,6 +281,44 @@ def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def site_fingerprints(config: Config) -> dict[str, str]:
+    """Each site's data fingerprint (the key of its budget), from the raw records."""
+    if config.data.dataset is not None:
+        built = builtin_sites(config)
+        return _builtin_split(built, config.data.test_fraction, config.data.seed)[1]
+    return {
+        name: records.fingerprint(records.record_hashes(df), df.columns)
+        for name, df in load_site_frames(config).items()
+    }
+
+
+def _builtin_split(
+    built: BuiltinSites, test_fraction: float, seed: int
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Held-out mask (site after site) and fingerprints of a built-in dataset's sites.
+
+    Blocks of whole sites of about a million records keep the temporaries small.
+    """
+    frame, offsets = built.data.frame, built.offsets
+    n_sites = len(built.names)
+    held = np.zeros(int(offsets[-1]), dtype=bool)
+    fps: dict[str, str] = {}
+    cols = [str(c) for c in frame.columns]
+    lo = 0
+    while lo < n_sites:
+        hi = int(np.searchsorted(offsets, offsets[lo] + (1 << 20), side="right")) - 1
+        hi = min(n_sites, max(hi, lo + 1))
+        a, b = int(offsets[lo]), int(offsets[hi])
+        h = records.record_hashes(frame, rows=built.order[a:b])
+        held[a:b] = records.held_out(h, test_fraction, seed)
+        for i in range(lo, hi):
+            fps[built.names[i]] = records.fingerprint(
+                h[int(offsets[i]) - a : int(offsets[i + 1]) - a], cols
+            )
+        lo = hi
+    return held, fps
+
+
 def resolve_schema(
     config: Config, frames: dict[str, pd.DataFrame] | Pooled
 ) -> tuple[dict[str, ColumnSchema], list[str]]:
@@ -325,6 +370,7 @@ def load_federation(config: Config) -> FederatedData:
         frame, names = built.data.frame, built.names
         order, offsets = built.order, built.offsets
         target = built.data.target
+        held, fingerprints = _builtin_split(built, d.test_fraction, d.seed)
         schema = {**built.data.schema, **config.data.schema}
         labels = pd.Series(frame[target].array.take(order), copy=False)
         task = resolve_task_pooled(
@@ -352,6 +398,14 @@ def load_federation(config: Config) -> FederatedData:
         )
         if problems:
             raise DataError(problems)
+        hashes = {name: records.record_hashes(df) for name, df in frames.items()}
+        fingerprints = {
+            name: records.fingerprint(h, frames[name].columns) for name, h in hashes.items()
+        }
+        held = np.concatenate(
+            [records.held_out(h, d.test_fraction, d.seed) for h in hashes.values()]
+        )
+        del hashes
         pooled = pool_frames(frames)
         del frames  # the pooled frame holds every record; no per-site frame is kept
         schema, inferred = resolve_schema(config, pooled)
@@ -367,12 +421,12 @@ def load_federation(config: Config) -> FederatedData:
             labels, pooled.where, target=target, positive=d.positive, classes=d.classes
         )
         del pooled
+    schema = _features_only(schema, target, d.exclude)
     encoder = Encoder(schema)
     encoder.fit_check()
-    # labels site after site, each site's split from its own generator
+    # labels site after site; each record held out or not by its own content (record-local)
     y = encode_labels(labels, task)
     del labels
-    held = partition.split_sites(y, offsets, d.test_fraction, seed=d.seed)
     n_held = np.concatenate([[0], np.cumsum(held, dtype=np.int64)])
     n_test = n_held[offsets[1:]] - n_held[offsets[:-1]]
     n_train = np.diff(offsets) - n_test
@@ -405,7 +459,20 @@ def load_federation(config: Config) -> FederatedData:
     if inferred:
         notes.append(f"schema inferred from private data for columns: {', '.join(inferred)}")
     derived = [c for c, spec in schema.items() if spec.derived_from_data]
-    return FederatedData(list(pool.sites), encoder, task, derived, notes, truth, pool)
+    return FederatedData(
+        list(pool.sites), encoder, task, derived, notes, truth, pool, fingerprints
+    )
+
+
+def _features_only(
+    schema: dict[str, ColumnSchema], target: str, exclude: Sequence[str]
+) -> dict[str, ColumnSchema]:
+    """The schema of the model's inputs: never the target, never an excluded column.
+
+    A ``[data.schema]`` entry for the target is for DP queries on it (declared bounds); the
+    model never sees the target as a feature.
+    """
+    return {c: s for c, s in schema.items() if c != target and c not in exclude}
 
 
 def _warn_reviewed(schema: dict[str, ColumnSchema], inferred: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def _check(n_sites: int, n: int) -> None:
@@ -76,99 +77,14 @@ def by_column(values: np.ndarray, n_sites: int | None = None) -> list[np.ndarray
 
 
 def train_test_split(
-    labels: np.ndarray, test_fraction: float, *, rng: np.random.Generator
+    frame: pd.DataFrame, test_fraction: float, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-site held-out split, stratified by label where each class has >= 2 records."""
-    n = len(labels)
-    test: list[int] = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * test_fraction)) if len(idx) >= 2 else 0
-        test += idx[:k].tolist()
-    if not test and n >= 2:
-        test = [int(rng.integers(n))]
-    mask = np.zeros(n, dtype=bool)
-    mask[test] = True
-    if mask.all():
-        mask[rng.integers(n)] = False
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
+    """One site's held-out split, record by record (:func:`privml.data.records.held_out`).
 
-
-def split_sites(
-    labels: np.ndarray, offsets: np.ndarray, test_fraction: float, *, seed: int
-) -> np.ndarray:
-    """Every site's :func:`train_test_split` at once: a held-out mask over all sites' records.
-
-    Site ``i`` holds ``labels[offsets[i]:offsets[i + 1]]`` and draws from the generator seeded
-    ``(seed, i)``, exactly as ``train_test_split(site_labels, test_fraction,
-    rng=np.random.default_rng([seed, i]))`` does, so a site splitting its own records alone
-    gets the same split. The grouping by class is one vectorized sort over all records; what
-    remains per site is the site's own generator (a few draws).
+    A record is held out by a hash of its own content and ``seed``; adding or removing a
+    record never moves another. Returns the training and held-out row positions (ascending).
     """
-    offsets = np.asarray(offsets, dtype=np.int64)
-    labels = np.asarray(labels)
-    mask = np.zeros(len(labels), dtype=bool)
-    # blocks of whole sites of about a million records: temporaries stay small
-    n_sites = len(offsets) - 1
-    lo = 0
-    while lo < n_sites:
-        hi = int(np.searchsorted(offsets, offsets[lo] + _BLOCK, side="right")) - 1
-        hi = min(n_sites, max(hi, lo + 1))
-        a, b = int(offsets[lo]), int(offsets[hi])
-        mask[a:b] = _split_block(labels[a:b], offsets[lo : hi + 1] - a, test_fraction, seed, lo)
-        lo = hi
-    return mask
+    from privml.data.records import held_out, record_hashes
 
-
-_BLOCK = 1 << 20
-
-
-def _split_block(
-    labels: np.ndarray, offsets: np.ndarray, test_fraction: float, seed: int, first_site: int
-) -> np.ndarray:
-    n_sites = len(offsets) - 1
-    sizes = np.diff(offsets)
-    n = len(labels)
-    site = np.repeat(np.arange(n_sites, dtype=np.int32), sizes)
-    # records grouped by (site, class), ascending positions within a group (flatnonzero order)
-    order = np.lexsort((labels, site))
-    lab_sorted, site_sorted = labels[order], site[order]
-    del site
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = (lab_sorted[1:] != lab_sorted[:-1]) | (site_sorted[1:] != site_sorted[:-1])
-    del lab_sorted
-    g_start = np.flatnonzero(new_group)
-    g_size = np.diff(np.append(g_start, n))
-    g_site = site_sorted[g_start]
-    del site_sorted, new_group
-    g_take = np.where(g_size >= 2, np.round(g_size * test_fraction), 0).astype(np.int64)
-    per_site = np.bincount(g_site, weights=g_take, minlength=n_sites).astype(np.int64)
-    # the rare sites that draw once more after their permutations (train_test_split's rules)
-    none_held = (per_site == 0) & (sizes >= 2)
-    all_held = (per_site == sizes) & (sizes > 0)
-    extra = (none_held | all_held).tolist()
-    first_group = np.searchsorted(g_site, np.arange(n_sites + 1)).tolist()
-    g_sizes = g_size.tolist()
-    perms: list[np.ndarray] = []
-    draws: dict[int, int] = {}
-    default_rng = np.random.default_rng
-    for i in range(n_sites):
-        a, b = first_group[i], first_group[i + 1]
-        if a == b:
-            continue
-        rng = default_rng([seed, first_site + i])
-        for g in range(a, b):
-            perms.append(rng.permutation(g_sizes[g]))
-        if extra[i]:
-            draws[i] = int(rng.integers(int(sizes[i])))
-    # rank of each record in its group's permutation; held out when rank < the group's quota
-    mask = np.zeros(n, dtype=bool)
-    if n:
-        starts = np.repeat(g_start, g_size)
-        rank = np.empty(n, dtype=np.int64)
-        rank[np.concatenate(perms) + starts] = np.arange(n) - starts
-        mask[order] = rank < np.repeat(g_take, g_size)
-    for i, r in draws.items():
-        # no class could spare a record: hold out one; everything held out: keep one
-        mask[offsets[i] + r] = bool(none_held[i])
-    return mask
+    mask = held_out(record_hashes(frame), test_fraction, seed)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)

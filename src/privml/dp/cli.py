@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from privml.dp.ledger import PrivacyLedger
 
 __all__ = [
-    "DEFAULT_LEDGER_PATH",
     "budget_report",
     "dp_app",
     "format_budget_report",
@@ -39,8 +38,6 @@ __all__ = [
     "ledger_from_config",
     "run_query",
 ]
-
-DEFAULT_LEDGER_PATH = Path("runs") / "privml-ledger.sqlite"
 
 dp_app = typer.Typer(
     name="dp",
@@ -148,14 +145,56 @@ def _section(config: Any, name: str) -> Any:
     return section
 
 
-def ledger_from_config(config: Any) -> PrivacyLedger:
-    """Opens the ledger the config names (``[privacy] ledger``; default
-    ``runs/privml-ledger.sqlite`` under the current directory) with the config's budget.
+def ledger_from_config(
+    config: Any, *, fingerprints: Mapping[str, str] | None = None
+) -> PrivacyLedger:
+    """Opens the ledger the config names with the config's budget, keyed by the sites' data.
+
+    The ledger is ``[privacy] ledger`` or, by default, the user's
+    (:func:`privml.dp.ledger.default_ledger_path`, under ``$XDG_DATA_HOME``), whatever the
+    current folder. Each site's budget is keyed by the fingerprint of its records
+    (``fingerprints``, computed from the config's data when not given), and with an explicit
+    ``[data] name`` bound to that dataset id.
 
     Raises:
         ConfigError: ``budget_epsilon`` / ``budget_delta`` or ``dataset_id`` are missing.
     """
     from privml.dp.ledger import PrivacyLedger
+
+    path, dataset, budget_eps, budget_delta = _ledger_settings(config)
+    if path.exists() or path.is_symlink():
+        from privml.safe_io import check_regular_file
+
+        check_regular_file(
+            path, what="[privacy] ledger",
+            error=lambda m: ConfigError(f"{m}; name the ledger's file, e.g. ledger = "
+                                        '"privml-ledger.sqlite"'),
+        )  # fmt: skip
+    if fingerprints is None:
+        fingerprints = _fingerprints(_default_loader(config))
+    data = getattr(config, "data", None)
+    explicit = getattr(data, "name", None)
+    import sqlite3
+
+    try:
+        return PrivacyLedger(
+            path,
+            dataset=dataset,
+            budget_epsilon=budget_eps,
+            budget_delta=budget_delta,
+            fingerprints=fingerprints,
+            dataset_id=explicit if isinstance(explicit, str) and explicit else None,
+        )
+    except sqlite3.DatabaseError as exc:
+        raise DataError(
+            f"[privacy] ledger {str(path)!r} cannot be opened as a privml ledger ({exc}); "
+            "point ledger at the ledger's file, or at a new file to start one"
+        ) from None
+
+
+def _ledger_settings(config: Any) -> tuple[Path, str, Any, Any]:
+    """The ledger's path, dataset label and budget from the config (all problems at once)."""
+    from privml.dp.ledger import default_ledger_path
 
     privacy = _section(config, "privacy")
     problems = []
@@ -171,26 +210,14 @@ def ledger_from_config(config: Any) -> PrivacyLedger:
     if problems:
         raise ConfigError(problems)
     configured = getattr(privacy, "ledger", None)
-    path = Path(configured) if configured is not None else DEFAULT_LEDGER_PATH
-    if path.exists() or path.is_symlink():
-        from privml.safe_io import check_regular_file
+    path = Path(configured) if configured is not None else default_ledger_path()
+    return path, str(dataset), budget_eps, budget_delta
 
-        check_regular_file(
-            path, what="[privacy] ledger",
-            error=lambda m: ConfigError(f"{m}; name the ledger's file, e.g. ledger = "
-                                        '"privml-ledger.sqlite"'),
-        )  # fmt: skip
-    import sqlite3
 
-    try:
-        return PrivacyLedger(
-            path, dataset=str(dataset), budget_epsilon=budget_eps, budget_delta=budget_delta
-        )
-    except sqlite3.DatabaseError as exc:
-        raise DataError(
-            f"[privacy] ledger {str(path)!r} cannot be opened as a privml ledger ({exc}); "
-            "point ledger at the ledger's file, or at a new file to start one"
-        ) from None
+def _fingerprints(frames: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    from privml.data.records import fingerprint, record_hashes
+
+    return {name: fingerprint(record_hashes(df), df.columns) for name, df in frames.items()}
 
 
 def _default_loader(config: Any) -> Mapping[str, pd.DataFrame]:
@@ -249,7 +276,7 @@ def run_query(
         from privml.extras import require
 
         require("queries", "privml query (OpenDP's exact noise samplers)")
-    ledger = ledger_from_config(config)
+    _ledger_settings(config)  # a config that cannot book fails before any data is read
     data = _section(config, "data")
     schema = getattr(data, "schema", None)
     if getattr(data, "dataset", None) is not None:
@@ -263,6 +290,7 @@ def run_query(
         raise UsageError(
             f"Unknown site {site!r}. Sites in this config: {', '.join(sorted(frames)) or 'none'}."
         )
+    ledger = ledger_from_config(config, fingerprints=_fingerprints({site: frames[site]}))
     result = answer_query(
         frames[site],
         spec,
@@ -301,24 +329,31 @@ def _configured_sites(config: Any) -> list[str]:
     return names
 
 
-def budget_report(config: Any) -> dict[str, Any]:
+def budget_report(
+    config: Any, *, load_frames: Callable[[Any], Mapping[str, pd.DataFrame]] | None = None
+) -> dict[str, Any]:
     """Spent and remaining budget per site, and the history of charges.
 
-    Sites are those the config lists (``data.sites``, if present) plus any with charges.
+    A site's budget is that of its records (their fingerprint, and the dataset id's lineage
+    with ``[data] name``), so the report reads the sites' data (``load_frames``, default
+    ``privml.data.load_site_frames``) to know whose budget to show.
 
     Returns:
         ``{"dataset", "ledger", "budget_epsilon", "budget_delta", "sites": {site: {...}},
         "history": [charge, ...]}`` where each site has ``spent_epsilon``, ``spent_delta``,
         ``remaining_epsilon``, ``remaining_delta`` and ``charges``.
     """
-    ledger = ledger_from_config(config)
-    names = sorted(set(_configured_sites(config)) | set(ledger.sites()))
+    frames = (load_frames or _default_loader)(config)
+    ledger = ledger_from_config(config, fingerprints=_fingerprints(frames))
+    names = sorted(frames)
     sites = {}
     for name in names:
         status = ledger.status(name).to_dict()
         sites[name] = {
             k: status[k]
             for k in (
+                "fingerprint",
+                "lineage",
                 "spent_epsilon",
                 "spent_delta",
                 "remaining_epsilon",

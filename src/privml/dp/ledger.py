@@ -1,9 +1,24 @@
 """A persistent, process-safe privacy budget ledger (SQLite, WAL mode).
 
-One ledger file can hold several datasets; each (dataset, site) pair has its own budget
-``(budget_epsilon, budget_delta)``, given by the configuration (``[privacy] budget_epsilon`` /
-``budget_delta``) every time the ledger is opened, so raising the budget in the config takes
-effect at once while the history of charges is kept.
+A budget belongs to the records it protects, not to a file name or a config. Each site's
+spending is keyed by the **fingerprint** of its data (:func:`privml.data.records.fingerprint`:
+SHA-256 of the site's records' content hashes, sorted), so a renamed or copied config, another
+working folder, or the same file under another site name spends from the same budget. The
+default ledger is one file per user (:func:`default_ledger_path`, under ``$XDG_DATA_HOME``),
+not per folder.
+
+Lineages. Spending is summed over a site's *lineage*: the set of fingerprints budgeted
+together. Without an explicit dataset id a lineage is one fingerprint, so a changed file (one
+record added, removed or edited) is new data with a budget of its own. With an explicit id
+(``[data] name``) every fingerprint a site has had under that id joins the lineage
+``id:<name>/<site>``: the spend of earlier versions of the file carries over (conservative:
+a grown file keeps the old records' spend), and a fingerprint bound to one id is refused under
+another. Handles opened without fingerprints (the Python API) key sites by
+``name:<dataset>/<site>``.
+
+The budget ``(budget_epsilon, budget_delta)`` per lineage is given by the configuration
+(``[privacy] budget_epsilon`` / ``budget_delta``) every time the ledger is opened, so raising the
+budget in the config takes effect at once while the history of charges is kept.
 
 Composition rule: *basic (sequential) composition* -- a site's spend is the sum of the
 (epsilon, delta) of its charges. A charge is admitted only if the sums after it stay within the
@@ -32,6 +47,7 @@ import math
 import numbers
 import os
 import sqlite3
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,9 +57,9 @@ from typing import Any
 
 from privml.errors import BudgetExceededError, UsageError
 
-__all__ = ["BudgetStatus", "ChargeRecord", "PrivacyLedger", "Spend"]
+__all__ = ["BudgetStatus", "ChargeRecord", "PrivacyLedger", "Spend", "default_ledger_path"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SLACK = 1e-9
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -59,10 +75,35 @@ _SCHEMA = (
     created_at TEXT NOT NULL,
     pid INTEGER NOT NULL,
     budget_epsilon REAL NOT NULL,
-    budget_delta REAL NOT NULL
+    budget_delta REAL NOT NULL,
+    fingerprint TEXT
 )""",
     "CREATE INDEX IF NOT EXISTS charges_by_site ON charges (dataset, site)",
 )
+_SCHEMA_V2 = (
+    """CREATE TABLE IF NOT EXISTS lineage (
+    fingerprint TEXT PRIMARY KEY,
+    lineage TEXT NOT NULL,
+    site TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS lineage_by_lineage ON lineage (lineage)",
+    "CREATE INDEX IF NOT EXISTS charges_by_fingerprint ON charges (fingerprint)",
+)
+_LEDGER_FILE = "privacy-ledger.sqlite"
+
+
+def default_ledger_path() -> Path:
+    """The per-user ledger: ``$XDG_DATA_HOME/privml/privacy-ledger.sqlite``.
+
+    ``XDG_DATA_HOME`` defaults to ``~/.local/share`` (the XDG base directory specification;
+    a relative value is ignored). ``[privacy] ledger`` in a config overrides it, e.g. for one
+    ledger shared by a deployment.
+    """
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "privml" / _LEDGER_FILE
 
 
 @dataclass(frozen=True)
@@ -79,7 +120,7 @@ class ChargeRecord:
 
     Attributes:
         id: increasing row id (commit order).
-        dataset, site: whose budget was charged.
+        dataset, site: whose budget was charged (the config's dataset label and site name).
         epsilon, delta: the amount charged.
         label: what the charge paid for (e.g. the canonical query ``"mean(age)"``).
         event: the privacy event as a JSON-able dict (see :func:`privml.dp.events.event_to_dict`),
@@ -88,6 +129,8 @@ class ChargeRecord:
         created_at: UTC timestamp, ISO 8601.
         pid: the process that committed it.
         budget_epsilon, budget_delta: the budget in force when it was admitted.
+        fingerprint: the fingerprint of the site's records that paid (or ``name:...`` for
+            handles without fingerprints).
     """
 
     id: int
@@ -102,11 +145,13 @@ class ChargeRecord:
     pid: int
     budget_epsilon: float
     budget_delta: float
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the record."""
         return {
             "id": self.id,
+            "fingerprint": self.fingerprint,
             "dataset": self.dataset,
             "site": self.site,
             "epsilon": self.epsilon,
@@ -123,7 +168,7 @@ class ChargeRecord:
 
 @dataclass(frozen=True)
 class BudgetStatus:
-    """A site's budget, spend and remainder (basic composition)."""
+    """A site's budget, spend and remainder (basic composition over its lineage)."""
 
     dataset: str
     site: str
@@ -131,12 +176,16 @@ class BudgetStatus:
     spent: Spend
     remaining: Spend
     charges: int = field(default=0)
+    fingerprint: str | None = None
+    lineage: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the status."""
         return {
             "dataset": self.dataset,
             "site": self.site,
+            "fingerprint": self.fingerprint,
+            "lineage": self.lineage,
             "budget_epsilon": self.budget.epsilon,
             "budget_delta": self.budget.delta,
             "spent_epsilon": self.spent.epsilon,
@@ -187,14 +236,20 @@ def _event_json(event: object) -> str | None:
 
 
 class PrivacyLedger:
-    """Persistent per-(dataset, site) privacy budget ledger in a SQLite file.
+    """Persistent privacy budget ledger in a SQLite file, keyed by the sites' data.
 
     Args:
         path: the SQLite file (created with its parent folders if missing).
-        dataset: identifier of the dataset whose sites' budgets this handle manages.
+        dataset: label of the dataset whose sites' budgets this handle manages (recorded with
+            each charge; the key is the fingerprint when ``fingerprints`` are given).
         budget_epsilon: total epsilon each site may spend (> 0, nats).
         budget_delta: total delta each site may spend, in [0, 1) (0 allows pure DP only).
         timeout: seconds to wait for another process's write lock (busy timeout).
+        fingerprints: site name -> fingerprint of its records
+            (:func:`privml.data.records.fingerprint`); a site's budget is that of its
+            records' lineage. Without them, sites are keyed by ``(dataset, site)``.
+        dataset_id: an explicit dataset id (``[data] name``): each site's fingerprint is bound
+            to the lineage ``id:<dataset_id>/<site>`` (see the module docstring).
 
     Usage::
 
@@ -215,6 +270,8 @@ class PrivacyLedger:
         budget_epsilon: float,
         budget_delta: float,
         timeout: float = 60.0,
+        fingerprints: Mapping[str, str] | None = None,
+        dataset_id: str | None = None,
     ) -> None:
         func = "PrivacyLedger"
         if not isinstance(path, (str, os.PathLike)):
@@ -233,6 +290,11 @@ class PrivacyLedger:
                 f"The 'budget_delta' parameter of {func} must be < 1. Got {budget_delta!r}."
             )
         self.timeout = _nonneg("timeout", func, timeout)
+        self.fingerprints = {
+            _name("fingerprints", func, k): _name("fingerprints", func, v)
+            for k, v in (fingerprints or {}).items()
+        }
+        self.dataset_id = None if dataset_id is None else _name("dataset_id", func, dataset_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -248,11 +310,15 @@ class PrivacyLedger:
                         "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
                         (str(_SCHEMA_VERSION),),
                     )
+                elif int(row[0]) == 1:
+                    _migrate_v1(conn)
                 elif int(row[0]) != _SCHEMA_VERSION:
                     raise UsageError(
                         f"The ledger at {self.path} has schema version {row[0]}; this privml "
                         f"reads version {_SCHEMA_VERSION}."
                     )
+                for statement in _SCHEMA_V2:
+                    conn.execute(statement)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -262,8 +328,65 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return (
             f"PrivacyLedger({str(self.path)!r}, dataset={self.dataset!r}, "
-            f"budget_epsilon={self.budget.epsilon!r}, budget_delta={self.budget.delta!r})"
+            f"budget_epsilon={self.budget.epsilon!r}, budget_delta={self.budget.delta!r}, "
+            f"sites keyed by {'fingerprint' if self.fingerprints else 'name'})"
         )
+
+    # ------------------------------------------------------------------------- keys
+
+    def key(self, site: str) -> str:
+        """The key ``site``'s charges are stored under: its records' fingerprint (or name)."""
+        if self.fingerprints:
+            fp = self.fingerprints.get(site)
+            if fp is None:
+                raise UsageError(
+                    f"Unknown site {site!r} for this ledger handle; its sites are "
+                    f"{', '.join(sorted(self.fingerprints)) or 'none'}."
+                )
+            return fp
+        return f"name:{self.dataset}/{site}"
+
+    def _lineage(self, conn: sqlite3.Connection, site: str, *, bind: bool) -> str:
+        """The lineage whose spend ``site`` pays from; ``bind`` records it (in a write txn)."""
+        key = self.key(site)
+        wanted = (
+            f"id:{self.dataset_id}/{site}" if self.dataset_id and self.fingerprints else None
+        )
+        row = conn.execute("SELECT lineage FROM lineage WHERE fingerprint=?", (key,)).fetchone()
+        if row is not None:
+            lin = str(row[0])
+            if wanted is None or lin == wanted:
+                return lin
+            if lin != key:
+                raise UsageError(
+                    f"site {site!r}: these records (fingerprint {key[:19]}...) are already "
+                    f"budgeted under {_describe(lin)}; a budget belongs to the records, so they "
+                    f"cannot start another under [data] name = {self.dataset_id!r}. Use the "
+                    "same name as before, or remove [data] name."
+                )
+            if bind:  # first use under an explicit id: the records' spend moves with them
+                conn.execute("UPDATE lineage SET lineage=? WHERE fingerprint=?", (wanted, key))
+            return wanted
+        lin = wanted or key
+        if bind:
+            if wanted is not None:
+                n = conn.execute(
+                    "SELECT COUNT(*) FROM lineage WHERE lineage=?", (wanted,)
+                ).fetchone()[0]
+                if n:
+                    warnings.warn(
+                        f"site {site!r}: its data changed since {_describe(wanted)} was last "
+                        f"charged (new fingerprint {key[:19]}...); the spend of the earlier "
+                        "version(s) carries over to this one.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+            conn.execute(
+                "INSERT INTO lineage (fingerprint, lineage, site, dataset, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, lin, site, self.dataset, _now()),
+            )
+        return lin
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -277,26 +400,31 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------------- reading
 
-    def _spent(self, conn: sqlite3.Connection, site: str) -> tuple[Spend, int]:
+    def _spent(self, conn: sqlite3.Connection, lineage: str) -> tuple[Spend, int]:
         rows = conn.execute(
-            "SELECT epsilon, delta FROM charges WHERE dataset=? AND site=?", (self.dataset, site)
+            "SELECT epsilon, delta FROM charges WHERE fingerprint IN "
+            "(SELECT fingerprint FROM lineage WHERE lineage=?)",
+            (lineage,),
         ).fetchall()
         eps = math.fsum(r[0] for r in rows)
         delta = math.fsum(r[1] for r in rows)
         return Spend(eps, delta), len(rows)
 
-    def _status(self, spent: Spend, site: str, n: int) -> BudgetStatus:
+    def _status(self, spent: Spend, site: str, n: int, lineage: str | None = None) -> BudgetStatus:
         remaining = Spend(
             max(0.0, self.budget.epsilon - spent.epsilon), max(0.0, self.budget.delta - spent.delta)
         )
-        return BudgetStatus(self.dataset, site, self.budget, spent, remaining, n)
+        return BudgetStatus(
+            self.dataset, site, self.budget, spent, remaining, n, self.key(site), lineage
+        )
 
     def status(self, site: str) -> BudgetStatus:
-        """Budget, spend and remainder of ``site``."""
+        """Budget, spend and remainder of ``site`` (over its records' lineage)."""
         site = _name("site", "PrivacyLedger.status", site)
         with self._connect() as conn:
-            spent, n = self._spent(conn, site)
-        return self._status(spent, site, n)
+            lin = self._lineage(conn, site, bind=False)
+            spent, n = self._spent(conn, lin)
+        return self._status(spent, site, n, lin)
 
     def spent(self, site: str) -> Spend:
         """Total (epsilon, delta) charged to ``site`` (basic composition)."""
@@ -307,23 +435,37 @@ class PrivacyLedger:
         return self.status(site).remaining
 
     def sites(self) -> list[str]:
-        """Sites of this dataset that have at least one charge, sorted."""
+        """Sites of this handle that have at least one charge, sorted.
+
+        With fingerprints: the handle's sites whose lineage has charges; without: the sites
+        charged under this dataset name.
+        """
+        if self.fingerprints:
+            return [s for s in sorted(self.fingerprints) if self.status(s).charges]
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT DISTINCT site FROM charges WHERE dataset=? ORDER BY site", (self.dataset,)
+                "SELECT DISTINCT site FROM charges WHERE dataset=? AND "
+                "fingerprint = 'name:' || dataset || '/' || site ORDER BY site",
+                (self.dataset,),
             ).fetchall()
         return [r[0] for r in rows]
 
     def history(self, site: str | None = None) -> list[ChargeRecord]:
-        """All charges of this dataset (or of one ``site``), in commit order."""
-        sql = "SELECT * FROM charges WHERE dataset=?"
-        args: tuple[Any, ...] = (self.dataset,)
+        """Charges of this handle's sites' lineages (or of one ``site``), in commit order."""
         if site is not None:
-            sql += " AND site=?"
-            args += (_name("site", "PrivacyLedger.history", site),)
+            sites = [_name("site", "PrivacyLedger.history", site)]
+        elif self.fingerprints:
+            sites = sorted(self.fingerprints)
+        else:
+            sites = self.sites()
         with self._connect() as conn:
+            lineages = sorted({self._lineage(conn, s, bind=False) for s in sites})
             conn.row_factory = sqlite3.Row
-            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM charges WHERE fingerprint IN (SELECT fingerprint FROM lineage "
+                f"WHERE lineage IN ({', '.join('?' * len(lineages))})) ORDER BY id",
+                lineages,
+            ).fetchall()
         return [self._record(r) for r in rows]
 
     @staticmethod
@@ -341,6 +483,7 @@ class PrivacyLedger:
             pid=int(row["pid"]),
             budget_epsilon=float(row["budget_epsilon"]),
             budget_delta=float(row["budget_delta"]),
+            fingerprint=row["fingerprint"],
         )
 
     # ------------------------------------------------------------------------- admitting
@@ -359,7 +502,8 @@ class PrivacyLedger:
         if over_delta:
             asked.append(f"delta={delta:g} but only {rem_delta:g} of {b.delta:g} remains")
         return (
-            f"privacy budget exceeded for site {site!r} of dataset {self.dataset!r}: asked "
+            f"privacy budget exceeded for site {site!r} of dataset {self.dataset!r} (its records'"
+            f" budget, whatever config or folder spends it): asked "
             f"{' and '.join(asked)} (spent epsilon={spent.epsilon:g}, delta={spent.delta:g}). "
             "Nothing was spent. Ask for less, or raise [privacy] budget_epsilon / budget_delta "
             "in the config (the new budget applies to the whole history)."
@@ -376,11 +520,12 @@ class PrivacyLedger:
         eps = _nonneg("epsilon", func, epsilon)
         d = _nonneg("delta", func, delta, upper=1.0)
         with self._connect() as conn:
-            spent, n = self._spent(conn, site)
+            lin = self._lineage(conn, site, bind=False)
+            spent, n = self._spent(conn, lin)
         message = self._refusal(site, spent, eps, d)
         if message:
             raise BudgetExceededError(message)
-        return self._status(spent, site, n)
+        return self._status(spent, site, n, lin)
 
     def charge(
         self,
@@ -432,14 +577,15 @@ class PrivacyLedger:
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                spent, _ = self._spent(conn, site)
+                lin = self._lineage(conn, site, bind=True)
+                spent, _ = self._spent(conn, lin)
                 message = self._refusal(site, spent, eps, d)
                 if message:
                     raise BudgetExceededError(message)
                 cur = conn.execute(
                     "INSERT INTO charges (dataset, site, epsilon, delta, label, event, metadata, "
-                    "created_at, pid, budget_epsilon, budget_delta) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, pid, budget_epsilon, budget_delta, fingerprint) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         self.dataset,
                         site,
@@ -452,6 +598,7 @@ class PrivacyLedger:
                         os.getpid(),
                         self.budget.epsilon,
                         self.budget.delta,
+                        self.key(site),
                     ),
                 )
                 row_id = int(cur.lastrowid or 0)
@@ -473,4 +620,35 @@ class PrivacyLedger:
             pid=os.getpid(),
             budget_epsilon=self.budget.epsilon,
             budget_delta=self.budget.delta,
+            fingerprint=self.key(site),
         )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _describe(lineage: str) -> str:
+    if lineage.startswith("id:"):
+        name, _, site = lineage[3:].rpartition("/")
+        return f"dataset id {name!r} (site {site!r})"
+    return f"the fingerprint {lineage[:19]}..."
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Schema 1 (charges keyed by dataset name and site) to 2 (fingerprints and lineages)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(charges)")}
+    if "fingerprint" not in cols:
+        conn.execute("ALTER TABLE charges ADD COLUMN fingerprint TEXT")
+    conn.execute(
+        "UPDATE charges SET fingerprint = 'name:' || dataset || '/' || site "
+        "WHERE fingerprint IS NULL"
+    )
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT OR IGNORE INTO lineage (fingerprint, lineage, site, dataset, created_at) "
+        "SELECT fingerprint, fingerprint, MIN(site), MIN(dataset), MIN(created_at) FROM charges "
+        "GROUP BY fingerprint"
+    )
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(_SCHEMA_VERSION),))

@@ -364,6 +364,34 @@ def _clean(values: Any, func: str) -> np.ndarray:
     return arr[~np.isnan(arr)]
 
 
+def _parsed(frame: pd.DataFrame, spec: QuerySpec, site: str | None) -> pd.DataFrame:
+    """``frame`` with the query's numeric column parsed to float64, before anything is charged.
+
+    Raises:
+        DataError: naming the column and rows of values that are neither missing nor finite
+            numbers (nothing has been charged yet).
+    """
+    import pandas as pd
+
+    col = spec.column
+    if col is None or spec.op in ("count", "histogram"):
+        return frame
+    values = frame[col]
+    num = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    bad = (~np.isfinite(num.to_numpy()) & values.notna().to_numpy()).nonzero()[0]
+    if len(bad):
+        rows = ", ".join(str(int(r) + 1) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        where = f"site {site!r}, " if site else ""
+        raise DataError(
+            f"{where}column {col!r}: {len(bad)} value(s) are not finite numbers (e.g. "
+            f"{str(values.iloc[int(bad[0])])!r}, data rows {rows}); fix the data. The query "
+            "was not answered and nothing was charged."
+        )
+    out = frame.copy(deep=False)
+    out[col] = num.to_numpy()
+    return out
+
+
 def _check_bounds(lower: float, upper: float, func: str) -> tuple[float, float]:
     lo = mech._real("lower", func, lower)
     hi = mech._real("upper", func, upper)
@@ -874,6 +902,7 @@ def answer_query(
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise DataError([f"column {c!r} is not in the site's data" for c in missing])
+    frame = _parsed(frame, spec, site)  # a value that does not parse fails here, uncharged
     charge = None
     if ledger is not None:
         assert site is not None

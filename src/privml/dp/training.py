@@ -465,10 +465,10 @@ def plan_client_level(
 # ----------------------------------------------------------------------------- ledger
 
 
-def _ledger(config: Config) -> PrivacyLedger:
+def _ledger(config: Config, fed: FederatedData) -> PrivacyLedger:
     from privml.dp.cli import ledger_from_config
 
-    return ledger_from_config(config)
+    return ledger_from_config(config, fingerprints=fed.fingerprints or None)
 
 
 def _precheck(ledger: PrivacyLedger, spends: Sequence[tuple[str, float]], delta: float) -> None:
@@ -1210,8 +1210,9 @@ def train_private(
         fed: the encoded sites (:func:`privml.data.load_federation`).
         spec: the model for the encoded features (:func:`privml.pipeline.model_spec`).
         on_round: called after each round.
-        ledger: the ledger to book in; default ``[privacy] ledger`` (or
-            ``runs/privml-ledger.sqlite``) with the config's budget.
+        ledger: the ledger to book in; default ``[privacy] ledger`` (or the user's ledger,
+            :func:`privml.dp.ledger.default_ledger_path`) with the config's budget, each site
+            keyed by the fingerprint of its records (``fed.fingerprints``).
 
     Returns:
         :class:`PrivateRun`; ``privacy`` is results.json's ``privacy`` section.
@@ -1232,7 +1233,7 @@ def train_private(
         return _train_features_only(config, fed, spec, fmap, on_round)
     check_dp_schema(config, fed)
     _check_training(config)
-    led = ledger if ledger is not None else _ledger(config)
+    led = ledger if ledger is not None else _ledger(config, fed)
     noise = run_noise_source(config.training.seed)
     if mode == "sample":
         return _train_sample_level(config, fed, spec, fmap, led, on_round, noise)

@@ -126,7 +126,7 @@ def load_site(config: Config, site: str) -> tuple[SiteData, Encoder, Task, int]:
     encoder.fit_check()
     X = encoder.transform(df, site=site)
     y = encode_labels(df[d.target], task)
-    tr, te = train_test_split(y, d.test_fraction, rng=np.random.default_rng([d.seed, i]))
+    tr, te = train_test_split(df, d.test_fraction, seed=d.seed)  # record-local, as simulated
     return SiteData(site, X[tr], y[tr], X[te], y[te]), encoder, task, i
 
 
