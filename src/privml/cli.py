@@ -363,8 +363,13 @@ _register_subapps()
 def sweep(
     config: ConfigOpt = None,
     epsilons: Annotated[
-        str, typer.Option("--epsilons", help="comma-separated target epsilons, e.g. 0.5,1,2,4,8")
-    ] = "0.5,1,2,4,8",
+        str,
+        typer.Option(
+            "--epsilons",
+            help="comma-separated target epsilons; the default (7.75 in all) fits a fresh "
+            "budget of 10",
+        ),
+    ] = "0.25,0.5,1,2,4",
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default runs/<name>-sweep-<time>)")
     ] = None,
@@ -373,6 +378,14 @@ def sweep(
         bool, typer.Option("--force", help="replace an existing --out folder privml wrote")
     ] = False,
     sets: SetOpt = None,
+    nonprivate_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--nonprivate-baseline",
+            help="also train without DP as a reference line (a release no budget pays for; "
+            "listed in sweep.json's not_accounted)",
+        ),
+    ] = False,
 ) -> None:
     """Train at each epsilon and write a privacy-utility curve (sweep.png and sweep.json)."""
     from privml.sweep import parse_epsilons, run_sweep
@@ -384,16 +397,22 @@ def sweep(
         if not as_json:
             err.print(f"[dim]epsilon {p.epsilon:.3g}: accuracy {_f(p.accuracy)}[/dim]")
 
-    res = run_sweep(cfg, epsilons=eps, out_dir=out_dir, on_point=on_point, force=force)
+    res = run_sweep(
+        cfg, epsilons=eps, out_dir=out_dir, on_point=on_point, force=force,
+        nonprivate_baseline=nonprivate_baseline,
+    )  # fmt: skip
     if as_json:
-        sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
+        from privml.artifacts import dumps_json
+
+        sys.stdout.write(dumps_json(res.to_dict()) + "\n")
         return
     t = Table(title=f"privml sweep: {cfg.name} ({res.mode}-level DP, delta {res.delta:g})")
     for col in ("epsilon", "accuracy", "auc", "noise multiplier"):
         t.add_column(col, justify="right")
     for p in res.points:
         t.add_row(f"{p.epsilon:.3g}", _f(p.accuracy), _f(p.auc), f"{p.noise_multiplier:.3g}")
-    t.add_row("non-private", _f(res.nonprivate["accuracy"]), _f(res.nonprivate["auc"]), "-")
+    if res.nonprivate is not None:
+        t.add_row("non-private", _f(res.nonprivate["accuracy"]), _f(res.nonprivate["auc"]), "-")
     out.print(t)
     out.print(f"curve: {res.png_path}  data: {res.json_path}")
 

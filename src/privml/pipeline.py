@@ -386,12 +386,15 @@ def _run(
     if config.audit.enabled:
         # measured leakage (membership inference) beside the accountant's epsilon;
         # raises PrivacyAuditError (exit 5) before anything is written if it contradicts it.
-        from privml.security.audit import quick_audit
+        from privml.security.audit import QUICK_AUDIT_NOT_ACCOUNTED, quick_audit
 
         stage("quick audit: membership inference")
         results["audit"] = quick_audit(
             result.model, result.params, fed, privacy=results["privacy"], seed=config.training.seed
         )
+        if results["privacy"].get("mode", "none") != "none":
+            # released about training records without DP: listed beside the epsilon
+            results["privacy"]["not_accounted"].append(QUICK_AUDIT_NOT_ACCOUNTED)
     results["timing"] = {"total_seconds": time.perf_counter() - t0}
     results = strict_json(results)  # what is returned is what results.json holds
     if write or resume is not None:

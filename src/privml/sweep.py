@@ -2,28 +2,32 @@
 
 Each point is a full private run of the config (:func:`privml.dp.training.train_private`,
 the code ``privml run`` uses) with ``[privacy] epsilon`` set to the point's target and the
-noise calibrated to it; a non-private run of the same config is the reference line. Writes
-``sweep.json`` (every point's target and reached epsilon, accuracy, AUC, noise multiplier)
-``sweep.png`` (accuracy and balanced accuracy against epsilon, log scale) and ``report.html``
-(the curve and the table of points in one self-contained page).
+noise calibrated to it. Writes ``sweep.json`` (every point's target and reached epsilon,
+accuracy, AUC, noise multiplier), ``sweep.png`` (accuracy and balanced accuracy against
+epsilon, log scale) and ``report.html`` (the curve and the table of points in one
+self-contained page).
 
 Every run is real and books its spend in the ledger: the sweep costs the *sum* of its runs'
 epsilons (and one delta per run) for every site, under the ledger's basic composition. The
 whole sweep's spend is checked before the first run; if it does not fit, nothing is trained
-and nothing is spent (:class:`~privml.errors.BudgetExceededError`, exit code 3). Point the
-sweep at a ledger of its own (``[privacy] ledger``) with a budget for it when the data is
-only being studied. The test accuracies themselves are computed on the sites' held-out
-records without DP, as in ``privml run``.
+and nothing is spent (:class:`~privml.errors.BudgetExceededError`, exit code 3), and the
+message names the budget the sweep needs. The default epsilons (:data:`DEFAULT_EPSILONS`,
+7.75 in all) fit a fresh ledger's default budget (10 per site). The test accuracies are
+computed on the sites' held-out records without DP, as in ``privml run``, and listed in
+``sweep.json``'s ``not_accounted``.
+
+The non-private reference line is opt-in (``nonprivate_baseline=True``, ``privml sweep
+--nonprivate-baseline``): a model trained on the records without DP is a release no budget
+pays for, so it is listed in ``not_accounted`` when asked for, and absent otherwise.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,18 @@ from privml.errors import BudgetExceededError, UsageError
 __all__ = ["SweepPoint", "SweepResult", "parse_epsilons", "run_sweep"]
 
 SWEEP_SCHEMA = "privml-sweep/1"
+
+#: ``privml sweep``'s default targets: 7.75 in all, within a fresh ledger's default budget.
+DEFAULT_EPSILONS = "0.25,0.5,1,2,4"
+
+_TEST_METRICS = (
+    "test metrics: each point's accuracy and AUC, computed on the sites' held-out records "
+    "without DP"
+)
+_BASELINE = (
+    "non-private baseline: a model trained on the same records without DP (its accuracy and "
+    "AUC); asked for with --nonprivate-baseline"
+)
 
 
 def parse_epsilons(text: str | Sequence[float]) -> list[float]:
@@ -90,12 +106,13 @@ class SweepResult:
     """The curve, the non-private reference and where they were written."""
 
     points: list[SweepPoint]
-    nonprivate: dict[str, Any]
+    nonprivate: dict[str, Any] | None
     mode: str
     delta: float
     accountant: str
     json_path: Path
     png_path: Path
+    not_accounted: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,8 +120,10 @@ class SweepResult:
             "mode": self.mode,
             "delta": self.delta,
             "accountant": self.accountant,
+            "relation": "replace_one",
             "points": [asdict(p) for p in self.points],
             "nonprivate": self.nonprivate,
+            "not_accounted": list(self.not_accounted),
         }
 
 
@@ -127,18 +146,23 @@ def _precheck(
     total = math.fsum(epsilons)
     delta = config.privacy.delta * len(epsilons)
     refused = []
+    need_eps, need_delta = 0.0, 0.0
     for site in site_names:
         try:
             ledger.check(site=site, epsilon=total, delta=delta)
         except BudgetExceededError as exc:
             refused.append(str(exc))
+            spent = ledger.spent(site)
+            need_eps = max(need_eps, spent.epsilon + total)
+            need_delta = max(need_delta, spent.delta + delta)
     if refused:
+        b = ledger.budget
         raise BudgetExceededError(
-            f"the sweep would spend epsilon {total:g} and delta {delta:g} per site "
-            f"({len(epsilons)} runs); {len(refused)} site(s) cannot afford it, so nothing was "
-            "trained or spent. "
-            "Give the sweep a ledger of its own ([privacy] ledger) with a budget for it, or "
-            "sweep fewer epsilons:\n  - " + "\n  - ".join(refused)
+            f"the sweep needs epsilon {total:g} and delta {delta:g} per site ({len(epsilons)} "
+            f"runs); {len(refused)} site(s) cannot afford it, so nothing was trained or spent. "
+            f"It fits with [privacy] budget_epsilon >= {max(need_eps, b.epsilon):.6g} and "
+            f"budget_delta >= {max(need_delta, b.delta):.6g} (now {b.epsilon:g} and "
+            f"{b.delta:g}), or with fewer or smaller epsilons:\n  - " + "\n  - ".join(refused)
         )
 
 
@@ -159,7 +183,7 @@ def _plot(result: SweepResult) -> bytes:
     def ys(key: str) -> list[float]:
         return [math.nan if getattr(p, key) is None else float(getattr(p, key)) for p in pts]
 
-    ref = result.nonprivate
+    ref = result.nonprivate or {}
     lines = (("accuracy", "accuracy", "tab:blue"),
              ("balanced_accuracy", "balanced accuracy", "tab:orange"))  # fmt: skip
     for key, label, color in lines:
@@ -168,6 +192,8 @@ def _plot(result: SweepResult) -> bytes:
             ax.axhline(ref[key], ls="--", lw=1, color=color,
                        label=f"{label}, non-private ({ref[key]:.3f})")  # fmt: skip
     base = ref.get("majority_baseline")
+    if base is None and pts:
+        base = pts[0].majority_baseline  # the same test records at every point
     if base is not None:
         ax.axhline(base, ls=":", lw=1.2, color="black", label=f"majority baseline ({base:.3f})")
     ax.set_xscale("log")
@@ -200,8 +226,9 @@ def run_sweep(
     mode: str | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
     force: bool = False,
+    nonprivate_baseline: bool = False,
 ) -> SweepResult:
-    """Trains ``config`` at every epsilon of ``epsilons`` and without DP; writes the curve.
+    """Trains ``config`` at every epsilon of ``epsilons``; writes the curve.
 
     Args:
         config: the run config; its ``[privacy]`` settings are kept except ``epsilon`` (set
@@ -214,6 +241,8 @@ def run_sweep(
         on_point: called after each point.
         force: replace an existing ``out_dir`` that privml wrote
             (:func:`privml.artifacts.check_output_folder`); otherwise it must not exist.
+        nonprivate_baseline: also train without DP as a reference line (a release no budget
+            pays for; listed in ``not_accounted``).
 
     Raises:
         BudgetExceededError: the whole sweep does not fit a site's remaining budget (checked
@@ -234,7 +263,7 @@ def run_sweep(
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
         out_dir = Path("runs") / f"{config.name}-sweep-{stamp}"
     out = Path(out_dir)
-    from privml.artifacts import atomic_folder, check_output_folder
+    from privml.artifacts import atomic_folder, check_output_folder, write_json
     from privml.pipeline import protected_paths
 
     check_output_folder(out, force=force, protected=protected_paths(config))
@@ -246,20 +275,24 @@ def run_sweep(
     check_dp_schema(configs[0], fed)
     _precheck(configs[0], [s.name for s in fed.sites], eps_list, fed.fingerprints or None)
 
-    reference = _variant(config, mode="none", epsilon=None, noise_multiplier=None)
-    t0 = time.perf_counter()
-    if reference.model.features != "none":
-        ref_result = train_private(reference, fed, spec).result
-    else:
-        ref_result = simulate(fed, spec, reference.training)
-    nonprivate = {
-        "accuracy": ref_result.metrics["accuracy"],
-        "auc": ref_result.metrics["auc"],
-        "balanced_accuracy": ref_result.metrics.get("balanced_accuracy"),
-        "f1": ref_result.metrics.get("f1"),
-        "majority_baseline": ref_result.metrics.get("majority_baseline"),
-        "seconds": time.perf_counter() - t0,
-    }
+    not_accounted = [_TEST_METRICS]
+    nonprivate: dict[str, Any] | None = None
+    if nonprivate_baseline:
+        reference = _variant(config, mode="none", epsilon=None, noise_multiplier=None)
+        t0 = time.perf_counter()
+        if reference.model.features != "none":
+            ref_result = train_private(reference, fed, spec).result
+        else:
+            ref_result = simulate(fed, spec, reference.training)
+        nonprivate = {
+            "accuracy": ref_result.metrics["accuracy"],
+            "auc": ref_result.metrics["auc"],
+            "balanced_accuracy": ref_result.metrics.get("balanced_accuracy"),
+            "f1": ref_result.metrics.get("f1"),
+            "majority_baseline": ref_result.metrics.get("majority_baseline"),
+            "seconds": time.perf_counter() - t0,
+        }
+        not_accounted.append(_BASELINE)
     points: list[SweepPoint] = []
     for eps, cfg in zip(eps_list, configs, strict=True):
         t0 = time.perf_counter()
@@ -288,12 +321,13 @@ def run_sweep(
         config.privacy.accountant,
         out / "sweep.json",
         out / "sweep.png",
+        not_accounted,
     )
 
     def fill(tmp: Path) -> None:
         from privml.report.sweep import render_sweep_report
 
-        (tmp / result.json_path.name).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_json(tmp / result.json_path.name, result.to_dict())
         png = _plot(result)
         (tmp / result.png_path.name).write_bytes(png)
         (tmp / "report.html").write_text(render_sweep_report(result.to_dict(), png))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -12,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dp_accounting import NeighboringRelation
 from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
 
 from privml.cli import main
 from privml.config import load_config, parse_config
@@ -78,36 +79,48 @@ def test_calibrated_run_ends_within_one_percent_below_target_and_is_booked(
     assert out.result.metrics["accuracy"] > 0.6
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("accountant", ["rdp", "pld"])
-def test_epsilon_equals_dp_accounting_for_the_booked_events(
-    tmp_path: Path, accountant: str
-) -> None:
-    cfg = _config(
-        tmp_path,
-        privacy={
-            "accountant": accountant,
-            "noise_multiplier": 3.0,
-            "epsilon": None,
-            "center_inputs": False,
-        },
-    )
+def test_epsilon_is_replace_one_and_dp_accounting_recomputes_it(tmp_path: Path) -> None:
+    """The relation results.json states is the one its epsilon is for: dp-accounting's PLD
+    accountant with REPLACE_ONE, fed the per-site (q, sigma, steps) of results.json and the
+    events booked in the ledger, gives the reported epsilon within 1%."""
+    cfg = _config(tmp_path, privacy={"noise_multiplier": 3.0, "epsilon": None})
     out = _train(cfg)
-    for site, eps in out.privacy["epsilon_per_site"].items():
-        events = [event_from_dict(h.event) for h in _ledger(cfg).history(site)]
-        assert len(events) == 2
-        assert isinstance(events[0], dp_accounting.SelfComposedDpEvent)
-        if accountant == "rdp":
-            acc: Any = RdpAccountant()
-            for ev in events:
-                acc.compose(ev)
-            assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
-        else:
-            acc = PLDAccountant(value_discretization_interval=1e-4)
-            for ev in events:
-                acc.compose(ev)
-            # dp-accounting's PLD on a fixed grid vs privml's auto grid: both upper bounds
-            assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=5e-3)
+    priv = out.privacy
+    assert priv["relation"] == "replace_one" and "site's size" in priv["relation_reason"]
+    for site, eps in priv["epsilon_per_site"].items():
+        ps = priv["per_site"][site]
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                ps["sampling_rate"], dp_accounting.GaussianDpEvent(ps["noise_multiplier"])
+            ),
+            ps["steps"],
+        )
+        replace = PLDAccountant(
+            neighboring_relation=NeighboringRelation.REPLACE_ONE,
+            value_discretization_interval=1e-4,
+        )
+        replace.compose(event)
+        assert eps == pytest.approx(replace.get_epsilon(priv["delta"]), rel=0.01)
+        # the booked events are the same steps
+        booked = PLDAccountant(
+            neighboring_relation=NeighboringRelation.REPLACE_ONE,
+            value_discretization_interval=1e-4,
+        )
+        for h in _ledger(cfg).history(site):
+            assert h.metadata["neighboring_relation"] == "replace_one"
+            booked.compose(event_from_dict(h.event))
+        assert eps == pytest.approx(booked.get_epsilon(priv["delta"]), rel=0.01)
+        # and it is larger than add/remove would claim for the same noise
+        add_remove = PLDAccountant(value_discretization_interval=1e-4)
+        add_remove.compose(event)
+        assert eps > 1.3 * add_remove.get_epsilon(priv["delta"])
+
+
+def test_rdp_cannot_account_replace_one_and_is_refused(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, privacy={"accountant": "rdp"})
+    with pytest.raises(ConfigError, match='accountant = "pld"'):
+        _train(cfg)
+    assert _ledger(cfg).sites() == []
 
 
 def test_fixed_noise_above_target_is_a_config_error(tmp_path: Path) -> None:
@@ -240,24 +253,22 @@ def test_derived_bounds_opt_in_warns(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pipeline_results_json_privacy_section(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, privacy={"accountant": "rdp"})
-    res = run(cfg, write=False).results["privacy"]
-    for key in (
-        "mode",
-        "epsilon",
-        "epsilon_per_site",
-        "delta",
-        "noise_multiplier",
-        "sampling_rate",
-        "steps",
-        "clip",
-        "accountant",
-        "ledger",
-    ):
+    """What a DP run publishes: the accounting that recomputes its epsilon, the relation, and
+    every release that is not accounted listed beside it; no per-record statistic."""
+    cfg = _config(tmp_path, audit={"enabled": True})
+    out = run(cfg, out_dir=tmp_path / "run")
+    assert out.out_dir is not None
+    text = (out.out_dir / "results.json").read_text()
+    results = json.loads(text, parse_constant=lambda t: pytest.fail(f"non-strict JSON {t}"))
+    res = results["privacy"]
+    for key in ("mode", "epsilon", "epsilon_per_site", "delta", "noise_multiplier",
+                "sampling_rate", "steps", "clip", "accountant", "ledger", "relation", "unit",
+                "noise", "reproducible_noise", "not_accounted"):  # fmt: skip
         assert key in res
+    assert res["relation"] == "replace_one" and res["reproducible_noise"] is False
     site = res["per_site"]["hospital_a"]
     # Anyone can recompute a site's epsilon from these fields with dp-accounting.
-    acc = RdpAccountant()
+    acc = PLDAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     acc.compose(
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
@@ -266,7 +277,15 @@ def test_pipeline_results_json_privacy_section(tmp_path: Path) -> None:
             site["steps"],
         )
     )
-    assert acc.get_epsilon(res["delta"]) == pytest.approx(site["epsilon"], rel=1e-9)
+    assert acc.get_epsilon(res["delta"]) == pytest.approx(site["epsilon"], rel=0.01)
+    listed = " | ".join(res["not_accounted"])
+    for what in ("test metrics", "site sizes", "hyper-parameters", "quick membership audit"):
+        assert what in listed
+    # the quick audit publishes aggregates only: no threshold (one record's loss), no losses
+    membership = results["audit"]["membership"]
+    assert "threshold" not in membership["bound"]
+    assert not any("loss" in k for k in membership)
+    assert {"auc", "tpr_at_fpr", "empirical_epsilon"} <= set(membership)
 
 
 def test_shift_folds_exactly_into_the_first_layer() -> None:

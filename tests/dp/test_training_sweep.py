@@ -22,7 +22,6 @@ def _config(tmp_path: Path, budget: float = 10.0) -> Any:
             "data": {"dataset": "breast_cancer", "n_sites": 1, "partition": "hospitals"},
             "training": {"rounds": 2, "local_epochs": 2, "batch_size": 64, "lr": 8.0},
             "privacy": {
-                "accountant": "rdp",
                 "ledger": str(tmp_path / "l.sqlite"),
                 "budget_epsilon": budget,
                 "budget_delta": 1e-4,
@@ -44,11 +43,17 @@ def test_parse_epsilons() -> None:
 def test_sweep_writes_curve_and_books_every_run(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     seen = []
-    res = run_sweep(cfg, epsilons="1,4", out_dir=tmp_path / "sw", on_point=seen.append)
+    res = run_sweep(
+        cfg, epsilons="1,4", out_dir=tmp_path / "sw", on_point=seen.append,
+        nonprivate_baseline=True,
+    )  # fmt: skip
     assert [p.epsilon_target for p in res.points] == [1.0, 4.0] == [p.epsilon_target for p in seen]
     data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert data["mode"] == "sample" and data["accountant"] == "rdp"
-    assert data["nonprivate"]["accuracy"] > 0.8
+    assert data["mode"] == "sample" and data["accountant"] == "pld"
+    assert data["relation"] == "replace_one"
+    assert data["nonprivate"]["accuracy"] > 0.8  # asked for: listed as not accounted
+    assert any("non-private baseline" in n for n in data["not_accounted"])
+    assert any("test metrics" in n for n in data["not_accounted"])
     for p in data["points"]:
         assert 0.99 * p["epsilon_target"] <= p["epsilon"] <= p["epsilon_target"]
         assert 0.0 <= p["accuracy"] <= 1.0
@@ -73,8 +78,9 @@ def test_sweep_writes_curve_and_books_every_run(tmp_path: Path) -> None:
 
 def test_sweep_over_budget_trains_and_spends_nothing(tmp_path: Path) -> None:
     cfg = _config(tmp_path, budget=3.0)
-    with pytest.raises(BudgetExceededError, match="the sweep would spend epsilon 5"):
+    with pytest.raises(BudgetExceededError, match="the sweep needs epsilon 5") as info:
         run_sweep(cfg, epsilons=[1, 4], out_dir=tmp_path / "sw")
+    assert "budget_epsilon >= 5" in str(info.value)  # names the budget it needs
     assert not (tmp_path / "sw").exists()
     assert ledger_from_config(cfg).sites() == []
 
@@ -84,3 +90,35 @@ def test_cli_sweep_rejects_bad_epsilons(tmp_path: Path, capsys: pytest.CaptureFi
         main(["sweep", "--epsilons", "1,two", "--out", str(tmp_path / "sw")])
     assert info.value.code == 2
     assert "'two'" in capsys.readouterr().err
+
+
+def test_default_sweep_fits_a_fresh_budget_and_has_no_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's default epsilons fit the default budget of a fresh ledger; nothing
+    non-private is trained unless asked for."""
+    import privml.dp.training as tr
+    from privml.fl import engine
+    from privml.sweep import DEFAULT_EPSILONS
+
+    cfg = parse_config({"data": {"dataset": "breast_cancer"}, "privacy": {"mode": "sample"}})
+    assert math.fsum(parse_epsilons(DEFAULT_EPSILONS)) <= cfg.privacy.budget_epsilon
+    assert 5 * cfg.privacy.delta <= cfg.privacy.budget_delta
+    calls: list[str] = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake_train(config: Any, *a: Any, **k: Any) -> Any:
+        calls.append(config.privacy.mode)
+        raise _Stop
+
+    monkeypatch.setattr(tr, "train_private", fake_train)
+    monkeypatch.setattr(engine, "simulate", lambda *a, **k: calls.append("simulate"))
+    with pytest.raises(_Stop):  # the precheck passed: the first private run started
+        run_sweep(cfg, epsilons=DEFAULT_EPSILONS, out_dir=tmp_path / "sw")
+    assert calls == ["sample"]
+    from privml.cli import sweep as sweep_command
+
+    default = sweep_command.__defaults__[1]  # type: ignore[index]
+    assert default == DEFAULT_EPSILONS

@@ -519,6 +519,7 @@ def _calibrate(
     steps: int,
     accountant: AccountantName,
     tolerance: float,
+    neighboring_relation: NeighboringName = "add_or_remove",
 ) -> NoiseCalibration:
     func = "calibrate_noise_multiplier"
     eps_star = _check_positive("target_epsilon", func, target_epsilon)
@@ -533,6 +534,7 @@ def _calibrate(
     q = _check_rate("sampling_rate", func, sampling_rate)
     t = _check_count("steps", func, steps)
     kind = _check_accountant(func, accountant)
+    _check_neighboring(func, neighboring_relation)
     tol = _check_real("tolerance", func, tolerance)
     if not 1e-4 <= tol <= 0.5:
         raise UsageError(
@@ -545,7 +547,7 @@ def _calibrate(
         nonlocal evaluations
         evaluations += 1
         event = dpsgd_event(sampling_rate=q, noise_multiplier=sigma, steps=t)
-        return _epsilon(event, d, kind, "add_or_remove", vdi)  # as compute_epsilon computes it
+        return _epsilon(event, d, kind, neighboring_relation, vdi)  # as compute_epsilon computes it
 
     # First guess from the moments-accountant asymptotics eps ~ q sqrt(T log(1/delta)) / sigma.
     s0 = math.log(max(0.3, q * math.sqrt(t * math.log(1 / d)) / eps_star))
@@ -573,6 +575,7 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: AccountantName = "pld",
     tolerance: float = 0.01,
+    neighboring_relation: NeighboringName = "add_or_remove",
 ) -> float:
     """Smallest noise multiplier whose epsilon is <= ``target_epsilon`` (within ``tolerance``).
 
@@ -590,6 +593,8 @@ def calibrate_noise_multiplier(
         steps: number of steps T >= 1.
         accountant: ``"pld"`` (default) or ``"rdp"``.
         tolerance: relative slack in epsilon, in [1e-4, 0.5]; default 1%.
+        neighboring_relation: ``"add_or_remove"`` (default) or ``"replace"`` (replace-one;
+            PLD only for Poisson sampling, as in dp-accounting).
 
     Returns:
         The noise multiplier sigma / C (> 0).
@@ -601,6 +606,7 @@ def calibrate_noise_multiplier(
         steps=steps,
         accountant=accountant,
         tolerance=tolerance,
+        neighboring_relation=neighboring_relation,
     ).noise_multiplier
 
 

@@ -139,9 +139,14 @@ __all__ = [
 #: Relative slack of the noise calibration: the epsilon reached is in [(1 - tol) target, target].
 CALIBRATION_TOLERANCE = 0.01
 
-UNACCOUNTED_NOTE = (
-    "Hyper-parameters tuned on private validation data and the test metrics in this file are "
-    "not covered by the epsilon reported."
+#: What a private run releases without DP (results.json ``privacy.not_accounted``).
+NOT_ACCOUNTED = (
+    "test metrics: the metrics, rounds and per-site metrics of results.json, computed on the "
+    "sites' held-out records without DP",
+    "site sizes: n_train and n_test of each site are exact (the epsilon is for replace-one "
+    "neighbours, which they do not distinguish)",
+    "hyper-parameters: settings chosen on private validation data (e.g. the shipped defaults "
+    "tuned on validation splits) are not covered",
 )
 
 
@@ -210,6 +215,12 @@ def _check_training(config: Config) -> None:
             'DP training runs in the simulation engine (training.engine = "simulation"); the '
             "Flower adapter does not carry it yet"
         )
+    if p.accountant == "rdp":
+        problems.append(
+            'accountant = "rdp" cannot account private training: the published site sizes make '
+            "replace-one the neighbouring relation, which dp-accounting's RDP accountant does "
+            'not support for Poisson sampling; use accountant = "pld" (the default)'
+        )
     if p.mode == "sample" and t.aggregator == "fltrust":
         problems.append(
             "training.aggregator = 'fltrust' trains the server on records carved from a site "
@@ -233,9 +244,29 @@ def _check_training(config: Config) -> None:
 # ----------------------------------------------------------------------------- accounting
 
 
+#: The neighbouring relation private training is accounted under. results.json publishes
+#: every site's exact size (and q, the steps and the noise derive from it), and the list of
+#: sites: add/remove neighbours are told apart by those numbers alone, so the guarantee that
+#: holds is replace-one (a record, or a client's records, replaced by others), which
+#: dp-accounting's PLD accountant computes for Poisson-subsampled Gaussians.
+RELATION = "replace"
+RELATION_NAME = "replace_one"
+RELATION_REASON = (
+    "results.json publishes each site's size and the list of sites, so neighbouring datasets "
+    "that add or remove a record (or a client) are told apart by those numbers: the epsilon "
+    "reported is for replacing one record (or one client's records) by another"
+)
+
+
 @lru_cache(maxsize=4096)
 def _epsilon(
-    delta: float, accountant: str, q: float, sigma: float, steps: int, vdi: float | None
+    delta: float,
+    accountant: str,
+    q: float,
+    sigma: float,
+    steps: int,
+    vdi: float | None,
+    relation: str = RELATION,
 ) -> float:
     """``compute_epsilon`` of ``steps`` Poisson-subsampled Gaussian steps (pure; memoised)."""
     return compute_epsilon(
@@ -244,12 +275,15 @@ def _epsilon(
         noise_multiplier=sigma,
         steps=steps,
         accountant=accountant,  # type: ignore[arg-type]
+        neighboring_relation=relation,  # type: ignore[arg-type]
         value_discretization_interval=vdi,
     )
 
 
 @lru_cache(maxsize=1024)
-def _sigma(delta: float, accountant: str, target: float, q: float, steps: int) -> float:
+def _sigma(
+    delta: float, accountant: str, target: float, q: float, steps: int, relation: str = RELATION
+) -> float:
     """``calibrate_noise_multiplier`` (pure; memoised: sweeps and seeds reuse calibrations)."""
     return calibrate_noise_multiplier(
         target_epsilon=target,
@@ -258,11 +292,13 @@ def _sigma(delta: float, accountant: str, target: float, q: float, steps: int) -
         steps=steps,
         accountant=accountant,  # type: ignore[arg-type]
         tolerance=CALIBRATION_TOLERANCE,
+        neighboring_relation=relation,  # type: ignore[arg-type]
     )
 
 
 class _EpsilonCache:
-    """The run's accountant: epsilon and calibration of identical Poisson-Gaussian steps."""
+    """The run's accountant: epsilon and calibration of identical Poisson-Gaussian steps,
+    under the replace-one relation (:data:`RELATION`)."""
 
     def __init__(self, *, delta: float, accountant: str) -> None:
         self.delta = delta
@@ -533,6 +569,7 @@ class _SampleBooker:
                 "mode": "sample",
                 "round": rnd,
                 "accountant": self.plan.accountant,
+                "neighboring_relation": RELATION_NAME,
                 "delta": self.plan.delta,
                 "noise_multiplier": sp.noise_multiplier,
                 "sampling_rate": sp.sampling_rate,
@@ -852,7 +889,9 @@ def _train_sample_level(
     worst = max(plan.sites, key=lambda sp: sp.epsilon)
     privacy = {
         "mode": "sample",
-        "unit": "one record of one site (add/remove); each site has its own guarantee",
+        "unit": "one record of one site; each site has its own guarantee",
+        "relation": RELATION_NAME,
+        "relation_reason": RELATION_REASON,
         "accountant": p.accountant,
         "delta": p.delta,
         "epsilon": worst.epsilon,
@@ -883,7 +922,7 @@ def _train_sample_level(
         "run": run_id,
         "noise": noise.describe(),
         "reproducible_noise": not noise.secure,
-        "not_accounted": UNACCOUNTED_NOTE,
+        "not_accounted": list(NOT_ACCOUNTED),
     }
     extra = {"federation": {"engine": "simulation", **server.to_dict()}, "privacy": privacy}
     result = TrainingResult(
@@ -1003,6 +1042,7 @@ def _train_client_level(
         "run": run_id,
         "mode": "client",
         "accountant": p.accountant,
+        "neighboring_relation": RELATION_NAME,
         "delta": p.delta,
         "noise_multiplier": plan.noise_multiplier,
         "sampling_rate": plan.sampling_rate,
@@ -1117,7 +1157,9 @@ def _train_client_level(
     metrics["per_site"] = per_site_metrics(head, final, fed.sites)
     privacy = {
         "mode": "client",
-        "unit": "one client (all records of a site, add/remove)",
+        "unit": "one client (all records of a site)",
+        "relation": RELATION_NAME,
+        "relation_reason": RELATION_REASON,
         "accountant": p.accountant,
         "delta": p.delta,
         "epsilon": plan.epsilon,
@@ -1152,7 +1194,7 @@ def _train_client_level(
         "run": run_id,
         "noise": noise.describe(),
         "reproducible_noise": not noise.secure,
-        "not_accounted": UNACCOUNTED_NOTE,
+        "not_accounted": list(NOT_ACCOUNTED),
     }
     extra = {
         "federation": {"engine": "simulation", **server.to_dict(), "aggregator": "dp-fedavg"},

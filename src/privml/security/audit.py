@@ -248,6 +248,32 @@ def _privacy_eps(privacy: Mapping[str, Any] | None) -> tuple[float | None, float
     return (None if eps is None else float(eps)), float(delta)
 
 
+#: What the quick audit releases about training records without DP (privacy.not_accounted).
+QUICK_AUDIT_NOT_ACCOUNTED = (
+    "audit (quick membership audit of every run): AUC, TPR at fixed FPRs and an empirical "
+    "epsilon lower bound of a loss-threshold attack on up to max_records training and held-out "
+    "records, computed without DP; no per-record statistic (threshold, losses) is published"
+)
+
+
+#: What ``privml audit`` releases about the sites' records without DP (privacy.not_accounted).
+AUDIT_NOT_ACCOUNTED = (
+    "privml audit: every attack result in the audit section (membership, LiRA and canary "
+    "figures on training records, including the attacks' thresholds; models trained without DP "
+    "on the same records as baselines and shadow models; evasion, inversion, backdoor and "
+    "poisoning measurements) is computed on the sites' records without DP; run it only where "
+    "the audit's readers may see that"
+)
+
+
+def _aggregates_only(membership: dict[str, Any]) -> dict[str, Any]:
+    """The quick audit's membership result without per-record statistics: the chosen
+    threshold is one record's loss, and mean losses are statistics of the training records."""
+    out = {k: v for k, v in membership.items() if not k.startswith("mean_loss")}
+    out["bound"] = {k: v for k, v in membership.get("bound", {}).items() if k != "threshold"}
+    return out
+
+
 def quick_audit(
     model: nn.Module,
     params: torch.Tensor | None,
@@ -295,7 +321,7 @@ def quick_audit(
     return {
         "schema": AUDIT_SCHEMA,
         "quick": True,
-        "membership": res.to_dict(),
+        "membership": _aggregates_only(res.to_dict()),
         "violations": [summary] if res.violation else [],
         "summary": summary,
         "seconds": time.perf_counter() - t0,
@@ -852,6 +878,11 @@ def _write_results(run_dir: Path, audit: dict[str, Any]) -> None:
     path = run_dir / "results.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["audit"] = strict_json(audit)
+    privacy = data.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("mode", "none") != "none":
+        listed = privacy.setdefault("not_accounted", [])
+        if AUDIT_NOT_ACCOUNTED not in listed:
+            listed.append(AUDIT_NOT_ACCOUNTED)
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
