@@ -25,7 +25,7 @@ def test_epsilon_command_json_matches_the_accountant() -> None:
     result = runner.invoke(cli.dp_app, [*args, "--delta", "1e-5", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert set(out) == {"epsilon", "delta", "accountant"}
+    assert set(out) == {"epsilon", "delta", "accountant", "relation"}
     assert out["accountant"] == "pld" and out["delta"] == 1e-5
     assert out["epsilon"] == pytest.approx(0.947, abs=5e-3)
     rdp = runner.invoke(cli.dp_app, [*args, "--delta", "1e-5", "--accountant", "rdp"])
@@ -174,3 +174,18 @@ def test_budget_report(tmp_path: Path) -> None:
     json.dumps(report)
     text = cli.format_budget_report(report)
     assert "mean(age) by sex" in text and "spent eps" in text
+
+
+def test_dp_epsilon_recomputes_replace_one() -> None:
+    runner = CliRunner()
+    args = ["epsilon", "--sampling-rate", "0.1", "--noise-multiplier", "2", "--steps", "50",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    add = json.loads(runner.invoke(cli.dp_app, args).stdout)
+    rep = json.loads(runner.invoke(cli.dp_app, [*args, "--relation", "replace_one"]).stdout)
+    assert rep["relation"] == "replace_one" and add["relation"] == "add_or_remove"
+    assert rep["epsilon"] == pytest.approx(
+        compute_epsilon(delta=1e-5, sampling_rate=0.1, noise_multiplier=2.0, steps=50,
+                        neighboring_relation="replace")
+    ) and rep["epsilon"] > 1.3 * add["epsilon"]  # fmt: skip
+    bad = runner.invoke(cli.dp_app, [*args, "--relation", "swap"])
+    assert bad.exit_code != 0

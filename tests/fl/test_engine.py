@@ -64,8 +64,9 @@ def _run(bc10: tuple[FederatedData, ModelSpec], training=None, attack=None, **kw
 def test_each_aggregator_trains_a_useful_model(bc10, name: str) -> None:
     res = _run(bc10, {"aggregator": name, "rounds": 5})
     acc = res.metrics["accuracy"]
-    # the majority class alone scores 0.63 on these test records
-    assert acc > 0.85, (name, acc)
+    # the majority class alone scores about 0.63 on these test records; after 5 rounds at
+    # lr 8 the accuracy still swings by a few points from round to round, the AUC does not
+    assert acc > 0.8 and res.metrics["auc"] > 0.95, (name, acc, res.metrics["auc"])
     assert res.extra["federation"]["aggregator"] == name
     assert len(res.history) == 5 and all(r.skipped is None for r in res.history)
     if name in ("krum", "multi_krum", "bulyan", "fltrust"):

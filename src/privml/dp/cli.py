@@ -47,6 +47,10 @@ dp_app = typer.Typer(
 )
 
 _ACCOUNTANT_HELP = "pld (privacy loss distributions, tight; default) or rdp (Renyi DP)."
+_RELATION_HELP = (
+    "add_or_remove (default) or replace_one: the neighbouring relation (privml's private "
+    "training reports replace_one, which needs --accountant pld)"
+)
 
 
 def _accountant(value: str) -> str:
@@ -54,6 +58,17 @@ def _accountant(value: str) -> str:
     if name not in ("pld", "rdp"):
         raise UsageError(f"--accountant must be 'pld' or 'rdp'. Got {value!r} instead.")
     return name
+
+
+def _relation(value: str) -> str:
+    name = value.strip().lower().replace("-", "_")
+    if name in ("add_or_remove", "add_or_remove_one", "add_remove"):
+        return "add_or_remove"
+    if name in ("replace", "replace_one"):
+        return "replace"
+    raise UsageError(
+        f"--relation must be 'add_or_remove' or 'replace_one'. Got {value!r} instead."
+    )
 
 
 @dp_app.command("epsilon")
@@ -68,20 +83,32 @@ def epsilon_command(
     delta: Annotated[float, typer.Option("--delta", help="Target delta in (0, 1).")],
     accountant: Annotated[str, typer.Option("--accountant", help=_ACCOUNTANT_HELP)] = "pld",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    relation: Annotated[str, typer.Option("--relation", help=_RELATION_HELP)] = "add_or_remove",
 ) -> None:
     """Epsilon after T steps of the Poisson-subsampled Gaussian mechanism (DP-SGD, DP-FedAvg)."""
     from privml.dp.accounting import compute_epsilon
 
     kind = _accountant(accountant)
+    rel = _relation(relation)
     eps = compute_epsilon(
         delta=delta,
         sampling_rate=sampling_rate,
         noise_multiplier=noise_multiplier,
         steps=steps,
         accountant=kind,  # type: ignore[arg-type]
+        neighboring_relation=rel,  # type: ignore[arg-type]
     )
     if json_output:
-        typer.echo(json.dumps({"epsilon": eps, "delta": delta, "accountant": kind}))
+        typer.echo(
+            json.dumps(
+                {
+                    "epsilon": eps,
+                    "delta": delta,
+                    "accountant": kind,
+                    "relation": "replace_one" if rel == "replace" else "add_or_remove",
+                }
+            )
+        )
     else:
         typer.echo(
             f"epsilon = {eps:.6g} at delta = {delta:g} ({kind.upper()} accountant; q = "
@@ -102,6 +129,7 @@ def noise_command(
         float, typer.Option("--tolerance", help="Relative slack below the target epsilon.")
     ] = 0.01,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    relation: Annotated[str, typer.Option("--relation", help=_RELATION_HELP)] = "add_or_remove",
 ) -> None:
     """Smallest noise multiplier whose epsilon is <= the target (within --tolerance)."""
     from privml.dp.accounting import _calibrate
@@ -114,6 +142,7 @@ def noise_command(
         steps=steps,
         accountant=kind,  # type: ignore[arg-type]
         tolerance=tolerance,
+        neighboring_relation=_relation(relation),  # type: ignore[arg-type]
     )
     if json_output:
         typer.echo(
