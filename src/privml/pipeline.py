@@ -116,12 +116,14 @@ def _noting(notes: list[str]) -> Iterator[None]:
         yield
 
 
-def budget_snapshot(config: Config, sites: list[str]) -> dict[str, Any]:
+def budget_snapshot(
+    config: Config, sites: list[str], fingerprints: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Each site's budget, total spend and remainder in the ledger after this run (all runs
-    and queries on this dataset, basic composition), for the report."""
+    and queries on these records, basic composition), for the report."""
     from privml.dp.cli import ledger_from_config
 
-    ledger = ledger_from_config(config)
+    ledger = ledger_from_config(config, fingerprints=fingerprints or None)
     per_site = {}
     for site in sites:
         st = ledger.status(site)
@@ -374,7 +376,9 @@ def _run(
     _refuse_untrained(results["updates"], config)
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
     if private is not None and config.privacy.mode != "none":
-        results["privacy"]["budget"] = budget_snapshot(config, [s.name for s in fed.sites])
+        results["privacy"]["budget"] = budget_snapshot(
+            config, [s.name for s in fed.sites], fed.fingerprints
+        )
     if result.extra.get("attack") is not None:
         results["attack"] = result.extra["attack"]
     if private is not None and private.features is not None:

@@ -520,8 +520,11 @@ def _privacy(results: Mapping[str, Any]) -> str:
             "round 1 (one DP-FedAvg event), so the spend does not grow by round.</p>"
         )
     released = []
-    if p.get("not_accounted"):
-        released.append(_esc(p["not_accounted"]))
+    listed = p.get("not_accounted")
+    if isinstance(listed, str):
+        listed = [listed]
+    for item in listed or []:
+        released.append(_esc(str(item)[:1].upper() + str(item)[1:] + "."))
     released.append(
         "The test metrics, curves and confusion matrix in this report are computed "
         "on the sites' held-out records without noise; they are released outside "
