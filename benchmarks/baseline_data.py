@@ -122,8 +122,8 @@ def load_synthetic(config: Config) -> list[SiteData]:
     y_all = (frame[target].map(_label_str) == classes[1]).to_numpy(dtype=np.int64)
     sites = []
     for i, name in enumerate(frames):
-        rng = np.random.default_rng([d.seed, i])
         X, y = X_all[parts[i]], y_all[parts[i]]
-        tr, te = partition.train_test_split(y, d.test_fraction, rng=rng)
+        # the record-local split, site by site on the site's own frame
+        tr, te = partition.train_test_split(frames[name], d.test_fraction, seed=d.seed)
         sites.append(SiteData(name, X[tr], y[tr], X[te], y[te]))
     return sites

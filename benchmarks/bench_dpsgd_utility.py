@@ -6,8 +6,8 @@ Run:  .venv/bin/python benchmarks/bench_dpsgd_utility.py            # the chosen
       .venv/bin/python benchmarks/bench_dpsgd_utility.py --quick    # one seed, few rounds
 
 Accuracies (no timing) go to the JSON results and the ``utility`` table (benchmarks/harness.py,
-benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed, 2 rounds, the RDP
-accountant, no validation split, digits at epsilon 1 only and 200 clients (a smoke run: its
+benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed, 2 rounds, no validation
+split, digits at epsilon 1 only and 200 clients (a smoke run: its
 accuracies are not the targets').
 
 Experiments (each through :func:`privml.dp.training.train_private`, the code ``privml run``
@@ -218,12 +218,12 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
 
 
 def _quick(raw: dict[str, Any]) -> dict[str, Any]:
-    """A smoke run: 2 rounds, the RDP accountant (faster to calibrate), 200 clients at most."""
+    """A smoke run: 2 rounds, 200 clients at most (private training accounts replace-one
+    neighbours, which only the PLD accountant computes)."""
     t, d = raw["training"], raw["data"]
     return merge(
         raw,
         training={"rounds": min(2, t["rounds"])},
-        privacy={"accountant": "rdp"},
         data={"n_sites": min(200, d["n_sites"])},
     )
 
