@@ -89,7 +89,7 @@ def save_model(
     feature_map: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model.pt`` (a state dict) and ``model.json`` (everything to rebuild and encode),
-    signed in ``model.sig`` (:mod:`privml.security.defenses.signing`).
+    signed in ``model.sig`` (:mod:`privml.signing`).
 
     ``feature_map`` records a fixed feature map (e.g. HOG) the weights were trained on; such a
     model is kept for the record but :func:`load_model` refuses it, since the loaders
@@ -109,7 +109,7 @@ def save_model(
         meta["feature_map"] = feature_map
     write_json(folder / "model.json", meta)
     # sign weights + metadata with the deployment's Ed25519 key (model.sig).
-    from privml.security.defenses.signing import sign_model_dir
+    from privml.signing import sign_model_dir
 
     sign_model_dir(folder)
     return meta
@@ -133,7 +133,7 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec, Encoder, Task,
     import io
 
     from privml.safe_io import loads_json_bounded, read_bytes_bounded
-    from privml.security.defenses.signing import verify_model_dir
+    from privml.signing import verify_model_dir
 
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "model.pt"

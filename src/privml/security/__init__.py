@@ -4,7 +4,7 @@
   LiRA), gradient inversion, federated backdoors and poisoning; each returns a measured
   success metric.
 * :mod:`privml.security.defenses` -- adversarial training, norm clipping with weak DP, update
-  anomaly detection, signed model artifacts (robust aggregation itself lives in
+  anomaly detection (robust aggregation itself lives in
   :mod:`privml.fl.aggregate`).
 * :mod:`privml.security.audit` -- ``privml audit`` and the quick audit every run reports.
 """

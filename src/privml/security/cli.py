@@ -111,7 +111,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Check a run folder's model signature; exit code 4 if it does not verify."""
-    from privml.security.defenses.signing import verify_model_dir
+    from privml.signing import verify_model_dir
 
     v = verify_model_dir(folder, public_keys=list(public_key) if public_key else None)
     if as_json:
@@ -131,7 +131,7 @@ def sign(
     ] = None,
 ) -> None:
     """Sign a model folder with this deployment's key (only models you have reviewed)."""
-    from privml.security.defenses.signing import sign_model_dir
+    from privml.signing import sign_model_dir
 
     doc = sign_model_dir(folder, key, create=False)
     _out.print(f"signed {folder} with key {doc['key_id']}")
@@ -146,7 +146,7 @@ def keygen(
     force: Annotated[bool, typer.Option("--force", help="replace an existing key")] = False,
 ) -> None:
     """Create this deployment's Ed25519 model-signing key (mode 0600) and its public key."""
-    from privml.security.defenses.signing import generate_signing_key, key_id, load_public_key
+    from privml.signing import generate_signing_key, key_id, load_public_key
 
     priv, pub = generate_signing_key(key, overwrite=force)
     _out.print(f"signing key: {priv} (mode 600; keep it out of run folders)")

@@ -19,13 +19,22 @@ from privml.data.federation import load_federation
 from privml.errors import CryptoError, SignatureError, UsageError
 from privml.fl.engine import init_params
 from privml.pipeline import model_spec
-from privml.security.defenses.signing import (
+from privml.signing import (
     default_key_path,
     generate_signing_key,
     load_signing_key,
     sign_model_dir,
     verify_model_dir,
 )
+
+
+@pytest.fixture(autouse=True)
+def _signing_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Never touch the user's real deployment key: every test gets its own key folder."""
+    d = tmp_path_factory.mktemp("keys")
+    monkeypatch.setenv("PRIVML_SIGNING_KEY", str(d / "signing-key.pem"))
+    monkeypatch.delenv("PRIVML_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("PRIVML_SIGNING_PASSPHRASE", raising=False)
 
 
 @pytest.fixture(scope="module")
