@@ -33,7 +33,7 @@ from privml.dp.sgd import (
     poisson_batches,
     sampling_plan,
 )
-from privml.fl.local import CohortData, train_cohort
+from privml.models.training import CohortData, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params
 
 SIGMA, C, LR = 1.0, 1.0, 0.1

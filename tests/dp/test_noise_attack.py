@@ -24,7 +24,7 @@ from privml.dp import training as tr
 from privml.dp.randomness import NoiseSource, reproducible_noise
 from privml.dp.sgd import clipped_grad_sum, noise_generators
 from privml.fl.engine import init_params
-from privml.fl.local import Batch
+from privml.models.training import Batch
 from privml.pipeline import model_spec, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::privml.errors.InsecureOptionWarning")

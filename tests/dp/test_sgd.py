@@ -24,8 +24,8 @@ from privml.dp.sgd import (
     sampling_plan,
 )
 from privml.errors import UsageError
-from privml.fl.local import Batch, CohortData, per_sample_loss, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
+from privml.models.training import Batch, CohortData, per_sample_loss, train_cohort
 
 SPECS = [
     (ModelSpec("logistic", 12, 1), True),

@@ -24,9 +24,9 @@ from privml.fl.engine import (
     pooled_metrics,
     simulate,
 )
-from privml.fl.local import Batch, MeanGradient
 from privml.fl.metrics import evaluate
 from privml.models.nets import ModelSpec, build_model, flat_params
+from privml.models.training import Batch, MeanGradient
 from privml.pipeline import model_spec
 
 BASE_TRAINING = {"rounds": 4, "local_epochs": 2, "lr": 8.0, "batch_size": 32}

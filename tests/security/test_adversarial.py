@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from privml.errors import UsageError
-from privml.fl.local import CohortData, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params
+from privml.models.training import CohortData, train_cohort
 from privml.security.attacks.evasion import robust_accuracy
 from privml.security.defenses.adversarial import AdversarialGradient, adversarial_train
 

@@ -7,7 +7,7 @@ standard deviation ``sigma_s * C`` and divides by the *expected* batch size ``q_
 
     g_s = (sum_i clip_C(grad_i) + N(0, sigma_s^2 C^2 I)) / (q_s N_s)
 
-:class:`DPSGDGradient` is a :class:`privml.fl.local.GradientRule`: it computes this for every
+:class:`DPSGDGradient` is a :class:`privml.models.training.GradientRule`: it computes this for every
 site of the cohort in one batched computation on stacked parameters ``[S, P]``, so 100 sites'
 DP-SGD in a round is one computation, not 100 loops.
 
@@ -64,7 +64,7 @@ from torch.func import grad, vmap
 
 from privml.dp.randomness import NoiseStream, normal_rows
 from privml.errors import UsageError
-from privml.fl.local import Batch, per_sample_loss
+from privml.models.training import Batch, per_sample_loss
 from privml.models.nets import ModelSpec, Poly2, Square, functional_forward
 
 __all__ = [
@@ -597,7 +597,7 @@ class DPSGDGradient:
     ``rule(params [S, P], batch, step)`` returns ``(sum of clipped per-sample gradients +
     N(0, (sigma_s C)^2 I)) / expected_batch[s]`` for each site ``s`` whose local training has
     not finished (``step < steps[s]``) and 0 for the others. Use it with
-    :func:`privml.fl.local.train_cohort` and ``batches=(pb.idx, pb.mask)`` from
+    :func:`privml.models.training.train_cohort` and ``batches=(pb.idx, pb.mask)`` from
     :func:`poisson_batches`.
 
     Args:

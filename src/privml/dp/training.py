@@ -116,7 +116,7 @@ from privml.fl.engine import (
     plan_round,
     simulate,
 )
-from privml.fl.local import CohortData, MeanGradient, train_cohort
+from privml.models.training import CohortData, MeanGradient, train_cohort
 from privml.fl.metrics import evaluate, round_metrics
 from privml.fl.server_opt import server_step
 from privml.models.nets import ModelSpec, build_model

@@ -9,7 +9,7 @@ One round:
    synchronous rounds with a deadline discard late updates, so the simulator does not compute
    them -- the model is the same as if they had trained and been ignored).
 2. **Train** the participants locally from the global model, all of them in one vectorized
-   computation (:func:`local_updates`, :mod:`privml.fl.local`); FedProx adds its proximal
+   computation (:func:`local_updates`, :mod:`privml.models.training`); FedProx adds its proximal
    term. Simulated attackers (``[attack]``) train on flipped labels (``label_flip``) or rewrite
    their updates (:func:`privml.fl.attacks.apply_attack`).
 3. **Aggregate** on the server (:func:`aggregate_round`): validate every update
@@ -63,7 +63,7 @@ from privml.fl.attacks import (
     flip_labels,
 )
 from privml.fl.checkpoint import ServerState, load_checkpoint, save_checkpoint
-from privml.fl.local import CohortData, GradientRule, MeanGradient, train_cohort
+from privml.models.training import CohortData, GradientRule, MeanGradient, train_cohort
 from privml.fl.metrics import per_site_metrics, pooled_metrics, round_metrics
 from privml.fl.server_opt import ServerOptimizer, init_state, make_server_optimizer, server_step
 from privml.fl.validate import REJECTION_REASONS, stack_accepted, validate_updates

@@ -2,7 +2,7 @@
 
 Engines treat a model as a function of one flat float32 parameter vector, so that many
 sites' copies of the same architecture can be stacked into one ``[sites, n_params]`` tensor
-and trained in one vectorized computation (see :mod:`privml.fl.local`).
+and trained in one vectorized computation (see :mod:`privml.models.training`).
 """
 
 from privml.models.nets import (

@@ -27,8 +27,8 @@ from privml.data.federation import FederatedData, SiteData
 from privml.errors import UsageError
 from privml.fl.attacks import UPDATE_ATTACKS, apply_attack
 from privml.fl.engine import init_params, local_updates, sample_cohort
-from privml.fl.local import GradientRule, MeanGradient
 from privml.models.nets import ModelSpec, load_flat_params
+from privml.models.training import GradientRule, MeanGradient
 from privml.security.defenses.robust import NO_DEFENCE, Defence, defend
 
 __all__ = ["Adversary", "FederatedRun", "boost_updates", "federate", "site_indices"]

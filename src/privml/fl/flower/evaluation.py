@@ -27,7 +27,7 @@ from torch import nn
 
 from privml.baselines import class_balance
 from privml.errors import DataError
-from privml.fl.local import per_sample_loss
+from privml.models.training import per_sample_loss
 from privml.fl.metrics import EMPTY_METRICS
 from privml.models.nets import functional_forward
 

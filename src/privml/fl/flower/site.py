@@ -27,8 +27,8 @@ from privml.errors import ConfigError, DataError, UsageError
 from privml.fl.engine import DEFAULT_PROX_MU, local_updates
 from privml.fl.flower import protocol
 from privml.fl.flower.evaluation import EvalStats, site_stats
-from privml.fl.local import MeanGradient
 from privml.models.nets import ModelSpec, build_model
+from privml.models.training import MeanGradient
 from privml.pipeline import model_spec
 
 __all__ = [

@@ -559,14 +559,14 @@ def sgd_shadow_trainer(
     Args:
         spec: the architecture.
         lr, epochs, batch_size: SGD settings, those of the target's training.
-        rule: a :class:`privml.fl.local.GradientRule` (default: plain mini-batch SGD,
-            :class:`privml.fl.local.MeanGradient`); pass a DP-SGD rule to audit DP training.
+        rule: a :class:`privml.models.training.GradientRule` (default: plain mini-batch SGD,
+            :class:`privml.models.training.MeanGradient`); pass a DP-SGD rule to audit DP training.
         init_seed: seed of the initialisation shared by all models.
         poisson: draw Poisson-sampled batches (each record with probability
             ``batch_size / n_k``, as DP-SGD's accounting assumes) instead of shuffled ones.
     """
     from privml.fl.engine import init_params
-    from privml.fl.local import CohortData, MeanGradient, train_cohort
+    from privml.models.training import CohortData, MeanGradient, train_cohort
 
     where = "sgd_shadow_trainer"
     step = check_float(lr, "lr", where, low=0.0, low_open=True)
@@ -610,7 +610,7 @@ def dpsgd_shadow_trainer(
     from privml.dp.accounting import calibrate_noise_multiplier
     from privml.dp.sgd import DPSGDGradient, noise_generators, poisson_batches, sampling_plan
     from privml.fl.engine import init_params
-    from privml.fl.local import CohortData, train_cohort
+    from privml.models.training import CohortData, train_cohort
 
     where = "dpsgd_shadow_trainer"
     eps = check_float(epsilon, "epsilon", where, low=0.0, low_open=True)

@@ -1,7 +1,7 @@
 """Adversarial training: PGD-AT (Madry et al. 2018) and TRADES (Zhang et al. 2019).
 
-Both are :class:`privml.fl.local.GradientRule` s, so they plug into the same vectorized local
-trainer every federated engine uses (:func:`privml.fl.local.train_cohort`): each site trains
+Both are :class:`privml.models.training.GradientRule` s, so they plug into the same vectorized local
+trainer every federated engine uses (:func:`privml.models.training.train_cohort`): each site trains
 on adversarial versions of its own mini-batches, crafted with the current local model, and no
 record leaves the site. :func:`adversarial_train` runs one model on one dataset (a single
 "site") for the centralised case and for tests.
@@ -30,7 +30,6 @@ from torch import nn
 from torch.func import vmap
 
 from privml.errors import UsageError
-from privml.fl.local import Batch, CohortData, shuffled_batches
 from privml.models.nets import (
     ModelSpec,
     build_model,
@@ -39,6 +38,7 @@ from privml.models.nets import (
     load_flat_params,
     stacked_forward,
 )
+from privml.models.training import Batch, CohortData, shuffled_batches
 from privml.security._checks import (
     as_features,
     as_labels,
@@ -69,7 +69,7 @@ def _kl(clean_logp: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
 
 
 class AdversarialGradient:
-    """A :class:`~privml.fl.local.GradientRule` for adversarial training of every site.
+    """A :class:`~privml.models.training.GradientRule` for adversarial training of every site.
 
     Args:
         model: the architecture (any instance built from ``spec``; only its structure is used).

@@ -22,8 +22,8 @@ from privml.config import TrainingConfig
 from privml.data.encoding import Encoder, Task
 from privml.data.federation import FederatedData, SiteData
 from privml.fl.engine import init_params, simulate
-from privml.fl.local import CohortData, MeanGradient, shuffled_batches, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
+from privml.models.training import CohortData, MeanGradient, shuffled_batches, train_cohort
 
 SIZES = (37, 5, 64, 16)
 
@@ -218,7 +218,7 @@ def test_simulation_does_not_touch_the_global_rng() -> None:
     ids=lambda v: f"{v.kind}-{v.activation}" if isinstance(v, ModelSpec) else str(v),
 )
 def test_hand_written_mean_gradient_equals_autograd(spec: ModelSpec, binary: bool) -> None:
-    from privml.fl.local import Batch, LinearStackGradient
+    from privml.models.training import Batch, LinearStackGradient
 
     torch.manual_seed(0)
     model = build_model(spec)
@@ -252,7 +252,7 @@ def test_cohort_batches_are_each_site_shuffling_alone(
 ) -> None:
     """A cohort's batches are what each site computes alone with site_order (so a site trains
     alike in any cohort or engine), every record once per epoch."""
-    from privml.fl.local import cohort_batches, site_order
+    from privml.models.training import cohort_batches, site_order
 
     if one_large:
         sizes = [*sizes, 500]  # widely different sizes: the one-sort path
