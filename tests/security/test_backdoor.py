@@ -18,7 +18,7 @@ from privml.security.attacks.backdoor import (
     poisoner,
     trigger_from_config,
 )
-from privml.security.defenses.anomaly import detect_anomalies, filter_flagged
+from privml.fl.anomaly import detect_anomalies, filter_flagged
 from privml.security.defenses.robust import BACKDOOR_DEFENCE, Defence, defend
 from privml.security.federated import Adversary, federate
 

@@ -48,6 +48,7 @@ __all__ = [
     "bulyan",
     "centered_clip",
     "check_params",
+    "clip_rows",
     "coordinate_median",
     "fedavg",
     "fltrust",
@@ -96,6 +97,25 @@ class AggregationContext:
 
     center: ArrayLike | None = None
     server_update: ArrayLike | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Clipping (the one implementation: norm bounding, defences, DP, secure aggregation use it)
+# --------------------------------------------------------------------------------------------
+
+
+def clip_rows(stack: ArrayLike, bound: float) -> tuple[FloatArray, FloatArray, BoolArray]:
+    """Scale every row of ``stack`` to L2 norm at most ``bound``: ``u * min(1, bound / ||u||)``.
+
+    Returns ``(clipped, norms, over)``: the clipped float64 copy, each row's norm before
+    clipping, and which rows were scaled down. Rows within the bound are returned exactly.
+    """
+    s = np.asarray(stack, dtype=np.float64)
+    norms = np.linalg.norm(s, axis=1)
+    over = norms > bound
+    factor = np.ones_like(norms)
+    factor[over] = bound / norms[over]
+    return s * factor[:, None], norms, over
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,15 +483,11 @@ def norm_bound(
     """
     stack = _as_stack(updates, rule="norm_bound")
     w = _as_weights(weights, stack.shape[0], rule="norm_bound")
-    norms = np.linalg.norm(stack, axis=1)
     if max_norm is None:
-        bound = float(np.median(norms))
+        bound = float(np.median(np.linalg.norm(stack, axis=1)))
     else:
         bound = _check_float(max_norm, name="max_norm", rule="norm_bound", low=0.0, low_open=True)
-    factor = np.ones_like(norms)
-    over = norms > bound
-    factor[over] = bound / norms[over]
-    clipped = stack * factor[:, None]
+    clipped, _, over = clip_rows(stack, bound)
     update = clipped.mean(axis=0) if w is None else (w / w.sum()) @ clipped
     return AggregateResult(
         update=update,

@@ -1,14 +1,12 @@
 """Federated rounds with simulated adversaries and server-side defences, for the audit.
 
-The round loop the attack experiments need: malicious sites that train on poisoned data and
-send boosted (model replacement) or rewritten updates, and a server that runs the defences of
-:mod:`privml.security.defenses.robust` and records which updates the anomaly detector flagged.
-It is built from the same pieces as the simulation engine -- cohort sampling, the vectorized
-site-side trainer (:func:`privml.fl.engine.local_updates`), the Byzantine update attacks of
-:mod:`privml.fl.attacks` and the aggregation rules of :mod:`privml.fl.aggregate` -- with a plain
-server step (``global += aggregate``). The engine's own ``[attack]`` simulation covers the
-Byzantine attacks for ``privml run``; this loop adds data poisoning with a trigger and the
-defences whose effect the audit measures.
+:func:`federate` runs the round engine (:func:`privml.fl.rounds.run_rounds`) with the stages an
+attack experiment needs: malicious sites that train on poisoned data and send boosted (model
+replacement) or rewritten updates (:class:`~privml.fl.stages.attack.SimulatedAttack`), and a
+server that runs the defences of :mod:`privml.security.defenses.robust` (anomaly filter,
+clipping, robust rule, weak DP) and records which updates the anomaly detector flagged. The
+rest of the round is the configured one: cohort sampling, local SGD or FedProx, the server
+optimizer, ``max_update_norm``.
 """
 
 from __future__ import annotations
@@ -20,21 +18,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
-from privml.config import TrainingConfig
-from privml.data.federation import FederatedData, SiteData
+from privml.data.federation import FederatedData
 from privml.errors import UsageError
-from privml.fl.attacks import UPDATE_ATTACKS, apply_attack
-from privml.fl.engine import init_params, local_updates, sample_cohort
+from privml.fl.attacks import UPDATE_ATTACKS
+from privml.fl.checkpoint import ServerState
+from privml.fl.engine import SimulationEngine, torch_threads
+from privml.fl.plan import attacked_data, init_params
+from privml.fl.rounds import Outcome, Received, RoundsPlan, SitePipeline, run_rounds
+from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan, init_server_state
+from privml.fl.stages.attack import Poison, SimulatedAttack, boost_updates
+from privml.fl.stages.cohort import UniformCohort
+from privml.fl.stages.local import LocalTraining
+from privml.fl.stages.optimizer import ServerOptimizerStep
 from privml.models.nets import ModelSpec, load_flat_params
 from privml.models.training import GradientRule, MeanGradient
-from privml.security.defenses.robust import NO_DEFENCE, Defence, defend
+from privml.security.defenses.robust import NO_DEFENCE, Defence
 
 __all__ = ["Adversary", "FederatedRun", "boost_updates", "federate", "site_indices"]
-
-#: ``(X, y, rng) -> (X', y')``: how a malicious site rewrites its training records.
-Poison = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,20 @@ class Adversary:
         if self.update_attack is not None and self.boost is not None:
             raise UsageError("Give an Adversary 'boost' or 'update_attack', not both.")
 
+    def stage(self, n_sites: int, seed: int) -> SimulatedAttack:
+        """The round engine's attack stage for these sites."""
+        bad = [i for i in self.sites if not 0 <= i < n_sites]
+        if bad:
+            raise UsageError(
+                f"Adversary sites {bad} are outside 0..{n_sites - 1} (the federation has "
+                f"{n_sites} sites)."
+            )
+        kind = self.update_attack or ("backdoor" if self.poison is not None else "boost")
+        return SimulatedAttack(
+            kind, np.unique(np.asarray(self.sites, dtype=np.int64)), self.update_attack,
+            dict(self.update_attack_params), self.poison, self.boost, self.start_round, seed,
+        )  # fmt: skip
+
 
 @dataclass
 class FederatedRun:
@@ -104,10 +121,58 @@ class FederatedRun:
         return int(sum(r.get("flagged_honest", 0) for r in self.rounds))
 
 
+class _Recorder:
+    """The ``combine`` step of the defence, recording per round which updates were flagged."""
+
+    def __init__(self, combine: CheckedAggregation) -> None:
+        self.combine = combine
+        self.rounds: list[dict[str, Any]] = []
+
+    def __call__(self, state: ServerState, received: Received, rnd: int) -> Outcome:
+        outcome = self.combine(state, received, rnd)
+        ids = np.asarray(received.ids)
+        mal = np.asarray(received.malicious, dtype=bool)
+        flagged = np.zeros(len(ids), dtype=bool)
+        report = self.combine.last_anomalies
+        if report is not None:
+            flagged[np.asarray(outcome.accepted, dtype=np.int64)] = report.flagged
+        self.rounds.append({
+            "round": rnd,
+            "clients": len(ids),
+            "malicious": int(mal.sum()),
+            "flagged": [int(i) for i in ids[flagged]],
+            "flagged_malicious": int((flagged & mal).sum()),
+            "flagged_honest": int((flagged & ~mal).sum()),
+            "clip_bound": outcome.info.get("clip_bound"),
+            "n_clipped": int(outcome.info.get("n_clipped", 0)),
+        })  # fmt: skip
+        return outcome
+
+
+class _AuditEngine(SimulationEngine):
+    """The simulation engine, evaluating with the audit's own metric every few rounds."""
+
+    def __init__(self, pipeline: SitePipeline, model: nn.Module, fed: FederatedData,
+                 recorder: _Recorder, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+                 every: int) -> None:  # fmt: skip
+        super().__init__(pipeline, model, fed.sites)
+        self.recorder, self.user_evaluate, self.every = recorder, evaluate, every
+
+    def evaluate(self, params: NDArray[np.float32]) -> dict[str, Any]:
+        rec = self.recorder.rounds[-1]
+        if self.user_evaluate is not None and self.every > 0 and rec["round"] % self.every == 0:
+            load_flat_params(self.model, torch.from_numpy(params))
+            rec.update(self.user_evaluate(self.model))
+        return {"loss": None, "accuracy": None, "auc": None}
+
+    def finish(self, params: NDArray[np.float32]) -> dict[str, Any]:
+        return {"loss": None, "accuracy": None, "auc": None}
+
+
 def federate(
     fed: FederatedData,
     spec: ModelSpec,
-    training: TrainingConfig,
+    training: Any,
     *,
     adversary: Adversary | None = None,
     defence: Defence = NO_DEFENCE,
@@ -120,8 +185,8 @@ def federate(
     Args:
         fed: the sites' encoded records.
         spec: the model architecture.
-        training: rounds, local epochs, batch size, lr, sampling and seed (the aggregator
-            comes from ``defence``).
+        training: rounds, local training (SGD or FedProx), sampling, the server optimizer,
+            ``max_update_norm`` and seed (the aggregator comes from ``defence``).
         adversary: malicious sites, or None.
         defence: the server's defences (:class:`~privml.security.defenses.robust.Defence`).
         rule: the local gradient rule (plain SGD by default).
@@ -133,86 +198,27 @@ def federate(
         malicious, which updates the anomaly detector flagged and what the defence did.
     """
     t0 = time.perf_counter()
-    model, params = init_params(spec, training.seed)
-    binary = fed.task.kind == "binary"
-    g = rule if rule is not None else MeanGradient(model, spec, binary=binary)
-    sites: list[SiteData] = list(fed.sites)
-    malicious = np.zeros(len(sites), dtype=bool)
-    if adversary is not None:
-        bad = [i for i in adversary.sites if not 0 <= i < len(sites)]
-        if bad:
-            raise UsageError(
-                f"Adversary sites {bad} are outside 0..{len(sites) - 1} (the federation has "
-                f"{len(sites)} sites)."
-            )
-        malicious[list(adversary.sites)] = True
-        if adversary.poison is not None:
-            for i in adversary.sites:
-                s = sites[i]
-                X, y = adversary.poison(
-                    s.X_train, s.y_train, np.random.default_rng([training.seed, 97, i])
-                )
-                sites[i] = SiteData(s.name, X, y, s.X_test, s.y_test)
-    rounds: list[dict[str, Any]] = []
-    for rnd in range(1, training.rounds + 1):
-        ids = sample_cohort(len(sites), training, rnd)
-        cohort = [sites[i] for i in ids]
-        mal = malicious[ids]
-        active = adversary is not None and rnd >= adversary.start_round and bool(mal.any())
-        if adversary is not None and not active and adversary.poison is not None:
-            cohort = [fed.sites[i] if malicious[i] else sites[i] for i in ids]
-        updates = local_updates(
-            model, params, cohort, training=training, rnd=rnd, site_ids=ids, rule=g
-        )
-        weights = np.array([s.n_train for s in cohort], dtype=np.float64)
-        if active:
-            assert adversary is not None
-            if adversary.update_attack is not None:
-                updates = apply_attack(
-                    adversary.update_attack, updates, mal,
-                    rng=np.random.default_rng([training.seed, rnd, 3]),
-                    params=dict(adversary.update_attack_params),
-                )  # fmt: skip
-            elif adversary.boost is not None:
-                updates = boost_updates(updates, weights, mal, adversary.boost)
-        out = defend(updates, weights, defence, rng=np.random.default_rng([training.seed, rnd, 5]))
-        params = params + torch.from_numpy(out.update.astype(np.float32))
-        flagged = np.zeros(len(ids), dtype=bool)
-        if out.anomalies is not None:
-            flagged = np.asarray(out.anomalies.flagged, dtype=bool)
-        rec: dict[str, Any] = {
-            "round": rnd,
-            "clients": len(ids),
-            "malicious": int(mal.sum()) if active else 0,
-            "flagged": [int(i) for i in ids[flagged]],
-            "flagged_malicious": int((flagged & mal).sum()) if active else 0,
-            "flagged_honest": int((flagged & ~mal).sum()) if active else int(flagged.sum()),
-            "clip_bound": out.clip_bound,
-            "n_clipped": out.n_clipped,
-        }
-        if evaluate is not None and evaluate_every > 0 and rnd % evaluate_every == 0:
-            load_flat_params(model, params)
-            rec.update(evaluate(model))
-        rounds.append(rec)
+    model, params0 = init_params(spec, training.seed)
+    g = rule if rule is not None else MeanGradient(model, spec, binary=fed.task.kind == "binary")
+    n = len(fed.sites)
+    atk = adversary.stage(n, training.seed) if adversary is not None else None
+    local = LocalTraining(attacked_data(list(fed.sites), atk), training, g)
+    optimizer = ServerPlan.from_training(training).optimizer
+    combine, noise = defence.stages(
+        optimizer, seed=training.seed, max_update_norm=training.max_update_norm
+    )
+    recorder = _Recorder(combine)
+    plan = RoundsPlan(training.rounds, UniformCohort.from_training(n, training), recorder,
+                      ServerOptimizerStep(optimizer), list(noise))  # fmt: skip
+    malicious = atk.mask(n) if atk is not None else np.zeros(n, dtype=bool)
+    pipeline = SitePipeline(local, [atk] if atk is not None else [], malicious)
+    engine = _AuditEngine(pipeline, model, fed, recorder, evaluate, evaluate_every)
+    with torch_threads(spec):
+        out = run_rounds(plan, engine, init_server_state(params0, combine.plan))
+    params = torch.from_numpy(out.state.params.copy())
     load_flat_params(model, params)
     model.eval()
-    return FederatedRun(model, params, rounds, defence, time.perf_counter() - t0)
-
-
-def boost_updates(
-    updates: np.ndarray, weights: np.ndarray, malicious: np.ndarray, boost: float | str
-) -> np.ndarray:
-    """Scale the malicious rows of ``updates`` (a copy): by ``boost``, or for ``"replace"`` by
-    ``gamma = total weight / malicious weight`` (Bagdasaryan et al.'s model replacement: FedAvg
-    of the round then lands on the attackers' own model)."""
-    out = np.array(updates, dtype=np.float64, copy=True)
-    mal = np.asarray(malicious, dtype=bool)
-    if not mal.any():
-        return out
-    w = np.asarray(weights, dtype=np.float64)
-    gamma = w.sum() / w[mal].sum() if boost == "replace" else float(boost)
-    out[mal] *= gamma
-    return out
+    return FederatedRun(model, params, recorder.rounds, defence, time.perf_counter() - t0)
 
 
 def site_indices(fed: FederatedData, names_or_positions: Sequence[str | int]) -> tuple[int, ...]:

@@ -1,9 +1,10 @@
 """Server-side defences against malicious updates, composed in one fixed order.
 
-:class:`Defence` says which of them a server applies to a round's stack of updates, and
-:func:`defend` applies them:
+:class:`Defence` says which of them a server applies to a round's stack of updates. They run
+as stages of the round engine (:meth:`Defence.stages`: the ``combine`` step's checks and the
+``central noise`` step), and :func:`defend` applies the same stages to one stack:
 
-1. **update anomaly detection** (:mod:`privml.security.defenses.anomaly`): flagged updates
+1. **update anomaly detection** (:mod:`privml.fl.anomaly`): flagged updates
    are recorded and, with ``drop_flagged``, left out;
 2. **norm clipping** (Sun et al. 2019, "Can you really backdoor federated learning?"): every
    update scaled to L2 norm at most ``clip`` (a number, or ``"median"``: the round's median
@@ -33,8 +34,12 @@ from numpy.typing import NDArray
 
 from privml.errors import UsageError
 from privml.fl import aggregate as agg
+from privml.fl.anomaly import AnomalyReport
+from privml.fl.checkpoint import ServerState
+from privml.fl.server_opt import ServerOptimizer, init_state, make_server_optimizer
+from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan
+from privml.fl.stages.noise import WeakNoise
 from privml.security._checks import check_float
-from privml.security.defenses.anomaly import AnomalyReport, detect_anomalies
 
 __all__ = ["BACKDOOR_DEFENCE", "NO_DEFENCE", "Defence", "DefenceOutcome", "defend"]
 
@@ -77,6 +82,24 @@ class Defence:
         problems = agg.check_params(self.aggregator, dict(self.aggregator_params))
         if problems:
             raise UsageError("; ".join(problems))
+
+    def stages(
+        self, optimizer: ServerOptimizer, *, seed: int, max_update_norm: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[CheckedAggregation, list[WeakNoise]]:  # fmt: skip
+        """The round engine's stages for this defence: the ``combine`` step (validation,
+        anomaly filter, clipping, the rule; too few updates for the rule fall back to
+        FedAvg) and the ``central noise`` step (weak DP, noise from ``(seed, round, 5)``)."""
+        params = dict(self.aggregator_params)
+        plan = ServerPlan(self.aggregator, params, {}, optimizer, max_update_norm,
+                          agg.min_clients(self.aggregator, params))  # fmt: skip
+        combine = CheckedAggregation(
+            plan, anomaly_threshold=self.anomaly_threshold, drop_flagged=self.drop_flagged,
+            clip=self.clip, too_few="fedavg",
+        )  # fmt: skip
+        draw = None if rng is None else (lambda _rnd: rng)
+        noise = [WeakNoise(self.noise_multiplier, seed, draw)] if self.noise_multiplier > 0 else []
+        return combine, noise
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,48 +155,36 @@ def defend(
     weights: Any,
     defence: Defence,
     *,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
+    seed: int = 0,
+    rnd: int = 1,
 ) -> DefenceOutcome:
     """Apply ``defence`` to a round's ``[n, P]`` update stack; return the aggregate update.
+
+    The same stages a federated run applies (:meth:`Defence.stages`), on one stack.
 
     Args:
         updates: the round's client updates (new - global parameters).
         weights: ``[n]`` sample counts (used by FedAvg only).
         defence: what to apply.
-        rng: generator of the weak-DP noise (seed it from the run's seed and round).
+        rng: the weak-DP noise's generator; None draws from ``(seed, rnd, 5)``, as a
+            federated run does.
+        seed, rnd: the run's seed and the round.
     """
     stack = np.asarray(updates, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    n = stack.shape[0]
-    kept = np.ones(n, dtype=bool)
-    report = None
-    if defence.anomaly_threshold is not None:
-        report = detect_anomalies(stack, threshold=defence.anomaly_threshold)
-        if defence.drop_flagged:
-            kept &= ~np.asarray(report.flagged, dtype=bool)
-    use = stack[kept]
-    bound = None
-    n_clipped = 0
-    if defence.clip is not None:
-        norms = np.linalg.norm(use, axis=1)
-        bound = float(np.median(norms)) if defence.clip == "median" else float(defence.clip)
-        over = norms > bound
-        n_clipped = int(over.sum())
-        factor = np.ones_like(norms)
-        factor[over] = bound / np.maximum(norms[over], 1e-300)
-        use = use * factor[:, None]
-    need = agg.min_clients(defence.aggregator, dict(defence.aggregator_params))
-    rule = defence.aggregator if use.shape[0] >= need else "fedavg"
-    result = agg.aggregate(
-        rule, use, weights=w[kept], params=dict(defence.aggregator_params) if rule != "fedavg"
-        else None,
-    )  # fmt: skip
-    update = result.update
-    info: dict[str, Any] = {"aggregator": rule}
-    if rule != defence.aggregator:
-        info["note"] = f"{defence.aggregator} needs {need} updates; {use.shape[0]} kept: fedavg"
-    if defence.noise_multiplier > 0 and bound is not None:
-        std = defence.noise_multiplier * bound / max(use.shape[0], 1)
-        update = update + rng.normal(0.0, std, size=update.shape)
-        info["noise_std"] = std
-    return DefenceOutcome(update, kept, report, bound, n_clipped, info)
+    n, p = stack.shape
+    combine, noise = defence.stages(make_server_optimizer("sgd"), seed=seed, rng=rng)
+    state = ServerState(rnd - 1, np.zeros(p, dtype=np.float32), init_state(combine.plan.optimizer, p))
+    outcome = combine.combine(state, list(stack), np.asarray(weights, dtype=np.float64), rnd)
+    for stage in noise:
+        outcome = stage.apply(state, outcome, rnd)
+    kept = np.zeros(n, dtype=bool)
+    report = combine.last_anomalies
+    kept[:] = True
+    if report is not None and defence.drop_flagged:
+        kept &= ~np.asarray(report.flagged, dtype=bool)
+    info = {k: v for k, v in outcome.info.items() if k in ("note", "noise_std")}
+    info["aggregator"] = defence.aggregator if "note" not in info else "fedavg"
+    update = outcome.update if outcome.update is not None else np.zeros(p)
+    return DefenceOutcome(update, kept, report, outcome.info.get("clip_bound"),
+                          int(outcome.info.get("n_clipped", 0)), info)  # fmt: skip

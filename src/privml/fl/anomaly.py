@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from privml.errors import UsageError
-from privml.security._checks import check_float
+from privml.fl.aggregate import _check_float
 
 __all__ = ["AnomalyRates", "AnomalyReport", "anomaly_rates", "detect_anomalies", "filter_flagged"]
 
@@ -92,8 +92,8 @@ def detect_anomalies(
         :class:`AnomalyReport`. With fewer than 3 clients nothing is flagged (no majority).
     """
     where = "detect_anomalies"
-    thr = check_float(threshold, "threshold", where, low=0.0, low_open=True)
-    ms = check_float(min_scale, "min_scale", where, low=0.0, low_open=True)
+    thr = _check_float(threshold, name="threshold", rule=where, low=0.0, low_open=True)
+    ms = _check_float(min_scale, name="min_scale", rule=where, low=0.0, low_open=True)
     try:
         stack = np.asarray(updates, dtype=np.float64)
     except (TypeError, ValueError) as exc:

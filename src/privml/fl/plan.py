@@ -1,0 +1,292 @@
+"""From the settings of a run to its stages: which stage runs at each step of a round.
+
+:func:`build_run` is called once per run, after the compatibility table
+(:mod:`privml.fl.compat`) has accepted the combination. It decides, in order:
+
+* the **cohort** sampler (uniform; Poisson for client-level DP);
+* the **local update** rule (SGD or FedProx over any gradient rule: plain, DP-SGD,
+  adversarial training);
+* the **site** stages (a simulated attacker; clipping and a noise share under DP);
+* **seal** and **combine**: secure aggregation (Paillier, CKKS: keys made at the key holder
+  now), or the server checks on plain updates (validation, anomaly filter, robust rule,
+  FLTrust's root data held out of one honest site);
+* **central noise**, the server **optimizer**, **checkpoints**.
+
+The result, :class:`Run`, holds the server side (:class:`~privml.fl.rounds.RoundsPlan`), the
+site side (:class:`~privml.fl.rounds.SitePipeline`) and each stage's part of results.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from privml.data.federation import FederatedData, SiteData
+from privml.errors import ConfigError
+from privml.fl.attacks import ATTACK_PARAMS, DATA_ATTACKS, UPDATE_ATTACKS
+from privml.fl.checkpoint import ServerState
+from privml.fl.rounds import RoundsPlan, SitePipeline, SiteStage, Stateful
+from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan, init_server_state
+from privml.fl.stages.attack import (
+    OMNISCIENT,
+    Poison,
+    SimulatedAttack,
+    attacker_indices,
+    label_flipper,
+)
+from privml.fl.stages.checkpoint import Checkpointing
+from privml.fl.stages.cohort import UniformCohort
+from privml.fl.stages.local import LocalTraining, prox_weight, root_update
+from privml.fl.stages.optimizer import ServerOptimizerStep
+from privml.fl.stages.secure import KeyHolderService, SealUpdates, SecureSetup, SecureSum
+from privml.models.nets import ModelSpec, build_model, flat_params
+from privml.models.training import GradientRule, MeanGradient
+
+__all__ = [
+    "Run",
+    "attacked_data",
+    "build_run",
+    "init_params",
+    "make_attack",
+    "run_fingerprint",
+]
+
+
+def init_params(spec: ModelSpec, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """Build the model and its initial flat parameters from ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(spec)
+    return model, flat_params(model)
+
+
+def run_fingerprint(
+    fed: FederatedData, spec: ModelSpec, training: Any, attack: Any | None
+) -> str:
+    """SHA-256 of everything a run's result depends on: training settings, attack, model, and
+    every site's encoded records. A checkpoint resumes only a run with the same fingerprint."""
+    h = hashlib.sha256()
+    desc = {
+        "training": training.model_dump(mode="json"),
+        "attack": attack.model_dump(mode="json") if attack is not None else None,
+        "spec": spec.to_dict(),
+        "task": fed.task.to_dict(),
+    }
+    h.update(json.dumps(desc, sort_keys=True).encode())
+    for s in fed.sites:
+        h.update(s.name.encode() + b"\0")
+        for arr in (s.X_train, s.y_train, s.X_test, s.y_test):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Run:
+    """A run's stages. ``sections`` maps a results.json section to a function that builds it
+    from the stages' state once the rounds are done."""
+
+    plan: RoundsPlan
+    pipeline: SitePipeline
+    model: nn.Module
+    spec: ModelSpec
+    state: ServerState
+    server: ServerPlan
+    attack: SimulatedAttack | None = None
+    sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    federation: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Attack, root data
+# --------------------------------------------------------------------------------------------
+
+
+def make_attack(
+    attack: Any, names: Sequence[str], seed: int, n_classes: int, poison: Poison | None = None
+) -> SimulatedAttack:
+    """The attack stage of ``[attack]`` (``poison``: the backdoor's data poisoning, built by
+    :mod:`privml.security.attacks.backdoor`, with its boost in ``attack``)."""
+    malicious = attacker_indices(attack, names, seed)
+    kind = attack.kind
+    info = _attack_section(attack, names, malicious)
+    if kind in UPDATE_ATTACKS:
+        return SimulatedAttack(kind, malicious, kind, attack.kind_params(), seed=seed, info=info)
+    if kind in DATA_ATTACKS:
+        return SimulatedAttack(kind, malicious, poison=label_flipper(n_classes), seed=seed,
+                               info=info)  # fmt: skip
+    boost = attack.boost if attack.boost not in (None, "none", 0) else None
+    boost = "replace" if attack.boost is None else boost
+    return SimulatedAttack(kind, malicious, poison=poison, boost=boost,
+                           start_round=attack.start_round or 1, seed=seed, info=info)  # fmt: skip
+
+
+def _attack_section(attack: Any, names: Sequence[str], malicious: np.ndarray) -> dict[str, Any]:
+    params = {**ATTACK_PARAMS.get(attack.kind, {}), **attack.kind_params()}
+    kind_type = "data" if attack.kind in DATA_ATTACKS else "update"
+    if attack.kind == "backdoor":
+        kind_type = "data and update (trigger poisoning, model replacement)"
+    return {
+        "kind": attack.kind,
+        "type": kind_type,
+        "threat_model": "omniscient (sees the cohort's honest updates)"
+        if attack.kind in OMNISCIENT
+        else "own data and update only",
+        "sites": [names[i] for i in malicious],
+        "n_malicious": int(len(malicious)),
+        "n_sites": len(names),
+        "fraction": attack.fraction,
+        "params": params,
+    }
+
+
+def _carve_root(
+    sites: list[SiteData], malicious: np.ndarray, server_data: dict[str, Any], seed: int
+) -> tuple[list[SiteData], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Hold out FLTrust's root dataset from one honest site's training records."""
+    size = int(server_data["root_size"])
+    names = [s.name for s in sites]
+    bad = set(malicious.tolist())
+    want = server_data.get("root_site")
+    if want is not None:
+        if want not in names:
+            raise ConfigError(f"aggregator_params.root_site: no site named {want!r}")
+        pos = names.index(want)
+        if pos in bad:
+            raise ConfigError(
+                f"aggregator_params.root_site {want!r} is a simulated attacker; FLTrust's root "
+                "data must be clean: choose an honest site"
+            )
+    else:
+        honest = [i for i in range(len(sites)) if i not in bad]
+        if not honest:
+            raise ConfigError("fltrust needs an honest site to take the root dataset from")
+        pos = max(honest, key=lambda i: sites[i].n_train)
+    site = sites[pos]
+    if site.n_train <= size:
+        raise ConfigError(
+            f"aggregator_params.root_size = {size} needs a site with more than {size} training "
+            f"records; {site.name!r} has {site.n_train}. Lower root_size or pick root_site."
+        )
+    rng = np.random.default_rng([seed, 5])
+    take = np.zeros(site.n_train, dtype=bool)
+    take[rng.choice(site.n_train, size=size, replace=False)] = True
+    out = list(sites)
+    out[pos] = SiteData(site.name, site.X_train[~take], site.y_train[~take], site.X_test,
+                        site.y_test)  # fmt: skip
+    return out, site.X_train[take], site.y_train[take], {"site": site.name, "records": size}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def attacked_data(
+    sites: list[SiteData], attack: SimulatedAttack | None
+) -> Callable[[int], list[SiteData]]:
+    """The sites' records as they train in a round (the attackers' poisoned records from the
+    attack's first round on)."""
+    poisoned = attack.poisoned(sites) if attack is not None else {}
+    if not poisoned:
+        return lambda rnd: sites
+    attacked = [poisoned.get(i, s) for i, s in enumerate(sites)]
+    start = attack.start_round if attack is not None else 1
+    return lambda rnd: attacked if rnd >= start else sites
+
+
+def _secure_stages(
+    training: Any, sites: list[SiteData], n_params: int
+) -> tuple[SealUpdates, SecureSum, KeyHolderService]:
+    """Keys made at the key holder before round 1; public material to the server and sites."""
+    setup = SecureSetup.from_training(
+        training, [s.name for s in sites], [s.n_train for s in sites], n_params=n_params
+    )
+    holder = KeyHolderService(setup, setup.key_holder)
+    public = holder.keygen()
+    seal = SealUpdates(setup, public)
+    combine = SecureSum(setup, public, decrypt=holder.decrypt)
+    return seal, combine, holder
+
+
+def build_run(
+    fed: FederatedData,
+    spec: ModelSpec,
+    training: Any,
+    *,
+    attack: Any | None = None,
+    poison: Poison | None = None,
+    rule: GradientRule | None = None,
+    checkpoint_dir: Path | None = None,
+) -> Run:
+    """The stages of a non-private run of ``training`` over ``fed`` (simulation engine).
+
+    Raises:
+        ConfigError: attack sites or FLTrust root settings that do not fit the data.
+    """
+    server = ServerPlan.from_training(training)
+    model, params0 = init_params(spec, training.seed)
+    rule = rule if rule is not None else MeanGradient(model, spec, binary=fed.task.kind == "binary")
+    names = [s.name for s in fed.sites]
+    sites = list(fed.sites)
+    stages: list[SiteStage] = []
+    stateful: list[Stateful] = []
+    atk = None
+    if attack is not None:
+        n_classes = 2 if fed.task.kind == "binary" else len(fed.task.classes)
+        atk = make_attack(attack, names, training.seed, n_classes, poison)
+        stages.append(atk)
+        stateful.append(atk)
+    malicious = atk.mask(len(sites)) if atk is not None else np.zeros(len(sites), dtype=bool)
+    root_info = None
+    combine: Any = CheckedAggregation(server)
+    if server.aggregator == "fltrust":
+        sites, X_root, y_root, root_info = _carve_root(
+            sites, np.flatnonzero(malicious), server.server_data, training.seed
+        )
+        combine.root = lambda rnd, params: root_update(
+            params, X_root, y_root, training=training, rnd=rnd, rule=rule
+        )
+    state = init_server_state(params0, server)
+    sections: dict[str, Callable[[], Any]] = {}
+    local = LocalTraining(attacked_data(sites, atk), training, rule)
+    secure = None
+    if training.secure_aggregation != "none":
+        # the counts the sites report (an attacker's poisoned records included)
+        reported = list(local.records(training.rounds))
+        seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]))
+        stages.append(seal)
+        secure = (combine, seal, holder)
+    pipeline = SitePipeline(local, stages, malicious)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = Checkpointing(checkpoint_dir, run_fingerprint(fed, spec, training, attack))
+    cohort = UniformCohort.from_training(len(sites), training)
+    plan = RoundsPlan(training.rounds, cohort, combine, ServerOptimizerStep(server.optimizer),
+                      stateful=stateful, checkpoint=checkpoint)  # fmt: skip
+    federation = {
+        "strategy": training.strategy,
+        "prox_mu": prox_weight(training) if training.strategy == "fedprox" else None,
+        **server.to_dict(),
+        "clients_per_round": cohort.size,
+        "n_sites": len(sites),
+        "dropout": training.dropout,
+        "straggler": training.straggler,
+        "straggler_policy": "late updates are discarded (synchronous rounds)",
+        "fltrust_root": root_info,
+    }
+    if secure is not None:
+        s_combine, s_seal, s_holder = secure
+        sections["secure_aggregation"] = lambda: s_combine.describe(s_seal, s_holder.keygen_seconds)
+    if atk is not None:
+        sections["attack"] = atk.describe
+    return Run(plan, pipeline, model, spec, state, server, atk, sections, federation)
