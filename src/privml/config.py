@@ -311,12 +311,6 @@ class TrainingConfig(_Strict):
             return []
         sa = f'secure_aggregation = "{self.secure_aggregation}"'
         out: list[str] = []
-        if self.aggregator not in ("fedavg", "norm_bound"):
-            out.append(
-                f"{sa} works with aggregator = \"fedavg\" or \"norm_bound\" only: the server "
-                f"sees the encrypted sum, never the individual updates that {self.aggregator!r} "
-                "needs to compare; choose one or set secure_aggregation = \"none\""
-            )
         max_norm = self.aggregator_params.get("max_norm")
         if self.aggregator == "norm_bound" and max_norm is None:
             out.append(
@@ -330,8 +324,6 @@ class TrainingConfig(_Strict):
                 "to before encrypting; it also bounds every coordinate, which sizes the "
                 "encrypted values); the server cannot check norms of encrypted updates"
             )
-        if self.engine != "simulation":
-            out.append(f'{sa} runs in the simulation engine only (engine = "simulation")')
         kb = self.secure_aggregation_key_bits
         if self.secure_aggregation == "paillier" and (kb < 2048 or kb > 8192 or kb % 256):
             out.append(
@@ -672,19 +664,11 @@ class Config(_Strict):
                 bad = [x for x in a.sites if isinstance(x, int) and x >= n_sites]
                 if bad:
                     problems.append(f"attack.sites: positions {bad} are outside 0..{n_sites - 1}")
-        if self.attack is not None and t.engine != "simulation":
-            problems.append(
-                "attack: simulated attackers run in the simulation engine only "
-                '(engine = "simulation")'
-            )
+        # which mechanisms combine: the one compatibility table
+        from privml.fl.compat import refusals
+
+        problems += refusals(self)
         if t.secure_aggregation != "none":
-            # privml.fl.secure: checks that need other sections.
-            if self.privacy.mode != "none" or self.model.features != "none":
-                problems.append(
-                    f'training: secure_aggregation = "{t.secure_aggregation}" is not combined '
-                    'with private training yet; set privacy.mode = "none" and model.features = '
-                    '"none", or secure_aggregation = "none"'
-                )
             if n_sites is not None and (n_sites < 2 or k < 2):
                 problems.append(
                     "training: secure aggregation needs at least 2 updates per round (the key "

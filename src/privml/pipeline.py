@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privml import __version__
 from privml.artifacts import (
     atomic_folder,
     check_output_folder,
@@ -33,11 +32,14 @@ from privml.fl.checkpoint import (
     read_run_config,
     write_run_config,
 )
-from privml.fl.engine import RoundRecord, TrainingResult, simulate
+from privml.fl.compat import check_combination
+from privml.fl.engine import TrainingResult, simulate
 from privml.fl.metrics import curves
+from privml.fl.rounds import RoundRecord
 from privml.models.nets import ModelSpec
+from privml.results import RESULTS_SCHEMA, results_document
 
-RESULTS_SCHEMA = "privml-results/1"
+__all__ = ["RESULTS_SCHEMA", "RunOutput", "model_spec", "run"]
 
 
 @dataclass
@@ -198,13 +200,7 @@ def run(
     """
     stage = on_stage or (lambda _s: None)
     t0 = time.perf_counter()
-    if config.attack is not None and config.attack.kind == "backdoor":
-        # the backdoor is simulated by `privml audit` (with and without defences);
-        # the simulation engine does not apply it yet.
-        raise UsageError(
-            '[attack] kind = "backdoor" is simulated by `privml audit --attacks backdoor`; '
-            "`privml run` does not run it yet. Use privml audit, or remove [attack]."
-        )
+    check_combination(config, resume=resume is not None)
     check_extras(config)
     final_dir: Path | None = None
     partial: Path | None = None
@@ -330,60 +326,44 @@ def _run(
         # privml.dp.training; it books every spend in the ledger before releasing anything.
         from privml.dp.training import train_private
 
-        if resume is not None:
-            raise UsageError(
-                "--resume is not supported for private training (privacy.mode or "
-                "model.features set): the ledger has already booked the rounds that ran; "
-                "start a new run"
-            )
-        if config.attack is not None:
-            raise UsageError(
-                "[attack] simulations run with the non-private engine only; remove [attack] "
-                "or set privacy.mode = \"none\" (privml audit measures attacks on DP models)"
-            )
         with _noting(notes):  # e.g. client-level DP with too few sites, before training
             private = train_private(config, fed, spec, on_round=on_round)
         result = private.result
     else:
+        backdoor = None
+        if config.attack is not None and config.attack.kind == "backdoor":
+            from privml.security.attacks.backdoor import backdoor_poison
+
+            backdoor = backdoor_poison(config, fed, spec)
         result = simulate(
             fed,
             spec,
             config.training,
             on_round=on_round,
             attack=config.attack,
+            poison=backdoor[0] if backdoor is not None else None,
             checkpoint_dir=checkpoint_dir,
             resume=resuming,
         )
-    results: dict[str, Any] = {
-        "schema": RESULTS_SCHEMA,
-        "privml_version": __version__,
-        "name": config.name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "task": fed.task.to_dict(),
-        "sites": [{"name": s.name, "n_train": s.n_train, "n_test": s.n_test} for s in fed.sites],
-        "model": spec.to_dict(),
-        "rounds": [r.to_dict() for r in result.history],
-        "metrics": result.metrics,
-        "updates": result.extra.get("updates", {"rejected": result.rejected_updates}),
-        "federation": result.extra.get("federation"),
-        "privacy": private.privacy if private is not None else {"mode": "none"},
-        "schema_inferred_from_data": fed.inferred_columns,
-        "notes": notes,
-        "config": config.resolved(),
-        "config_hash": config.config_hash(),
-        "overrides": list(config.overrides),
-    }
+        if backdoor is not None:
+            from privml.security.attacks.backdoor import backdoor_report
+
+            result.extra["attack"]["backdoor"] = backdoor_report(
+                result.model, result.params, fed, backdoor[1], backdoor[2]
+            )
+    results = results_document(
+        config, task=fed.task,
+        sites=[{"name": s.name, "n_train": s.n_train, "n_test": s.n_test} for s in fed.sites],
+        training=result, privacy=private.privacy if private is not None else None,
+        inferred=fed.inferred_columns, notes=notes,
+        features=private.features if private is not None else None,
+    )  # fmt: skip
     _refuse_untrained(results["updates"], config)
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
     if private is not None and config.privacy.mode != "none":
         results["privacy"]["budget"] = budget_snapshot(
             config, [s.name for s in fed.sites], fed.fingerprints
         )
-    if result.extra.get("attack") is not None:
-        results["attack"] = result.extra["attack"]
-    if private is not None and private.features is not None:
-        results["model"] = result.spec.to_dict()
-        results["features"] = private.features
     if config.inference.encrypted:
         stage(f"encrypted inference check ({config.inference.scheme})")
         results["encrypted_inference"] = encrypted_inference(config, result, fed, private)

@@ -35,6 +35,7 @@ class FakeGrid(Grid):
         self.tamper = tamper
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.delivered: list[Message] = []  # every reply the coordinator could pull
         self.offline: set[int] = set()
         self._run: Any = None
 
@@ -71,6 +72,7 @@ class FakeGrid(Grid):
             if reply is not None:
                 reply.metadata.__dict__["_message_id"] = reply.object_id
                 self.replies[msg.object_id] = roundtrip(reply)
+                self.delivered.append(self.replies[msg.object_id])
             ids.append(msg.object_id)
         return ids
 

@@ -14,17 +14,13 @@ from privml.config import TrainingConfig, parse_config
 from privml.data.federation import FederatedData, SiteData, load_federation
 from privml.errors import ConfigError, UsageError
 from privml.fl import aggregate as agg
-from privml.fl.engine import (
-    ServerPlan,
-    aggregate_round,
-    attacker_indices,
-    init_server_state,
-    per_site_metrics,
-    plan_round,
-    pooled_metrics,
-    simulate,
-)
-from privml.fl.metrics import evaluate
+from privml.fl.engine import simulate
+from privml.fl.metrics import evaluate, per_site_metrics, pooled_metrics
+from privml.fl.plan import init_params
+from privml.fl.stages.aggregate import ServerPlan, aggregate_round, init_server_state
+from privml.fl.stages.attack import attacker_indices
+from privml.fl.stages.cohort import UniformCohort
+from privml.fl.stages.local import LocalTraining
 from privml.models.nets import ModelSpec, build_model, flat_params
 from privml.models.training import Batch, MeanGradient
 from privml.pipeline import model_spec
@@ -96,19 +92,9 @@ def test_fedavg_round_equals_the_weighted_mean_step(bc10) -> None:
     fed, spec = bc10
     training = _cfg({"rounds": 1}).training
     res = simulate(fed, spec, training)
-    model = build_model(spec)
-    from privml.fl.engine import init_params, local_updates
-
     model, p0 = init_params(spec, training.seed)
-    ups = local_updates(
-        model,
-        p0,
-        fed.sites,
-        training=training,
-        rnd=1,
-        site_ids=np.arange(10),
-        rule=MeanGradient(model, spec, binary=True),
-    )
+    local = LocalTraining(fed.sites, training, MeanGradient(model, spec, binary=True))
+    ups = local(1, p0, np.arange(10))
     w = np.array([s.n_train for s in fed.sites], dtype=np.float64)
     expect = p0.numpy().astype(np.float64) + (w / w.sum()) @ ups
     np.testing.assert_allclose(res.params.numpy(), expect, rtol=0, atol=1e-6)
@@ -116,23 +102,13 @@ def test_fedavg_round_equals_the_weighted_mean_step(bc10) -> None:
 
 def test_fedprox_pulls_local_models_towards_the_global_one(bc10) -> None:
     fed, spec = bc10
-    from privml.fl.engine import init_params, local_updates
-
     model, p0 = init_params(spec, 0)
     rule = MeanGradient(model, spec, binary=True)
-    training = _cfg({"local_epochs": 5}).training  # lr 8: lr * mu must stay < 2
     norms = []
-    for mu in (0.0, 0.01, 0.05):
-        ups = local_updates(
-            model,
-            p0,
-            fed.sites,
-            training=training,
-            rnd=1,
-            site_ids=np.arange(10),
-            rule=rule,
-            prox_mu=mu,
-        )
+    for mu in (None, 0.01, 0.05):  # lr 8: lr * mu must stay < 2
+        strategy = {"strategy": "fedprox", "prox_mu": mu} if mu else {}
+        training = _cfg({"local_epochs": 5, **strategy}).training
+        ups = LocalTraining(fed.sites, training, rule)(1, p0, np.arange(10))
         norms.append(np.linalg.norm(ups, axis=1).mean())
     assert norms[0] > norms[1] > norms[2]
     assert norms[2] < 0.6 * norms[0]
@@ -147,23 +123,30 @@ def test_fedprox_pulls_local_models_towards_the_global_one(bc10) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _cohort(n: int, t: TrainingConfig) -> UniformCohort:
+    return UniformCohort.from_training(n, t)
+
+
 def test_clients_per_round_and_fraction_sample_that_many_sites() -> None:
     t = TrainingConfig(clients_per_round=4, seed=3)
     seen: set[int] = set()
     for rnd in range(1, 41):
-        p = plan_round(10, t, rnd)
+        p = _cohort(10, t)(rnd)
         assert len(p.sampled) == 4 and len(set(p.sampled.tolist())) == 4
         assert list(p.sampled) == sorted(p.sampled)
         np.testing.assert_array_equal(p.participants, p.sampled)
-        np.testing.assert_array_equal(p.sampled, plan_round(10, t, rnd).sampled)  # seeded
+        np.testing.assert_array_equal(p.sampled, _cohort(10, t)(rnd).sampled)  # seeded
         seen |= set(p.sampled.tolist())
     assert seen == set(range(10))  # every site gets its turn over 40 rounds
-    assert len(plan_round(10, TrainingConfig(fraction=0.25), 1).sampled) == 3  # round(2.5)
-    assert len(plan_round(10, TrainingConfig(fraction=0.01), 1).sampled) == 1
-    assert len(plan_round(3, TrainingConfig(clients_per_round=50), 1).sampled) == 3
+    assert len(_cohort(10, TrainingConfig(fraction=0.25))(1).sampled) == 3  # round(2.5)
+    assert len(_cohort(10, TrainingConfig(fraction=0.01))(1).sampled) == 1
+    assert len(_cohort(3, TrainingConfig(clients_per_round=50))(1).sampled) == 3
     other = TrainingConfig(clients_per_round=4, seed=4)
     assert any(
-        not np.array_equal(plan_round(10, t, r).sampled, plan_round(10, other, r).sampled)
+        not np.array_equal(
+            _cohort(10, t)(r).sampled,
+            _cohort(10, other)(r).sampled,
+        )
         for r in range(1, 6)
     )
 
@@ -173,7 +156,7 @@ def test_dropouts_and_stragglers_follow_their_probabilities() -> None:
     n, rounds = 50, 200
     drops = strag = 0
     for rnd in range(1, rounds + 1):
-        p = plan_round(n, t, rnd)
+        p = _cohort(n, t)(rnd)
         assert not set(p.dropped.tolist()) & set(p.stragglers.tolist())
         part = set(p.participants.tolist())
         assert part == set(p.sampled.tolist()) - set(p.dropped.tolist()) - set(
@@ -390,7 +373,7 @@ def test_config_collects_every_federation_problem() -> None:
     assert "exactly one" in amsg and "Unknown parameter 'sigma'" in amsg
     assert "> 0" in _problems({}, attack={"kind": "scale", "fraction": 0.2, "scale": -1})
     assert "outside" in _problems({}, attack={"kind": "scale", "sites": [12]})
-    assert "simulation engine only" in _problems(
+    assert "omniscient attacker" in _problems(
         {"engine": "flower"}, attack={"kind": "ipm", "fraction": 0.2}
     )
     ok = _cfg({"aggregator": "fltrust", "aggregator_params": {"root_size": 10, "root_site": "x"}})

@@ -190,11 +190,11 @@ def test_client_refuses_malformed_parameters(demo_runtimes: dict[str, SiteRuntim
 def test_unsupported_settings_are_refused_up_front() -> None:
     cfg = load_config(None)
     raw = cfg.resolved()
-    raw["privacy"] = {"mode": "sample", "epsilon": 1.0}
+    raw["attack"] = {"kind": "ipm", "fraction": 0.4}
     raw["training"]["aggregator"] = "fltrust"
-    with pytest.raises(UsageError) as exc:
+    with pytest.raises(ConfigError) as exc:  # the compatibility table's rows for Flower
         Coordinator(FakeGrid({}), parse_config(raw))
-    assert "privacy.mode" in str(exc.value) and "fltrust" in str(exc.value)
+    assert "omniscient attacker" in str(exc.value) and "root dataset" in str(exc.value)
     with pytest.raises(UsageError, match="'round_timeout' parameter of Coordinator"):
         Coordinator(FakeGrid({}), cfg, round_timeout=0)
 

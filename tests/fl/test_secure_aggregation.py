@@ -1,4 +1,4 @@
-"""Encrypted aggregation in federated rounds (privml.fl.secure, ``secure_aggregation``).
+"""Encrypted aggregation in federated rounds (privml.fl.stages.secure, ``secure_aggregation``).
 
 Keys are 2048-bit Paillier (the HE layer's InsecureOptionWarning filtered) to keep the file
 fast; the demo run through the CLI uses the 3072-bit default.
@@ -22,8 +22,18 @@ from privml.config import Config, parse_config
 from privml.data import load_federation
 from privml.errors import ConfigError, InsecureOptionWarning
 from privml.fl import aggregate as agg
-from privml.fl.engine import ServerPlan, TrainingResult, init_server_state, simulate
-from privml.fl.secure import SecureAggregation, clip_update
+from privml.fl.checkpoint import ServerState
+from privml.fl.engine import TrainingResult, simulate
+from privml.fl.rounds import Outcome, Received, SiteUpdates
+from privml.fl.stages.aggregate import ServerPlan, init_server_state
+from privml.fl.stages.optimizer import ServerOptimizerStep
+from privml.fl.stages.secure import (
+    KeyHolderService,
+    SealUpdates,
+    SecureSetup,
+    SecureSum,
+    clip_update,
+)
 from privml.he import SecureAggregator
 from privml.pipeline import model_spec
 
@@ -59,11 +69,35 @@ def _secure(scheme: str, **training: Any) -> dict[str, Any]:
 # ---- the maths of one round, against the plain rules ---------------------------------------
 
 
-def _setup(scheme: str, n_sites: int, n_params: int, **training: Any) -> SecureAggregation:
-    cfg = _config(**_secure(scheme, **training))
-    names = [f"site{i}" for i in range(n_sites)]
-    counts = [50 + 30 * i for i in range(n_sites)]
-    return SecureAggregation.from_training(cfg.training, names, counts, n_params=n_params)
+class _Parties:
+    """The three parties of one run, wired in-process: the sites' seal stage, the key holder,
+    the server's secure sum."""
+
+    def __init__(self, scheme: str, n_sites: int, n_params: int, **training: Any) -> None:
+        cfg = _config(**_secure(scheme, **training))
+        names = [f"site{i}" for i in range(n_sites)]
+        self.n_train = np.array([50 + 30 * i for i in range(n_sites)], dtype=np.float64)
+        setup = SecureSetup.from_training(cfg.training, names, self.n_train.astype(int).tolist(),
+                                          n_params=n_params)  # fmt: skip
+        self.holder = KeyHolderService(setup, setup.key_holder)
+        public = self.holder.keygen()
+        self.seal = SealUpdates(setup, public)
+        self.combine = SecureSum(setup, public, decrypt=self.holder.decrypt)
+        self.optimize = ServerOptimizerStep(ServerPlan.from_training(cfg.training).optimizer)
+
+    def round(self, state: ServerState, updates: np.ndarray, ids: np.ndarray
+              ) -> tuple[ServerState, Outcome]:  # fmt: skip
+        """Sites seal, the server sums, the key holder decrypts, the optimizer steps."""
+        batch = SiteUpdates(1, ids, torch.zeros(1), np.array(updates, dtype=np.float64),
+                            self.n_train[ids], np.zeros(len(ids), dtype=bool))  # fmt: skip
+        self.seal.apply(batch)
+        got = Received(ids, batch.updates, batch.weights, batch.malicious, sealed=batch.sealed)
+        outcome = self.combine(state, got, state.round + 1)
+        return self.optimize(state, outcome), outcome
+
+
+def _setup(scheme: str, n_sites: int, n_params: int, **training: Any) -> _Parties:
+    return _Parties(scheme, n_sites, n_params, **training)
 
 
 @pytest.mark.parametrize("scheme", ["paillier", "ckks"])
@@ -80,7 +114,7 @@ def test_one_round_equals_norm_bounded_fedavg(scheme: str) -> None:
     ids = np.arange(n_sites, dtype=np.int64)
     plan = ServerPlan.from_training(sa_training(scheme, bound))
     state = init_server_state(np.zeros(n_params, dtype=np.float32), plan)
-    out = sa.round(state, updates, ids, plan=plan)
+    new_state, out = sa.round(state, updates, ids)
     want = agg.norm_bound(updates, sa.n_train[ids], max_norm=bound).update
     assert out.update is not None and out.skipped is None
     err = np.abs(out.update - want).max()
@@ -93,9 +127,9 @@ def test_one_round_equals_norm_bounded_fedavg(scheme: str) -> None:
         assert err <= 7 * bound * 2.0**-24 / total_w  # flooding std, 7 sigma over 300 values
     assert err > 0 or scheme == "paillier"
     # sgd with lr 1: the new parameters are the update
-    np.testing.assert_allclose(out.state.params, out.update.astype(np.float32), atol=1e-7)
-    assert out.state.round == 1 and out.counts["accepted"] == n_sites
-    assert sa.n_clipped == 2
+    np.testing.assert_allclose(new_state.params, out.update.astype(np.float32), atol=1e-7)
+    assert new_state.round == 1 and out.counts()["accepted"] == n_sites
+    assert sa.seal.n_clipped == 2
 
 
 def sa_training(scheme: str, bound: float) -> Any:
@@ -122,14 +156,14 @@ def test_a_round_with_one_update_is_skipped_not_decrypted() -> None:
     sa = _setup("paillier", 3, 10, max_update_norm=1.0)
     plan = ServerPlan.from_training(sa_training("paillier", 1.0))
     state = init_server_state(np.ones(10, dtype=np.float32), plan)
-    one = sa.round(state, np.full((1, 10), 0.1), np.array([1]), plan=plan)
+    after, one = sa.round(state, np.full((1, 10), 0.1), np.array([1]))
     assert one.skipped == "too_few_updates" and one.update is None
-    np.testing.assert_array_equal(one.state.params, state.params)
+    np.testing.assert_array_equal(after.params, state.params)
     bad = np.full((2, 10), 0.1)
     bad[0, 4] = np.nan
-    out = sa.round(state, bad, np.array([0, 2]), plan=plan)  # the NaN site does not send
-    assert out.skipped == "too_few_updates" and out.counts["by_reason"]["non_finite"] == 1
-    assert sa.costs == []  # nothing was encrypted or decrypted
+    _, out = sa.round(state, bad, np.array([0, 2]))  # the NaN site does not send
+    assert out.skipped == "too_few_updates" and out.counts()["by_reason"]["non_finite"] == 1
+    assert sa.combine.costs == []  # nothing was decrypted
 
 
 # ---- whole runs: equal to plain FedAvg with the same clipping -------------------------------
@@ -220,7 +254,7 @@ def test_2048_bit_keys_warn() -> None:
     cfg = _config(**_secure("paillier", max_update_norm=1.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        SecureAggregation.from_training(cfg.training, ["a", "b"], [1, 2], n_params=4)
+        SecureSetup.from_training(cfg.training, ["a", "b"], [1, 2], n_params=4).aggregator()
     assert any(issubclass(w.category, InsecureOptionWarning) for w in caught)
 
 
@@ -252,7 +286,7 @@ def _write(tmp: Path, training: str, extra: str = "") -> Path:
         (
             'secure_aggregation = "paillier"\naggregator = "median"\nmax_update_norm = 1.0',
             "",
-            'works with aggregator = "fedavg" or "norm_bound" only',
+            "the server sees only the encrypted sum",
         ),
         ('secure_aggregation = "ckks"', "", "needs max_update_norm = ..."),
         (
@@ -274,7 +308,7 @@ def _write(tmp: Path, training: str, extra: str = "") -> Path:
         (
             'secure_aggregation = "paillier"\nmax_update_norm = 1.0',
             '[privacy]\nmode = "client"\nepsilon = 1.0',
-            "not combined with private training yet",
+            "private training does not run under secure aggregation yet",
         ),
     ],
 )
@@ -288,14 +322,6 @@ def test_config_errors_exit_2(
     code, _, err = cli(capsys, "run", "--config", _write(tmp_path, training, extra))
     assert code == 2, err
     assert message in " ".join(err.split()) and "Traceback" not in err
-
-
-def test_flower_engine_refuses_secure_aggregation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = _write(tmp_path, 'secure_aggregation = "paillier"\nmax_update_norm = 1.0')
-    code, _, err = cli(capsys, "run", "--config", cfg, "--engine", "flower")
-    assert code == 2 and "simulation engine only" in " ".join(err.split())
 
 
 @pytest.mark.slow

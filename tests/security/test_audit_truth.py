@@ -21,7 +21,7 @@ from privml.security.attacks.canary import (
 )
 from privml.security.attacks.membership import epsilon_lower_bound, max_certifiable_epsilon
 from privml.security.baselines import majority_accuracy, model_quality
-from privml.security.defenses.anomaly import anomaly_rates
+from privml.fl.anomaly import anomaly_rates
 from privml.security.experiments import (
     backdoor_defence_for,
     choose_trigger,

@@ -9,6 +9,7 @@ import pytest
 from privml.config import parse_config
 from privml.data.federation import load_federation
 from privml.errors import UsageError
+from privml.fl.anomaly import detect_anomalies, filter_flagged
 from privml.pipeline import model_spec
 from privml.security.attacks.backdoor import (
     attack_success_rate,
@@ -18,7 +19,6 @@ from privml.security.attacks.backdoor import (
     poisoner,
     trigger_from_config,
 )
-from privml.fl.anomaly import detect_anomalies, filter_flagged
 from privml.security.defenses.robust import BACKDOOR_DEFENCE, Defence, defend
 from privml.security.federated import Adversary, federate
 

@@ -31,7 +31,7 @@ from torch import nn
 from privml.data.federation import FederatedData, SiteData
 from privml.errors import UsageError
 from privml.fl.checkpoint import ServerState
-from privml.fl.metrics import per_site_metrics, pooled_metrics
+from privml.fl.metrics import per_site_metrics, pooled_metrics, round_metrics
 from privml.fl.plan import Run, build_run
 from privml.fl.rounds import Cohort, Received, RoundRecord, SitePipeline, restore, run_rounds
 from privml.fl.stages.attack import Poison
@@ -95,6 +95,7 @@ class SimulationEngine:
         self.test_sites = test_sites
         self.X_test = np.concatenate([s.X_test for s in test_sites])
         self.y_test = np.concatenate([s.y_test for s in test_sites])
+        self.site_sizes = [(s.name, s.n_test) for s in test_sites]
 
     def train(self, rnd: int, state: ServerState, cohort: Cohort) -> Received:
         ids = cohort.participants
@@ -103,7 +104,8 @@ class SimulationEngine:
                         sealed=batch.sealed, info=batch.info)  # type: ignore[arg-type]  # fmt: skip
 
     def evaluate(self, params: NDArray[np.float32]) -> dict[str, Any]:
-        return pooled_metrics(self.model, torch.from_numpy(params), self.X_test, self.y_test)
+        return round_metrics(self.model, torch.from_numpy(params), self.X_test, self.y_test,
+                             self.site_sizes)  # fmt: skip
 
     def settle(self) -> None:
         return None
@@ -185,3 +187,36 @@ def simulate(
     run = build_run(fed, spec, training, attack=attack, poison=poison, rule=rule,
                     checkpoint_dir=checkpoint_dir)  # fmt: skip
     return run_simulation(run, fed, resume=resume, on_round=on_round)
+
+
+# --------------------------------------------------------------------------------------------
+# Names the private-training module still imports from here; they move with it onto the
+# round engine's stages.
+# --------------------------------------------------------------------------------------------
+
+from privml.fl.plan import init_params as init_params  # noqa: E402
+from privml.fl.stages.aggregate import ServerPlan as ServerPlan  # noqa: E402
+from privml.fl.stages.aggregate import aggregate_round as aggregate_round  # noqa: E402
+from privml.fl.stages.aggregate import init_server_state as init_server_state  # noqa: E402
+from privml.fl.stages.cohort import cohort_size as cohort_size  # noqa: E402
+from privml.fl.stages.local import DEFAULT_PROX_MU as DEFAULT_PROX_MU  # noqa: E402
+
+
+def plan_round(n_sites: int, training: Any, rnd: int) -> Cohort:
+    """Round ``rnd``'s cohort under uniform sampling (:class:`UniformCohort`)."""
+    from privml.fl.stages.cohort import UniformCohort
+
+    return UniformCohort.from_training(n_sites, training)(rnd)
+
+
+def local_updates(
+    model: nn.Module, params: torch.Tensor, sites: list[SiteData], *, training: Any, rnd: int,
+    site_ids: np.ndarray, rule: GradientRule, prox_mu: float = 0.0,
+) -> np.ndarray:  # fmt: skip
+    """Updates ``[S, P]`` of ``sites`` (the sites ``site_ids``) from ``params``."""
+    from privml.fl.stages.local import LocalTraining
+
+    by_index = {int(i): s for i, s in zip(site_ids, sites, strict=True)}
+    t = training.model_copy(update={"strategy": "fedprox", "prox_mu": prox_mu}) if prox_mu else (
+        training.model_copy(update={"strategy": "fedavg", "prox_mu": None}))  # fmt: skip
+    return LocalTraining(by_index, t, rule)(rnd, params, np.asarray(site_ids, dtype=np.int64))

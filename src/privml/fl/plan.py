@@ -44,7 +44,7 @@ from privml.fl.stages.attack import (
 )
 from privml.fl.stages.checkpoint import Checkpointing
 from privml.fl.stages.cohort import UniformCohort
-from privml.fl.stages.local import LocalTraining, prox_weight, root_update
+from privml.fl.stages.local import LocalTraining, Sites, prox_weight, root_update
 from privml.fl.stages.optimizer import ServerOptimizerStep
 from privml.fl.stages.secure import KeyHolderService, SealUpdates, SecureSetup, SecureSum
 from privml.models.nets import ModelSpec, build_model, flat_params
@@ -68,9 +68,7 @@ def init_params(spec: ModelSpec, seed: int) -> tuple[nn.Module, torch.Tensor]:
     return model, flat_params(model)
 
 
-def run_fingerprint(
-    fed: FederatedData, spec: ModelSpec, training: Any, attack: Any | None
-) -> str:
+def run_fingerprint(fed: FederatedData, spec: ModelSpec, training: Any, attack: Any | None) -> str:
     """SHA-256 of everything a run's result depends on: training settings, attack, model, and
     every site's encoded records. A checkpoint resumes only a run with the same fingerprint."""
     h = hashlib.sha256()
@@ -131,10 +129,13 @@ def make_attack(
 
 
 def _attack_section(attack: Any, names: Sequence[str], malicious: np.ndarray) -> dict[str, Any]:
-    params = {**ATTACK_PARAMS.get(attack.kind, {}), **attack.kind_params()}
+    params: dict[str, Any] = {**ATTACK_PARAMS.get(attack.kind, {}), **attack.kind_params()}
     kind_type = "data" if attack.kind in DATA_ATTACKS else "update"
     if attack.kind == "backdoor":
         kind_type = "data and update (trigger poisoning, model replacement)"
+        params = {"boost": "replace" if attack.boost is None else attack.boost,
+                  "poison_fraction": attack.poison_fraction or 0.5,
+                  "start_round": attack.start_round or 1}  # fmt: skip
     return {
         "kind": attack.kind,
         "type": kind_type,
@@ -191,15 +192,18 @@ def _carve_root(
 # --------------------------------------------------------------------------------------------
 
 
-def attacked_data(
-    sites: list[SiteData], attack: SimulatedAttack | None
-) -> Callable[[int], list[SiteData]]:
-    """The sites' records as they train in a round (the attackers' poisoned records from the
-    attack's first round on)."""
-    poisoned = attack.poisoned(sites) if attack is not None else {}
+def attacked_data(sites: Sites, attack: SimulatedAttack | None) -> Callable[[int], Sites]:
+    """The sites' records as they train in a round: the attackers' poisoned records from the
+    attack's first round on (``sites``: every site as a list, or some by index)."""
+    by_index = dict(enumerate(sites)) if isinstance(sites, Sequence) else dict(sites)
+    poisoned = attack.poisoned(by_index) if attack is not None else {}
     if not poisoned:
         return lambda rnd: sites
-    attacked = [poisoned.get(i, s) for i, s in enumerate(sites)]
+    attacked: Sites
+    if isinstance(sites, Sequence):
+        attacked = [poisoned.get(i, s) for i, s in enumerate(sites)]
+    else:
+        attacked = {**by_index, **poisoned}
     start = attack.start_round if attack is not None else 1
     return lambda rnd: attacked if rnd >= start else sites
 
@@ -262,7 +266,7 @@ def build_run(
     secure = None
     if training.secure_aggregation != "none":
         # the counts the sites report (an attacker's poisoned records included)
-        reported = list(local.records(training.rounds))
+        reported = [local.records(training.rounds)[i] for i in range(len(sites))]
         seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]))
         stages.append(seal)
         secure = (combine, seal, holder)

@@ -162,7 +162,7 @@ class Received:
     updates: Sequence[object] | NDArray[np.float64]
     weights: Sequence[object] | NDArray[np.float64]
     malicious: NDArray[np.bool_]
-    sealed: list[object] | None = None
+    sealed: Sequence[object] | None = None
     missing: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -215,7 +215,8 @@ class RoundRecord:
     did not answer); ``rejected`` the updates validation refused; ``selected`` how many
     updates a selecting rule (Krum, Multi-Krum, Bulyan, FLTrust) kept; ``malicious`` the
     simulated attackers among the clients and ``malicious_selected`` those the rule kept;
-    ``skipped`` why the model did not change this round (None when it did).
+    ``skipped`` why the model did not change this round (None when it did); ``per_site`` each
+    site's own test metrics after the round.
     """
 
     round: int
@@ -232,6 +233,9 @@ class RoundRecord:
     selected: int | None = None
     malicious_selected: int | None = None
     skipped: str | None = None
+    per_site: dict[str, dict[str, Any]] | None = None
+    """site -> ``loss``, ``accuracy``, ``auc`` on its own test records (the per-site learning
+    curves); None when not evaluated (more than ``fl.metrics.MAX_SITES_PER_ROUND`` sites)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -306,8 +310,9 @@ class LocalUpdate(Protocol):
     """The local update rule (step ``"local update"``): the updates of the batch's sites, and
     their weights (the number of records each trained on this round)."""
 
-    def __call__(self, rnd: int, params: torch.Tensor, ids: NDArray[np.int64]) -> NDArray[np.float64]:
-        ...
+    def __call__(
+        self, rnd: int, params: torch.Tensor, ids: NDArray[np.int64]
+    ) -> NDArray[np.float64]: ...
 
     def weights(self, rnd: int, ids: NDArray[np.int64]) -> NDArray[np.float64]: ...
 
@@ -334,10 +339,8 @@ class SitePipeline:
     ) -> SiteUpdates:  # fmt: skip
         """Steps 2 to 5 for sites ``ids``, from the global ``params`` (``late``: see
         :attr:`SiteUpdates.late`)."""
-        if len(ids):
-            updates = self.local(rnd, params, ids)
-        else:
-            updates = np.zeros((0, int(params.shape[0])))
+        empty = np.zeros((0, int(params.shape[0])))
+        updates = self.local(rnd, params, ids) if len(ids) else empty
         weights = self.local.weights(rnd, ids)
         batch = SiteUpdates(rnd, ids, params, updates, weights, self.malicious[ids])
         if late is not None:
@@ -458,6 +461,10 @@ def _record(
 
 def _fill(record: RoundRecord, metrics: dict[str, Any]) -> RoundRecord:
     record.loss, record.accuracy, record.auc = metrics["loss"], metrics["accuracy"], metrics["auc"]
+    per_site = metrics.get("per_site")
+    if per_site is not None and all(isinstance(v, dict) for v in per_site.values()):
+        record.per_site = {n: {k: m.get(k) for k in ("loss", "accuracy", "auc")}
+                           for n, m in per_site.items()}  # fmt: skip
     return record
 
 

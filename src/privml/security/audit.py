@@ -640,7 +640,7 @@ def _evasion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict
 
 
 def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:
-    from privml.fl.engine import init_params
+    from privml.fl.plan import init_params
     from privml.security.attacks.inversion import gradient_inversion
 
     s = ctx.settings
@@ -710,16 +710,15 @@ def _inversion(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], di
 
 
 def _malicious_sites(ctx: _Context) -> tuple[int, ...]:
-    from privml.security.federated import site_indices
+    """The attackers of ``[attack]``, chosen exactly as ``privml run`` chooses them
+    (:func:`privml.fl.stages.attack.attacker_indices`); the first site without ``[attack]``."""
+    from privml.fl.stages.attack import attacker_indices
 
     a = ctx.config.attack
-    if a is not None and a.sites:
-        return site_indices(ctx.fed, a.sites)
-    if a is not None and a.fraction:
-        n = max(1, int(round(a.fraction * len(ctx.fed.sites))))
-        rng = np.random.default_rng([ctx.config.training.seed, 41])
-        return tuple(sorted(int(i) for i in rng.choice(len(ctx.fed.sites), n, replace=False)))
-    return (0,)
+    if a is None:
+        return (0,)
+    names = [s.name for s in ctx.fed.sites]
+    return tuple(int(i) for i in attacker_indices(a, names, ctx.config.training.seed))
 
 
 def _backdoor(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[str, Any]]:

@@ -350,7 +350,7 @@ def adversarial_defence(
     """
     from sklearn.metrics import balanced_accuracy_score
 
-    from privml.fl.engine import init_params
+    from privml.fl.plan import init_params
     from privml.security.attacks.evasion import predict
     from privml.security.baselines import model_quality
     from privml.security.defenses.adversarial import AdversarialGradient

@@ -69,6 +69,46 @@ def _params(rt: SiteRuntime, msg: Message) -> np.ndarray:
     return params
 
 
+def _counts(settings: ConfigRecord) -> list[int]:
+    raw = settings.get("counts")
+    try:
+        counts = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        counts = None
+    if not isinstance(counts, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in counts
+    ):
+        raise UsageError("the request carries no valid site counts")
+    return counts
+
+
+def _blob(msg: Message) -> bytes:
+    arr = P.unpack(msg.content, P.SETTINGS, P.PARAMS)
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 1:
+        raise UsageError("the request carries no readable bytes")
+    return arr.tobytes()
+
+
+def _serve(rt: SiteRuntime, service: str, settings: ConfigRecord, msg: Message) -> dict[str, Any]:
+    """A stage's request to this site: ``keygen``, ``setup`` or ``decrypt``."""
+    result: dict[str, Any] = {}
+    if service == "keygen":
+        public = rt.keygen(_counts(settings))
+        content = P.pack(result, "public", np.frombuffer(public, dtype=np.uint8))
+    elif service == "setup":
+        rt.setup(_counts(settings), _blob(msg))
+        content = {}
+    elif service == "decrypt":
+        n = settings.get("n")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise UsageError(f"decrypt: the count of contributions must be an int; got {n!r}")
+        content = P.pack(result, "sum", rt.decrypt(_blob(msg), n))
+    else:
+        raise UsageError(f"unknown request {service!r}")
+    content[P.RESULT] = ConfigRecord(result)
+    return content
+
+
 def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
     """A ClientApp whose handlers run on the :class:`SiteRuntime` ``get_runtime(context)``."""
     client = ClientApp()
@@ -76,7 +116,11 @@ def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
     @client.query()
     def query(msg: Message, context: Context) -> Message:
         rt = get_runtime(context)
-        _check(rt, _settings(msg))
+        settings = _settings(msg)
+        _check(rt, settings)
+        service = settings.get("service")
+        if service is not None:
+            return Message(RecordDict(_serve(rt, str(service), settings, msg)), reply_to=msg)
         info = rt.info()
         record = ConfigRecord(
             {
@@ -99,11 +143,18 @@ def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
         _check(rt, settings)
         params = _params(rt, msg)
         rnd = settings.get("round")
-        result: dict[str, Any] = {"n_train": rt.data.n_train}
+        result: dict[str, Any] = {}
         if settings.get("evaluate", False):
             result.update(stats_to_config(rt.evaluate(params)))
-        update = rt.train(params, rnd=rnd)  # type: ignore[arg-type]
-        content = P.pack(result, P.UPDATE, update)
+        batch = rt.run_round(params, rnd=rnd)  # type: ignore[arg-type]
+        result["n_train"] = int(batch.weights[0])
+        if batch.sealed is not None:
+            blob = batch.sealed[0]
+            if blob is None:
+                raise UsageError(f"site {rt.name!r}: its update is not finite; nothing sent")
+            content = P.pack(result, "sealed", np.frombuffer(blob, dtype=np.uint8))
+        else:
+            content = P.pack(result, P.UPDATE, batch.updates[0])
         content[P.RESULT] = ConfigRecord(result)
         return Message(RecordDict(content), reply_to=msg)
 

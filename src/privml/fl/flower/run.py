@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,12 @@ except ImportError:  # an optional extra is missing: say which, and how to insta
     require("flower", "Running on Flower (privml flower, --engine flower)")
     raise
 
-from privml import __version__
 from privml.config import Config
 from privml.errors import PrivmlError, UsageError
-from privml.fl.engine import RoundRecord
 from privml.fl.flower import protocol as P
-from privml.fl.flower.server_app import Coordinator, FlowerTraining
+from privml.fl.flower.server_app import Coordinator, FlowerTraining, flower_results, write_run
 from privml.fl.flower.site import check_supported
+from privml.fl.rounds import RoundRecord
 
 __all__ = [
     "Deployment",
@@ -46,9 +44,6 @@ __all__ = [
     "start_run",
     "write_run",
 ]
-
-RESULTS_SCHEMA = "privml-results/1"
-
 
 @dataclass(frozen=True)
 class Deployment:
@@ -259,78 +254,6 @@ def serve_run(
         task_client.close()
         grid.close()
         TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None  # type: ignore[assignment]
-
-
-def flower_results(config: Config, training: FlowerTraining) -> dict[str, Any]:
-    """results.json for a Flower run, in the simulation pipeline's schema plus ``deployment``."""
-    res = training.result
-    return {
-        "schema": RESULTS_SCHEMA,
-        "privml_version": __version__,
-        "name": config.name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "task": training.task.to_dict(),
-        "sites": [
-            {"name": s.name, "n_train": s.n_train, "n_test": s.n_test} for s in training.sites
-        ],
-        "model": res.spec.to_dict(),
-        "rounds": [r.to_dict() for r in res.history],
-        "metrics": res.metrics,
-        "updates": res.extra.get("updates", {"rejected": res.rejected_updates}),
-        "federation": res.extra.get("federation"),
-        "privacy": {"mode": "none"},
-        "schema_inferred_from_data": [],
-        "notes": [
-            "metrics pooled from the sites' evaluation statistics; AUC from binned scores "
-            "(see privml.fl.flower.evaluation)"
-        ],
-        "deployment": {
-            "flower_version": _flower_version(),
-            "sites": [{"name": s.name, "node_id": s.node_id} for s in training.sites],
-            "timing": training.timing,
-        },
-        "config": config.resolved(),
-        "config_hash": config.config_hash(),
-    }
-
-
-def _flower_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
-
-
-def write_run(
-    config: Config,
-    training: FlowerTraining,
-    out_dir: Path,
-    *,
-    results: dict[str, Any] | None = None,
-    force: bool = False,
-) -> Path:
-    """Write the run folder (model, results.json, report) atomically; return it."""
-    from privml.artifacts import atomic_folder, save_model, write_json
-
-    results = results or flower_results(config, training)
-
-    def fill(tmp: Path) -> None:
-        res = training.result
-        save_model(
-            tmp,
-            res.spec,
-            res.params,
-            training.encoder,
-            training.task,
-            config_hash=results["config_hash"],
-        )
-        write_json(tmp / "results.json", results)
-        if config.output.html:
-            from privml.report.html import render_report
-
-            (tmp / "report.html").write_text(render_report(results))
-
-    atomic_folder(out_dir, fill, force=force)
-    return out_dir
 
 
 def run_flower(

@@ -1,17 +1,18 @@
 """privml's Flower ServerApp: the coordinator side of a deployment (message API).
 
-:class:`Coordinator` runs the same federated rounds as :func:`privml.fl.engine.simulate`, with
-the sites' local training happening at the SuperNodes:
+:class:`Coordinator` runs the round engine, :func:`privml.fl.rounds.run_rounds`, with the same
+server stages as the simulation and the site stages at the SuperNodes (:class:`FlowerEngine`):
 
 1. handshake: every SuperNode reports which site of the config it serves; the coordinator waits
    until each configured site is connected and checks that all of them run the same config
-   (fingerprints), task and encoding;
-2. each round: the participants (:func:`privml.fl.engine.plan_round`, the simulation's own
-   sampling) get ``train`` messages with the global parameters; the replies go through the
-   server step every engine shares, :func:`privml.fl.engine.aggregate_round` (validation of
-   each update: type, shape, dtype, NaN/Inf, norm, weight; then the configured aggregation
-   rule from :mod:`privml.fl.aggregate` and server optimizer); sites that do not answer
-   within ``round_timeout`` are left out of the round;
+   (fingerprints), task and encoding; then the stages' setup requests (secure aggregation: the
+   key holder makes the keys, every site gets the public material);
+2. each round: the participants (the simulation's own cohort sampler) get ``train`` messages
+   with the global parameters and run the site stages (local update, simulated attacker,
+   encryption); the replies go through the server stages (validation, the configured rule
+   and server optimizer; or the encrypted sum and the key holder's decryption, requested
+   over a message); sites that do not answer within ``round_timeout`` are left out of the
+   round; the server state is checkpointed after every round;
 3. evaluation of round ``r``'s model rides on round ``r + 1``'s messages (sites evaluate the
    parameters they receive before training; sites outside the cohort get an ``evaluate``
    message in the same exchange), so a round costs one message exchange; a final exchange
@@ -49,24 +50,33 @@ from privml.config import Config
 from privml.data.encoding import Encoder, Task
 from privml.data.federation import FederatedData
 from privml.errors import ConfigError, PrivmlError, UsageError
-from privml.fl.engine import (
-    RoundRecord,
-    ServerPlan,
-    TrainingResult,
-    aggregate_round,
-    cohort_size,
-    init_params,
-    init_server_state,
-    plan_round,
-)
+from privml.fl.checkpoint import ServerState
+from privml.fl.engine import TrainingResult
 from privml.fl.flower import protocol as P
 from privml.fl.flower.evaluation import EvalStats, pooled_metrics
-from privml.fl.flower.site import check_supported, site_names, site_prox_mu
+from privml.fl.flower.site import check_supported, site_names
 from privml.fl.metrics import MAX_SITES_PER_ROUND, ROUND_KEYS
-from privml.fl.validate import REJECTION_REASONS
+from privml.fl.plan import init_params
+from privml.fl.rounds import Cohort, Received, RoundRecord, RoundsPlan, restore, run_rounds
+from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan, init_server_state
+from privml.fl.stages.attack import attacker_indices
+from privml.fl.stages.checkpoint import Checkpointing
+from privml.fl.stages.cohort import UniformCohort
+from privml.fl.stages.local import prox_weight
+from privml.fl.stages.optimizer import ServerOptimizerStep
+from privml.fl.stages.secure import SecureSetup, SecureSum
 from privml.models.nets import ModelSpec
+from privml.results import results_document
 
-__all__ = ["Coordinator", "FlowerTraining", "SiteEntry", "app"]
+__all__ = [
+    "Coordinator",
+    "FlowerEngine",
+    "FlowerTraining",
+    "SiteEntry",
+    "app",
+    "flower_results",
+    "write_run",
+]
 
 log = logging.getLogger("privml.flower")
 
@@ -313,14 +323,50 @@ class Coordinator:
             return None
         return {"n": n, "loss_sum": loss_sum, "confusion": confusion, "hist": hist}
 
-    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> FlowerTraining:
-        """Handshake, then ``training.rounds`` rounds and a final evaluation.
+    def ask(self, site: SiteEntry, service: str, array: np.ndarray | None = None,
+            **values: Any) -> Message:  # fmt: skip
+        """Send ``site`` a ``service`` request (a stage's setup or key-holder request) and
+        return its reply; SiteFailure when it refuses or does not answer in time."""
+        settings: dict[str, Any] = {"fingerprint": self._fp_json, "service": service, **values}
+        content = P.pack(settings, P.PARAMS, array) if array is not None else {}
+        content[P.SETTINGS] = ConfigRecord(settings)
+        msg = self._message(site.node_id, MessageType.QUERY, content, service)
+        reply = self.exchange([msg], timeout=self.round_timeout).get(site.node_id)
+        if reply is None:
+            raise SiteFailure(f"site {site.name!r} did not answer the {service} request in time")
+        if reply.has_error():
+            raise SiteFailure(f"site {site.name!r} refused the {service} request: {_reason(reply)}")
+        return reply
 
-        Each round follows the simulation: :func:`privml.fl.engine.plan_round` picks the
-        participants (sampling, simulated dropouts and stragglers), and
-        :func:`privml.fl.engine.aggregate_round` validates the replies and aggregates them
-        with the configured rule and server optimizer. A participant that does not answer
-        within ``round_timeout`` or answers with an error is left out of the round.
+    def _secure(self, sites: list[SiteEntry], n_params: int, engine: FlowerEngine) -> SecureSum:
+        """Secure aggregation's setup: keys at the key holder, public material to every site."""
+        t = self.config.training
+        counts = [s.n_train for s in sites]
+        setup = SecureSetup.from_training(t, [s.name for s in sites], counts, n_params=n_params)
+        holder = next(s for s in sites if s.name == setup.key_holder)
+        reply = self.ask(holder, "keygen", counts=json.dumps(counts))
+        public = P.unpack(reply.content, P.RESULT, "public")
+        if public is None:
+            raise SiteFailure(f"the key holder {holder.name!r} sent no public material")
+        pub = public.astype(np.uint8).tobytes()
+        for s in sites:
+            self.ask(s, "setup", array=np.frombuffer(pub, np.uint8), counts=json.dumps(counts))
+        engine.key_holder = holder
+        return SecureSum(setup, pub, decrypt=engine.decrypt)
+
+    def run(
+        self,
+        *,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+    ) -> FlowerTraining:
+        """Handshake, then the rounds (from the checkpoint with ``resume``) and a final
+        evaluation.
+
+        Each round follows the simulation (:func:`privml.fl.rounds.run_rounds`): the same
+        cohort sampler, the same server stages. A participant that does not answer within
+        ``round_timeout`` or answers with an error is left out of the round.
         """
         training = self.config.training
         t_start = time.perf_counter()
@@ -329,148 +375,250 @@ class Coordinator:
         from privml.pipeline import model_spec
 
         spec: ModelSpec = model_spec(self.config, FederatedData([], encoder, task))
-        plan = ServerPlan.from_training(training)
+        server = ServerPlan.from_training(training)
         model, params0 = init_params(spec, training.seed)
-        state = init_server_state(params0, plan)
-        history: list[RoundRecord] = []
-        pending: RoundRecord | None = None
-        totals: dict[str, Any] = {
-            "accepted": 0,
-            "rejected": 0,
-            "by_reason": dict.fromkeys(REJECTION_REASONS, 0),
-            "dropped": 0,
-            "stragglers": 0,
-            "skipped_rounds": {},
-            "timed_out": 0,
-            "site_errors": 0,
-        }
-        last_stats: dict[str, EvalStats] = {}
-        round_seconds: list[float] = []
-
-        def close(record: RoundRecord, replies: dict[int, Message]) -> None:
-            stats = {
-                s.name: st
-                for s in sites
-                if s.node_id in replies and (st := self._stats(replies[s.node_id])) is not None
-            }
-            last_stats.clear()
-            last_stats.update(stats)
-            pooled = pooled_metrics(list(stats.values()))
-            record.loss = pooled["loss"]
-            record.accuracy = pooled["accuracy"]
-            record.auc = pooled["auc"]
-            if len(sites) <= MAX_SITES_PER_ROUND:
-                record.per_site = {
-                    name: {k: m[k] for k in ROUND_KEYS}
-                    for name, m in ((n, pooled_metrics([st])) for n, st in stats.items())
-                }
-            history.append(record)
-            if on_round is not None:
-                on_round(record)
-
-        for rnd in range(1, training.rounds + 1):
-            t0 = time.perf_counter()
-            rp = plan_round(len(sites), training, rnd)
-            participants = {int(i) for i in rp.participants}
-            # identical content for every site: Flower stores and moves it once
-            content = self._request(state.params, round=rnd, evaluate=pending is not None)
-            msgs = []
-            for s in sites:
-                if s.index in participants:
-                    msgs.append(self._message(s.node_id, MessageType.TRAIN, content, str(rnd)))
-                elif pending is not None:
-                    msgs.append(self._message(s.node_id, MessageType.EVALUATE, content, str(rnd)))
-            replies = self.exchange(msgs, timeout=self.round_timeout)
-            if pending is not None:
-                close(pending, replies)
-            updates: list[Any] = []
-            weights: list[Any] = []
-            timed_out = failed = 0
-            for s in sites:
-                if s.index not in participants:
-                    continue
-                reply = replies.get(s.node_id)
-                if reply is None:
-                    timed_out += 1
-                    log.warning("round %d: site %s did not answer in time; left out", rnd, s.name)
-                    continue
-                if reply.has_error():
-                    failed += 1
-                    log.warning("round %d: site %s failed: %s", rnd, s.name, _reason(reply))
-                    continue
-                meta = reply.content.config_records.get(P.RESULT)
-                # None (absent or unreadable) is rejected by the validation with reason "type"
-                updates.append(P.unpack(reply.content, P.RESULT, P.UPDATE))
-                weights.append(meta.get("n_train") if meta is not None else None)
-            outcome = aggregate_round(state, updates, weights, plan=plan)
-            state = outcome.state
-            totals["accepted"] += outcome.counts["accepted"]
-            totals["rejected"] += outcome.counts["rejected"]
-            for reason, c in outcome.counts["by_reason"].items():
-                totals["by_reason"][reason] += c
-            totals["dropped"] += len(rp.dropped)
-            totals["stragglers"] += len(rp.stragglers)
-            totals["timed_out"] += timed_out
-            totals["site_errors"] += failed
-            if outcome.skipped:
-                totals["skipped_rounds"].setdefault(outcome.skipped, []).append(rnd)
-            seconds = time.perf_counter() - t0
-            round_seconds.append(seconds)
-            sel = outcome.selected
-            pending = RoundRecord(
-                round=rnd,
-                loss=None,
-                accuracy=None,
-                auc=None,
-                clients=len(updates),
-                rejected=outcome.counts["rejected"],
-                seconds=seconds,
-                sampled=len(rp.sampled),
-                dropped=len(rp.dropped) + timed_out + failed,
-                stragglers=len(rp.stragglers),
-                malicious=0,
-                selected=None if sel is None else len(sel),
-                malicious_selected=None if sel is None else 0,
-                skipped=outcome.skipped,
-            )
-        # final evaluation of the last model at every site
-        request = self._request(state.params)
-        msgs = [self._message(s.node_id, MessageType.EVALUATE, request, "final") for s in sites]
-        replies = self.exchange(msgs, timeout=self.round_timeout)
-        assert pending is not None
-        close(pending, replies)
-        metrics = pooled_metrics(list(last_stats.values()))
-        metrics["per_site"] = {
-            s.name: pooled_metrics([last_stats[s.name]] if s.name in last_stats else [])
-            for s in sites
-        }
-        timing = {
-            "handshake_seconds": t_hand,
-            "round_seconds": round_seconds,
-            "total_seconds": time.perf_counter() - t_start,
-        }
-        prox_mu = site_prox_mu(training)
+        state = init_server_state(params0, server)
+        engine = FlowerEngine(self, sites, model, self._malicious(sites))
+        combine: Any = CheckedAggregation(server)
+        if training.secure_aggregation != "none":
+            combine = self._secure(sites, int(state.params.shape[0]), engine)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = Checkpointing(checkpoint_dir, self._run_id(sites, encoder, task))
+        cohort = UniformCohort.from_training(len(sites), training)
+        plan = RoundsPlan(training.rounds, cohort, combine,
+                          ServerOptimizerStep(server.optimizer), checkpoint=checkpoint)  # fmt: skip
+        history, tally, resumed_after = None, None, None
+        if resume:
+            if checkpoint is None:
+                raise UsageError("Coordinator.run(resume=True) needs the checkpoint_dir")
+            ck = checkpoint.load()
+            state, resumed_after = ck.state, ck.state.round
+            history, tally = restore(ck.meta, plan)
+        out = run_rounds(plan, engine, state, history=history, tally=tally, on_round=on_round)
+        timing = {"handshake_seconds": t_hand, "round_seconds": engine.round_seconds,
+                  "total_seconds": time.perf_counter() - t_start}  # fmt: skip
         federation = {
             "engine": "flower",
             "strategy": training.strategy,
-            "prox_mu": prox_mu if training.strategy == "fedprox" else None,
-            **plan.to_dict(),
-            "clients_per_round": cohort_size(len(sites), training),
+            "prox_mu": prox_weight(training) if training.strategy == "fedprox" else None,
+            **server.to_dict(),
+            "clients_per_round": plan.cohort.size,  # type: ignore[attr-defined]
             "n_sites": len(sites),
             "dropout": training.dropout,
             "straggler": training.straggler,
             "straggler_policy": "late updates are discarded (synchronous rounds)",
             "round_timeout_seconds": self.round_timeout,
             "fltrust_root": None,
-            "resumed_after_round": None,
-        }
-        updates_section = {**totals, "max_update_norm": training.max_update_norm}
-        extra = {"updates": updates_section, "federation": federation, "attack": None}
-        final = torch.from_numpy(state.params.copy())
-        result = TrainingResult(
-            spec, model, final, history, metrics, int(totals["rejected"]), extra
-        )
+            "resumed_after_round": resumed_after,
+            "secure_aggregation": combine.describe(None, None)
+            if isinstance(combine, SecureSum) else None,
+        }  # fmt: skip
+        updates_section = {**out.tally.to_dict(), "max_update_norm": training.max_update_norm}
+        attack = None
+        if self.config.attack is not None:
+            attack = {"kind": self.config.attack.kind, "sites": [
+                s.name for s in sites if engine.malicious[s.index]]}  # fmt: skip
+        extra = {"updates": updates_section, "federation": federation, "attack": attack}
+        final = torch.from_numpy(out.state.params.copy())
+        result = TrainingResult(spec, model, final, out.history, out.metrics, out.tally.rejected,
+                                extra)  # fmt: skip
         return FlowerTraining(result, sites, encoder, task, timing)
+
+    def _malicious(self, sites: list[SiteEntry]) -> np.ndarray:
+        mask = np.zeros(len(sites), dtype=bool)
+        if self.config.attack is not None:
+            names = [s.name for s in sites]
+            mask[attacker_indices(self.config.attack, names, self.config.training.seed)] = True
+        return mask
+
+    def _run_id(self, sites: list[SiteEntry], encoder: Encoder, task: Task) -> str:
+        """What a checkpoint of this deployment is bound to: the config and the sites."""
+        import hashlib
+
+        config = self.config.resolved()
+        config.pop("output", None)
+        desc = {"config": config, "task": task.to_dict(), "encoding": encoder.to_dict(),
+                "sites": [(s.name, s.index, s.n_train, s.n_test) for s in sites]}  # fmt: skip
+        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FlowerEngine:
+    """The site side of each round, run at the SuperNodes over Flower messages.
+
+    Evaluation of a round's model rides on the next round's messages (sites evaluate the
+    parameters they receive before training; sites outside the cohort get an ``evaluate``
+    message in the same exchange), so a round costs one message exchange; :meth:`finish`
+    evaluates the last model at every site.
+    """
+
+    name = "flower"
+
+    def __init__(self, coordinator: Coordinator, sites: list[SiteEntry], model: Any,
+                 malicious: np.ndarray) -> None:  # fmt: skip
+        self.c = coordinator
+        self.sites = sites
+        self.model = model
+        self.malicious = malicious
+        self.key_holder: SiteEntry | None = None
+        self.round_seconds: list[float] = []
+        self._evaluate_next = False
+        self._late: dict[str, Any] | None = None
+        self.last_stats: dict[str, EvalStats] = {}
+
+    def train(self, rnd: int, state: ServerState, cohort: Cohort) -> Received:
+        t0 = time.perf_counter()
+        c = self.c
+        participants = {int(i) for i in cohort.participants}
+        evaluate = self._evaluate_next
+        # identical content for every site: Flower stores and moves it once
+        content = c._request(state.params, round=rnd, evaluate=evaluate)
+        msgs = []
+        for s in self.sites:
+            if s.index in participants:
+                msgs.append(c._message(s.node_id, MessageType.TRAIN, content, str(rnd)))
+            elif evaluate:
+                msgs.append(c._message(s.node_id, MessageType.EVALUATE, content, str(rnd)))
+        replies = c.exchange(msgs, timeout=c.round_timeout)
+        if evaluate:
+            self._late = self._pool(replies)
+            self._evaluate_next = False
+        received = self._received(rnd, participants, replies)
+        self.round_seconds.append(time.perf_counter() - t0)
+        return received
+
+    def _received(self, rnd: int, participants: set[int], replies: dict[int, Message]) -> Received:
+        ids, updates, weights, sealed = [], [], [], []
+        timed_out = failed = 0
+        secure = self.c.config.training.secure_aggregation != "none"
+        for s in self.sites:
+            if s.index not in participants:
+                continue
+            reply = replies.get(s.node_id)
+            if reply is None:
+                timed_out += 1
+                log.warning("round %d: site %s did not answer in time; left out", rnd, s.name)
+                continue
+            if reply.has_error():
+                failed += 1
+                log.warning("round %d: site %s failed: %s", rnd, s.name, _reason(reply))
+                continue
+            meta = reply.content.config_records.get(P.RESULT)
+            ids.append(s.index)
+            weights.append(meta.get("n_train") if meta is not None else None)
+            if secure:
+                blob = P.unpack(reply.content, P.RESULT, "sealed")
+                sealed.append(None if blob is None else blob.astype(np.uint8).tobytes())
+            else:
+                # None (absent or unreadable) is rejected by the validation with reason "type"
+                updates.append(P.unpack(reply.content, P.RESULT, P.UPDATE))
+        idx = np.asarray(ids, dtype=np.int64)
+        return Received(idx, updates, weights, self.malicious[idx],
+                        sealed=sealed if secure else None,
+                        missing={"timed_out": timed_out, "site_errors": failed})  # fmt: skip
+
+    def decrypt(self, aggregate: bytes, n_contributions: int) -> np.ndarray:
+        """The key holder's decryption of an encrypted sum, over a message."""
+        assert self.key_holder is not None
+        reply = self.c.ask(self.key_holder, "decrypt", array=np.frombuffer(aggregate, np.uint8),
+                           n=int(n_contributions))  # fmt: skip
+        out = P.unpack(reply.content, P.RESULT, "sum")
+        if out is None or out.dtype.kind != "f" or out.ndim != 1:
+            raise SiteFailure(f"the key holder {self.key_holder.name!r} sent no readable sum")
+        return out.astype(np.float64)
+
+    def _pool(self, replies: dict[int, Message]) -> dict[str, Any]:
+        stats = {
+            s.name: st
+            for s in self.sites
+            if s.node_id in replies and (st := self.c._stats(replies[s.node_id])) is not None
+        }
+        self.last_stats = stats
+        out = pooled_metrics(list(stats.values()))
+        out["per_site"] = None
+        if len(self.sites) <= MAX_SITES_PER_ROUND:
+            out["per_site"] = {
+                name: {k: m[k] for k in ROUND_KEYS}
+                for name, m in ((n, pooled_metrics([st])) for n, st in stats.items())
+            }
+        return out
+
+    def evaluate(self, params: np.ndarray) -> None:
+        self._evaluate_next = True
+        return None
+
+    def settle(self) -> dict[str, Any] | None:
+        late, self._late = self._late, None
+        return late
+
+    def finish(self, params: np.ndarray) -> dict[str, Any]:
+        request = self.c._request(params)
+        msgs = [self.c._message(s.node_id, MessageType.EVALUATE, request, "final")
+                for s in self.sites]  # fmt: skip
+        metrics = self._pool(self.c.exchange(msgs, timeout=self.c.round_timeout))
+        metrics["per_site"] = {
+            s.name: pooled_metrics([self.last_stats[s.name]] if s.name in self.last_stats else [])
+            for s in self.sites
+        }
+        return metrics
+
+
+def flower_results(config: Config, training: FlowerTraining) -> dict[str, Any]:
+    """results.json for a Flower run: the simulation pipeline's document plus ``deployment``."""
+    res = training.result
+    doc = results_document(
+        config, task=training.task,
+        sites=[{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
+               for s in training.sites],
+        training=res,
+        notes=["metrics pooled from the sites' evaluation statistics; AUC from binned scores "
+               "(see privml.fl.flower.evaluation)"],
+    )  # fmt: skip
+    doc["deployment"] = {
+        "flower_version": _flower_version(),
+        "sites": [{"name": s.name, "node_id": s.node_id} for s in training.sites],
+        "timing": training.timing,
+    }
+    return doc
+
+
+def _flower_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def write_run(
+    config: Config,
+    training: FlowerTraining,
+    out_dir: Path,
+    *,
+    results: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the run folder (model, results.json, report) atomically; return it."""
+    from privml.artifacts import atomic_folder, save_model, write_json
+
+    results = results or flower_results(config, training)
+
+    def fill(tmp: Path) -> None:
+        res = training.result
+        save_model(
+            tmp,
+            res.spec,
+            res.params,
+            training.encoder,
+            training.task,
+            config_hash=results["config_hash"],
+        )
+        write_json(tmp / "results.json", results)
+        if config.output.html:
+            from privml.report.html import render_report
+
+            (tmp / "report.html").write_text(render_report(results))
+
+    atomic_folder(out_dir, fill, force=force)
+    return out_dir
 
 
 app = ServerApp()
@@ -484,6 +632,4 @@ def main(grid: Grid, context: Context) -> None:
     training = Coordinator(grid, config).run()
     out = context.run_config.get(P.OUT_DIR_KEY)
     if isinstance(out, str) and out:
-        from privml.fl.flower.run import write_run
-
         write_run(config, training, Path(out))

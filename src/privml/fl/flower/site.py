@@ -1,12 +1,16 @@
-"""What runs at one site of a Flower deployment: its data, local training and evaluation.
+"""What runs at one site of a Flower deployment: its data, its stages, its evaluation.
 
 A :class:`SiteRuntime` is built once per SuperNode process from the site's config file and its
 name. It reads only that site's records (its own ``data.sites`` entry; for a built-in dataset,
 its part of the simulated partition), checks and encodes them with the public schema, splits
 them exactly as the simulation does, and keeps the encoded arrays in memory for every round.
-Local training is the engine's own site-side function :func:`privml.fl.engine.local_updates`,
-seeded with the site's index in the config, so a site computes the same update as in
-simulation.
+
+Each round it runs the site side of the round engine for itself
+(:class:`~privml.fl.rounds.SitePipeline`: the local update, a simulated attacker if the config
+makes this site one, the encryption under secure aggregation), seeded with the site's index in
+the config, so a site computes the same update as in simulation. It answers the requests the
+server's stages send it (:meth:`SiteRuntime.serve`): ``setup`` before round 1 (the secure
+aggregation's public material), ``keygen`` and ``decrypt`` at the key holder.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from privml.data.federation import FederatedData, SiteData, load_federation
 from privml.data.loading import check_sites, read_site_file
 from privml.data.partition import train_test_split
 from privml.errors import ConfigError, DataError, UsageError
-from privml.fl.engine import DEFAULT_PROX_MU, local_updates
+from privml.fl.compat import check_combination
 from privml.fl.flower import protocol
 from privml.fl.flower.evaluation import EvalStats, site_stats
+from privml.fl.plan import attacked_data, make_attack
+from privml.fl.rounds import SitePipeline, SiteStage, SiteUpdates
+from privml.fl.stages.local import LocalTraining
+from privml.fl.stages.secure import KeyHolderService, SealUpdates, SecureSetup
 from privml.models.nets import ModelSpec, build_model
 from privml.models.training import MeanGradient
 from privml.pipeline import model_spec
@@ -37,37 +45,13 @@ __all__ = [
     "check_supported",
     "load_site",
     "site_names",
-    "site_prox_mu",
 ]
 
 
 def check_supported(config: Config) -> None:
-    """Raise UsageError for settings the Flower engine does not run (all listed at once)."""
-    problems = []
-    if config.privacy.mode != "none":
-        problems.append(
-            f"privacy.mode = {config.privacy.mode!r}: differentially private training runs in "
-            'the simulation engine only for now; use engine = "simulation" or mode = "none"'
-        )
-    if config.attack:
-        problems.append(
-            "[attack]: simulated attackers exist only in the simulation engine; remove the "
-            "[attack] section to deploy"
-        )
-    if config.training.aggregator == "fltrust":
-        problems.append(
-            'training.aggregator = "fltrust" needs a root dataset at the server, which the '
-            "Flower engine does not hold; choose another aggregator"
-        )
-    if problems:
-        raise UsageError("the Flower engine cannot run this config: " + "; ".join(problems))
-
-
-def site_prox_mu(training: Any) -> float:
-    """FedProx's proximal weight for local training, as the simulation engine sets it."""
-    if training.strategy != "fedprox":
-        return 0.0
-    return float(training.prox_mu if training.prox_mu is not None else DEFAULT_PROX_MU)
+    """Raise ConfigError for combinations the Flower engine does not run (the compatibility
+    table's refusals for ``engine = "flower"``, all listed at once)."""
+    check_combination(config, engine="flower")
 
 
 def site_names(config: Config) -> list[str]:
@@ -145,7 +129,7 @@ class SiteInfo:
 
 
 class SiteRuntime:
-    """One site's encoded data, model and training rule, kept for the whole deployment.
+    """One site's encoded data, model and stages, kept for the whole deployment.
 
     Args:
         config: the deployment's config (the same file as the coordinator's).
@@ -162,6 +146,22 @@ class SiteRuntime:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.rule = MeanGradient(self.model, self.spec, binary=self.task.kind == "binary")
         self.fingerprint = protocol.fingerprint(config)
+        self.names = site_names(config)
+        self.pipeline = self._pipeline()
+        self.key_holder: KeyHolderService | None = None
+
+    def _pipeline(self) -> SitePipeline:
+        t = self.config.training
+        stages: list[SiteStage] = []
+        malicious = np.zeros(len(self.names), dtype=bool)
+        atk = None
+        if self.config.attack is not None:
+            n_classes = 2 if self.task.kind == "binary" else len(self.task.classes)
+            atk = make_attack(self.config.attack, self.names, t.seed, n_classes)
+            malicious = atk.mask(len(self.names))
+            stages.append(atk)
+        local = LocalTraining(attacked_data({self.index: self.data}, atk), t, self.rule)
+        return SitePipeline(local, stages, malicious)
 
     @classmethod
     def from_file(cls, config_path: str | Path, site: str) -> SiteRuntime:
@@ -200,8 +200,7 @@ class SiteRuntime:
             raise UsageError(f"site {self.name!r}: the global parameters hold NaN or Inf")
         return torch.from_numpy(params.astype(np.float32))
 
-    def train(self, params: np.ndarray, *, rnd: int) -> np.ndarray:
-        """Local training from the global ``params`` in round ``rnd``; the update (float64)."""
+    def _round(self, rnd: object) -> int:
         if (
             isinstance(rnd, bool)
             or not isinstance(rnd, int)
@@ -211,23 +210,61 @@ class SiteRuntime:
                 f"site {self.name!r}: round must be an integer in [1, "
                 f"{self.config.training.rounds}]. Got {rnd!r} instead."
             )
+        return rnd
+
+    def run_round(self, params: np.ndarray, *, rnd: int) -> SiteUpdates:
+        """The site side of round ``rnd`` from the global ``params``: local update, then this
+        site's stages (attack, sealing)."""
+        r = self._round(rnd)
         p = self.check_params(params)
-        updates = local_updates(
-            self.model,
-            p,
-            [self.data],
-            training=self.config.training,
-            rnd=rnd,
-            site_ids=np.array([self.index]),
-            rule=self.rule,
-            prox_mu=site_prox_mu(self.config.training),
-        )
-        return updates[0]
+        if self.config.training.secure_aggregation != "none" and not any(
+            isinstance(s, SealUpdates) for s in self.pipeline.stages
+        ):
+            raise UsageError(
+                f"site {self.name!r}: secure aggregation is not set up (no public key yet); "
+                "the coordinator sends it before round 1"
+            )
+        return self.pipeline.run(r, p, np.array([self.index], dtype=np.int64))
+
+    def train(self, params: np.ndarray, *, rnd: int) -> np.ndarray:
+        """Local training from the global ``params`` in round ``rnd``; the update (float64)."""
+        return self.run_round(params, rnd=rnd).updates[0]
 
     def evaluate(self, params: np.ndarray) -> EvalStats:
         """Evaluation statistics of ``params`` on this site's test records."""
         p = self.check_params(params)
         return site_stats(self.model, p, self.data.X_test, self.data.y_test)
+
+    # -- requests of the server's stages -----------------------------------------------------
+
+    def _secure_setup(self, counts: list[int]) -> SecureSetup:
+        if len(counts) != len(self.names) or any(c < 0 for c in counts):
+            raise UsageError(f"site {self.name!r}: setup sent {len(counts)} counts for "
+                             f"{len(self.names)} sites")  # fmt: skip
+        return SecureSetup.from_training(
+            self.config.training, self.names, counts, n_params=self.n_params
+        )
+
+    def keygen(self, counts: list[int]) -> bytes:
+        """At the key holder: make the aggregation keys (once); return the public material."""
+        if self.key_holder is None:
+            self.key_holder = KeyHolderService(self._secure_setup(counts), self.name)
+        return self.key_holder.keygen()
+
+    def decrypt(self, aggregate: bytes, n_contributions: int) -> np.ndarray:
+        """At the key holder: decrypt a sum of ``n_contributions`` (>= 2) updates."""
+        if self.key_holder is None:
+            raise UsageError(f"site {self.name!r} holds no aggregation key")
+        return self.key_holder.decrypt(aggregate, n_contributions)
+
+    def setup(self, counts: list[int], public: bytes) -> None:
+        """Before round 1: the secure aggregation's public material and the sites' counts."""
+        if self.config.training.secure_aggregation == "none":
+            raise UsageError(f"site {self.name!r}: this config uses no secure aggregation")
+        setup = self._secure_setup(counts)
+        self.pipeline.stages = [s for s in self.pipeline.stages if not isinstance(s, SealUpdates)]
+        self.pipeline.stages.append(SealUpdates(setup, public))
+        self.pipeline.__post_init__()
 
     def check_fingerprint(self, theirs: Any) -> None:
         diff = protocol.fingerprint_mismatch(self.fingerprint, theirs)

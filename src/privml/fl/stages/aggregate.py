@@ -158,9 +158,8 @@ class CheckedAggregation:
     step = "combine"
 
     def __call__(self, state: ServerState, received: Received, rnd: int) -> Outcome:
-        rows = received.updates
-        if isinstance(rows, np.ndarray) and rows.ndim == 2:
-            rows = list(rows)
+        got = received.updates
+        rows: Sequence[object] = list(got) if isinstance(got, np.ndarray) else got
         return self.combine(state, rows, received.weights, rnd)
 
     def combine(

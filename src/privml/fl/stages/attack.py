@@ -140,18 +140,16 @@ class SimulatedAttack:
         m[self.sites] = True
         return m
 
-    def poisoned(self, sites: Sequence[SiteData], positions: Mapping[int, int] | None = None
-                 ) -> dict[int, SiteData]:  # fmt: skip
-        """The attackers' poisoned records, by site index (``positions`` maps a site index to
-        its place in ``sites`` when ``sites`` holds only some sites, as at a Flower site)."""
+    def poisoned(self, sites: Mapping[int, SiteData]) -> dict[int, SiteData]:
+        """The poisoned records of the attackers among ``sites`` (site index -> records),
+        each drawn from a generator seeded by ``(seed, 97, site)``."""
         out: dict[int, SiteData] = {}
         if self.poison is None:
             return out
         for i in self.sites:
-            pos = int(i) if positions is None else positions.get(int(i))
-            if pos is None:
+            s = sites.get(int(i))
+            if s is None:
                 continue
-            s = sites[pos]
             X, y = self.poison(s.X_train, s.y_train, np.random.default_rng([self.seed, 97, int(i)]))
             out[int(i)] = SiteData(s.name, X, y, s.X_test, s.y_test)
         return out
@@ -173,7 +171,7 @@ class SimulatedAttack:
         assert self.update_attack is not None
         # attackers work from the finite updates (a broken honest site's NaN update is left
         # for validation to reject)
-        finite = np.isfinite(batch.updates).all(axis=1)
+        finite: NDArray[np.bool_] = np.asarray(np.isfinite(batch.updates).all(axis=1))
         sub = batch.malicious[finite]
         if self.update_attack in OMNISCIENT and not (~sub).any():
             # nobody honest to imitate in this cohort: the attackers send honest updates
@@ -210,7 +208,9 @@ class SimulatedAttack:
 def label_flipper(n_classes: int) -> Poison:
     """Label flipping as a :data:`Poison` (class ``c`` becomes ``n_classes - 1 - c``)."""
 
-    def poison(X: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def poison(
+        X: np.ndarray, y: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         return X, flip_labels(y, n_classes)
 
     return poison

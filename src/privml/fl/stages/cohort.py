@@ -53,9 +53,9 @@ class UniformCohort:
     def __call__(self, rnd: int) -> Cohort:
         rng = np.random.default_rng([self.seed, rnd, 1])
         k, n = self.size, self.n_sites
-        sampled = (
-            np.sort(rng.choice(n, size=k, replace=False)) if k < n else np.arange(n)
-        ).astype(np.int64)
+        sampled = (np.sort(rng.choice(n, size=k, replace=False)) if k < n else np.arange(n)).astype(
+            np.int64
+        )
         dropped = sampled[rng.random(k) < self.dropout] if self.dropout > 0 else _EMPTY
         left = np.setdiff1d(sampled, dropped, assume_unique=True)
         stragglers = left[rng.random(len(left)) < self.straggler] if self.straggler else _EMPTY

@@ -58,7 +58,9 @@ class LocalTraining:
     data: Callable[[int], Sites] | Sites
     training: Any
     rule: GradientRule | None = None
-    make_rule: Callable[..., tuple[GradientRule, tuple[np.ndarray, np.ndarray] | None]] | None = None
+    make_rule: Callable[..., tuple[GradientRule, tuple[np.ndarray, np.ndarray] | None]] | None = (
+        None
+    )
     step = "local update"
 
     def records(self, rnd: int) -> Sites:
@@ -69,7 +71,9 @@ class LocalTraining:
         sites = self.records(rnd)
         return np.array([sites[int(i)].n_train for i in ids], dtype=np.float64)
 
-    def __call__(self, rnd: int, params: torch.Tensor, ids: NDArray[np.int64]) -> NDArray[np.float64]:
+    def __call__(
+        self, rnd: int, params: torch.Tensor, ids: NDArray[np.int64]
+    ) -> NDArray[np.float64]:
         t = self.training
         sites = self.records(rnd)
         cohort = [sites[int(i)] for i in ids]

@@ -277,7 +277,9 @@ class KeyHolderService:
 
     def keygen(self) -> bytes:
         if self.site != self.setup.key_holder:
-            raise UsageError(f"site {self.site!r} is not the key holder ({self.setup.key_holder!r})")
+            raise UsageError(
+                f"site {self.site!r} is not the key holder ({self.setup.key_holder!r})"
+            )
         if self._holder is None:
             self._holder = KeyHolder(self.site, self.setup.aggregator())
         return self._holder.public
@@ -311,11 +313,15 @@ class SealUpdates:
     step = "seal"
 
     def __post_init__(self) -> None:
-        self._site = SecureSite(self.setup.aggregator(quiet=True), self.public, clip=self.setup.clip)
+        self._site = SecureSite(
+            self.setup.aggregator(quiet=True), self.public, clip=self.setup.clip
+        )
 
     def apply(self, batch: SiteUpdates) -> None:
         t0 = time.perf_counter()
-        finite = np.isfinite(batch.updates).all(axis=1) if len(batch.ids) else np.zeros(0, bool)
+        finite: NDArray[np.bool_] = np.zeros(len(batch.ids), dtype=bool)
+        if len(batch.ids):
+            finite = np.asarray(np.isfinite(batch.updates).all(axis=1))
         weights = batch.weights / self.setup.n_max if self.weighted else np.ones(len(batch.ids))
         noise = self.noise(batch) if self.noise is not None and len(batch.ids) else None
         sealed: list[bytes | None] = []

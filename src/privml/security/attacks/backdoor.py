@@ -37,7 +37,7 @@ from privml.errors import UsageError
 from privml.models.nets import ModelSpec
 from privml.security._checks import check_float, check_int
 from privml.security.attacks.evasion import accuracy, predict
-from privml.security.defenses.anomaly import anomaly_rates
+from privml.fl.anomaly import anomaly_rates
 from privml.security.defenses.robust import BACKDOOR_DEFENCE, NO_DEFENCE, Defence
 from privml.security.federated import Adversary, Poison, federate
 
@@ -355,3 +355,39 @@ def poison_sites(
         X, y = poison(s.X_train, s.y_train, np.random.default_rng([seed, 97, int(i)]))
         sites[int(i)] = SiteData(s.name, X, y, s.X_test, s.y_test)
     return sites, boost, trigger, target
+
+
+def backdoor_poison(
+    config: Any, fed: FederatedData, spec: ModelSpec
+) -> tuple[Poison, Trigger, int]:
+    """The data poisoning of ``[attack] kind = "backdoor"`` for the round engine's attack stage
+    (:func:`privml.fl.plan.make_attack`), its trigger and its target class."""
+    trigger, target, fraction, _boost = trigger_from_config(config, fed, spec)
+    return poisoner(trigger, target=target, fraction=fraction), trigger, target
+
+
+def backdoor_report(
+    model: nn.Module, params: Any, fed: FederatedData, trigger: Trigger, target: int
+) -> dict[str, Any]:
+    """What a ``privml run`` under a backdoor attack reports: the trigger, the target and the
+    attack success rate of the model with flat ``params`` on the pooled test records, beside
+    its baseline (the share of the same records the model labels ``target`` without the
+    trigger)."""
+    import copy
+
+    from privml.models.nets import load_flat_params
+
+    model = copy.deepcopy(model)
+    load_flat_params(model, params)
+    model.eval()
+    X, y = fed.pooled_test()
+    others = np.asarray(y) != target
+    labels = np.asarray(predict(model, X[others])) if others.any() else np.zeros(0)
+    clean = float((labels == target).mean()) if others.any() else 0.0
+    return {
+        "trigger": trigger.to_dict(),
+        "target": target,
+        "attack_success_rate": attack_success_rate(model, X, y, trigger, target),
+        "target_rate_without_trigger": clean,
+        "measured_on": f"{int(others.sum())} pooled test records whose class is not the target",
+    }

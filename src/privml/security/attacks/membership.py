@@ -565,7 +565,7 @@ def sgd_shadow_trainer(
         poisson: draw Poisson-sampled batches (each record with probability
             ``batch_size / n_k``, as DP-SGD's accounting assumes) instead of shuffled ones.
     """
-    from privml.fl.engine import init_params
+    from privml.fl.plan import init_params
     from privml.models.training import CohortData, MeanGradient, train_cohort
 
     where = "sgd_shadow_trainer"
@@ -609,7 +609,7 @@ def dpsgd_shadow_trainer(
     """
     from privml.dp.accounting import calibrate_noise_multiplier
     from privml.dp.sgd import DPSGDGradient, noise_generators, poisson_batches, sampling_plan
-    from privml.fl.engine import init_params
+    from privml.fl.plan import init_params
     from privml.models.training import CohortData, train_cohort
 
     where = "dpsgd_shadow_trainer"

@@ -174,7 +174,8 @@ def defend(
     stack = np.asarray(updates, dtype=np.float64)
     n, p = stack.shape
     combine, noise = defence.stages(make_server_optimizer("sgd"), seed=seed, rng=rng)
-    state = ServerState(rnd - 1, np.zeros(p, dtype=np.float32), init_state(combine.plan.optimizer, p))
+    zeros = np.zeros(p, dtype=np.float32)
+    state = ServerState(rnd - 1, zeros, init_state(combine.plan.optimizer, p))
     outcome = combine.combine(state, list(stack), np.asarray(weights, dtype=np.float64), rnd)
     for stage in noise:
         outcome = stage.apply(state, outcome, rnd)

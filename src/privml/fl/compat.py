@@ -1,0 +1,259 @@
+"""Which mechanisms combine: the one compatibility table.
+
+Every combination of a run's mechanisms either runs or is refused here, with the reason and,
+where one exists, what to do instead. The config loader checks every config against
+:data:`TABLE` (:func:`check_combination`; a refusal is a :class:`~privml.errors.ConfigError`,
+exit code 2, before any data is read or any budget spent), and docs/architecture.md's table is
+generated from it (:func:`table_markdown`). Nothing else in privml refuses a combination.
+
+A row names, for some of the *options* of a run (:func:`options`), the values it applies to;
+a run matches the row when each named option takes one of the listed values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from privml.errors import ConfigError
+
+__all__ = ["OPTIONS", "TABLE", "Combination", "check_combination", "options", "refusals",
+           "table_markdown"]  # fmt: skip
+
+ROBUST_RULES: tuple[str, ...] = (
+    "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "centered_clip"
+)  # fmt: skip
+"""Aggregation rules that compare individual updates (all but fedavg and norm_bound)."""
+
+OPTIONS: dict[str, str] = {
+    "engine": "[training] engine: simulation | flower",
+    "privacy": "[privacy] mode: none | sample | client",
+    "secure_aggregation": "[training] secure_aggregation: none | paillier | ckks",
+    "aggregator": "[training] aggregator",
+    "attack": "[attack] kind, or none",
+    "features": "[model] features: none | hog",
+    "adaptive_clip": "[privacy] adaptive_clip: on | off",
+    "resume": "privml run --resume: yes | no",
+}
+"""The options a row may name, and where each comes from."""
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One row: when every option in ``when`` takes one of its values, the run ``runs`` (and
+    ``how`` says by which stages) or is refused for ``reason`` (``instead``: the alternative)."""
+
+    when: Mapping[str, tuple[str, ...]]
+    runs: bool
+    reason: str
+    instead: str | None = None
+    how: str | None = None
+    tested: tuple[str, ...] = field(default=())
+
+    def matches(self, opts: Mapping[str, str]) -> bool:
+        return all(opts.get(k) in v for k, v in self.when.items())
+
+    def label(self) -> str:
+        return " + ".join(
+            f"{k} {'/'.join(v)}" if len(v) < 4 else f"{k} ({', '.join(v)})"
+            for k, v in self.when.items()
+        )
+
+
+_SECURE = ("paillier", "ckks")
+_DP = ("sample", "client")
+
+TABLE: tuple[Combination, ...] = (
+    # ---- refused ---------------------------------------------------------------------------
+    Combination(
+        {"secure_aggregation": _SECURE, "aggregator": ROBUST_RULES},
+        False,
+        "the server sees only the encrypted sum, never the individual updates a robust rule "
+        "compares",
+        'aggregator = "fedavg", or "norm_bound" with a fixed max_norm (each site clips before '
+        "encrypting)",
+    ),
+    Combination(
+        {"privacy": ("client",), "aggregator": ROBUST_RULES},
+        False,
+        "client-level DP calibrates its noise to the sum of clipped updates, which one client "
+        "moves by at most clip; under Poisson client sampling a rule that ranks or selects "
+        "updates can move by up to clip * sqrt(n_params) when one client joins, so the noise "
+        "would not cover it",
+        'aggregator = "fedavg" or "norm_bound": DP-FedAvg clips every update, which bounds what '
+        "any client (an attacker too) moves a round by to clip / (expected clients)",
+    ),
+    Combination(
+        {"privacy": ("sample",), "aggregator": ("fltrust",)},
+        False,
+        "FLTrust trains the server on root records carved from a site without DP",
+        'another robust rule ("median", "trimmed_mean", "krum", ...)',
+    ),
+    Combination(
+        {"privacy": ("client",), "adaptive_clip": ("on",), "secure_aggregation": _SECURE},
+        False,
+        "adaptive clipping releases a noisy count of unclipped updates each round, which the "
+        "encrypted sum does not carry",
+        "adaptive_clip = false (a fixed clip)",
+    ),
+    Combination(
+        {"engine": ("flower",), "attack": ("alie", "ipm")},
+        False,
+        "an omniscient attacker reads the other sites' honest updates, which no site of a "
+        "deployment sees",
+        'engine = "simulation", or a per-site attack (sign_flip, scale, gaussian, label_flip)',
+    ),
+    Combination(
+        {"engine": ("flower",), "attack": ("backdoor",)},
+        False,
+        "model replacement scales the attacker's update by the cohort's total weight, which a "
+        "site of a deployment does not know",
+        'engine = "simulation" (privml run), or privml audit',
+    ),
+    Combination(
+        {"engine": ("flower",), "aggregator": ("fltrust",)},
+        False,
+        "FLTrust needs a root dataset at the server, which the Flower coordinator does not hold",
+        "another robust rule",
+    ),
+    Combination(
+        {"engine": ("flower",), "features": ("hog",)},
+        False,
+        "the feature map's centre is computed across sites before training, an exchange the "
+        "Flower engine does not carry",
+        'engine = "simulation", or features = "none"',
+    ),
+    # ---- refused until private training runs on the round engine's stages -----------------
+    Combination(
+        {"privacy": _DP, "secure_aggregation": _SECURE},
+        False,
+        "private training does not run under secure aggregation yet",
+        'secure_aggregation = "none"',
+    ),
+    Combination(
+        {
+            "privacy": _DP,
+            "attack": ("sign_flip", "scale", "gaussian", "label_flip", "alie", "ipm", "backdoor"),
+        },
+        False,
+        "simulated attackers do not run with private training yet",
+        "remove [attack]; privml audit measures attacks on DP models",
+    ),
+    Combination(
+        {"privacy": _DP, "engine": ("flower",)},
+        False,
+        "private training does not run on the Flower engine yet",
+        'engine = "simulation"',
+    ),
+    Combination(
+        {"privacy": _DP, "resume": ("yes",)},
+        False,
+        "private training cannot be resumed yet: the ledger booked the rounds that ran",
+        "start a new run",
+    ),
+    Combination(
+        {"features": ("hog",), "resume": ("yes",)},
+        False,
+        "a run on a feature map cannot be resumed yet",
+        "start a new run",
+    ),
+    # ---- runs (the combinations a deployment needs; tested end to end) ----------------------
+    Combination(
+        {"privacy": ("client",), "aggregator": ("fedavg",)},
+        True,
+        "DP-FedAvg: every update clipped to clip, summed, noised",
+        how="clip -> central noise -> optimizer",
+    ),
+    Combination(
+        {"engine": ("flower",), "secure_aggregation": _SECURE},
+        True,
+        "the key holder site makes the keys and decrypts only sums, over Flower messages",
+        how="setup (keygen at the key holder) -> seal at sites -> sum -> decrypt request",
+    ),
+    Combination(
+        {"engine": ("flower",), "resume": ("yes",)},
+        True,
+        "the coordinator checkpoints after every round and a new run on a (restarted) "
+        "SuperLink continues from the last checkpoint",
+        how="checkpoint -> resume",
+    ),
+    Combination(
+        {"attack": ("backdoor",), "engine": ("simulation",)},
+        True,
+        "attackers train on triggered copies of their records and boost their update (model "
+        "replacement); results.json reports the attack success rate",
+        how="poisoned data -> boost -> combine",
+    ),
+)
+"""The table: refusals first, then the combinations known to run and how."""
+
+
+def options(config: Any, *, engine: str | None = None, resume: bool = False) -> dict[str, str]:
+    """The options of ``config`` that rows name (``engine`` overrides the config's)."""
+    t, p = config.training, config.privacy
+    return {
+        "engine": engine or t.engine,
+        "privacy": p.mode,
+        "secure_aggregation": t.secure_aggregation,
+        "aggregator": t.aggregator,
+        "attack": config.attack.kind if config.attack is not None else "none",
+        "features": config.model.features,
+        "adaptive_clip": "on" if p.mode == "client" and p.adaptive_clip else "off",
+        "resume": "yes" if resume else "no",
+    }
+
+
+def refusals(config: Any, *, engine: str | None = None, resume: bool = False) -> list[str]:
+    """One message per refused row the config matches (empty: the combination runs)."""
+    opts = options(config, engine=engine, resume=resume)
+    out = []
+    for row in TABLE:
+        if not row.runs and row.matches(opts):
+            given = ", ".join(f"{k} = {opts[k]!r}" for k in row.when)
+            msg = f"{given} do not combine: {row.reason}"
+            if row.instead:
+                msg += f"; instead: {row.instead}"
+            out.append(msg)
+    return out
+
+
+def check_combination(config: Any, *, engine: str | None = None, resume: bool = False) -> None:
+    """Raise :class:`~privml.errors.ConfigError` (exit 2) listing every refused combination."""
+    problems = refusals(config, engine=engine, resume=resume)
+    if problems:
+        raise ConfigError(problems)
+
+
+def table_markdown() -> str:
+    """The table as Markdown (docs/architecture.md embeds it between generated markers)."""
+    lines = ["| combination | verdict | why / how | instead |", "| --- | --- | --- | --- |"]
+    for row in TABLE:
+        verdict = "runs" if row.runs else "refused"
+        why = row.reason + (f" (stages: {row.how})" if row.how else "")
+        lines.append(f"| {row.label()} | {verdict} | {why} | {row.instead or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+DOCS_START = "<!-- compat:TABLE -->\n"
+DOCS_END = "<!-- /compat -->"
+
+
+def write_docs(path: str) -> None:
+    """Replace the table between the markers of ``path`` (docs/architecture.md)."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    start = text.index(DOCS_START) + len(DOCS_START)
+    end = text.index(DOCS_END)
+    p.write_text(text[:start] + table_markdown() + text[end:])
+
+
+if __name__ == "__main__":  # python -m privml.fl.compat --write-docs [docs/architecture.md]
+    import sys
+
+    if sys.argv[1:2] == ["--write-docs"]:
+        write_docs(sys.argv[2] if len(sys.argv) > 2 else "docs/architecture.md")
+    else:
+        print(table_markdown(), end="")
