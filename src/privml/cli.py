@@ -136,11 +136,9 @@ def run(
                 "--set is not supported with the Flower engine (the sites read the same config "
                 "file): edit the config file instead"
             )
-        if _load(config).training.secure_aggregation != "none":  # simulation only
-            raise UsageError(
-                "secure_aggregation runs in the simulation engine only; drop --engine flower "
-                'or set secure_aggregation = "none" in [training]'
-            )
+        from privml.fl.compat import check_combination
+
+        check_combination(_load(config), engine="flower", resume=resume is not None)
         from privml.fl.flower.cli import flower_run
 
         flower_run(

@@ -161,7 +161,7 @@ def default_out_dir(config: Config) -> Path:
 def protected_paths(config: Config) -> list[Path]:
     """What a run reads and must never overwrite: the config, the sites' files, the ledger
     and the signing key. No output folder may be one of them or contain one."""
-    from privml.security.defenses.signing import default_key_path
+    from privml.signing import default_key_path
 
     paths: list[Path] = [default_key_path()]
     if config.source is not None:

@@ -64,7 +64,9 @@ REFUSED = [r for r in compat.TABLE if not r.runs]
 
 
 @pytest.mark.parametrize("row", REFUSED, ids=lambda r: r.label())
-def test_every_refused_row_is_refused_by_the_config_with_its_reason(row: compat.Combination) -> None:
+def test_every_refused_row_is_refused_by_the_config_with_its_reason(
+    row: compat.Combination,
+) -> None:
     raw = _raw_for(row)
     if raw is None:
         pytest.skip("a --resume row (tested through the command line)")

@@ -11,6 +11,7 @@ from privml.config import ColumnSchema, parse_config
 from privml.data.encoding import Encoder, Task
 from privml.data.federation import FederatedData, SiteData, load_federation
 from privml.errors import UsageError
+from privml.fl.anomaly import anomaly_rates
 from privml.models.nets import ModelSpec
 from privml.pipeline import model_spec
 from privml.security.attacks.canary import (
@@ -21,7 +22,6 @@ from privml.security.attacks.canary import (
 )
 from privml.security.attacks.membership import epsilon_lower_bound, max_certifiable_epsilon
 from privml.security.baselines import majority_accuracy, model_quality
-from privml.fl.anomaly import anomaly_rates
 from privml.security.experiments import (
     backdoor_defence_for,
     choose_trigger,

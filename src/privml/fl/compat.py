@@ -153,6 +153,12 @@ TABLE: tuple[Combination, ...] = (
         "start a new run",
     ),
     Combination(
+        {"engine": ("flower",), "resume": ("yes",)},
+        False,
+        "a Flower run cannot be resumed yet",
+        "start a new run",
+    ),
+    Combination(
         {"features": ("hog",), "resume": ("yes",)},
         False,
         "a run on a feature map cannot be resumed yet",
@@ -170,13 +176,6 @@ TABLE: tuple[Combination, ...] = (
         True,
         "the key holder site makes the keys and decrypts only sums, over Flower messages",
         how="setup (keygen at the key holder) -> seal at sites -> sum -> decrypt request",
-    ),
-    Combination(
-        {"engine": ("flower",), "resume": ("yes",)},
-        True,
-        "the coordinator checkpoints after every round and a new run on a (restarted) "
-        "SuperLink continues from the last checkpoint",
-        how="checkpoint -> resume",
     ),
     Combination(
         {"attack": ("backdoor",), "engine": ("simulation",)},

@@ -34,10 +34,10 @@ from torch import nn
 from privml.config import TrainingConfig
 from privml.data.federation import FederatedData, SiteData
 from privml.errors import UsageError
+from privml.fl.anomaly import anomaly_rates
 from privml.models.nets import ModelSpec
 from privml.security._checks import check_float, check_int
 from privml.security.attacks.evasion import accuracy, predict
-from privml.fl.anomaly import anomaly_rates
 from privml.security.defenses.robust import BACKDOOR_DEFENCE, NO_DEFENCE, Defence
 from privml.security.federated import Adversary, Poison, federate
 
