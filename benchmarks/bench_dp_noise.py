@@ -33,8 +33,8 @@ from privml.dp.sgd import (
     poisson_batches,
     sampling_plan,
 )
-from privml.models.training import CohortData, train_cohort
 from privml.models.nets import ModelSpec, build_model, flat_params
+from privml.models.training import CohortData, train_cohort
 
 SIGMA, C, LR = 1.0, 1.0, 0.1
 

@@ -51,13 +51,13 @@ from harness import Bench, Summary, add_common_args, fmt_ratio, fmt_spread, rati
 
 from privml.dp.randomness import NoiseSource  # noqa: E402
 from privml.dp.sgd import DPSGDGradient, poisson_batches  # noqa: E402
-from privml.models.training import CohortData, train_cohort  # noqa: E402
 from privml.models.nets import (  # noqa: E402
     ModelSpec,
     build_model,
     flat_params,
     load_flat_params,
 )
+from privml.models.training import CohortData, train_cohort  # noqa: E402
 
 SIGMA, C, LR = 1.0, 1.0, 0.1
 OPACUS_MODES = ("hooks", "ghost", "functorch")

@@ -86,7 +86,7 @@ def _signed_model(model_json: bytes) -> Callable[[Path], list[str | Path]]:
     the parser (not the signature) is what refuses it."""
 
     def make(tmp: Path) -> list[str | Path]:
-        from privml.security.defenses.signing import sign_model_dir
+        from privml.signing import sign_model_dir
 
         d = tmp / "model"
         d.mkdir()

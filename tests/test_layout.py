@@ -30,12 +30,25 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imports(module: str) -> set[str]:
     """Every privml module ``module`` imports, at top level or inside a function."""
     path = MODULES[module]
     pkg = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {  # `if TYPE_CHECKING:` imports are for type checkers, never run
+        id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and _is_type_checking(t.test)
+        for b in t.body for n in ast.walk(b)
+    }  # fmt: skip
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {t for a in node.names if (t := _resolve(a.name))}
         elif isinstance(node, ast.ImportFrom):

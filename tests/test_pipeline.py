@@ -104,7 +104,7 @@ def test_tampered_weights_are_refused(demo_run: pipeline.RunOutput, tmp_path: Pa
     with pytest.raises(SignatureError, match="changed after signing"):
         load_model(copy)  # the signature is checked first
     # a folder re-signed by the deployment (privml sign) still has its own consistency checks
-    from privml.security.defenses.signing import sign_model_dir
+    from privml.signing import sign_model_dir
 
     sign_model_dir(copy)
     with pytest.raises(DataError, match="does not match the weights_sha256"):

@@ -32,7 +32,7 @@ from privml.errors import SignatureError
 from privml.fl import checkpoint as ck
 from privml.fl.engine import RoundRecord
 from privml.pipeline import run
-from privml.security.defenses.signing import deployment_key, generate_signing_key
+from privml.signing import deployment_key, generate_signing_key
 from tests.test_cli import cli
 
 ROUNDS = 6

@@ -64,8 +64,8 @@ from torch.func import grad, vmap
 
 from privml.dp.randomness import NoiseStream, normal_rows
 from privml.errors import UsageError
-from privml.models.training import Batch, per_sample_loss
 from privml.models.nets import ModelSpec, Poly2, Square, functional_forward
+from privml.models.training import Batch, per_sample_loss
 
 __all__ = [
     "DPSGDGradient",

@@ -116,10 +116,10 @@ from privml.fl.engine import (
     plan_round,
     simulate,
 )
-from privml.models.training import CohortData, MeanGradient, train_cohort
 from privml.fl.metrics import evaluate, round_metrics
 from privml.fl.server_opt import server_step
 from privml.models.nets import ModelSpec, build_model
+from privml.models.training import CohortData, MeanGradient, train_cohort
 
 __all__ = [
     "CALIBRATION_TOLERANCE",

@@ -14,7 +14,7 @@ folders mode 0700, files 0600, whatever the umask)::
         checkpoint/state.signed  the server state after the last completed round
 
 Integrity: both files are signed with the deployment's Ed25519 key
-(:func:`privml.security.defenses.signing.deployment_key`, the key that signs models), and a
+(:func:`privml.signing.deployment_key`, the key that signs models), and a
 resumed run is signed again only after they verify, so a checkpoint cannot smuggle weights
 into a signed model. Each file is one envelope::
 
@@ -146,7 +146,7 @@ class RunRecord:
 def _key(key: Ed25519PrivateKey | None) -> Ed25519PrivateKey:
     if key is not None:
         return key
-    from privml.security.defenses.signing import deployment_key
+    from privml.signing import deployment_key
 
     return deployment_key()
 
@@ -193,7 +193,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _envelope(header: dict[str, Any], payload: bytes, key: Ed25519PrivateKey) -> bytes:
     import json
 
-    from privml.security.defenses.signing import key_id
+    from privml.signing import key_id
 
     header = {
         **header,
@@ -224,7 +224,7 @@ def _read_envelope(
     from cryptography.exceptions import InvalidSignature
 
     from privml.safe_io import loads_json_bounded, open_regular
-    from privml.security.defenses.signing import key_id
+    from privml.signing import key_id
 
     shown = str(path)
 

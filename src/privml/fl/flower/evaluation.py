@@ -27,9 +27,9 @@ from torch import nn
 
 from privml.baselines import class_balance
 from privml.errors import DataError
-from privml.models.training import per_sample_loss
 from privml.fl.metrics import EMPTY_METRICS
 from privml.models.nets import functional_forward
+from privml.models.training import per_sample_loss
 
 __all__ = ["BINS", "LOGIT_RANGE", "EvalStats", "pooled_metrics", "site_stats"]
 

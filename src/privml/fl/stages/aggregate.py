@@ -158,26 +158,34 @@ class CheckedAggregation:
     step = "combine"
 
     def __call__(self, state: ServerState, received: Received, rnd: int) -> Outcome:
-        got = received.updates
-        rows: Sequence[object] = list(got) if isinstance(got, np.ndarray) else got
-        return self.combine(state, rows, received.weights, rnd)
+        return self.combine(state, received.updates, received.weights, rnd)
 
     def combine(
-        self, state: ServerState, rows: Sequence[object], weights: Sequence[object] | np.ndarray,
-        rnd: int, server_update: np.ndarray | None = None,
+        self, state: ServerState, rows: Sequence[object] | np.ndarray,
+        weights: Sequence[object] | np.ndarray, rnd: int,
+        server_update: np.ndarray | None = None,
     ) -> Outcome:  # fmt: skip
+        """The step on ``rows`` (a float ``[n, P]`` stack, or one untrusted object per
+        client) and their self-reported ``weights``."""
         n_params = int(state.params.shape[0])
         result = validate_updates(
-            rows, n_params=n_params, max_norm=self.plan.max_update_norm, weights=weights
-        )
+            rows,  # type: ignore[arg-type]  # a 2-D stack is validated at once
+            n_params=n_params, max_norm=self.plan.max_update_norm, weights=weights,
+        )  # fmt: skip
         accepted, rejected = result.accepted_indices, result.rejected
         self.last_anomalies = None
         if len(rows) == 0:
             return Outcome.skip("no_updates", accepted, rejected)
         if not accepted:
             return Outcome.skip("all_rejected", accepted, rejected)
-        stack = stack_accepted(rows, result)
-        w = np.array([float(weights[i]) for i in accepted], dtype=np.float64)  # type: ignore[arg-type]
+        if isinstance(rows, np.ndarray) and rows.ndim == 2 and rows.dtype.kind == "f":
+            stack = rows[accepted].astype(np.float64, copy=False)  # a cohort's stack, at once
+        else:
+            stack = stack_accepted(rows, result)  # type: ignore[arg-type]
+        if isinstance(weights, np.ndarray):
+            w = weights[accepted].astype(np.float64)
+        else:
+            w = np.array([float(weights[i]) for i in accepted], dtype=np.float64)  # type: ignore[arg-type]
         used = np.arange(len(accepted))
         info: dict[str, Any] = {}
         if self.anomaly_threshold is not None:
@@ -278,8 +286,8 @@ def aggregate_round(
     """
     from privml.fl.stages.optimizer import ServerOptimizerStep
 
-    rows = list(updates) if isinstance(updates, np.ndarray) and updates.ndim == 2 else updates
-    outcome = CheckedAggregation(plan).combine(state, rows, weights, state.round + 1, server_update)  # type: ignore[arg-type]
+    outcome = CheckedAggregation(plan).combine(state, updates, weights, state.round + 1,
+                                               server_update)  # fmt: skip
     new = ServerOptimizerStep(plan.optimizer)(state, outcome)
     return RoundOutcome(
         new, outcome.update, outcome.accepted, outcome.rejected, outcome.counts(),
