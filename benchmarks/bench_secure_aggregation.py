@@ -1,4 +1,4 @@
-"""Cost of encrypted aggregation per federated round (privml.fl.secure).
+"""Cost of encrypted aggregation per federated round (privml.fl.stages.secure).
 
 Two workloads:
 

@@ -233,7 +233,7 @@ class TrainingConfig(_Strict):
     server_optimizer_params: dict[str, Any] = Field(default_factory=dict)
     max_update_norm: float | None = Field(default=None, gt=0)
     engine: Literal["simulation", "flower"] = "simulation"
-    # Encrypted aggregation (privml.fl.secure): sites encrypt their clipped, weighted
+    # Encrypted aggregation (privml.fl.stages.secure): sites encrypt their clipped, weighted
     # updates under the key holder's key; the server sums ciphertexts only.
     secure_aggregation: Literal["none", "paillier", "ckks"] = Field(
         default="none",
@@ -306,7 +306,8 @@ class TrainingConfig(_Strict):
         return self
 
     def _secure_aggregation_problems(self) -> list[str]:
-        # privml.fl.secure: what encrypted aggregation can and cannot combine with.
+        # what secure aggregation needs of its own settings (which mechanisms it combines
+        # with is privml.fl.compat's table)
         if self.secure_aggregation == "none":
             return []
         sa = f'secure_aggregation = "{self.secure_aggregation}"'
@@ -667,7 +668,7 @@ class Config(_Strict):
         # which mechanisms combine: the one compatibility table
         from privml.fl.compat import refusals
 
-        problems += refusals(self)
+        problems += refusals(self, at_run=False)
         if t.secure_aggregation != "none":
             if n_sites is not None and (n_sites < 2 or k < 2):
                 problems.append(

@@ -71,7 +71,9 @@ def test_every_refused_row_is_refused_by_the_config_with_its_reason(
     if raw is None:
         pytest.skip("a --resume row (tested through the command line)")
     with pytest.raises(ConfigError) as exc:
-        parse_config(raw)
+        cfg = parse_config(raw)
+        assert row.at_run, "a config-time row let the config load"
+        compat.check_combination(cfg)  # what privml run checks before reading data
     assert row.reason in " ".join(str(exc.value).split())
 
 

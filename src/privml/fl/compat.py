@@ -13,7 +13,7 @@ a run matches the row when each named option takes one of the listed values.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from privml.errors import ConfigError
@@ -49,7 +49,10 @@ class Combination:
     reason: str
     instead: str | None = None
     how: str | None = None
-    tested: tuple[str, ...] = field(default=())
+    at_run: bool = False
+    """Checked when a run starts (before any data is read), not when the config loads: the
+    combination is fine in a config that a command uses otherwise (``privml audit`` trains
+    the model without ``[attack]`` and simulates the attackers itself)."""
 
     def matches(self, opts: Mapping[str, str]) -> bool:
         return all(opts.get(k) in v for k, v in self.when.items())
@@ -139,6 +142,7 @@ TABLE: tuple[Combination, ...] = (
         False,
         "simulated attackers do not run with private training yet",
         "remove [attack]; privml audit measures attacks on DP models",
+        at_run=True,
     ),
     Combination(
         {"privacy": _DP, "engine": ("flower",)},
@@ -203,12 +207,15 @@ def options(config: Any, *, engine: str | None = None, resume: bool = False) -> 
     }
 
 
-def refusals(config: Any, *, engine: str | None = None, resume: bool = False) -> list[str]:
-    """One message per refused row the config matches (empty: the combination runs)."""
+def refusals(
+    config: Any, *, engine: str | None = None, resume: bool = False, at_run: bool = True
+) -> list[str]:
+    """One message per refused row the config matches (empty: the combination runs);
+    ``at_run = False`` leaves out the rows checked only when a run starts."""
     opts = options(config, engine=engine, resume=resume)
     out = []
     for row in TABLE:
-        if not row.runs and row.matches(opts):
+        if not row.runs and row.matches(opts) and (at_run or not row.at_run):
             given = ", ".join(f"{k} = {opts[k]!r}" for k in row.when)
             msg = f"{given} do not combine: {row.reason}"
             if row.instead:
@@ -228,7 +235,7 @@ def table_markdown() -> str:
     """The table as Markdown (docs/architecture.md embeds it between generated markers)."""
     lines = ["| combination | verdict | why / how | instead |", "| --- | --- | --- | --- |"]
     for row in TABLE:
-        verdict = "runs" if row.runs else "refused"
+        verdict = "runs" if row.runs else "refused when a run starts" if row.at_run else "refused"
         why = row.reason + (f" (stages: {row.how})" if row.how else "")
         lines.append(f"| {row.label()} | {verdict} | {why} | {row.instead or ''} |")
     return "\n".join(lines) + "\n"
