@@ -219,7 +219,7 @@ def main() -> None:
         if scheme == "paillier":
             variants[f"phe-{bits} anchor"] = phe_anchor(n_sites, n_params, bits, measured=measured)
         t = bench.interleave(variants, reps=reps, key=f"big_{label}")
-        d = big.sa.describe()
+        d = big.describe()
         ours = t[f"privml {label}"]
         for name, s in t.items():
             r = ratios(s, ours)

@@ -198,9 +198,9 @@ def test_a_crash_keeps_the_checkpoint_and_names_it(
             raise KeyboardInterrupt
         return path
 
-    import privml.fl.engine as engine
+    import privml.fl.stages.checkpoint as checkpoint_stage
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(checkpoint_stage, "save_checkpoint", save_then_interrupt)
     code, _, err = cli(capsys, "run", "-c", config, "--out", out)
     assert code == 130 and "interrupted" in err, (calls, err)
     partial = tmp_path / "run.partial"
