@@ -1,34 +1,35 @@
-"""The encrypted prediction service under load, against TenSEAL used directly (no HTTP).
+"""The encrypted prediction service over HTTP, against TenSEAL at its best (no HTTP) and phe.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model RUN_DIR] [--single-reps 300]
-        [--clients 16] [--client-procs 16] [--seconds 30] [--paced-rps R] [--batch-clients 4]
-        [--batch-seconds 20] [--json out.json]
+    .venv/bin/python benchmarks/bench_serve.py [--quick] [--model RUN_DIR] [--single-reps 200]
+        [--clients 16] [--client-procs 16] [--seconds 30] [--paced-rps 40] [--batch-clients 4]
+        [--batch-seconds 20] [--paillier-reps 20] [--out FILE]
 
 What runs (one server process: ``python -m privml.serve`` on 127.0.0.1, 1 uvicorn worker, auth
-on, one token per client, rate limits raised so they do not throttle the measurement):
+on, one token per client, rate limits raised so they do not throttle the measurement; every
+answer carries the protection of docs/threat-model.md from the server's precomputed pools):
 
-1. **Single-patient round trip**, one client, sequential: ``PredictionClient.predict_logits`` on
-   one patient = encrypt (CKKS), HTTP POST /v1/predict (JSON + base64), validate and evaluate on
-   the server, decrypt. p50 / p99 over ``--single-reps`` patients. Interleaved with the anchor:
-   TenSEAL's ``ckks_vector(x).dot(w).add(b).decrypt()`` in this process (the anchor of the HE
-   issue: N=8192 [60, 40, 40, 60], scale 2**40, all Galois keys), and with privml.he in process
-   (the same HE work without HTTP) to show what the service layer costs.
-2. **Load tests**, ``--clients`` concurrent clients (threads spread over ``--client-procs``
-   processes), single-patient round trips for ``--seconds``: closed loop (each client sends its
-   next request as soon as the last one returns: the saturation throughput; by Little's law
-   its latency is clients / throughput) and open loop (``--paced-rps`` requests per second
-   offered in all, by default half the closed-loop throughput, at fixed times; latency counted
-   from the scheduled send time, so a server that falls behind is charged for it). Throughput,
-   p50, p99, errors, and the server process's CPU time per request.
-3. **Batched**: ``--batch-clients`` concurrent clients sending 1,000-patient requests for
-   ``--batch-seconds``, end to end (client encryption and decryption included): patients/s
-   through the one server process; and the server alone (the same 1,000-patient requests,
-   encrypted once beforehand, replayed): its capacity. Anchor: TenSEAL column packing (one
-   ``ckks_vector`` of 1,000 patients per feature, scalar products, sum, decrypt) in process.
+1. **Single-patient round trip** (CKKS), one client, sequential:
+   ``PredictionClient.predict_logits`` on one patient = encrypt, HTTP POST /v1/predict (JSON +
+   base64, bearer token, validation of every ciphertext), evaluate, decrypt. Interleaved, in
+   every repetition, with the anchor: TenSEAL at its best at equal precision in this process
+   (symmetric encryption, 32-padded vector, N = 8192 [60, 40, 60] at 2**40: see
+   bench_he_inference.py), and privml.he in process (the same HE work without HTTP).
+2. **Paillier-3072, one patient through the service**: the client's randomness precomputed
+   (``PredictionClient.prepare``; its offline cost reported) and the server's pool filled in
+   the background; online latency of ``predict_logits``, interleaved with phe's documented use
+   in process.
+3. **Load tests**, ``--clients`` concurrent clients (one process each), CKKS single-patient
+   round trips for ``--seconds``: open loop at ``--paced-rps`` requests per second in all (the
+   stated request rate; latency counted from the scheduled send time, so a server that falls
+   behind is charged for it), and closed loop (each client sends its next request when the
+   last returns: the saturation throughput, latency = clients / throughput). p50, p99,
+   errors, the server's CPU time per request.
+4. **Responsiveness**: ``GET /healthz`` every 20 ms while one worker evaluates an
+   8,192-patient Paillier-3072 request; p50 / p99 / max.
+5. **Batched** (CKKS): ``--batch-clients`` clients sending 1,000-patient requests, end to end,
+   and the server alone (pre-encrypted requests replayed).
 
-Everything runs on this machine: the clients and the server share its cores (2 here), so the
-load-test and batch figures include the clients' own encryption work competing with the server.
-The script prints the load average; absolute times follow the machine's load, ratios much less.
+Everything runs on this machine: the clients and the server share its cores (2 here).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +51,7 @@ import numpy as np
 
 PASSPHRASE = "benchmark passphrase"
 BATCH = 1000
+PAILLIER_BIG = 8192
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -225,48 +226,108 @@ def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, proc
 # ------------------------------------------------------------------------------------------
 
 
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def healthz_during_paillier(url: str, token: str, keys_dir: Path, X: np.ndarray,
+                            seconds_cap: float) -> dict[str, Any]:
+    """/healthz latencies while the server evaluates one 8,192-patient Paillier request."""
+    import base64
+
+    import privml.he as he
+    from privml.he.paillier import PaillierCiphertexts
+    from privml.serve.client import PredictionClient
+
+    with PredictionClient(url, token=token, keys_dir=keys_dir, passphrase=PASSPHRASE,
+                          scheme="paillier", batch_size=PAILLIER_BIG) as c:
+        kid = c.register()
+        keys = c.keys()
+        reqs = c.requirements()
+        one = he.encrypt_features(keys, X[:64])
+        assert isinstance(one, PaillierCiphertexts)
+        chunks = -(-PAILLIER_BIG // one.per_ct)
+        n_chunks_one = -(-64 // one.per_ct)
+        cts = [one.cts[i * n_chunks_one] for i in range(reqs["n_features"])
+               for _ in range(chunks)]
+        big = PaillierCiphertexts("features", keys.public.key_id, "columns", PAILLIER_BIG,
+                                  reqs["n_features"], one.slot_bits, one.per_ct, cts,
+                                  holder=keys.public)
+        body = {"key_id": kid, "ciphertexts": base64.b64encode(big.to_bytes()).decode()}
+    done: dict[str, Any] = {}
+
+    def send() -> None:
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/predict", json=body,
+                       headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        done.update(status=r.status_code, seconds=time.perf_counter() - t0)
+
+    worker = threading.Thread(target=send)
+    with httpx.Client(timeout=30) as http:
+        http.get(url + "/healthz")
+        worker.start()
+        lat: list[float] = []
+        t_end = time.perf_counter() + seconds_cap
+        while worker.is_alive() and time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            assert http.get(url + "/healthz").status_code == 200
+            lat.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.02)
+    worker.join()
+    return {"request_status": done.get("status"), "request_seconds": done.get("seconds"),
+            "probes": len(lat), "p50_ms": pct(lat, 50) if lat else None,
+            "p99_ms": pct(lat, 99) if lat else None, "max_ms": max(lat) if lat else None}
+
+
 def main() -> None:
+    from harness import Bench, add_common_args, fmt_ratio, ratios
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="run folder (default: train demo)")
-    ap.add_argument("--single-reps", type=int, default=300)
+    ap.add_argument("--single-reps", type=int, default=200)
+    ap.add_argument("--paillier-reps", type=int, default=20)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--paced-rps", type=float, default=0.0,
-                    help="offered load of the open-loop test, requests/s over all clients "
-                    "(default: half the closed-loop throughput just measured)")
+    ap.add_argument("--paced-rps", type=float, default=40.0,
+                    help="offered load of the open-loop test, requests/s over all clients")
     ap.add_argument("--batch-clients", type=int, default=4)
     ap.add_argument("--batch-seconds", type=float, default=20.0)
-    ap.add_argument("--json", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.single_reps, args.paillier_reps = 20, 3
+        args.clients = args.client_procs = 4
+        args.seconds, args.batch_seconds, args.paced_rps = 5.0, 4.0, 10.0
+        args.batch_clients = 2
 
-    import tenseal as ts
     import torch
+    from bench_he_inference import LinearAnchor
+    from phe import paillier as phe
 
     import privml.he as he
     from privml.artifacts import load_model
+    from privml.config import load_config
+    from privml.data.federation import load_federation
     from privml.serve.client import PredictionClient
     from privml.serve.tokens import TokenStore
 
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"loadavg_start": os.getloadavg(), "cores": os.cpu_count()}
+    bench = Bench("serve", quick=args.quick, out=args.out, params=vars(args) | {
+        "model": str(args.model) if args.model else None, "out": None})
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model_dir = args.model
     if model_dir is None:  # train the demo; sign it with a throwaway key, trusted by the server
-        from privml.config import load_config
         from privml.pipeline import run
 
         os.environ["PRIVML_SIGNING_KEY"] = str(tmp / "signing" / "signing-key.pem")
         os.environ.pop("PRIVML_TRUSTED_KEYS", None)
         model_dir = tmp / "model"
         run(load_config(None), out_dir=model_dir)
-    model, spec, encoder, task, _ = load_model(model_dir)
+    model, _spec, _enc, _task, _ = load_model(model_dir)
     lin = model[0]
     w = lin.weight.detach().double().numpy()[0]
     b = float(lin.bias.detach().double().numpy()[0])
-    from privml.config import load_config
-    from privml.data.federation import load_federation
-
     fed = load_federation(load_config(None))
     Xtest = np.vstack([s.X_test for s in fed.sites] + [s.X_train for s in fed.sites])
     Xtest = np.clip(Xtest.astype(np.float64), 0.0, 1.0)
@@ -276,163 +337,150 @@ def main() -> None:
 
     state, keys_dir = tmp / "state", tmp / "keys"
     store = TokenStore(state)
-    tokens = [store.add(f"client{i}") for i in range(max(args.clients, args.batch_clients) + 1)]
+    tokens = [store.add(f"client{i}") for i in range(max(args.clients, args.batch_clients) + 2)]
     proc, url = start_server(model_dir, state, tmp / "server.log")
+    rows: list[list[str]] = []
     try:
         client = PredictionClient(url, token=tokens[-1], keys_dir=keys_dir,
                                   passphrase=PASSPHRASE, batch_size=BATCH)
         client.predict_logits(Xtest[:2])  # keys made, context registered
         keys = client.keys()
-        ev_reqs = client.requirements()
-
-        # ------------------------------------------------------------ single patient
-        actx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
-        actx.global_scale = 2**40
-        actx.generate_galois_keys()
-        served_ev = he.compile_model(model, spec, scheme="ckks")
-        assert served_ev.requirements.normalized == ev_reqs
+        served_ev = he.compile_model(model, _spec, scheme="ckks")
         server_pub = he.load_public(keys.public.to_bytes())
+        pool = served_ev.make_pool(server_pub, patients=args.single_reps + 10)
+        anchor = LinearAnchor((8192, [60, 40, 60], 40), w, b)
+        k = iter(range(10**9))
+        errs = {"anchor": 0.0, "privml_he": 0.0, "served": 0.0}
 
-        def anchor_single(x: np.ndarray) -> float:
-            return float(ts.ckks_vector(actx, x.tolist()).dot(w.tolist()).add(b).decrypt()[0])
+        def variant(name: str, f: Any) -> Any:
+            def call() -> None:
+                i = next(k) % len(Xtest)
+                errs[name] = max(errs[name], abs(f(Xtest[i]) - ref[i]))
+            return call
 
-        def inproc_single(x: np.ndarray) -> float:
-            q = he.encrypt_features(keys, x).to_bytes()
-            r = served_ev.predict_bytes(q, server_pub)  # type: ignore[arg-type]
-            return float(he.decrypt_scores(keys.secret, r)[0, 0])
+        def inproc(x: np.ndarray) -> float:
+            out = served_ev.predict(he.encrypt_features(keys, x), pool=pool)
+            return float(he.decrypt_scores(keys.secret, out)[0, 0])
 
-        def served_single(x: np.ndarray) -> float:
-            return float(client.predict_logits(x)[0, 0])
+        t = bench.interleave({
+            "anchor": variant("anchor", anchor.single),
+            "privml_he": variant("privml_he", inproc),
+            "served": variant("served", lambda x: float(client.predict_logits(x)[0, 0])),
+        }, reps=args.single_reps, key="single_ms")
+        r = ratios(t["anchor"], t["served"])
+        bench.record("single", {n: {"p50_ms": t[n].median * 1e3,
+                                    "p99_ms": pct(t[n].values, 99) * 1e3,
+                                    "max_abs_error": errs[n]} for n in t}
+                     | {"ratio_anchor_over_served": r.to_dict()})
+        for name, label in (("served", "privml serve, 1 patient, HTTP round trip (CKKS)"),
+                            ("privml_he", "privml.he in process, same HE work"),
+                            ("anchor", "TenSEAL at equal precision, in process, no HTTP")):
+            rows.append([label, f"{t[name].median * 1e3:.2f}",
+                         f"{pct(t[name].values, 99) * 1e3:.2f}",
+                         fmt_ratio(ratios(t["anchor"], t[name])) if name != "anchor" else "1",
+                         f"{errs[name]:.1e}"])
 
-        times: dict[str, list[float]] = {"anchor": [], "privml_he": [], "served": []}
-        errs: dict[str, float] = {"anchor": 0.0, "privml_he": 0.0, "served": 0.0}
-        fns = {"anchor": anchor_single, "privml_he": inproc_single, "served": served_single}
-        for f in fns.values():  # warm-up
-            f(Xtest[0])
-        for i in range(args.single_reps):
-            x = Xtest[i % len(Xtest)]
-            for name, f in fns.items():
-                t0 = time.perf_counter()
-                z = f(x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                errs[name] = max(errs[name], abs(z - ref[i % len(Xtest)]))
-        out["single"] = {
-            name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
-                   "max_abs_error": errs[name]}
-            for name, v in times.items()
-        }
-        out["single"]["ratio_anchor_over_served_p50"] = (
-            out["single"]["anchor"]["p50_ms"] / out["single"]["served"]["p50_ms"]
-        )
+        # ------------------------------------------------------------ Paillier-3072
+        pclient = PredictionClient(url, token=tokens[-2], keys_dir=keys_dir,
+                                   passphrase=PASSPHRASE, scheme="paillier")
+        pclient.register()
+        offline_s = pclient.prepare(args.paillier_reps + 4)
+        pclient.predict_logits(Xtest[0])  # the server's pool for this key starts filling
+        time.sleep(min(30.0, 0.05 * args.paillier_reps + 5.0))
+        apk, ask = phe.generate_paillier_keypair(n_length=3072)
+        perr = {"phe": 0.0, "served": 0.0}
 
-        # ------------------------------------------------------------ batch, in process
-        def anchor_batch(X: np.ndarray) -> np.ndarray:
-            cols = [ts.ckks_vector(actx, X[:, i].tolist()) for i in range(X.shape[1])]
-            acc = cols[0] * float(w[0])
-            for i in range(1, X.shape[1]):
-                acc += cols[i] * float(w[i])
-            acc += b
-            return np.array(acc.decrypt())
+        def phe_query(x: np.ndarray) -> float:
+            enc = [apk.encrypt(float(v)) for v in x]
+            acc = enc[0] * float(w[0])
+            for e, wi in zip(enc[1:], w[1:], strict=True):
+                acc = acc + e * float(wi)
+            return float(ask.decrypt(acc + b))
 
-        def served_batch(X: np.ndarray) -> np.ndarray:
-            return client.predict_logits(X)[:, 0]
+        def pvariant(name: str, f: Any) -> Any:
+            def call() -> None:
+                i = next(k) % len(Xtest)
+                perr[name] = max(perr[name], abs(f(Xtest[i]) - ref[i]))
+            return call
 
-        bt: dict[str, list[float]] = {"anchor": [], "served_sequential": []}
-        berr: dict[str, float] = {"anchor": 0.0, "served_sequential": 0.0}
-        for i in range(5):
-            Xb = Xbig[i * BATCH : (i + 1) * BATCH]
-            rb = ref[(np.arange(i * BATCH, (i + 1) * BATCH)) % len(Xtest)]
-            for name, f in (("anchor", anchor_batch), ("served_sequential", served_batch)):
-                t0 = time.perf_counter()
-                z = f(Xb)
-                bt[name].append((time.perf_counter() - t0) * 1e3)
-                berr[name] = max(berr[name], float(np.max(np.abs(z - rb))))
-        out["batch_in_process"] = {
-            name: {"ms_per_1000": statistics.median(v),
-                   "patients_per_s": BATCH / statistics.median(v) * 1e3,
-                   "max_abs_error": berr[name]}
-            for name, v in bt.items()
-        }
+        tp = bench.interleave({
+            "phe": pvariant("phe", phe_query),
+            "served": pvariant("served", lambda x: float(pclient.predict_logits(x)[0, 0])),
+        }, reps=args.paillier_reps, key="paillier_single_ms")
+        bench.record("paillier_single", {
+            "online_p50_ms": tp["served"].median * 1e3, "online_p99_ms":
+            pct(tp["served"].values, 99) * 1e3, "phe_p50_ms": tp["phe"].median * 1e3,
+            "client_offline_s_per_patient": offline_s / (args.paillier_reps + 4),
+            "client_pool_misses": pclient._pool.misses if pclient._pool else None,
+            "max_abs_error": perr["served"],
+        })
+        rows.append([f"privml serve + client, Paillier-3072, 1 patient, online (client pool "
+                     f"offline {offline_s / (args.paillier_reps + 4):.2f} s per patient)",
+                     f"{tp['served'].median * 1e3:.1f}",
+                     f"{pct(tp['served'].values, 99) * 1e3:.1f}",
+                     fmt_ratio(ratios(tp["phe"], tp["served"])) + " vs phe",
+                     f"{perr['served']:.1e}"])
+        rows.append(["phe, 1 patient, in process", f"{tp['phe'].median * 1e3:.0f}",
+                     f"{pct(tp['phe'].values, 99) * 1e3:.0f}", "1", f"{perr['phe']:.1e}"])
+        pclient.close()
+        bench.table("single", ["measure", "p50 ms", "p99 ms", "anchor / measure",
+                               "max abs error"], rows,
+                    caption="One patient at a time, one client, sequential (anchor and privml "
+                    "interleaved in every repetition).")
 
-        # ------------------------------------------------------------ load test
-        out["load_single"] = run_load(
-            url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
-            seconds=args.seconds, mode="single", server_pid=proc.pid,
-        )
-        out["load_paced"] = run_load(
-            url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
-            seconds=args.seconds, mode="paced", server_pid=proc.pid,
-            rps=args.paced_rps or 0.5 * out["load_single"]["throughput_rps"],
-        )
-        # ------------------------------------------------------------ batched
-        out["load_batch"] = run_load(
-            url, tokens[: args.batch_clients], keys_dir, Xbig, procs=args.batch_clients,
-            seconds=args.batch_seconds, mode="batch", server_pid=proc.pid,
-        )
+        # ------------------------------------------------------------ responsiveness
+        hz = healthz_during_paillier(url, tokens[-2], keys_dir, Xtest, 600.0)
+        bench.record("healthz_during_paillier_8192", hz)
+
+        # ------------------------------------------------------------ load tests
+        lp = run_load(url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
+                      seconds=args.seconds, mode="paced", server_pid=proc.pid,
+                      rps=args.paced_rps)
+        ls = run_load(url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
+                      seconds=args.seconds, mode="single", server_pid=proc.pid)
+        lb = run_load(url, tokens[: args.batch_clients], keys_dir, Xbig,
+                      procs=args.batch_clients, seconds=args.batch_seconds, mode="batch",
+                      server_pid=proc.pid)
         bodies = []
+        import base64
+
         for i in range(4):
             ct = he.encrypt_features(keys, Xbig[i * BATCH : (i + 1) * BATCH]).to_bytes()
-            import base64
-
             bodies.append(json.dumps({"key_id": keys.public.key_id,
                                       "ciphertexts": base64.b64encode(ct).decode()}).encode())
-        out["load_batch_server_only"] = run_load(
-            url, tokens[: args.batch_clients], keys_dir, Xbig, procs=min(2, args.batch_clients),
-            seconds=args.batch_seconds, mode="replay", server_pid=proc.pid, bodies=bodies,
-        )
-        out["batch_request_bytes"] = len(bodies[0])
+        lr_ = run_load(url, tokens[: args.batch_clients], keys_dir, Xbig,
+                       procs=min(2, args.batch_clients), seconds=args.batch_seconds,
+                       mode="replay", server_pid=proc.pid, bodies=bodies)
+        bench.record("load", {"open_loop": lp, "closed_loop": ls, "batch": lb,
+                              "batch_server_only": lr_, "batch_request_bytes": len(bodies[0])})
+        load_rows = [
+            [f"open loop, {lp['clients']} clients, {lp['offered_rps']:.0f} requests/s offered",
+             f"{lp['throughput_rps']:.0f}/s", f"{lp['p50_ms']:.1f}", f"{lp['p99_ms']:.1f}",
+             str(lp["errors"]), f"{lp['server_cpu_ms_per_request']:.1f}"],
+            [f"closed loop, {ls['clients']} clients (saturation)",
+             f"{ls['throughput_rps']:.0f}/s", f"{ls['p50_ms']:.1f}", f"{ls['p99_ms']:.1f}",
+             str(ls["errors"]), f"{ls['server_cpu_ms_per_request']:.1f}"],
+            [f"batched, {lb['clients']} clients x {BATCH} patients, end to end",
+             f"{lb['patients_per_s']:,.0f} patients/s", f"{lb['p50_ms']:.0f}",
+             f"{lb['p99_ms']:.0f}", str(lb["errors"]), f"{lb['server_cpu_ms_per_request']:.1f}"],
+            ["batched, the server alone (pre-encrypted, replayed)",
+             f"{lr_['patients_per_s']:,.0f} patients/s", f"{lr_['p50_ms']:.0f}",
+             f"{lr_['p99_ms']:.0f}", str(lr_["errors"]),
+             f"{lr_['server_cpu_ms_per_request']:.1f}"],
+            [f"GET /healthz every 20 ms during one {PAILLIER_BIG}-patient Paillier-3072 "
+             f"request ({hz['request_seconds']:.1f} s, HTTP {hz['request_status']})",
+             f"{hz['probes']} probes", f"{hz['p50_ms']:.1f}", f"{hz['p99_ms']:.1f}",
+             "0" if hz["request_status"] == 200 else "1", "-"],
+        ]
+        bench.table("load", ["test", "throughput", "p50 ms", "p99 ms", "errors",
+                             "server CPU ms / request"], load_rows,
+                    caption=f"Concurrent clients ({args.seconds:g} s each, one process per "
+                    "client) and responsiveness; CKKS single-patient requests unless stated.")
         client.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    out["loadavg_end"] = os.getloadavg()
-    report(out)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-
-
-def report(out: dict[str, Any]) -> None:
-    s = out["single"]
-    print(f"load average at start {out['loadavg_start']}, at end {out['loadavg_end']}, "
-          f"{out['cores']} cores")
-    print("\nsingle-patient round trip (one client, sequential), ms")
-    print(f"{'':44s}{'p50':>9s}{'p99':>9s}{'max |err|':>11s}")
-    for name, label in (("anchor", "anchor: TenSEAL direct, no HTTP"),
-                        ("privml_he", "privml.he in process, no HTTP"),
-                        ("served", "privml serve: encrypt, HTTP, eval, decrypt")):
-        print(f"{label:44s}{s[name]['p50_ms']:9.2f}{s[name]['p99_ms']:9.2f}"
-              f"{s[name]['max_abs_error']:11.1e}")
-    print(f"ratio anchor / served (p50): {s['ratio_anchor_over_served_p50']:.2f}x")
-    ls = out["load_single"]
-    print(f"\nclosed-loop load: {ls['clients']} concurrent clients, each sending its next request "
-          f"when the last one returns, {ls['seconds']:.0f} s, one server process")
-    print(f"  {ls['requests']} requests, {ls['throughput_rps']:.0f}/s, p50 {ls['p50_ms']:.1f} ms,"
-          f" p99 {ls['p99_ms']:.1f} ms, errors {ls['errors']}; server CPU "
-          f"{ls['server_cpu_ms_per_request']:.2f} ms/request "
-          f"({ls['server_cpu_share']:.0%} of a core)")
-    lp = out["load_paced"]
-    print(f"open-loop load: {lp['clients']} clients sending {lp['offered_rps']:.0f} requests/s "
-          f"in all, {lp['seconds']:.0f} s (latency from the scheduled send time)")
-    print(f"  {lp['requests']} requests, {lp['throughput_rps']:.0f}/s, p50 {lp['p50_ms']:.1f} ms,"
-          f" p99 {lp['p99_ms']:.1f} ms, errors {lp['errors']}; server CPU "
-          f"{lp['server_cpu_ms_per_request']:.2f} ms/request ({lp['server_cpu_share']:.0%} of a "
-          "core)")
-    bi = out["batch_in_process"]
-    print("\nbatched, 1,000-patient requests")
-    print(f"  anchor (TenSEAL columns, in process): {bi['anchor']['patients_per_s']:,.0f}/s "
-          f"(max |err| {bi['anchor']['max_abs_error']:.1e})")
-    print(f"  served, one sequential client: {bi['served_sequential']['patients_per_s']:,.0f}/s "
-          f"(max |err| {bi['served_sequential']['max_abs_error']:.1e}); ratio served / anchor "
-          f"{bi['served_sequential']['patients_per_s'] / bi['anchor']['patients_per_s']:.1f}x")
-    for key, label in (("load_batch", "end to end"), ("load_batch_server_only",
-                                                      "server alone (pre-encrypted, replayed)")):
-        lb = out[key]
-        print(f"  {label}, {lb['clients']} concurrent clients: {lb['patients_per_s']:,.0f} "
-              f"patients/s, p50 {lb['p50_ms']:.0f} ms, p99 {lb['p99_ms']:.0f} ms, errors "
-              f"{lb['errors']}; server CPU {lb['server_cpu_ms_per_request']:.1f} ms per "
-              f"request = {1e6 / max(lb['server_cpu_ms_per_request'], 1e-9):,.0f} patients per "
-              "server CPU-second")
-    print(f"  request body: {out['batch_request_bytes']:,} bytes per 1,000 patients")
+    bench.write()
 
 
 if __name__ == "__main__":

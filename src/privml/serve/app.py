@@ -276,6 +276,15 @@ class _Service:
             self.store.expire(ttl_s=self.settings.limits.context_ttl_s, force=False)
 
 
+def _release_gil_in_bigint_math() -> None:
+    """Let gmpy2's modular exponentiations (Paillier) run without Python's GIL in this thread,
+    so the event loop keeps answering while a worker evaluates (gmpy2 contexts are per thread)."""
+    with contextlib.suppress(ImportError, AttributeError):
+        import gmpy2
+
+        gmpy2.get_context().allow_release_gil = True
+
+
 def _load_quietly(blob: bytes, max_bytes: int) -> PublicMaterial:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -571,7 +580,8 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         tokens=TokenStore(state_dir),
         store=StateStore(state_dir),
         cache=OrderedDict(),
-        executor=ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="privml-eval"),
+        executor=ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="privml-eval",
+                                    initializer=_release_gil_in_bigint_math),
         slots=asyncio.Semaphore(4 * lim.workers),
         pools=PoolKeeper(),
     )
