@@ -196,7 +196,7 @@ def test_mlp_pre_square_noise_assumption_holds(ckks_mlp, data) -> None:
     block = np.tile(np.r_[u, np.zeros(Hp - u.size)], Ip)
     err = (v - np.tile(block, rt.slots // block.size)) * float(r.scale)
     coef_std = float(np.std(err.real)) / math.sqrt(rt.n / 2)
-    assert coef_std < MLP_PRE_SQUARE_NOISE / 4
+    assert coef_std < MLP_PRE_SQUARE_NOISE / 2
 
 
 # -- Paillier ----------------------------------------------------------------------------------

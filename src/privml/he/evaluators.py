@@ -999,7 +999,7 @@ def _compile_ckks_linear(
 #: Assumed standard deviation (coefficient units) of the weight-independent noise a ciphertext
 #: carries before the MLP's squaring (re-randomization, rotations, rescaling); checked against
 #: measurements in the tests.
-MLP_PRE_SQUARE_NOISE = 2.0**13
+MLP_PRE_SQUARE_NOISE = 2.0**12
 
 
 def _compile_ckks_mlp(
