@@ -216,8 +216,9 @@ class _Service:
     store: StateStore
     cache: OrderedDict[str, PublicMaterial]
     executor: ThreadPoolExecutor
-    slots: asyncio.Semaphore
+    max_pending: int
     pools: PoolKeeper
+    pending: int = 0
     next_sweep: float = 0.0
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -248,16 +249,20 @@ class _Service:
     async def run(self, fn: Callable[[float], Any]) -> Any:
         """Run ``fn(deadline)`` on an evaluation thread, off the event loop.
 
-        503 when every worker is busy and the queue is full, or when the work overruns the
-        per-request time limit (the evaluators stop at their next patient or chunk)."""
-        if self.slots.locked():
+        Requests queue for the workers (in arrival order) up to ``max_pending`` in flight;
+        beyond that, 503 ``busy`` with Retry-After. The time limit counts from arrival: a
+        request that waited and then overruns it gets 503 ``evaluation_timeout`` (the
+        evaluators stop at their next patient or chunk)."""
+        if self.pending >= self.max_pending:
             raise ApiError(
                 503, "busy", None,
-                "every evaluation worker of this server is busy; retry after 1 s",
+                f"{self.pending} requests are already queued for this server's evaluation "
+                "workers; retry after 1 s",
                 headers={"Retry-After": "1"},
             )
         limit = self.settings.limits.eval_timeout_s
-        async with self.slots:
+        self.pending += 1
+        try:
             deadline = time.monotonic() + limit
             fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, deadline)
             try:
@@ -268,6 +273,8 @@ class _Service:
                     f"the evaluation exceeded this server's limit of {limit:g} s; send fewer "
                     "patients per request",
                 ) from None
+        finally:
+            self.pending -= 1
 
     def maybe_sweep(self) -> None:
         now = time.monotonic()
@@ -582,7 +589,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         cache=OrderedDict(),
         executor=ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="privml-eval",
                                     initializer=_release_gil_in_bigint_math),
-        slots=asyncio.Semaphore(4 * lim.workers),
+        max_pending=max(64, 16 * lim.workers),
         pools=PoolKeeper(),
     )
     svc.store.expire(ttl_s=settings.limits.context_ttl_s)

@@ -91,6 +91,14 @@ class ServiceError(PrivmlError, RuntimeError):
         self.exit_code = 2 if 400 <= status < 500 else 1
 
 
+def _error_code(r: Any) -> str | None:
+    try:
+        doc = r.json()
+    except ValueError:
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None
+
+
 def default_keys_dir() -> Path:
     """``$PRIVML_KEYS_DIR``, else ``$XDG_CONFIG_HOME/privml/keys``, else
     ``~/.config/privml/keys``."""
@@ -336,7 +344,8 @@ class PredictionClient:
                 raise ServiceError(
                     f"cannot reach {self.server}: {type(exc).__name__}: {exc}"
                 ) from None
-            if r.status_code == 429 and attempt < MAX_RATE_RETRIES:
+            busy = r.status_code == 503 and _error_code(r) == "busy"
+            if (r.status_code == 429 or busy) and attempt < MAX_RATE_RETRIES:
                 try:
                     wait = float(r.headers.get("Retry-After", "1"))
                 except ValueError:
