@@ -81,7 +81,7 @@ class Limits:
 
     Attributes:
         max_body_bytes: largest request body accepted, in bytes (413 above). A public context of
-            the demo model is about 0.75 MB (1 MB in base64), a 1,000-patient CKKS batch about
+            the demo model is about 0.13 MB (0.17 MB in base64), a 1,000-patient CKKS batch about
             2 MB (2.6 MB in base64).
         max_batch: most patients in one prediction request (422 above).
         max_contexts_per_token: registered contexts one token may hold at once (403 above; a
