@@ -22,10 +22,13 @@ CLIENT = Path(__file__).with_name("wire_client.py")
 def test_a_client_without_privml_gets_correct_predictions(
     server: Server, trained: Trained, tmp_path: Path
 ) -> None:
+    from privml.serve.tokens import TokenStore
+
+    token = TokenStore(server.state_dir).add(f"wire-client-{os.getpid()}")  # its own token
     X = trained.X_test[:3].astype(np.float64)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run(
-        [sys.executable, "-I", str(CLIENT), server.url, server.tokens["bob"]],
+        [sys.executable, "-I", str(CLIENT), server.url, token],
         input=json.dumps(X.tolist()), capture_output=True, text=True, timeout=300,
         cwd=tmp_path, env=env,
     )
