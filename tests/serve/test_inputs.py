@@ -49,7 +49,7 @@ def _serve(folder: Path, tmp_path: Path, signing_key: Path) -> subprocess.Comple
 def test_hostile_model_folders_are_refused_cleanly(
     trained: Trained, tmp_path: Path, signing_key: Path, case: str, resign: bool, code: int
 ) -> None:
-    from privml.security.defenses.signing import sign_model_dir
+    from privml.signing import sign_model_dir
 
     folder = tmp_path / "model"
     shutil.copytree(trained.folder, folder)
