@@ -239,10 +239,15 @@ def check_output_folder(
     ``force``, and even then only if privml wrote it (its ``.privml-run`` marker lists every
     file in it).
 
+    First, whatever a writer of ``final`` killed mid-write left behind is recovered
+    (:func:`_remove_stale_temporaries`): the previous run is put back if it was moved aside.
+
     Raises:
         UsageError: the folder may not be written; the message says why and what to do.
     """
     final = Path(final)
+    if final.name and final.parent.is_dir():
+        _remove_stale_temporaries(final)
     shown = str(final)
     from privml.safe_io import resolve_path
 
@@ -292,6 +297,39 @@ def check_output_folder(
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove the temporary siblings (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) that a writer of
+    ``final`` killed mid-write (SIGKILL, power loss) left behind: those whose process is gone.
+    They are privml's own; a live writer's are left alone. A stale ``.old`` folder is the
+    previous run, moved aside just before the writer died: it is put back if ``final`` is
+    missing, and removed only if the new ``final`` is in place."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)(?:-.*)?$")
+    try:
+        siblings = sorted(final.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        m = pattern.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not (final.exists() or final.is_symlink()):
+            p.rename(final)  # the writer died between moving the old run aside and replacing it
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def atomic_folder(final: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
     """Create ``final`` by filling a temporary sibling folder, then renaming it into place.
 
@@ -307,7 +345,7 @@ def atomic_folder(final: Path, fill: Callable[[Path], None], *, force: bool = Fa
     final = Path(final)
     check_output_folder(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         fill(tmp)
         files = sorted(

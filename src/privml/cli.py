@@ -9,6 +9,7 @@ never a traceback (set PRIVML_DEBUG=1 to see one).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -437,6 +438,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     )
 
 
+@functools.cache
+def _command() -> click.Command:
+    """The click command tree of ``app``, built once per process (building it takes a few
+    hundred milliseconds: every command's signature is inspected)."""
+    return typer.main.get_command(app)
+
+
 def _debug() -> bool:
     """PRIVML_DEBUG=1 (or true/yes) shows tracebacks; nothing else does."""
     return os.environ.get("PRIVML_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     internal error (exit 1) naming the exception, so it can be reported and fixed.
     """
     debug = _debug()
-    command = typer.main.get_command(app)
+    command = _command()
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

@@ -27,6 +27,7 @@ from privml.data.federation import FederatedData, load_federation
 from privml.errors import ConfigError, DataError, UsageError
 from privml.fl.checkpoint import (
     has_checkpoint,
+    load_checkpoint,
     locate_partial_run,
     partial_dir,
     read_run_config,
@@ -211,6 +212,10 @@ def run(
                 f"the interrupted run in {str(partial)!r} was started with another config; "
                 "resume it with its own config (omit --config) or start a new run"
             )
+        if has_checkpoint(partial / "checkpoint"):
+            # verified (signature, run id) before any data is read; again with the data's
+            # fingerprint when training resumes from it
+            load_checkpoint(partial / "checkpoint")
         from privml.safe_io import resolve_path
 
         if out_dir is not None and resolve_path(out_dir) != resolve_path(final_dir):

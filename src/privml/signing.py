@@ -66,6 +66,7 @@ SIGNATURE_FILE = "model.sig"
 SIGNED_FILES: tuple[str, ...] = ("model.json", "model.pt")
 _PUB_SUFFIX = ".pub"
 _MAX_SIG_BYTES = 64 * 1024
+_SIG_FIELDS = frozenset({"format", "algorithm", "key_id", "public_key", "files", "signature"})
 
 
 def default_key_path() -> Path:
@@ -403,6 +404,11 @@ def verify_model_dir(
     try:
         if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
             raise TypeError("expected an object with a 'files' object")
+        if set(doc) != _SIG_FIELDS:
+            odd = sorted(set(doc) ^ _SIG_FIELDS)
+            raise ValueError(f"unexpected or missing fields {odd}")
+        if doc["algorithm"] != "Ed25519":
+            raise ValueError(f"unsupported algorithm {doc['algorithm']!r}")
         kid = doc["key_id"]
         fmt = doc["format"]
         if not isinstance(kid, str) or not isinstance(fmt, str):

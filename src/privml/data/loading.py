@@ -73,7 +73,12 @@ def _header_names(path: Path, *, site: str) -> list[str]:
             f"{_MAX_HEADER_BYTES:,} bytes; is it a CSV file?"
         )
     text = line.decode("utf-8-sig").rstrip("\r\n")
-    rows = list(csv.reader([text], skipinitialspace=True))
+    try:
+        rows = list(csv.reader([text], skipinitialspace=True))
+    except csv.Error as exc:
+        raise DataError(
+            f"site {site!r}: cannot read the header row of {str(path)!r}: {exc}"
+        ) from None
     return rows[0] if rows else []
 
 

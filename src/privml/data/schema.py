@@ -35,12 +35,27 @@ _FALSE = {"false", "no", "n", "f", "0"}
 
 
 def _round_out(lo: float, hi: float) -> tuple[float, float]:
-    """Widen [lo, hi] to 'nice' numbers so the inferred bounds are not the exact extremes."""
+    """Widen [lo, hi] to 'nice' numbers so the inferred bounds are not the exact extremes.
+
+    Always returns finite ``a < b`` with ``a <= lo``, ``hi <= b`` and a finite span, or raises
+    ValueError when no such bounds exist (values spanning more than a float can hold)."""
     if lo == hi:
-        return lo - 1.0, hi + 1.0
-    span = hi - lo
-    step = 10 ** math.floor(math.log10(span)) / 10
-    return math.floor(lo / step) * step, math.ceil(hi / step) * step
+        pad = max(1.0, abs(lo) * 1e-6)
+        a, b = lo - pad, hi + pad
+    else:
+        span = hi - lo
+        if not math.isfinite(span):
+            raise ValueError(f"its values span [{lo:g}, {hi:g}], more than a number can hold")
+        step = 10.0 ** math.floor(math.log10(span)) / 10
+        if step > 0 and math.isfinite(lo / step) and math.isfinite(hi / step):
+            a, b = math.floor(lo / step) * step, math.ceil(hi / step) * step
+        else:  # a span near the smallest float: no nicer numbers to round to
+            a, b = lo, hi
+    if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(b - a)):
+        a, b = lo, hi  # no room to round out: keep the extremes
+    if not (a <= lo and hi <= b and a < b and math.isfinite(b - a)):
+        raise ValueError(f"no finite bounds around its values [{lo:g}, {hi:g}]")
+    return a, b
 
 
 def infer_column(values: pd.Series) -> ColumnSchema | None:
@@ -56,7 +71,12 @@ def infer_column(values: pd.Series) -> ColumnSchema | None:
         uniq = np.unique(numeric.to_numpy(dtype=float))
         if len(uniq) <= 2 and set(uniq.tolist()) <= {0.0, 1.0}:
             return ColumnSchema(type="binary", missing=missing, derived_from_data=True)
-        lo, hi = _round_out(float(uniq.min()), float(uniq.max()))
+        try:
+            lo, hi = _round_out(float(uniq.min()), float(uniq.max()))
+        except ValueError as exc:
+            raise SchemaError(
+                f"column {values.name!r}: {exc}; declare its bounds in [data.schema]"
+            ) from None
         return ColumnSchema(
             type="numeric",
             min=lo,

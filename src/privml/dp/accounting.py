@@ -58,7 +58,7 @@ from privml.dp.events import (
     RandomizedResponseDpEvent,
     SelfComposedDpEvent,
 )
-from privml.errors import UsageError
+from privml.errors import PrivmlError, UsageError
 
 __all__ = [
     "AccountantName",
@@ -337,7 +337,13 @@ def compute_epsilon(
             the module docstring).
 
     Returns:
-        epsilon >= 0 in nats; ``inf`` if the event contains a non-private step.
+        epsilon >= 0 in nats; ``inf`` if the event contains a non-private step. With the PLD
+        accountant, an event whose RDP bound exceeds 1000 (no meaningful guarantee, and a PLD
+        grid that may not fit in memory) gets that RDP bound, a valid but looser upper bound.
+
+    Raises:
+        UsageError: bad parameters, or an event outside the range the accountant can
+            represent (e.g. a noise multiplier of 1e300).
     """
     func = "compute_epsilon"
     d = _check_open_unit("delta", func, delta)
@@ -372,8 +378,20 @@ def compute_epsilon(
             f"epsilon is in the thousands anyway); use accountant 'rdp'. Got {noise_multiplier!r}."
         )
     try:
+        if kind == "pld" and value_discretization_interval is None and _pld_may_blow_up(event):
+            # The PLD grid spans the privacy loss: where even the RDP bound says epsilon is
+            # over PLD_SKIP_ABOVE (no meaningful guarantee) the grid can need minutes or more
+            # memory than exists. Return that RDP bound instead: still a valid upper bound.
+            try:
+                bound = _epsilon(event, d, "rdp", neighboring_relation, None)
+            except Exception:  # an event RDP cannot represent: PLD alone decides
+                bound = 0.0
+            if not bound <= PLD_SKIP_ABOVE:
+                return bound
         return _epsilon(event, d, kind, neighboring_relation, value_discretization_interval)
-    except (OverflowError, ZeroDivisionError, FloatingPointError, MemoryError) as exc:
+    except PrivmlError:
+        raise
+    except (OverflowError, ZeroDivisionError, FloatingPointError, MemoryError, ValueError) as exc:
         raise UsageError(
             f"compute_epsilon: the {kind.upper()} accountant cannot evaluate this event "
             f"({type(exc).__name__}: {exc}); its noise multiplier or sampling rate is outside "
@@ -383,9 +401,29 @@ def compute_epsilon(
 
 #: Smallest noise multiplier the PLD accountant is asked to evaluate from outside.
 MIN_PLD_NOISE = 0.05
+#: Above this RDP bound, :func:`compute_epsilon` returns the RDP bound rather than running PLD.
+PLD_SKIP_ABOVE = 1000.0
 #: Target epsilons :func:`calibrate_noise_multiplier` accepts: below, the noise drowns any
 #: signal and the solver cannot bracket it; above, the guarantee means nothing.
 TARGET_EPSILON_RANGE = (0.01, 1000.0)
+
+
+def _pld_may_blow_up(event: DpEvent) -> bool:
+    """Whether ``event`` has a Gaussian step with noise multiplier < 0.5 or composes more than
+    100,000 steps: the only events whose PLD grid can grow out of hand (checked first with
+    RDP, which is cheap for them)."""
+    stack: list[tuple[DpEvent, float]] = [(event, 1.0)]
+    while stack:
+        ev, count = stack.pop()
+        if isinstance(ev, SelfComposedDpEvent):
+            stack.append((ev.event, count * ev.count))
+        elif isinstance(ev, ComposedDpEvent):
+            stack.extend((e, count) for e in ev.events)
+        elif hasattr(ev, "event"):  # sampled events wrap one inner event
+            stack.append((ev.event, count))
+        elif isinstance(ev, GaussianDpEvent) and (ev.noise_multiplier < 0.5 or count > 1e5):
+            return True
+    return False
 
 
 def _epsilon(

@@ -502,7 +502,16 @@ def locate_partial_run(path: Path) -> tuple[Path, Path]:
         UsageError: there is no interrupted run at ``path`` (the message says why).
         SignatureError: the folder holds an interrupted run of the unsigned older format.
     """
+    from privml.safe_io import resolve_path
+
     path = Path(path)
+    if not path.name:  # "", ".", "/": what folder is meant?
+        path = resolve_path(path)
+    if not path.name:
+        raise UsageError(
+            f"--resume {str(path)!r} names no run folder; pass the folder an interrupted "
+            "`privml run` left (or its .partial folder)"
+        )
     if path.name.endswith(PARTIAL_SUFFIX):
         partial, final = path, path.with_name(path.name[: -len(PARTIAL_SUFFIX)])
     else:

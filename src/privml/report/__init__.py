@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from privml.errors import UsageError
 from privml.report.html import render_report
 
 __all__ = ["read_results", "render_report", "write_report"]
+
+
+#: Largest results.json read (a run of 100,000 rounds and sites is well below it).
+MAX_RESULTS_BYTES = 512 * 1024**2
 
 
 def read_results(run_dir: str | Path) -> dict:
@@ -20,10 +23,12 @@ def read_results(run_dir: str | Path) -> dict:
             f"{str(path)!r} not found; pass a run folder written by `privml run` "
             "(it holds results.json)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{str(path)!r} is not valid JSON ({exc}); rerun `privml run`") from None
+    from privml.safe_io import read_json_bounded
+
+    data = read_json_bounded(
+        path, max_bytes=MAX_RESULTS_BYTES, what="results file",
+        error=lambda m: UsageError(f"{m}; rerun `privml run`"),
+    )  # fmt: skip
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("privml-results/"):
         raise UsageError(f"{str(path)!r} is not a privml results.json (no 'schema' key)")
     return data
@@ -35,6 +40,13 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     results = read_results(run_dir)
     target = Path(output) if output is not None else Path(run_dir) / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render_report(results), encoding="utf-8")
+    try:
+        html = render_report(results)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+        raise UsageError(
+            f"{str(run_dir)!r}: its results.json is not one this privml version writes "
+            f"({type(exc).__name__}: {exc}); rerun `privml run`"
+        ) from None
+    tmp.write_text(html, encoding="utf-8")
     tmp.replace(target)
     return target
