@@ -10,7 +10,7 @@ benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed, 2 ro
 split, digits at epsilon 1 only and 200 clients (a smoke run: its
 accuracies are not the targets').
 
-Experiments (each through :func:`privml.dp.training.train_private`, the code ``privml run``
+Experiments (each through :func:`privml.fl.training.train`, the code ``privml run``
 uses, with a throw-away ledger):
 
 * demo: breast cancer over 3 hospitals, logistic regression, sample-level DP, epsilon = 1
@@ -50,8 +50,8 @@ from harness import Bench, add_common_args  # noqa: E402
 
 from privml.config import Config, parse_config  # noqa: E402
 from privml.data.federation import FederatedData, SiteData, load_federation
-from privml.dp.training import train_private
 from privml.fl.engine import simulate
+from privml.fl.training import train
 from privml.pipeline import model_spec
 
 DELTA = 1e-5
@@ -129,7 +129,7 @@ def accuracy(cfg: Config, fed: FederatedData) -> float:
     spec = model_spec(cfg, fed)
     if cfg.privacy.mode == "none" and cfg.model.features == "none":
         return float(simulate(fed, spec, cfg.training).metrics["accuracy"])
-    return float(train_private(cfg, fed, spec).result.metrics["accuracy"])
+    return float(train(cfg, fed, spec).result.metrics["accuracy"])
 
 
 def evaluate_on(

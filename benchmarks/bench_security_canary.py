@@ -72,12 +72,12 @@ def audit(cfg: Config, fed: FederatedData, m: int, seed: int) -> dict[str, Any]:
             model, params, eps = res.model, res.params, None
         else:
             from privml.dp.ledger import PrivacyLedger
-            from privml.dp.training import train_private
+            from privml.fl.training import train
 
             with tempfile.TemporaryDirectory() as tmp:
                 led = PrivacyLedger(Path(tmp) / "l.sqlite", dataset="bench",
                                     budget_epsilon=1e6, budget_delta=0.5)  # fmt: skip
-                run = train_private(cfg, f, spec, ledger=led)
+                run = train(cfg, f, spec, ledger=led)
             model, params = run.result.model, run.result.params
             eps = float(run.privacy["epsilon"])
         load_flat_params(model, params.detach().to(torch.float32))

@@ -356,7 +356,7 @@ class PrivacyConfig(_Strict):
         description="total delta per site (basic composition): 10 runs at the default delta",
     )
     ledger: FilePath | None = None
-    # Private training (privml.dp.training).
+    # Private training (privml.fl.stages.private, planned by privml.dp.planning).
     adaptive_clip: bool = Field(
         default=False,
         description="client mode: adapt clip to a private quantile of update norms "

@@ -34,9 +34,10 @@ from privml.fl.checkpoint import (
     write_run_config,
 )
 from privml.fl.compat import check_combination
-from privml.fl.engine import TrainingResult, simulate
+from privml.fl.engine import TrainingResult
 from privml.fl.metrics import curves
 from privml.fl.rounds import RoundRecord
+from privml.fl.training import train
 from privml.models.nets import ModelSpec
 from privml.results import RESULTS_SCHEMA, results_document
 
@@ -325,47 +326,34 @@ def _run(
             write_run_config(partial, config)
         checkpoint_dir = partial / "checkpoint"
         resuming = resume is not None and has_checkpoint(checkpoint_dir)
-    private = None
-    if config.privacy.mode != "none" or config.model.features != "none":
-        # DP training (sample / client level) and fixed feature maps live in
-        # privml.dp.training; it books every spend in the ledger before releasing anything.
-        from privml.dp.training import train_private
+    backdoor = None
+    if config.attack is not None and config.attack.kind == "backdoor":
+        from privml.security.attacks.backdoor import backdoor_poison
 
-        with _noting(notes):  # e.g. client-level DP with too few sites, before training
-            private = train_private(config, fed, spec, on_round=on_round)
-        result = private.result
-    else:
-        backdoor = None
-        if config.attack is not None and config.attack.kind == "backdoor":
-            from privml.security.attacks.backdoor import backdoor_poison
+        backdoor = backdoor_poison(config, fed, spec)
+    # one round engine for every run: private training books every spend in the ledger
+    # before releasing anything (privml.fl.training)
+    with _noting(notes):  # e.g. client-level DP with too few sites, before training
+        private = train(
+            config, fed, spec, on_round=on_round, checkpoint_dir=checkpoint_dir,
+            resume=resuming, poison=backdoor[0] if backdoor is not None else None,
+        )  # fmt: skip
+    result = private.result
+    if backdoor is not None:
+        from privml.security.attacks.backdoor import backdoor_report
 
-            backdoor = backdoor_poison(config, fed, spec)
-        result = simulate(
-            fed,
-            spec,
-            config.training,
-            on_round=on_round,
-            attack=config.attack,
-            poison=backdoor[0] if backdoor is not None else None,
-            checkpoint_dir=checkpoint_dir,
-            resume=resuming,
+        result.extra["attack"]["backdoor"] = backdoor_report(
+            result.model, result.params, fed, backdoor[1], backdoor[2]
         )
-        if backdoor is not None:
-            from privml.security.attacks.backdoor import backdoor_report
-
-            result.extra["attack"]["backdoor"] = backdoor_report(
-                result.model, result.params, fed, backdoor[1], backdoor[2]
-            )
     results = results_document(
         config, task=fed.task,
         sites=[{"name": s.name, "n_train": s.n_train, "n_test": s.n_test} for s in fed.sites],
-        training=result, privacy=private.privacy if private is not None else None,
-        inferred=fed.inferred_columns, notes=notes,
-        features=private.features if private is not None else None,
+        training=result, privacy=private.privacy, inferred=fed.inferred_columns, notes=notes,
+        features=private.features,
     )  # fmt: skip
     _refuse_untrained(results["updates"], config)
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
-    if private is not None and config.privacy.mode != "none":
+    if config.privacy.mode != "none":
         results["privacy"]["budget"] = budget_snapshot(
             config, [s.name for s in fed.sites], fed.fingerprints
         )

@@ -1,6 +1,6 @@
 """``privml sweep``: train at several epsilons and draw the privacy-utility curve.
 
-Each point is a full private run of the config (:func:`privml.dp.training.train_private`,
+Each point is a full private run of the config (:func:`privml.fl.training.train`,
 the code ``privml run`` uses) with ``[privacy] epsilon`` set to the point's target and the
 noise calibrated to it. Writes ``sweep.json`` (every point's target and reached epsilon,
 accuracy, AUC, noise multiplier), ``sweep.png`` (accuracy and balanced accuracy against
@@ -249,8 +249,8 @@ def run_sweep(
             before any training; nothing spent).
         UsageError: bad epsilons or mode.
     """
-    from privml.dp.training import train_private
     from privml.fl.engine import simulate
+    from privml.fl.training import train
     from privml.pipeline import model_spec
 
     eps_list = parse_epsilons(epsilons if isinstance(epsilons, str) else list(epsilons))
@@ -270,7 +270,7 @@ def run_sweep(
     configs = [_variant(config, mode=mode, epsilon=e, noise_multiplier=None) for e in eps_list]
     fed = load_federation(config)
     spec = model_spec(config, fed)
-    from privml.dp.training import check_dp_schema
+    from privml.dp.planning import check_dp_schema
 
     check_dp_schema(configs[0], fed)
     _precheck(configs[0], [s.name for s in fed.sites], eps_list, fed.fingerprints or None)
@@ -281,7 +281,7 @@ def run_sweep(
         reference = _variant(config, mode="none", epsilon=None, noise_multiplier=None)
         t0 = time.perf_counter()
         if reference.model.features != "none":
-            ref_result = train_private(reference, fed, spec).result
+            ref_result = train(reference, fed, spec).result
         else:
             ref_result = simulate(fed, spec, reference.training)
         nonprivate = {
@@ -296,7 +296,7 @@ def run_sweep(
     points: list[SweepPoint] = []
     for eps, cfg in zip(eps_list, configs, strict=True):
         t0 = time.perf_counter()
-        run = train_private(cfg, fed, spec)
+        run = train(cfg, fed, spec)
         m = run.result.metrics
         point = SweepPoint(
             epsilon_target=eps,

@@ -20,10 +20,11 @@ import torch
 
 from privml.config import parse_config
 from privml.data.federation import load_federation
-from privml.dp import training as tr
 from privml.dp.randomness import NoiseSource, reproducible_noise
 from privml.dp.sgd import clipped_grad_sum, noise_generators
 from privml.fl.engine import init_params
+from privml.fl.stages.aggregate import CheckedAggregation
+from privml.fl.training import train
 from privml.models.training import Batch
 from privml.pipeline import model_spec, run
 
@@ -52,13 +53,13 @@ def _released_updates(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Runs privml and returns (results.json, the updates the server received in round 1)."""
     seen: list[np.ndarray] = []
-    real = tr.aggregate_round
+    real = CheckedAggregation.__call__
 
-    def spy(state: Any, updates: Any, weights: Any, **kw: Any) -> Any:
-        seen.append(np.array(updates, dtype=np.float64))
-        return real(state, updates, weights, **kw)
+    def spy(self: CheckedAggregation, state: Any, received: Any, rnd: int) -> Any:
+        seen.append(np.array(received.updates, dtype=np.float64))  # what left the sites
+        return real(self, state, received, rnd)
 
-    monkeypatch.setattr(tr, "aggregate_round", spy)
+    monkeypatch.setattr(CheckedAggregation, "__call__", spy)
     cfg = parse_config(_raw(tmp_path), name="attack")
     out = run(cfg, out_dir=tmp_path / name)
     assert out.out_dir is not None
@@ -138,11 +139,11 @@ def test_two_private_runs_of_one_config_differ(tmp_path: Path) -> None:
     cfg = parse_config(_raw(tmp_path), name="attack")
     fed = load_federation(cfg)
     spec = model_spec(cfg, fed)
-    a = tr.train_private(cfg, fed, spec).result.params
-    b = tr.train_private(cfg, fed, spec).result.params
+    a = train(cfg, fed, spec).result.params
+    b = train(cfg, fed, spec).result.params
     assert not torch.equal(a, b)
     assert float((a - b).norm()) > 1e-3  # by the noise, not by rounding
     with reproducible_noise():
-        c = tr.train_private(cfg, fed, spec).result.params
-        d = tr.train_private(cfg, fed, spec).result.params
+        c = train(cfg, fed, spec).result.params
+        d = train(cfg, fed, spec).result.params
     assert torch.equal(c, d)

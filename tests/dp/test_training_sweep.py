@@ -97,7 +97,7 @@ def test_default_sweep_fits_a_fresh_budget_and_has_no_baseline(
 ) -> None:
     """The CLI's default epsilons fit the default budget of a fresh ledger; nothing
     non-private is trained unless asked for."""
-    import privml.dp.training as tr
+    import privml.fl.training as tr
     from privml.fl import engine
     from privml.sweep import DEFAULT_EPSILONS
 
@@ -113,7 +113,7 @@ def test_default_sweep_fits_a_fresh_budget_and_has_no_baseline(
         calls.append(config.privacy.mode)
         raise _Stop
 
-    monkeypatch.setattr(tr, "train_private", fake_train)
+    monkeypatch.setattr(tr, "train", fake_train)
     monkeypatch.setattr(engine, "simulate", lambda *a, **k: calls.append("simulate"))
     with pytest.raises(_Stop):  # the precheck passed: the first private run started
         run_sweep(cfg, epsilons=DEFAULT_EPSILONS, out_dir=tmp_path / "sw")

@@ -44,6 +44,8 @@ def _raw_for(row: compat.Combination) -> dict[str, Any] | None:
             raw.setdefault("privacy", {"mode": "client", "epsilon": 1.0})["adaptive_clip"] = (
                 v == "on"
             )
+        elif option == "accountant":
+            raw.setdefault("privacy", {"mode": "sample", "epsilon": 1.0})["accountant"] = v
         elif option == "resume":
             return None  # a flag of privml run, checked below
     return raw

@@ -28,9 +28,9 @@ more signal (measured on digits, validation accuracy at epsilon 1: 0.910 -> 0.93
 epsilon 3: 0.955 -> 0.969). Centring matters a great deal for DP-SGD on a linear model
 (measured on digits at epsilon = 1: 0.88 -> 0.93 validation accuracy), and Tramer & Boneh
 likewise normalise with differentially private statistics. With DP on, the mean is estimated
-privately by :func:`privml.dp.training` (Poisson-sampled noisy sums accounted exactly like
-DP-SGD steps, booked in the ledger); without DP it is the exact mean. Unit-norm features
-give every record's contribution to that sum an L2 sensitivity of 1.
+privately by :func:`privml.dp.planning.private_mean` (Poisson-sampled noisy sums accounted exactly
+like DP-SGD steps, booked in the ledger); without DP it is the exact mean. Unit-norm features give
+every record's contribution to that sum an L2 sensitivity of 1.
 
 The map has no trainable parameters, so a model ``Sequential(HogFeatures, Linear)`` has the
 same flat parameter vector as the bare ``Linear``.

@@ -34,6 +34,7 @@ OPTIONS: dict[str, str] = {
     "attack": "[attack] kind, or none",
     "features": "[model] features: none | hog",
     "adaptive_clip": "[privacy] adaptive_clip: on | off",
+    "accountant": "[privacy] accountant: pld | rdp",
     "resume": "privml run --resume: yes | no",
 }
 """The options a row may name, and where each comes from."""
@@ -127,23 +128,14 @@ TABLE: tuple[Combination, ...] = (
         "Flower engine does not carry",
         'engine = "simulation", or features = "none"',
     ),
-    # ---- refused until private training runs on the round engine's stages -----------------
     Combination(
-        {"privacy": _DP, "secure_aggregation": _SECURE},
+        {"privacy": _DP, "accountant": ("rdp",)},
         False,
-        "private training does not run under secure aggregation yet",
-        'secure_aggregation = "none"',
+        "the published site sizes make replace-one the neighbouring relation, which "
+        "dp-accounting's RDP accountant does not support for Poisson sampling",
+        'accountant = "pld" (the default)',
     ),
-    Combination(
-        {
-            "privacy": _DP,
-            "attack": ("sign_flip", "scale", "gaussian", "label_flip", "alie", "ipm", "backdoor"),
-        },
-        False,
-        "simulated attackers do not run with private training yet",
-        "remove [attack]; privml audit measures attacks on DP models",
-        at_run=True,
-    ),
+    # ---- refused until the Flower engine carries them ----------------------------------------
     Combination(
         {"privacy": _DP, "engine": ("flower",)},
         False,
@@ -151,29 +143,50 @@ TABLE: tuple[Combination, ...] = (
         'engine = "simulation"',
     ),
     Combination(
-        {"privacy": _DP, "resume": ("yes",)},
-        False,
-        "private training cannot be resumed yet: the ledger booked the rounds that ran",
-        "start a new run",
-    ),
-    Combination(
         {"engine": ("flower",), "resume": ("yes",)},
         False,
         "a Flower run cannot be resumed yet",
         "start a new run",
     ),
-    Combination(
-        {"features": ("hog",), "resume": ("yes",)},
-        False,
-        "a run on a feature map cannot be resumed yet",
-        "start a new run",
-    ),
     # ---- runs (the combinations a deployment needs; tested end to end) ----------------------
     Combination(
-        {"privacy": ("client",), "aggregator": ("fedavg",)},
+        {"privacy": ("sample",), "secure_aggregation": _SECURE},
         True,
-        "DP-FedAvg: every update clipped to clip, summed, noised",
-        how="clip -> central noise -> optimizer",
+        "each site trains with DP-SGD and books its cost, then clips, weights and encrypts its "
+        "update; the server sums ciphertexts",
+        how="DP-SGD -> accounting -> seal -> secure sum",
+    ),
+    Combination(
+        {"privacy": ("client",), "secure_aggregation": _SECURE},
+        True,
+        "each site clips its update and adds its share of the Gaussian noise before encrypting, "
+        "so the server and the key holder only ever see a noised sum; a round with a share "
+        "missing is skipped, never decrypted",
+        how="clip -> noise share -> seal -> secure sum (fixed denominator)",
+    ),
+    Combination(
+        {"privacy": ("sample",), "aggregator": ROBUST_RULES[:5] + ("centered_clip",),
+         "attack": ("sign_flip", "scale", "gaussian", "label_flip", "alie", "ipm", "backdoor")},
+        True,
+        "DP-SGD at every site (attackers included), the attack on the attackers' updates, the "
+        "robust rule on the server; an honest site's guarantee does not depend on what the "
+        "others send",
+        how="DP-SGD -> attack -> accounting -> checks and robust rule",
+    ),
+    Combination(
+        {"privacy": _DP, "resume": ("yes",)},
+        True,
+        "the checkpoint carries what each site has booked (and the private input centre); a "
+        "round computed again after a crash is booked again, since its first release may have "
+        "left the site",
+        how="checkpoint (stage states) -> resume -> accounting continues",
+    ),
+    Combination(
+        {"privacy": ("client",), "aggregator": ("fedavg", "norm_bound")},
+        True,
+        "DP-FedAvg: validation, every update clipped to clip (and to norm_bound's max_norm), "
+        "summed, noised; the clip bounds what any client, an attacker too, moves a round by",
+        how="checks -> clip -> central noise -> optimizer",
     ),
     Combination(
         {"engine": ("flower",), "secure_aggregation": _SECURE},
@@ -203,6 +216,7 @@ def options(config: Any, *, engine: str | None = None, resume: bool = False) -> 
         "attack": config.attack.kind if config.attack is not None else "none",
         "features": config.model.features,
         "adaptive_clip": "on" if p.mode == "client" and p.adaptive_clip else "off",
+        "accountant": p.accountant,
         "resume": "yes" if resume else "no",
     }
 

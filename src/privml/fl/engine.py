@@ -101,7 +101,7 @@ class SimulationEngine:
         ids = cohort.participants
         batch = self.pipeline.run(rnd, torch.from_numpy(state.params), ids, late=cohort.stragglers)
         return Received(ids, batch.updates, batch.weights, batch.malicious,
-                        sealed=batch.sealed, info=batch.info)  # type: ignore[arg-type]  # fmt: skip
+                        sealed=batch.sealed, info=batch.info, asked=len(ids))  # fmt: skip
 
     def evaluate(self, params: NDArray[np.float32]) -> dict[str, Any]:
         return round_metrics(self.model, torch.from_numpy(params), self.X_test, self.y_test,
@@ -119,7 +119,6 @@ class SimulationEngine:
 
 def run_simulation(
     run: Run,
-    fed: FederatedData,
     *,
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
@@ -132,20 +131,22 @@ def run_simulation(
         ck = run.plan.checkpoint.load()  # type: ignore[attr-defined]
         state, resumed_after = ck.state, ck.state.round
         history, tally = restore(ck.meta, run.plan)
-    engine = SimulationEngine(run.pipeline, run.model, fed.sites)
+    engine = SimulationEngine(run.pipeline, run.model, run.fed.sites)
     with torch_threads(run.spec):
         out = run_rounds(run.plan, engine, state, history=history, tally=tally, on_round=on_round)
     federation = {"engine": "simulation", **run.federation, "resumed_after_round": resumed_after}
     sections = {k: f() for k, f in run.sections.items()}
     federation["secure_aggregation"] = sections.pop("secure_aggregation", None)
+    if sections.get("privacy", {}).get("mode", "none") == "client":
+        federation["aggregator"] = "dp-fedavg"
     extra = {
         "updates": {**out.tally.to_dict(), "max_update_norm": run.server.max_update_norm},
         "federation": federation,
         "attack": sections.pop("attack", None),
         **sections,
     }
-    params = torch.from_numpy(out.state.params.copy())
-    return TrainingResult(run.spec, run.model, params, out.history, out.metrics,
+    params = run.finalize(run.model, torch.from_numpy(out.state.params.copy()))
+    return TrainingResult(run.spec, run.wrap(run.model), params, out.history, out.metrics,
                           out.tally.rejected, extra)  # fmt: skip
 
 
@@ -186,7 +187,7 @@ def simulate(
         raise UsageError("simulate(resume=True) needs the checkpoint_dir to resume from.")
     run = build_run(fed, spec, training, attack=attack, poison=poison, rule=rule,
                     checkpoint_dir=checkpoint_dir)  # fmt: skip
-    return run_simulation(run, fed, resume=resume, on_round=on_round)
+    return run_simulation(run, resume=resume, on_round=on_round)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from privml.data.federation import FederatedData, SiteData
 from privml.errors import ConfigError
 from privml.fl.attacks import ATTACK_PARAMS, DATA_ATTACKS, UPDATE_ATTACKS
 from privml.fl.checkpoint import ServerState
+from privml.fl.plan_private import PrivateParts
 from privml.fl.rounds import RoundsPlan, SitePipeline, SiteStage, Stateful
 from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan, init_server_state
 from privml.fl.stages.attack import (
@@ -52,6 +53,8 @@ from privml.models.training import GradientRule, MeanGradient
 
 __all__ = [
     "Run",
+    "build_from_config",
+    "config_fingerprint",
     "attacked_data",
     "build_run",
     "init_params",
@@ -90,8 +93,11 @@ def run_fingerprint(fed: FederatedData, spec: ModelSpec, training: Any, attack: 
 
 @dataclass
 class Run:
-    """A run's stages. ``sections`` maps a results.json section to a function that builds it
-    from the stages' state once the rounds are done."""
+    """A run's stages. ``fed`` holds the records as the rounds train on them (a feature map or
+    an input centre applied); ``sections`` maps a results.json section to a function that
+    builds it from the stages' state once the rounds are done; ``finalize`` maps the trained
+    parameters to the model on the raw records and ``wrap`` the trained model to the one that
+    is written (the feature map before it)."""
 
     plan: RoundsPlan
     pipeline: SitePipeline
@@ -99,9 +105,12 @@ class Run:
     spec: ModelSpec
     state: ServerState
     server: ServerPlan
+    fed: FederatedData
     attack: SimulatedAttack | None = None
     sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
     federation: dict[str, Any] = field(default_factory=dict)
+    finalize: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, p: p
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,17 +218,50 @@ def attacked_data(sites: Sites, attack: SimulatedAttack | None) -> Callable[[int
 
 
 def _secure_stages(
-    training: Any, sites: list[SiteData], n_params: int
+    training: Any, sites: list[SiteData], n_params: int, options: dict[str, Any] | None
 ) -> tuple[SealUpdates, SecureSum, KeyHolderService]:
-    """Keys made at the key holder before round 1; public material to the server and sites."""
+    """Keys made at the key holder before round 1; public material to the server and sites.
+    ``options``: client-level DP's settings (clip, value bound, unweighted sum, denominator,
+    every share required, the noise share)."""
+    o = dict(options or {})
     setup = SecureSetup.from_training(
-        training, [s.name for s in sites], [s.n_train for s in sites], n_params=n_params
-    )
+        training, [s.name for s in sites], [s.n_train for s in sites], n_params=n_params,
+        clip=o.get("clip"), value_bound=o.get("value_bound"),
+    )  # fmt: skip
     holder = KeyHolderService(setup, setup.key_holder)
     public = holder.keygen()
-    seal = SealUpdates(setup, public)
-    combine = SecureSum(setup, public, decrypt=holder.decrypt)
+    weighted = bool(o.get("weighted", True))
+    seal = SealUpdates(setup, public, weighted=weighted, noise=o.get("noise"))
+    combine = SecureSum(setup, public, decrypt=holder.decrypt, weighted=weighted,
+                        denominator=o.get("denominator"),
+                        require_all=bool(o.get("require_all", False)))  # fmt: skip
     return seal, combine, holder
+
+
+def _attack_stage(
+    attack: Any | None, fed: FederatedData, seed: int, poison: Poison | None
+) -> tuple[SimulatedAttack | None, np.ndarray]:
+    n = len(fed.sites)
+    if attack is None:
+        return None, np.zeros(n, dtype=bool)
+    n_classes = 2 if fed.task.kind == "binary" else len(fed.task.classes)
+    atk = make_attack(attack, [s.name for s in fed.sites], seed, n_classes, poison)
+    return atk, atk.mask(n)
+
+
+def _federation(training: Any, server: ServerPlan, n_sites: int, size: int | None,
+                root_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    return {
+        "strategy": training.strategy,
+        "prox_mu": prox_weight(training) if training.strategy == "fedprox" else None,
+        **server.to_dict(),
+        "clients_per_round": size,
+        "n_sites": n_sites,
+        "dropout": training.dropout,
+        "straggler": training.straggler,
+        "straggler_policy": "late updates are discarded (synchronous rounds)",
+        "fltrust_root": root_info,
+    }
 
 
 def build_run(
@@ -231,28 +273,26 @@ def build_run(
     poison: Poison | None = None,
     rule: GradientRule | None = None,
     checkpoint_dir: Path | None = None,
+    parts: PrivateParts | None = None,
+    fingerprint: str | None = None,
 ) -> Run:
-    """The stages of a non-private run of ``training`` over ``fed`` (simulation engine).
+    """The stages of a run of ``training`` over ``fed`` (``parts``: what privacy and a feature
+    map add, :func:`privml.fl.plan_private.private_parts`).
 
     Raises:
         ConfigError: attack sites or FLTrust root settings that do not fit the data.
     """
+    parts = parts if parts is not None else PrivateParts(fed, spec)
+    fed, spec = parts.fed, parts.spec
     server = ServerPlan.from_training(training)
     model, params0 = init_params(spec, training.seed)
-    rule = rule if rule is not None else MeanGradient(model, spec, binary=fed.task.kind == "binary")
-    names = [s.name for s in fed.sites]
-    sites = list(fed.sites)
-    stages: list[SiteStage] = []
-    stateful: list[Stateful] = []
-    atk = None
-    if attack is not None:
-        n_classes = 2 if fed.task.kind == "binary" else len(fed.task.classes)
-        atk = make_attack(attack, names, training.seed, n_classes, poison)
-        stages.append(atk)
-        stateful.append(atk)
-    malicious = atk.mask(len(sites)) if atk is not None else np.zeros(len(sites), dtype=bool)
-    root_info = None
-    combine: Any = CheckedAggregation(server)
+    binary = fed.task.kind == "binary"
+    rule = rule if rule is not None else MeanGradient(model, spec, binary=binary)
+    atk, malicious = _attack_stage(attack, fed, training.seed, poison)
+    stages: list[SiteStage] = ([atk] if atk is not None else []) + list(parts.site_stages)
+    stateful: list[Stateful] = ([atk] if atk is not None else []) + list(parts.stateful)
+    sites, root_info = list(fed.sites), None
+    combine: Any = parts.combine if parts.combine is not None else CheckedAggregation(server)
     if server.aggregator == "fltrust":
         sites, X_root, y_root, root_info = _carve_root(
             sites, np.flatnonzero(malicious), server.server_data, training.seed
@@ -261,36 +301,74 @@ def build_run(
             params, X_root, y_root, training=training, rnd=rnd, rule=rule
         )
     state = init_server_state(params0, server)
-    sections: dict[str, Callable[[], Any]] = {}
-    local = LocalTraining(attacked_data(sites, atk), training, rule)
-    secure = None
+    make_rule = parts.make_rule(model, spec, binary) if parts.make_rule is not None else None
+    local = LocalTraining(attacked_data(sites, atk), training, rule, make_rule=make_rule)
+    sections: dict[str, Callable[[], Any]] = {"privacy": parts.privacy}
     if training.secure_aggregation != "none":
         # the counts the sites report (an attacker's poisoned records included)
         reported = [local.records(training.rounds)[i] for i in range(len(sites))]
-        seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]))
+        seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]),
+                                               parts.secure)  # fmt: skip
         stages.append(seal)
-        secure = (combine, seal, holder)
-    pipeline = SitePipeline(local, stages, malicious)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = Checkpointing(checkpoint_dir, run_fingerprint(fed, spec, training, attack))
-    cohort = UniformCohort.from_training(len(sites), training)
-    plan = RoundsPlan(training.rounds, cohort, combine, ServerOptimizerStep(server.optimizer),
-                      stateful=stateful, checkpoint=checkpoint)  # fmt: skip
-    federation = {
-        "strategy": training.strategy,
-        "prox_mu": prox_weight(training) if training.strategy == "fedprox" else None,
-        **server.to_dict(),
-        "clients_per_round": cohort.size,
-        "n_sites": len(sites),
-        "dropout": training.dropout,
-        "straggler": training.straggler,
-        "straggler_policy": "late updates are discarded (synchronous rounds)",
-        "fltrust_root": root_info,
-    }
-    if secure is not None:
-        s_combine, s_seal, s_holder = secure
-        sections["secure_aggregation"] = lambda: s_combine.describe(s_seal, s_holder.keygen_seconds)
+        sections["secure_aggregation"] = lambda: combine.describe(seal, holder.keygen_seconds)
     if atk is not None:
         sections["attack"] = atk.describe
-    return Run(plan, pipeline, model, spec, state, server, atk, sections, federation)
+    if parts.features is not None:
+        sections["features"] = lambda: parts.features
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fp = fingerprint or run_fingerprint(fed, spec, training, attack)
+        checkpoint = Checkpointing(checkpoint_dir, fp)
+    uniform = UniformCohort.from_training(len(sites), training)
+    cohort = parts.cohort if parts.cohort is not None else uniform
+    plan = RoundsPlan(training.rounds, cohort, combine, ServerOptimizerStep(server.optimizer),
+                      list(parts.server_stages), stateful, checkpoint)  # fmt: skip
+    federation = _federation(training, server, len(sites),
+                             uniform.size if parts.cohort is None else None, root_info)  # fmt: skip
+    return Run(plan, SitePipeline(local, stages, malicious), model, spec, state, server, fed,
+               atk, sections, federation, parts.finalize, parts.model)  # fmt: skip
+
+
+def build_from_config(
+    config: Any,
+    fed: FederatedData,
+    spec: ModelSpec,
+    *,
+    poison: Poison | None = None,
+    checkpoint_dir: Path | None = None,
+    ledger: Any | None = None,
+    noise: Any | None = None,
+    restored: dict[str, Any] | None = None,
+) -> Run:
+    """Every stage of ``config``'s run (privacy, feature map, attack, secure aggregation,
+    robust rule, server optimizer, checkpoints) over ``fed``.
+
+    Args:
+        config: the run's config (the compatibility table has accepted it).
+        fed, spec: the sites' encoded records and the model.
+        poison: the backdoor's data poisoning for ``[attack] kind = "backdoor"``.
+        checkpoint_dir: where each round's checkpoint goes (None: none).
+        ledger, noise: private training's ledger and noise source.
+        restored: a resumed run's stage states (its checkpoint's ``meta["stages"]``).
+    """
+    from privml.dp.randomness import NoiseSource, run_noise_source
+    from privml.fl.plan_private import private_parts
+
+    if noise is None and config.privacy.mode != "none":
+        noise = run_noise_source(config.training.seed)
+    source = noise if noise is not None else NoiseSource.fresh()
+    parts = private_parts(config, fed, spec, ledger=ledger, noise=source, restored=restored)
+    return build_run(
+        fed, spec, config.training, attack=config.attack, poison=poison,
+        checkpoint_dir=checkpoint_dir, parts=parts,
+        fingerprint=config_fingerprint(config, fed, spec),
+    )  # fmt: skip
+
+
+def config_fingerprint(config: Any, fed: FederatedData, spec: ModelSpec) -> str:
+    """What a checkpoint of ``config``'s run is bound to: :func:`run_fingerprint` of its
+    training, attack, model and data, and its privacy and feature settings."""
+    extra = json.dumps({"privacy": config.privacy.model_dump(mode="json"),
+                        "model": config.model.model_dump(mode="json")}, sort_keys=True)  # fmt: skip
+    base = run_fingerprint(fed, spec, config.training, config.attack)
+    return hashlib.sha256((base + extra).encode()).hexdigest()

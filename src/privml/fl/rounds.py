@@ -133,6 +133,8 @@ class SiteUpdates:
         late: sites that train this round but whose update arrives after the round closed
             (simulated stragglers): the simulator does not compute their update, but they
             book what they spent.
+        asked: how many sites the server asked for an update this round (a noise share is
+            sized by it).
         info: per-round facts stages want in the record (JSON data).
     """
 
@@ -144,6 +146,7 @@ class SiteUpdates:
     malicious: NDArray[np.bool_]
     sealed: list[bytes] | None = None
     late: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    asked: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,7 +158,8 @@ class Received:
     combine step validates each). ``sealed`` replaces ``updates`` under secure aggregation.
     ``ids``: the site index of each entry. ``malicious``: which entries came from simulated
     attackers (the engine knows; used for records only). ``missing``: participants whose
-    reply did not come (Flower: timed out or failed), by cause.
+    reply did not come (Flower: timed out or failed), by cause. ``asked``: how many sites were
+    asked for an update.
     """
 
     ids: NDArray[np.int64]
@@ -165,6 +169,7 @@ class Received:
     sealed: Sequence[object] | None = None
     missing: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    asked: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -335,16 +340,17 @@ class SitePipeline:
 
     def run(
         self, rnd: int, params: torch.Tensor, ids: NDArray[np.int64],
-        late: NDArray[np.int64] | None = None,
+        late: NDArray[np.int64] | None = None, asked: int | None = None,
     ) -> SiteUpdates:  # fmt: skip
-        """Steps 2 to 5 for sites ``ids``, from the global ``params`` (``late``: see
-        :attr:`SiteUpdates.late`)."""
+        """Steps 2 to 5 for sites ``ids``, from the global ``params`` (``late``, ``asked``:
+        see :class:`SiteUpdates`; ``asked`` defaults to ``len(ids)``)."""
         empty = np.zeros((0, int(params.shape[0])))
         updates = self.local(rnd, params, ids) if len(ids) else empty
         weights = self.local.weights(rnd, ids)
         batch = SiteUpdates(rnd, ids, params, updates, weights, self.malicious[ids])
         if late is not None:
             batch.late = late
+        batch.asked = len(ids) if asked is None else int(asked)
         for stage in self.stages:
             stage.apply(batch)
         return batch

@@ -455,14 +455,14 @@ def _canary(ctx: _Context, violations: list[str]) -> tuple[list[AuditRow], dict[
 
     def private(f: FederatedData) -> tuple[nn.Module, float | None]:
         from privml.dp.ledger import PrivacyLedger
-        from privml.dp.training import train_private
+        from privml.fl.training import train
 
         with tempfile.TemporaryDirectory(prefix="privml-canary-") as tmp:
             ledger = PrivacyLedger(
                 Path(tmp) / "ledger.sqlite", dataset="canary-audit",
                 budget_epsilon=1e6, budget_delta=0.5,
             )  # fmt: skip
-            run = train_private(_clean_config(cfg), f, ctx.spec, ledger=ledger)
+            run = train(_clean_config(cfg), f, ctx.spec, ledger=ledger)
         e = run.privacy.get("epsilon")
         return _with_params(run.result.model, run.result.params), (
             None if e is None else float(e)

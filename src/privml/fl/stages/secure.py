@@ -365,7 +365,9 @@ class SecureSum:
 
     ``weighted``: FedAvg's weights ``n_i / n_max`` (the sites applied them); else each update
     counts 1 and ``denominator`` (if given) replaces the total weight (client-level DP's fixed
-    denominator).
+    denominator). ``require_all``: every site asked must have sent its update (each carries a
+    share of the noise; with a share missing the sum would carry less noise than accounted,
+    so the round is skipped, ``missing_noise_shares``, and nothing is decrypted).
     """
 
     setup: SecureSetup
@@ -373,6 +375,7 @@ class SecureSum:
     decrypt: Decrypt
     weighted: bool = True
     denominator: float | None = None
+    require_all: bool = False
     costs: list[_RoundCost] = field(default_factory=list)
     ciphertext_bytes: int | None = None
     step = "combine"
@@ -390,6 +393,8 @@ class SecureSum:
             return Outcome.skip("all_rejected", accepted, rejected)
         if len(accepted) < _MIN_SITES:
             return Outcome.skip("too_few_updates", accepted, rejected)
+        if self.require_all and len(accepted) < received.asked:
+            return Outcome.skip("missing_noise_shares", accepted, rejected)
         ids = np.asarray(received.ids)[accepted]
         counts = np.asarray(self.setup.counts, dtype=np.float64)
         total = float((counts[ids] / self.setup.n_max).sum()) if self.weighted else float(len(ids))

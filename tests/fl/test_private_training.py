@@ -19,14 +19,16 @@ from dp_accounting.pld import PLDAccountant
 from privml.cli import main
 from privml.config import load_config, parse_config
 from privml.data.federation import load_federation
-from privml.dp import training as tr
 from privml.dp.cli import ledger_from_config
 from privml.dp.events import event_from_dict
 from privml.dp.features import HogFeatures
 from privml.dp.ledger import PrivacyLedger
-from privml.dp.training import check_dp_schema, dp_fedavg_aggregate, train_private
+from privml.dp.planning import check_dp_schema, dp_fedavg_aggregate
 from privml.errors import BudgetExceededError, ConfigError, PrivacyLeakWarning, SchemaError
+from privml.fl import training as tr
 from privml.fl.metrics import evaluate
+from privml.fl.stages.private import fold_shift
+from privml.fl.training import train as train_private
 from privml.models.nets import ModelSpec, build_model, flat_params, functional_forward
 from privml.pipeline import model_spec, run
 
@@ -48,7 +50,7 @@ def _ledger(cfg: Any) -> PrivacyLedger:
     return ledger_from_config(cfg)
 
 
-def _train(cfg: Any) -> tr.PrivateRun:
+def _train(cfg: Any) -> tr.Trained:
     fed = load_federation(cfg)
     return train_private(cfg, fed, model_spec(cfg, fed))
 
@@ -117,10 +119,9 @@ def test_epsilon_is_replace_one_and_dp_accounting_recomputes_it(tmp_path: Path) 
 
 
 def test_rdp_cannot_account_replace_one_and_is_refused(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, privacy={"accountant": "rdp"})
-    with pytest.raises(ConfigError, match='accountant = "pld"'):
-        _train(cfg)
-    assert _ledger(cfg).sites() == []
+    with pytest.raises(ConfigError, match='accountant = "pld"'):  # when the config loads
+        _config(tmp_path, privacy={"accountant": "rdp"})
+    assert _ledger(_config(tmp_path)).sites() == []
 
 
 def test_fixed_noise_above_target_is_a_config_error(tmp_path: Path) -> None:
@@ -140,7 +141,9 @@ def test_overspend_stops_before_training_and_spends_nothing(
     def no_training(*a: Any, **k: Any) -> Any:
         raise AssertionError("training started")
 
-    monkeypatch.setattr(tr, "dp_local_updates", no_training)
+    import privml.fl.stages.local as local
+
+    monkeypatch.setattr(local, "train_cohort", no_training)
     with pytest.raises(BudgetExceededError, match="hospital_b") as info:
         _train(cfg)
     assert "hospital_a" not in str(info.value)  # only the site that cannot pay is named
@@ -296,7 +299,7 @@ def test_shift_folds_exactly_into_the_first_layer() -> None:
     X = torch.rand(9, 5)
     f = functional_forward(model)
     shifted = f(params, X - torch.from_numpy(c).float())
-    folded = f(tr._fold_shift(model, params, c), X)
+    folded = f(fold_shift(model, params, c), X)
     torch.testing.assert_close(shifted, folded, atol=1e-5, rtol=1e-5)
 
 
