@@ -119,6 +119,7 @@ def test_no_new_import_cycles() -> None:
     ("package", "forbidden"),
     [
         ("privml.models", ("privml.fl", "privml.dp", "privml.security", "privml.pipeline")),
+        ("privml.dp", ("privml.fl", "privml.security", "privml.pipeline", "privml.cli")),
         ("privml.fl", ("privml.security", "privml.pipeline", "privml.cli")),
         ("privml.serve", ("privml.security",)),
         ("privml.he", ("privml.fl", "privml.security", "privml.serve")),

@@ -319,12 +319,6 @@ class TrainingConfig(_Strict):
                 "(the adaptive bound is the median of the individual update norms, which the "
                 "server cannot see); the sites clip to it before encrypting"
             )
-        elif self.max_update_norm is None and self.aggregator == "fedavg":
-            out.append(
-                f"{sa} needs max_update_norm = ... (the L2 bound each site clips its update "
-                "to before encrypting; it also bounds every coordinate, which sizes the "
-                "encrypted values); the server cannot check norms of encrypted updates"
-            )
         kb = self.secure_aggregation_key_bits
         if self.secure_aggregation == "paillier" and (kb < 2048 or kb > 8192 or kb % 256):
             out.append(
@@ -670,6 +664,15 @@ class Config(_Strict):
 
         problems += refusals(self, at_run=False)
         if t.secure_aggregation != "none":
+            if (t.max_update_norm is None and t.aggregator == "fedavg"
+                    and self.privacy.mode != "client"):  # fmt: skip
+                problems.append(
+                    f'training: secure_aggregation = "{t.secure_aggregation}" needs '
+                    "max_update_norm = ... (the L2 bound each site clips its update to before "
+                    "encrypting; it also bounds every coordinate, which sizes the encrypted "
+                    "values); the server cannot check norms of encrypted updates. With "
+                    "client-level DP the sites clip to [privacy] clip instead"
+                )
             if n_sites is not None and (n_sites < 2 or k < 2):
                 problems.append(
                     "training: secure aggregation needs at least 2 updates per round (the key "

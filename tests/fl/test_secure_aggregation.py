@@ -307,8 +307,8 @@ def _write(tmp: Path, training: str, extra: str = "") -> Path:
         ),
         (
             'secure_aggregation = "paillier"\nmax_update_norm = 1.0',
-            '[privacy]\nmode = "client"\nepsilon = 1.0',
-            "private training does not run under secure aggregation yet",
+            '[privacy]\nmode = "client"\nepsilon = 1.0\nadaptive_clip = true',
+            "adaptive clipping releases a noisy count of unclipped updates",
         ),
     ],
 )

@@ -448,9 +448,28 @@ class SampleBooker:
         return {"run": self.run_id, "books": [dict(b.__dict__) for b in self.books]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a resumed run's booking: the same run id and what it booked so far."""
+        """Continue a resumed run's booking: the same run id and what it booked up to its
+        checkpoint, plus what the ledger shows it booked after it (:meth:`reconcile`)."""
         self.run_id = str(state["run"])
         self.books = [SiteBook(**b) for b in state["books"]]
+        self.reconcile(int(max((r for b in self.books for r, _ in b.by_round), default=0)))
+
+    def reconcile(self, after_round: int) -> None:
+        """Count the steps this run booked after round ``after_round`` (a run killed after
+        booking a round and before its checkpoint): those rounds are computed again, and the
+        second release composes with the first, so their steps stay in the account."""
+        for sp, b in zip(self.plan.sites, self.books, strict=True):
+            extra = [
+                r for r in self.ledger.history(sp.name)
+                if r.metadata.get("run") == self.run_id and r.metadata.get("mode") == "sample"
+                and int(r.metadata.get("round", -1)) > after_round
+            ]  # fmt: skip
+            for r in extra:
+                b.steps += int(r.metadata.get("steps", 0))
+                b.epsilon = max(b.epsilon, float(r.metadata.get("cumulative_epsilon", 0.0)))
+                b.by_round.append([int(r.metadata["round"]), b.epsilon])
+                b.delta_booked = True
+                b.charges += 1
 
 
 # ----------------------------------------------------------------------------- building blocks
