@@ -333,12 +333,22 @@ def query(
         out.print(format_query_result(result), highlight=False)
 
 
-@app.command()
+budget_app = typer.Typer(
+    help="Privacy budget per site (spent, remaining), the ledger's budget and the history of "
+    "charges, all under the replace-one relation; `privml budget set` changes the budget.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@budget_app.callback(invoke_without_command=True)
 def budget(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Privacy budget per site: spent, remaining, and the history of charges."""
+    """Privacy budget per site, the ledger's budget and the history of charges."""
+    if ctx.invoked_subcommand is not None:
+        return
     from privml.dp.cli import budget_report, format_budget_report
 
     report = budget_report(_load(config))
@@ -346,6 +356,41 @@ def budget(
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
         out.print(format_budget_report(report), highlight=False)
+
+
+@budget_app.command("set")
+def budget_set(
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="the new budget epsilon per record")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="the new budget delta per record")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="the config whose ledger to change", dir_okay=False),
+    ] = None,
+    ledger: Annotated[
+        Path | None,
+        typer.Option("--ledger", help="the ledger file (default: the config's, else the user's)"),
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="why, recorded in the budget history")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the change as JSON")] = False,
+) -> None:
+    """Change the ledger's budget per record, recorded in its history (the only way to)."""
+    from privml.dp.cli import format_budget_change, set_budget
+
+    cfg = _load(config) if config is not None and ledger is None else None
+    change = set_budget(cfg, ledger=ledger, epsilon=epsilon, delta=delta, reason=reason)
+    if as_json:
+        sys.stdout.write(json.dumps(change) + "\n")
+    else:
+        out.print(format_budget_change(change), highlight=False)
+
+
+app.add_typer(budget_app, name="budget")
 
 
 def _register_subapps() -> None:

@@ -342,12 +342,18 @@ class PrivacyConfig(_Strict):
     clip: float = Field(default=1.0, gt=0)
     accountant: Literal["pld", "rdp"] = "pld"
     noise_multiplier: float | None = Field(default=None, ge=0)
-    budget_epsilon: float = Field(default=10.0, gt=0)
-    budget_delta: float = Field(
-        default=1e-4,
+    budget_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="the ledger's budget per record, set on its first use (default 10); "
+        "afterwards it must match the ledger's (`privml budget set` changes it)",
+    )
+    budget_delta: float | None = Field(
+        default=None,
         gt=0,
         lt=1,
-        description="total delta per site (basic composition): 10 runs at the default delta",
+        description="the ledger's delta per record, set on its first use (default 1e-4: 10 "
+        "runs at the default delta); afterwards it must match the ledger's",
     )
     ledger: FilePath | None = None
     # Private training (privml.fl.stages.private, planned by privml.dp.planning).
@@ -398,7 +404,7 @@ class PrivacyConfig(_Strict):
             )
         if self.adaptive_clip and self.mode != "client":
             problems.append('adaptive_clip applies to mode = "client" only')
-        if self.delta > self.budget_delta:
+        if self.budget_delta is not None and self.delta > self.budget_delta:
             problems.append(
                 f"delta = {self.delta:g} exceeds budget_delta = {self.budget_delta:g}; "
                 "lower delta or raise budget_delta"

@@ -121,13 +121,19 @@ def _noting(notes: list[str]) -> Iterator[None]:
 
 
 def budget_snapshot(
-    config: Config, sites: list[str], fingerprints: dict[str, str] | None = None
+    config: Config,
+    sites: list[str],
+    fingerprints: dict[str, str] | None = None,
+    records: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Each site's budget, total spend and remainder in the ledger after this run (all runs
-    and queries on these records, basic composition), for the report."""
+    """Each site's budget, spend and remainder in the ledger after this run (all runs and
+    queries on these records, basic composition per record under replace-one; a site's
+    spend is that of its most-spent record), for the report."""
     from privml.dp.cli import ledger_from_config
 
-    ledger = ledger_from_config(config, fingerprints=fingerprints or None)
+    ledger = ledger_from_config(
+        config, fingerprints=fingerprints or None, records=records or None
+    )
     per_site = {}
     for site in sites:
         st = ledger.status(site)
@@ -136,7 +142,11 @@ def budget_snapshot(
             "remaining_epsilon": st.remaining.epsilon, "budget_delta": st.budget.delta,
             "spent_delta": st.spent.delta, "remaining_delta": st.remaining.delta,
         }  # fmt: skip
-    return {"composition": "basic (epsilons and deltas add up)", "per_site": per_site}
+    return {
+        "composition": "basic (epsilons and deltas add up), per record",
+        "relation": "replace_one",
+        "per_site": per_site,
+    }
 
 
 def check_extras(config: Config) -> None:
@@ -162,19 +172,17 @@ def default_out_dir(config: Config) -> Path:
 
 def protected_paths(config: Config) -> list[Path]:
     """What a run reads and must never overwrite: the config, the sites' files, the ledger
-    and the signing key. No output folder may be one of them or contain one."""
+    and its key, and the signing key. No output folder may be one of them or contain one."""
+    from privml.dp.ledger import default_ledger_path, key_path
     from privml.signing import default_key_path
 
     paths: list[Path] = [default_key_path()]
     if config.source is not None:
         paths.append(Path(config.source))
     paths += [s.path for s in config.data.sites or []]
-    if config.privacy.ledger is not None:
-        paths.append(Path(config.privacy.ledger))
-    else:
-        from privml.dp.ledger import default_ledger_path
-
-        paths.append(default_ledger_path())
+    ledger = Path(config.privacy.ledger) if config.privacy.ledger is not None else None
+    ledger = ledger or default_ledger_path()
+    paths += [ledger, key_path(ledger)]
     return paths
 
 
@@ -204,6 +212,10 @@ def run(
     t0 = time.perf_counter()
     check_combination(config, resume=resume is not None)
     check_extras(config)
+    if config.privacy.mode != "none":
+        from privml.dp.cli import open_ledger
+
+        open_ledger(config)  # a config asking for another budget than the ledger's stops here
     final_dir: Path | None = None
     partial: Path | None = None
     if resume is not None:
@@ -355,7 +367,7 @@ def _run(
     results["metrics"]["curves"] = curves(result.model, result.params, *fed.pooled_test())
     if config.privacy.mode != "none":
         results["privacy"]["budget"] = budget_snapshot(
-            config, [s.name for s in fed.sites], fed.fingerprints
+            config, [s.name for s in fed.sites], fed.fingerprints, fed.record_hashes
         )
     if config.inference.encrypted:
         stage(f"encrypted inference check ({config.inference.scheme})")

@@ -139,10 +139,11 @@ def _precheck(
     site_names: Sequence[str],
     epsilons: Sequence[float],
     fingerprints: dict[str, str] | None = None,
+    records: dict[str, Any] | None = None,
 ) -> None:
     from privml.dp.cli import ledger_from_config
 
-    ledger = ledger_from_config(config, fingerprints=fingerprints)
+    ledger = ledger_from_config(config, fingerprints=fingerprints, records=records)
     total = math.fsum(epsilons)
     delta = config.privacy.delta * len(epsilons)
     refused = []
@@ -160,9 +161,11 @@ def _precheck(
         raise BudgetExceededError(
             f"the sweep needs epsilon {total:g} and delta {delta:g} per site ({len(epsilons)} "
             f"runs); {len(refused)} site(s) cannot afford it, so nothing was trained or spent. "
-            f"It fits with [privacy] budget_epsilon >= {max(need_eps, b.epsilon):.6g} and "
-            f"budget_delta >= {max(need_delta, b.delta):.6g} (now {b.epsilon:g} and "
-            f"{b.delta:g}), or with fewer or smaller epsilons:\n  - " + "\n  - ".join(refused)
+            f"It fits a ledger budget of epsilon >= {max(need_eps, b.epsilon):.6g} and delta >= "
+            f"{max(need_delta, b.delta):.6g} per record (now {b.epsilon:g} and {b.delta:g}; "
+            f"`privml budget set --epsilon {max(need_eps, b.epsilon):.6g} --delta "
+            f"{max(need_delta, b.delta):.6g}` changes it, recorded in the ledger's history), or "
+            "fewer or smaller epsilons:\n  - " + "\n  - ".join(refused)
         )
 
 
@@ -268,12 +271,18 @@ def run_sweep(
 
     check_output_folder(out, force=force, protected=protected_paths(config))
     configs = [_variant(config, mode=mode, epsilon=e, noise_multiplier=None) for e in eps_list]
-    fed = load_federation(config)
+    from privml.dp.cli import open_ledger
+
+    open_ledger(configs[0])  # a config asking for another budget stops before anything runs
+    fed = load_federation(configs[0])
     spec = model_spec(config, fed)
     from privml.dp.planning import check_dp_schema
 
     check_dp_schema(configs[0], fed)
-    _precheck(configs[0], [s.name for s in fed.sites], eps_list, fed.fingerprints or None)
+    _precheck(
+        configs[0], [s.name for s in fed.sites], eps_list, fed.fingerprints or None,
+        fed.record_hashes or None,
+    )  # fmt: skip
 
     not_accounted = [_TEST_METRICS]
     nonprivate: dict[str, Any] | None = None

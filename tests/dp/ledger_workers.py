@@ -10,12 +10,19 @@ import os
 from typing import Any
 
 
-def query_worker(path: str, index: int, barrier: Any, results: Any) -> None:
-    """One query process: wait for the others, charge 0.1, then 'release' (report the id)."""
+def query_worker(
+    path: str, index: int, barrier: Any, results: Any, records: list[int] | None = None
+) -> None:
+    """One query process: wait for the others, charge 0.1, then 'release' (report the id).
+
+    With ``records``, the site's budget is kept per record (the worker's own record set)."""
     from privml.dp.ledger import PrivacyLedger
     from privml.errors import BudgetExceededError
 
-    ledger = PrivacyLedger(path, dataset="heart", budget_epsilon=1.5, budget_delta=0.0)
+    ledger = PrivacyLedger(
+        path, dataset="heart", budget_epsilon=1.5, budget_delta=0.0,
+        records=None if records is None else {"a": records},
+    )  # fmt: skip
     barrier.wait()
     try:
         record = ledger.charge(site="a", epsilon=0.1, label=f"mean(age) #{index}")

@@ -104,7 +104,8 @@ def _config(tmp_path: Path, *, ledger: Path | None = None, budget: float = 1.0) 
 
 def _frames(config: Any) -> dict[str, pd.DataFrame]:
     a = pd.DataFrame({"age": [20.0, 40.0, 60.0] * 100, "sex": ["F", "M", "F"] * 100})
-    return {"a": a, "b": a.iloc[:50]}
+    b = pd.DataFrame({"age": [30.0, 50.0] * 25, "sex": ["M", "F"] * 25})
+    return {"a": a, "b": b, "c": a.iloc[:2]}
 
 
 def test_run_query_returns_the_documented_fields(tmp_path: Path) -> None:
@@ -126,8 +127,8 @@ def test_run_query_returns_the_documented_fields(tmp_path: Path) -> None:
 
 def test_run_query_errors(tmp_path: Path) -> None:
     config = _config(tmp_path, ledger=tmp_path / "l.sqlite", budget=0.3)
-    with pytest.raises(UsageError, match="Unknown site 'c'. Sites in this config: a, b"):
-        cli.run_query(config, site="c", query="count()", epsilon=0.1, load_frames=_frames)
+    with pytest.raises(UsageError, match="Unknown site 'd'. Sites in this config: a, b, c"):
+        cli.run_query(config, site="d", query="count()", epsilon=0.1, load_frames=_frames)
     with pytest.raises(SchemaError, match=r"\[data.schema.income\]"):
         cli.run_query(config, site="a", query="mean(income)", epsilon=0.1, load_frames=_frames)
     with pytest.raises(UsageError, match="Cannot parse query"):
@@ -137,7 +138,7 @@ def test_run_query_errors(tmp_path: Path) -> None:
         cli.run_query(config, site="a", query="count()", epsilon=0.2, load_frames=_frames)
     assert info.value.exit_code == 3 and "remains" in str(info.value)
     broken = SimpleNamespace(dataset_id="", privacy=SimpleNamespace(budget_epsilon=None), data=None)
-    with pytest.raises(ConfigError, match="2 problems|3 problems"):
+    with pytest.raises(ConfigError, match="dataset_id is not set"):
         cli.run_query(broken, site="a", query="count()", epsilon=0.1, load_frames=_frames)
 
 
@@ -153,7 +154,10 @@ def test_default_ledger_is_the_users_whatever_the_working_folder(
         cli.run_query(config, site="b", query="count()", epsilon=0.1, load_frames=_frames)
         assert not (tmp_path / folder / "runs").exists()
     expected = data_home / "privml" / "privacy-ledger.sqlite"
-    ledger = cli.ledger_from_config(config, fingerprints=cli._fingerprints(_frames(config)))
+    frames = _frames(config)
+    ledger = cli.ledger_from_config(
+        config, fingerprints=cli._fingerprints(frames), records=cli._record_hashes(frames)
+    )
     assert ledger.path == expected and os.path.exists(expected)
     assert ledger.status("b").spent.epsilon == pytest.approx(0.2)  # both folders, one budget
     monkeypatch.setenv("XDG_DATA_HOME", "relative/path")  # ignored, as the XDG spec says
@@ -166,14 +170,20 @@ def test_budget_report(tmp_path: Path) -> None:
     cli.run_query(config, site="a", query="count()", epsilon=0.2, load_frames=_frames)
     report = cli.budget_report(config, load_frames=_frames)
     assert report["dataset"] == "heart" and report["budget_epsilon"] == 1.0
-    assert set(report["sites"]) == {"a", "b"}  # configured sites, even without charges
+    assert report["relation"] == "replace_one"
+    assert set(report["sites"]) == {"a", "b", "c"}  # configured sites, even without charges
     assert report["sites"]["a"]["spent_epsilon"] == pytest.approx(0.5)
     assert report["sites"]["a"]["remaining_epsilon"] == pytest.approx(0.5)
+    assert report["sites"]["a"]["records"] == 3  # 300 rows, 3 distinct records
     assert report["sites"]["b"]["charges"] == 0
+    # c holds two of a's records: their spend is a's, whichever site name reads them
+    assert report["sites"]["c"]["spent_epsilon"] == pytest.approx(0.5)
     assert [h["label"] for h in report["history"]] == ["mean(age) by sex", "count()"]
+    assert {h["relation"] for h in report["history"]} == {"replace_one"}
+    assert report["budget_history"][0]["epsilon"] == 1.0
     json.dumps(report)
     text = cli.format_budget_report(report)
-    assert "mean(age) by sex" in text and "spent eps" in text
+    assert "mean(age) by sex" in text and "spent eps" in text and "replace-one" in text
 
 
 def test_dp_epsilon_recomputes_replace_one() -> None:

@@ -80,7 +80,8 @@ def test_sweep_over_budget_trains_and_spends_nothing(tmp_path: Path) -> None:
     cfg = _config(tmp_path, budget=3.0)
     with pytest.raises(BudgetExceededError, match="the sweep needs epsilon 5") as info:
         run_sweep(cfg, epsilons=[1, 4], out_dir=tmp_path / "sw")
-    assert "budget_epsilon >= 5" in str(info.value)  # names the budget it needs
+    assert "epsilon >= 5" in str(info.value)  # names the budget it needs ...
+    assert "privml budget set --epsilon 5" in str(info.value)  # ... and how to get it
     assert not (tmp_path / "sw").exists()
     assert ledger_from_config(cfg).sites() == []
 
@@ -98,12 +99,14 @@ def test_default_sweep_fits_a_fresh_budget_and_has_no_baseline(
     """The CLI's default epsilons fit the default budget of a fresh ledger; nothing
     non-private is trained unless asked for."""
     import privml.fl.training as tr
+    from privml.dp.ledger import DEFAULT_BUDGET
     from privml.fl import engine
     from privml.sweep import DEFAULT_EPSILONS
 
     cfg = parse_config({"data": {"dataset": "breast_cancer"}, "privacy": {"mode": "sample"}})
-    assert math.fsum(parse_epsilons(DEFAULT_EPSILONS)) <= cfg.privacy.budget_epsilon
-    assert 5 * cfg.privacy.delta <= cfg.privacy.budget_delta
+    assert cfg.privacy.budget_epsilon is None  # a fresh ledger's budget: the default
+    assert math.fsum(parse_epsilons(DEFAULT_EPSILONS)) <= DEFAULT_BUDGET.epsilon
+    assert 5 * cfg.privacy.delta <= DEFAULT_BUDGET.delta
     calls: list[str] = []
 
     class _Stop(Exception):

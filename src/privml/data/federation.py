@@ -5,8 +5,8 @@ into train and held-out test records at the site, and encoded with the schema al
 
 The split is record-local (:func:`privml.data.records.held_out`): a record is held out or not
 by a hash of its own content and ``data.seed``, so adding or removing a record never moves
-another. Each site's data also gets a fingerprint (:func:`privml.data.records.fingerprint`),
-the key of its privacy budget in the ledger.
+another. Each site's data also gets a fingerprint (:func:`privml.data.records.fingerprint`), and a
+private run keeps its records' hashes: the privacy ledger keeps each record's budget by them.
 
 The work is done once over all sites' records pooled (site after site) rather than site by
 site, so it grows linearly with records and sites: one vectorized check and one encoding pass
@@ -108,8 +108,10 @@ class FederatedData:
     at load time, or declared with ``derived_from_data = true``); ``truth`` is the generator's
     ground truth for the synthetic dataset. ``pool`` holds the sites' records contiguously when
     :func:`load_federation` built them (see :meth:`train_arrays`). ``fingerprints`` maps each
-    site to the fingerprint of its records (train and test), the key of its privacy budget;
-    it stays at the sites' side and is never published.
+    site to the fingerprint of its records (train and test) and ``record_hashes`` to its
+    records' hashes (:func:`privml.data.records.record_hashes`; kept for private runs only),
+    by which the ledger keeps each record's budget; both stay at the sites' side and are
+    never published.
     """
 
     sites: list[SiteData]
@@ -120,6 +122,7 @@ class FederatedData:
     truth: dict[str, Any] | None = None
     pool: SitePool | None = field(default=None, repr=False, compare=False)
     fingerprints: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    record_hashes: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_features(self) -> int:
@@ -282,20 +285,28 @@ def load_site_frames(config: Config) -> dict[str, pd.DataFrame]:
 
 
 def site_fingerprints(config: Config) -> dict[str, str]:
-    """Each site's data fingerprint (the key of its budget), from the raw records."""
+    """Each site's data fingerprint, from the raw records."""
+    return site_records(config)[0]
+
+
+def site_records(config: Config) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Each site's fingerprint and its records' hashes (what the ledger keeps budgets by)."""
     if config.data.dataset is not None:
         built = builtin_sites(config)
-        return _builtin_split(built, config.data.test_fraction, config.data.seed)[1]
-    return {
-        name: records.fingerprint(records.record_hashes(df), df.columns)
-        for name, df in load_site_frames(config).items()
-    }
+        _, fps, hashes = _builtin_split(
+            built, config.data.test_fraction, config.data.seed, keep_hashes=True
+        )
+        return fps, hashes
+    frames = load_site_frames(config)
+    hashes = {name: records.record_hashes(df) for name, df in frames.items()}
+    return {n: records.fingerprint(h, frames[n].columns) for n, h in hashes.items()}, hashes
 
 
 def _builtin_split(
-    built: BuiltinSites, test_fraction: float, seed: int
-) -> tuple[np.ndarray, dict[str, str]]:
-    """Held-out mask (site after site) and fingerprints of a built-in dataset's sites.
+    built: BuiltinSites, test_fraction: float, seed: int, *, keep_hashes: bool = False
+) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
+    """Held-out mask (site after site), fingerprints and (``keep_hashes``) record hashes of a
+    built-in dataset's sites.
 
     Blocks of whole sites of about a million records keep the temporaries small.
     """
@@ -303,6 +314,7 @@ def _builtin_split(
     n_sites = len(built.names)
     held = np.zeros(int(offsets[-1]), dtype=bool)
     fps: dict[str, str] = {}
+    kept: dict[str, np.ndarray] = {}
     cols = [str(c) for c in frame.columns]
     lo = 0
     while lo < n_sites:
@@ -312,11 +324,12 @@ def _builtin_split(
         h = records.record_hashes(frame, rows=built.order[a:b])
         held[a:b] = records.held_out(h, test_fraction, seed)
         for i in range(lo, hi):
-            fps[built.names[i]] = records.fingerprint(
-                h[int(offsets[i]) - a : int(offsets[i + 1]) - a], cols
-            )
+            mine = h[int(offsets[i]) - a : int(offsets[i + 1]) - a]
+            fps[built.names[i]] = records.fingerprint(mine, cols)
+            if keep_hashes:
+                kept[built.names[i]] = mine.copy()
         lo = hi
-    return held, fps
+    return held, fps, kept
 
 
 def resolve_schema(
@@ -365,12 +378,15 @@ def load_federation(config: Config) -> FederatedData:
     d = config.data
     truth = None
     inferred: list[str] = []
+    private = config.privacy.mode != "none"  # the ledger keeps budgets by the record hashes
     if d.dataset is not None:
         built = builtin_sites(config)
         frame, names = built.data.frame, built.names
         order, offsets = built.order, built.offsets
         target = built.data.target
-        held, fingerprints = _builtin_split(built, d.test_fraction, d.seed)
+        held, fingerprints, kept = _builtin_split(
+            built, d.test_fraction, d.seed, keep_hashes=private
+        )
         schema = {**built.data.schema, **config.data.schema}
         labels = pd.Series(frame[target].array.take(order), copy=False)
         task = resolve_task_pooled(
@@ -405,6 +421,7 @@ def load_federation(config: Config) -> FederatedData:
         held = np.concatenate(
             [records.held_out(h, d.test_fraction, d.seed) for h in hashes.values()]
         )
+        kept = hashes if private else {}
         del hashes
         pooled = pool_frames(frames)
         del frames  # the pooled frame holds every record; no per-site frame is kept
@@ -460,7 +477,7 @@ def load_federation(config: Config) -> FederatedData:
         notes.append(f"schema inferred from private data for columns: {', '.join(inferred)}")
     derived = [c for c, spec in schema.items() if spec.derived_from_data]
     return FederatedData(
-        list(pool.sites), encoder, task, derived, notes, truth, pool, fingerprints
+        list(pool.sites), encoder, task, derived, notes, truth, pool, fingerprints, kept
     )
 
 

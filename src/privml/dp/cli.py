@@ -3,9 +3,12 @@
 * ``dp_app`` -- a typer sub-app for ``privml dp``: ``epsilon`` (epsilon of T steps of the
   Poisson-subsampled Gaussian, like Opacus's / TF Privacy's compute-privacy helpers) and
   ``noise`` (the smallest noise multiplier that meets a target epsilon).
-* :func:`run_query` and :func:`budget_report` -- what ``privml query`` and ``privml budget``
-  do, as plain functions of a loaded config, returning JSON-able dicts;
-  :func:`format_query_result` and :func:`format_budget_report` render them for humans.
+* :func:`run_query`, :func:`budget_report` and :func:`set_budget` -- what ``privml query``,
+  ``privml budget`` and ``privml budget set`` do, as plain functions of a loaded config,
+  returning JSON-able dicts; :func:`format_query_result`, :func:`format_budget_report` and
+  :func:`format_budget_change` render them for humans.
+* :func:`ledger_from_config` and :func:`open_ledger` -- the config's ledger, with or without
+  the sites' records.
 
 Errors are raised, not printed: invalid values raise :class:`~privml.errors.UsageError`
 (exit code 2 in privml's ``main``), a refused spend raises
@@ -33,10 +36,14 @@ if TYPE_CHECKING:
 __all__ = [
     "budget_report",
     "dp_app",
+    "format_budget_change",
     "format_budget_report",
     "format_query_result",
     "ledger_from_config",
+    "open_ledger",
     "run_query",
+    "set_budget",
+    "site_records",
 ]
 
 dp_app = typer.Typer(
@@ -175,34 +182,43 @@ def _section(config: Any, name: str) -> Any:
 
 
 def ledger_from_config(
-    config: Any, *, fingerprints: Mapping[str, str] | None = None
+    config: Any,
+    *,
+    fingerprints: Mapping[str, str] | None = None,
+    records: Mapping[str, Any] | None = None,
 ) -> PrivacyLedger:
-    """Opens the ledger the config names with the config's budget, keyed by the sites' data.
+    """Opens the ledger the config names, keeping each site's budget per record.
 
     The ledger is ``[privacy] ledger`` or, by default, the user's
     (:func:`privml.dp.ledger.default_ledger_path`, under ``$XDG_DATA_HOME``), whatever the
-    current folder. Each site's budget is keyed by the fingerprint of its records
-    (``fingerprints``, computed from the config's data when not given), and with an explicit
-    ``[data] name`` bound to that dataset id.
+    current folder. Each site's budget is kept per record: ``records`` maps each site to its
+    records' hashes (:func:`privml.data.records.record_hashes`) and ``fingerprints`` to
+    their fingerprints; both are computed from the config's data when not given (when only
+    ``fingerprints`` are given, the data read must still have them).
+
+    The budget is the ledger's own (:mod:`privml.dp.ledger`): ``[privacy] budget_epsilon`` /
+    ``budget_delta``, when the config sets them, fix it on the ledger's first use and must
+    agree with it afterwards.
 
     Raises:
-        ConfigError: ``budget_epsilon`` / ``budget_delta`` or ``dataset_id`` are missing.
+        ConfigError: ``dataset_id`` is missing.
+        UsageError: the config asks for another budget than the ledger's (exit 2; the message
+            names ``privml budget set``).
     """
     from privml.dp.ledger import PrivacyLedger
 
     path, dataset, budget_eps, budget_delta = _ledger_settings(config)
-    if path.exists() or path.is_symlink():
-        from privml.safe_io import check_regular_file
-
-        check_regular_file(
-            path, what="[privacy] ledger",
-            error=lambda m: ConfigError(f"{m}; name the ledger's file, e.g. ledger = "
-                                        '"privml-ledger.sqlite"'),
-        )  # fmt: skip
-    if fingerprints is None:
-        fingerprints = _fingerprints(_default_loader(config))
-    data = getattr(config, "data", None)
-    explicit = getattr(data, "name", None)
+    _check_ledger_file(path)
+    if records is None:
+        loaded_fps, records = site_records(config)
+        if fingerprints is not None:
+            changed = sorted(s for s, fp in fingerprints.items() if loaded_fps.get(s) != fp)
+            if changed:
+                raise DataError(
+                    f"the data of site(s) {', '.join(map(repr, changed))} changed while privml "
+                    "was running; nothing was charged. Run again on data that stays put."
+                )
+        fingerprints = loaded_fps
     import sqlite3
 
     try:
@@ -212,7 +228,8 @@ def ledger_from_config(
             budget_epsilon=budget_eps,
             budget_delta=budget_delta,
             fingerprints=fingerprints,
-            dataset_id=explicit if isinstance(explicit, str) and explicit else None,
+            records=records,
+            budget_source=_budget_source(config),
         )
     except sqlite3.DatabaseError as exc:
         raise DataError(
@@ -221,32 +238,86 @@ def ledger_from_config(
         ) from None
 
 
+def open_ledger(config: Any) -> PrivacyLedger:
+    """The config's ledger without any site: checks (and on first use fixes) its budget.
+
+    Cheap (no data is read), so commands call it before computing anything: a config that
+    asks for another budget than the ledger's is refused at once.
+    """
+    from privml.dp.ledger import PrivacyLedger
+
+    path, dataset, budget_eps, budget_delta = _ledger_settings(config)
+    _check_ledger_file(path)
+    import sqlite3
+
+    try:
+        return PrivacyLedger(
+            path,
+            dataset=dataset,
+            budget_epsilon=budget_eps,
+            budget_delta=budget_delta,
+            budget_source=_budget_source(config),
+        )
+    except sqlite3.DatabaseError as exc:
+        raise DataError(
+            f"[privacy] ledger {str(path)!r} cannot be opened as a privml ledger ({exc}); "
+            "point ledger at the ledger's file, or at a new file to start one"
+        ) from None
+
+
+def _budget_source(config: Any) -> str:
+    source = getattr(config, "source", None)
+    where = f"the config {str(source)!r}" if source else "the config"
+    return f"[privacy] in {where}"
+
+
+def _check_ledger_file(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        from privml.safe_io import check_regular_file
+
+        check_regular_file(
+            path, what="[privacy] ledger",
+            error=lambda m: ConfigError(f"{m}; name the ledger's file, e.g. ledger = "
+                                        '"privml-ledger.sqlite"'),
+        )  # fmt: skip
+
+
 def _ledger_settings(config: Any) -> tuple[Path, str, Any, Any]:
-    """The ledger's path, dataset label and budget from the config (all problems at once)."""
+    """The ledger's path, dataset label and the budget the config asks for (None: the
+    ledger's own)."""
     from privml.dp.ledger import default_ledger_path
 
     privacy = _section(config, "privacy")
-    problems = []
     budget_eps: Any = getattr(privacy, "budget_epsilon", None)
     budget_delta: Any = getattr(privacy, "budget_delta", None)
     dataset = getattr(config, "dataset_id", None)
-    if budget_eps is None:
-        problems.append("[privacy] budget_epsilon is not set (total epsilon per site, e.g. 3.0)")
-    if budget_delta is None:
-        problems.append("[privacy] budget_delta is not set (total delta per site, e.g. 1e-6)")
     if not isinstance(dataset, str) or not dataset:
-        problems.append("dataset_id is not set")
-    if problems:
-        raise ConfigError(problems)
+        raise ConfigError("dataset_id is not set")
     configured = getattr(privacy, "ledger", None)
     path = Path(configured) if configured is not None else default_ledger_path()
     return path, str(dataset), budget_eps, budget_delta
+
+
+def site_records(config: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """Each site's fingerprint and record hashes, from the config's data."""
+    if getattr(getattr(config, "data", None), "dataset", None) is not None:
+        from privml.data.federation import site_records as builtin_records
+
+        return builtin_records(config)
+    frames = _default_loader(config)
+    return _fingerprints(frames), _record_hashes(frames)
 
 
 def _fingerprints(frames: Mapping[str, pd.DataFrame]) -> dict[str, str]:
     from privml.data.records import fingerprint, record_hashes
 
     return {name: fingerprint(record_hashes(df), df.columns) for name, df in frames.items()}
+
+
+def _record_hashes(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    from privml.data.records import record_hashes
+
+    return {name: record_hashes(df) for name, df in frames.items()}
 
 
 def _default_loader(config: Any) -> Mapping[str, pd.DataFrame]:
@@ -305,7 +376,7 @@ def run_query(
         from privml.extras import require
 
         require("queries", "privml query (OpenDP's exact noise samplers)")
-    _ledger_settings(config)  # a config that cannot book fails before any data is read
+    open_ledger(config)  # a config that cannot book (or asks for another budget) stops here
     data = _section(config, "data")
     schema = getattr(data, "schema", None)
     if getattr(data, "dataset", None) is not None:
@@ -319,7 +390,10 @@ def run_query(
         raise UsageError(
             f"Unknown site {site!r}. Sites in this config: {', '.join(sorted(frames)) or 'none'}."
         )
-    ledger = ledger_from_config(config, fingerprints=_fingerprints({site: frames[site]}))
+    one = {site: frames[site]}
+    ledger = ledger_from_config(
+        config, fingerprints=_fingerprints(one), records=_record_hashes(one)
+    )
     result = answer_query(
         frames[site],
         spec,
@@ -361,28 +435,34 @@ def _configured_sites(config: Any) -> list[str]:
 def budget_report(
     config: Any, *, load_frames: Callable[[Any], Mapping[str, pd.DataFrame]] | None = None
 ) -> dict[str, Any]:
-    """Spent and remaining budget per site, and the history of charges.
+    """The ledger's budget and its history, each site's spend and remainder, the charges.
 
-    A site's budget is that of its records (their fingerprint, and the dataset id's lineage
-    with ``[data] name``), so the report reads the sites' data (``load_frames``, default
-    ``privml.data.load_site_frames``) to know whose budget to show.
+    A site's budget is kept per record, so the report reads the sites' data (``load_frames``,
+    default ``privml.data.load_site_frames`` or the built-in dataset's sites) to know whose
+    spend to show: a site's spend is that of its most-spent record.
 
     Returns:
-        ``{"dataset", "ledger", "budget_epsilon", "budget_delta", "sites": {site: {...}},
-        "history": [charge, ...]}`` where each site has ``spent_epsilon``, ``spent_delta``,
-        ``remaining_epsilon``, ``remaining_delta`` and ``charges``.
+        ``{"dataset", "ledger", "relation", "budget_epsilon", "budget_delta",
+        "budget_history": [change, ...], "sites": {site: {...}}, "history": [charge, ...]}``
+        where each site has ``records``, ``spent_epsilon``, ``spent_delta``,
+        ``remaining_epsilon``, ``remaining_delta`` and ``charges``, and each charge its
+        ``relation``.
     """
-    frames = (load_frames or _default_loader)(config)
-    ledger = ledger_from_config(config, fingerprints=_fingerprints(frames))
-    names = sorted(frames)
+    open_ledger(config)
+    if load_frames is not None:
+        frames = load_frames(config)
+        fps, recs = _fingerprints(frames), _record_hashes(frames)
+    else:
+        fps, recs = site_records(config)
+    ledger = ledger_from_config(config, fingerprints=fps, records=recs)
     sites = {}
-    for name in names:
+    for name in sorted(recs):
         status = ledger.status(name).to_dict()
         sites[name] = {
             k: status[k]
             for k in (
                 "fingerprint",
-                "lineage",
+                "records",
                 "spent_epsilon",
                 "spent_delta",
                 "remaining_epsilon",
@@ -390,14 +470,87 @@ def budget_report(
                 "charges",
             )
         }
+    from privml.dp.ledger import RELATION
+
     return {
         "dataset": ledger.dataset,
         "ledger": str(ledger.path),
+        "relation": RELATION,
         "budget_epsilon": ledger.budget.epsilon,
         "budget_delta": ledger.budget.delta,
+        "budget_history": [c.to_dict() for c in ledger.budget_history()],
         "sites": sites,
         "history": [r.to_dict() for r in ledger.history()],
     }
+
+
+def set_budget(
+    config: Any = None,
+    *,
+    ledger: str | Path | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """What ``privml budget set`` does: changes a ledger's budget, recorded in its history.
+
+    The ledger is ``ledger``, else the config's (``[privacy] ledger``), else the user's
+    default. The config's own budget lines are not consulted (this is the deliberate change
+    they cannot make).
+
+    Returns:
+        ``{"ledger", "old_epsilon", "old_delta", "epsilon", "delta", "reason", "created_at",
+        "max_spent_epsilon", "max_spent_delta"}``.
+    """
+    from privml.dp.ledger import PrivacyLedger, default_ledger_path
+
+    if epsilon is None and delta is None:
+        raise UsageError("privml budget set needs --epsilon, --delta or both.")
+    if ledger is not None:
+        path = Path(ledger)
+        dataset = "privml"
+    elif config is not None:
+        path, dataset, _, _ = _ledger_settings(config)
+    else:
+        path, dataset = default_ledger_path(), "privml"
+    _check_ledger_file(path)
+    handle = PrivacyLedger(path, dataset=dataset)
+    change = handle.set_budget(epsilon=epsilon, delta=delta, reason=reason or "privml budget set")
+    most = handle.max_spent()
+    return {
+        "ledger": str(path),
+        "old_epsilon": change.old_epsilon,
+        "old_delta": change.old_delta,
+        "epsilon": change.epsilon,
+        "delta": change.delta,
+        "reason": change.reason,
+        "created_at": change.created_at,
+        "max_spent_epsilon": most.epsilon,
+        "max_spent_delta": most.delta,
+    }
+
+
+def format_budget_change(change: Mapping[str, Any]) -> str:
+    """Human-readable lines for :func:`set_budget`'s result."""
+    old = (
+        "none (a new ledger)"
+        if change["old_epsilon"] is None
+        else f"epsilon = {change['old_epsilon']:g}, delta = {change['old_delta']:g}"
+    )
+    lines = [
+        f"ledger {change['ledger']}: budget per record set to epsilon = {change['epsilon']:g}, "
+        f"delta = {change['delta']:g} (was {old}); recorded in the ledger's budget history "
+        f"({change['created_at']}, {change['reason']!r})",
+    ]
+    if (
+        change["max_spent_epsilon"] > change["epsilon"]
+        or change["max_spent_delta"] > change["delta"]
+    ):
+        lines.append(
+            f"note: some records have already spent epsilon = {change['max_spent_epsilon']:g}, "
+            f"delta = {change['max_spent_delta']:g}; they get no more charges"
+        )
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
@@ -421,20 +574,43 @@ def format_budget_report(report: Mapping[str, Any]) -> str:
     """Human-readable table for :func:`budget_report`'s result."""
     lines = [
         f"dataset {report['dataset']!r}, ledger {report['ledger']}",
-        f"budget per site: epsilon = {report['budget_epsilon']:g}, "
-        f"delta = {report['budget_delta']:g}",
-        f"{'site':<20} {'spent eps':>10} {'left eps':>10} {'spent delta':>12} {'charges':>8}",
+        f"budget per record: epsilon = {report['budget_epsilon']:g}, "
+        f"delta = {report['budget_delta']:g}; every charge booked under the "
+        f"{report.get('relation', 'replace_one').replace('_', '-')} relation; a site's spend is "
+        "that of its most-spent record",
+        f"{'site':<20} {'records':>8} {'spent eps':>10} {'left eps':>10} {'spent delta':>12} "
+        f"{'charges':>8}",
     ]
     for site, s in report["sites"].items():
+        n = s.get("records")
         lines.append(
-            f"{site:<20} {s['spent_epsilon']:>10.4g} {s['remaining_epsilon']:>10.4g} "
-            f"{s['spent_delta']:>12.3g} {s['charges']:>8d}"
+            f"{site:<20} {'-' if n is None else n:>8} {s['spent_epsilon']:>10.4g} "
+            f"{s['remaining_epsilon']:>10.4g} {s['spent_delta']:>12.3g} {s['charges']:>8d}"
         )
+    if report.get("budget_history"):
+        lines.append("budget history:")
+        for c in report["budget_history"]:
+            was = (
+                ""
+                if c["old_epsilon"] is None
+                else f" (was epsilon {c['old_epsilon']:g}, delta {c['old_delta']:g})"
+            )
+            lines.append(
+                f"  {c['created_at']} epsilon {c['epsilon']:g}, delta {c['delta']:g}{was}: "
+                f"{c['reason']}"
+            )
     if report["history"]:
         lines.append("history:")
         for r in report["history"]:
+            conv = r["metadata"].get("converted_from") if isinstance(r["metadata"], dict) else None
+            how = r.get("relation", "replace_one").replace("_", "-")
+            if conv:
+                how += (
+                    f", from add/remove epsilon {conv['epsilon']:g}, delta {conv['delta']:g} "
+                    "by group privacy"
+                )
             lines.append(
                 f"  #{r['id']} {r['created_at']} {r['site']}: {r['label']} "
-                f"(epsilon {r['epsilon']:g}, delta {r['delta']:g})"
+                f"(epsilon {r['epsilon']:g}, delta {r['delta']:g}, {how})"
             )
     return "\n".join(lines)

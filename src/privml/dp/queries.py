@@ -9,9 +9,17 @@ functions on arrays (``bounded_*``) and as short expressions on a site's DataFra
     mean(age)                    variance(age)         histogram(sex)
     quantile(age, 0.9)           median(age)           mean(age) by sex
 
-Privacy model. Neighbouring datasets differ by adding or removing one record; epsilon and
-delta are per record, per query, and charged to the site's ledger *before* anything is
-computed. With ``delta == 0`` queries use (discrete) Laplace noise and are epsilon-DP; with
+Privacy model. epsilon and delta are per record, per query, and charged to the site's ledger
+*before* anything is computed. They hold under the **replace-one** relation (neighbouring
+datasets differ in one record's values), the relation the ledger books every charge under:
+privml's results publish the sites' sizes, and replace-one is what protects a record when
+the number of records is public. Each query's noise is calibrated so that its replace-one
+cost is exactly the epsilon (and delta) asked for, from its own sensitivities (below). A
+record whose value is missing counts as a record: replacing it by one with a value is a
+neighbour too, which the sensitivities cover. ``relation="add_or_remove"`` on the
+``bounded_*`` functions gives the add/remove calibration instead (not what privml books).
+
+With ``delta == 0`` queries use (discrete) Laplace noise and are epsilon-DP; with
 ``delta > 0`` they use (discrete) Gaussian noise and are (epsilon, delta)-DP (quantiles are
 always pure epsilon-DP and book delta = 0).
 
@@ -24,21 +32,37 @@ into [min, max] and sensitivities follow from the declared bounds alone -- never
 per-record transformation that keeps the guarantee; so are categorical values outside the
 declared categories.
 
-Estimators (epsilon split documented per function):
+Replace-one sensitivities and costs (E, D the epsilon and delta asked for; h = (max - min) / 2;
+s the fixed-point step of :func:`exact_sum`, about 2^-30 of the bound):
 
-* sums are accumulated exactly in fixed point (:func:`exact_sum`, 2^-30 of the bound), so no
-  floating-point error accumulates over rows (Casacuberta et al. 2022); sensitivities carry
-  the resulting 2^-30 relative excess.
-* sum: Laplace with sensitivity max(|min|, |max|).
-* mean: c + S / N with c the bounds' midpoint, S the noisy sum of (x - c) (sensitivity
-  (max - min) / 2) and N the noisy count (sensitivity 1), each with epsilon / 2 (delta / 2);
-  the equal split minimises the worst-case variance. Clamped into [min, max].
-* variance: noisy count, noisy centred sum and noisy centred sum of squares, epsilon / 3 each;
-  Q / N - (S / N)^2 clamped into [0, ((max - min) / 2)^2].
-* histogram, group-by: each record falls in one cell, so every cell gets the full epsilon
-  (parallel composition) and the query costs epsilon once.
-* quantile: exponential mechanism over ``quantile_candidates`` evenly spaced public candidates
-  in [min, max] with utility -|#{x < c} - q n| (sensitivity max(q, 1 - q)).
+* count: 1 (a replaced record changes a count by at most 1; a plain ``count()`` not at all),
+  noise for E: cost E, as under add/remove.
+* sum over [a, b]: max(b - a, max(|a|, |b|)) + s (two values swapped, or a value and a
+  missing one) instead of add/remove's max(|a|, |b|): noise for E with that sensitivity.
+* mean: c + S / N with c the bounds' midpoint, S the noisy sum of (x - c) and N the noisy
+  count. Laplace, S with scale (h + s) / (E/2), N with scale 1 / (E/2): a replacement either
+  keeps N and moves S by at most 2h + s (loss <= E), or moves N by 1 and S by at most h (loss
+  <= E/2 + E/2): cost E, no more noise than add/remove's calibration. Gaussian: S calibrated
+  for sensitivity 2h + s at (E/2, D/2), N for 1 at (E/2, D/2): cost (E, D).
+* variance: N, S and Q (the centred sum of squares, values in [0, h^2]), a third each.
+  Laplace as calibrated for add/remove (S: h + s, Q: h^2 + s, N: 1; E/3 each): a replacement
+  keeps N and moves S by 2h + s and Q by h^2 + s (loss <= 2E/3 + E/3), or moves all three by
+  at most their add/remove sensitivities (loss <= E): cost E. Gaussian: S calibrated for
+  2h + s, each part at (E/3, D/3): cost (E, D).
+* histogram: a replaced record leaves one bin and enters another: L1 sensitivity 2 (discrete
+  Laplace for E) or, Gaussian, two bins each at (E/2, D/2): cost (E, D).
+* quantile: utility -|#{x < c} - q n| changes by at most 1 when a record is replaced (at most
+  max(q, 1 - q) when a value becomes missing), so the exponential mechanism uses
+  sensitivity 1 (add/remove's was max(q, 1 - q)): cost E.
+* group-by: a replaced record can leave one group and enter another, so each group's
+  aggregate gets (E/2, D/2): leaving and entering cost at most its add/remove cost (at most
+  its replace-one cost, E/2) each, and a replacement within a group at most E/2.
+
+Sums are accumulated exactly in fixed point (:func:`exact_sum`, 2^-30 of the bound), so no
+floating-point error accumulates over rows (Casacuberta et al. 2022); sensitivities carry
+the resulting 2^-30 relative excess. Estimators: mean and variance are clamped into [min,
+max] and [0, h^2]; the equal split of the mean's epsilon minimises its worst-case variance;
+quantile candidates are ``quantile_candidates`` evenly spaced public points in [min, max].
 """
 
 from __future__ import annotations
@@ -82,6 +106,7 @@ __all__ = [
     "declared_bounds",
     "exact_sum",
     "sum_sensitivity",
+    "replace_sum_sensitivity",
     "declared_categories",
     "parse_query",
 ]
@@ -444,6 +469,29 @@ def sum_sensitivity(bound: float) -> float:
     return bound + _sum_step(bound)
 
 
+def replace_sum_sensitivity(lower: float, upper: float) -> float:
+    """Sensitivity of :func:`exact_sum` of values in [lower, upper] under replace-one.
+
+    One value swapped for another moves the sum by at most ``upper - lower``, a value swapped
+    for a missing one (dropped) by at most ``max(|lower|, |upper|)``; the rounding to the
+    fixed-point grid (step of the bound ``max(|lower|, |upper|)``) adds at most one step.
+    """
+    bound = max(abs(lower), abs(upper))
+    return max(upper - lower, bound) + _sum_step(bound)
+
+
+def _check_relation(relation: object, func: str) -> str:
+    name = str(relation).strip().lower().replace("-", "_")
+    if name in ("replace_one", "replace"):
+        return "replace_one"
+    if name in ("add_or_remove", "add_remove", "add_or_remove_one"):
+        return "add_or_remove"
+    raise UsageError(
+        f"The 'relation' parameter of {func} must be 'replace_one' or 'add_or_remove'. "
+        f"Got {relation!r} instead."
+    )
+
+
 def exact_sum(values: np.ndarray, bound: float) -> float:
     """Sum of ``values`` (all |x| <= ``bound``) accumulated exactly in fixed point.
 
@@ -461,6 +509,15 @@ def exact_sum(values: np.ndarray, bound: float) -> float:
     for start in range(0, units.size, chunk):
         total += int(units[start : start + chunk].sum())
     return float(total) * step
+
+
+def _centred_sensitivity(half: float, delta: float, relation: str) -> float:
+    """Calibration sensitivity of the centred sum of values in [-half, half] in the mean and
+    the variance: add/remove's half + step, except Gaussian noise under replace-one, which
+    is calibrated for the replace-one sensitivity 2 half + step (see the module docstring)."""
+    if relation == "replace_one" and delta > 0:
+        return replace_sum_sensitivity(-half, half)
+    return sum_sensitivity(half)
 
 
 def _real_event(epsilon: float, delta: float, sensitivity: float) -> DpEvent:
@@ -492,11 +549,18 @@ def _combine(value: Any, parts: Sequence[mech.Release[Any]], name: str) -> mech.
 
 
 def bounded_count(
-    n: int, *, epsilon: float, delta: float = 0.0, rng: np.random.Generator | None = None
+    n: int,
+    *,
+    epsilon: float,
+    delta: float = 0.0,
+    rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[int]:
-    """Noisy count of ``n`` records (sensitivity 1): discrete Laplace, or discrete Gaussian if
-    ``delta > 0``. The value is the unbiased noisy integer (it can be negative)."""
+    """Noisy count of ``n`` records (sensitivity 1 under either relation): discrete Laplace, or
+    discrete Gaussian if ``delta > 0``. The value is the unbiased noisy integer (it can be
+    negative)."""
     func = "bounded_count"
+    _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     d = _check_query_delta(delta, func)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -513,20 +577,23 @@ def bounded_sum(
     epsilon: float,
     delta: float = 0.0,
     rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[float]:
     """Noisy sum of ``values`` clamped into the public [lower, upper].
 
-    Sensitivity max(|lower|, |upper|) (add/remove one record). NaNs are dropped.
+    Sensitivity :func:`replace_sum_sensitivity` (about max(upper - lower, max(|lower|,
+    |upper|))) under replace-one, :func:`sum_sensitivity` of max(|lower|, |upper|) under
+    ``relation="add_or_remove"``. NaNs are dropped.
     """
     func = "bounded_sum"
+    rel = _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     d = _check_query_delta(delta, func)
     lo, hi = _check_bounds(lower, upper, func)
     x = np.clip(_clean(values, func), lo, hi)
     bound = max(abs(lo), abs(hi))
-    release = _noisy_real(
-        exact_sum(x, bound), epsilon=eps, delta=d, sensitivity=sum_sensitivity(bound), rng=rng
-    )
+    sens = replace_sum_sensitivity(lo, hi) if rel == "replace_one" else sum_sensitivity(bound)
+    release = _noisy_real(exact_sum(x, bound), epsilon=eps, delta=d, sensitivity=sens, rng=rng)
     return _combine(float(release.value), [release], "sum")
 
 
@@ -538,15 +605,19 @@ def bounded_mean(
     epsilon: float,
     delta: float = 0.0,
     rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[float]:
     """Noisy mean of ``values`` clamped into [lower, upper] (count not assumed public).
 
     ``c + S / max(N, 1)`` with c = (lower + upper) / 2, S the noisy sum of (x - c)
-    (sensitivity (upper - lower) / 2) and N the noisy count (sensitivity 1), each with half of
-    epsilon and of delta; the result is clamped into [lower, upper]. Its error is about
-    (L_S - (mean - c) L_N) / n for the two noises L_S, L_N. NaNs are dropped.
+    (add/remove sensitivity (upper - lower) / 2) and N the noisy count (sensitivity 1), each
+    with half of epsilon and of delta; the result is clamped into [lower, upper]. Its error is
+    about (L_S - (mean - c) L_N) / n for the two noises L_S, L_N. NaNs are dropped. Laplace
+    noise costs epsilon under both relations (see the module docstring); Gaussian noise under
+    replace-one calibrates S for the replace-one sensitivity upper - lower.
     """
     func = "bounded_mean"
+    rel = _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     d = _check_query_delta(delta, func)
     lo, hi = _check_bounds(lower, upper, func)
@@ -557,7 +628,7 @@ def bounded_mean(
         exact_sum(xc, half),
         epsilon=eps / 2,
         delta=d / 2,
-        sensitivity=sum_sensitivity(half),
+        sensitivity=_centred_sensitivity(half, d, rel),
         rng=rng,
     )
     n = _noisy_count(int(x.size), epsilon=eps / 2, delta=d / 2, rng=rng)
@@ -573,14 +644,17 @@ def bounded_variance(
     epsilon: float,
     delta: float = 0.0,
     rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[float]:
     """Noisy (population) variance of ``values`` clamped into [lower, upper].
 
-    Noisy count N, centred sum S (sensitivity h = (upper - lower) / 2) and centred sum of
-    squares Q (sensitivity h^2), each with a third of epsilon and delta; returns
-    Q / N - (S / N)^2 clamped into [0, h^2]. NaNs are dropped.
+    Noisy count N, centred sum S (add/remove sensitivity h = (upper - lower) / 2) and
+    centred sum of squares Q (sensitivity h^2), each with a third of epsilon and delta;
+    returns Q / N - (S / N)^2 clamped into [0, h^2]. NaNs are dropped. Laplace noise costs
+    epsilon under both relations; Gaussian noise under replace-one calibrates S for 2h.
     """
     func = "bounded_variance"
+    rel = _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     d = _check_query_delta(delta, func)
     lo, hi = _check_bounds(lower, upper, func)
@@ -593,7 +667,7 @@ def bounded_variance(
         exact_sum(xc, half),
         epsilon=eps / 3,
         delta=d / 3,
-        sensitivity=sum_sensitivity(half),
+        sensitivity=_centred_sensitivity(half, d, rel),
         rng=rng,
     )
     q = _noisy_real(
@@ -617,14 +691,16 @@ def bounded_quantile(
     epsilon: float,
     candidates: int = 1001,
     rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[float]:
     """The ``q``-quantile of ``values`` by the exponential mechanism; epsilon-DP.
 
     Candidates are ``candidates`` evenly spaced public points in [lower, upper]; the utility
-    of c is -|#{x < c} - q n| with sensitivity max(q, 1 - q) under add/remove. NaNs are
-    dropped and values clamped.
+    of c is -|#{x < c} - q n|, with sensitivity 1 under replace-one (max(q, 1 - q) under
+    add/remove). NaNs are dropped and values clamped.
     """
     func = "bounded_quantile"
+    rel = _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     lo, hi = _check_bounds(lower, upper, func)
     level = mech._real("q", func, q)
@@ -644,7 +720,7 @@ def bounded_quantile(
         [float(g) for g in grid],
         scores,
         epsilon=eps,
-        sensitivity=max(level, 1 - level),
+        sensitivity=1.0 if rel == "replace_one" else max(level, 1 - level),
         rng=rng,
     )
     return _combine(float(release.value), [release], "quantile")
@@ -657,26 +733,35 @@ def bounded_histogram(
     epsilon: float,
     delta: float = 0.0,
     rng: np.random.Generator | None = None,
+    relation: str = "replace_one",
 ) -> mech.Release[dict[str, int]]:
     """Noisy counts of each declared category (values outside them are dropped).
 
-    One record changes one count by 1, so every bin gets the full epsilon (and delta): discrete
-    Laplace with L1 sensitivity 1, or per-bin discrete Gaussian when ``delta > 0``. Keys are
-    ``str(category)``; counts are unbiased noisy integers (can be negative).
+    A replaced record leaves one bin and enters another: discrete Laplace with L1 sensitivity
+    2, or per-bin discrete Gaussian at (epsilon / 2, delta / 2) when ``delta > 0``. Under
+    ``relation="add_or_remove"`` one record changes one count, so sensitivity 1 and the full
+    (epsilon, delta) per bin. Keys are ``str(category)``; counts are unbiased noisy integers
+    (can be negative).
     """
     func = "bounded_histogram"
+    rel = _check_relation(relation, func)
     eps = mech.check_epsilon(epsilon, func)
     d = _check_query_delta(delta, func)
     cats = list(categories)
     if not cats:
         raise UsageError(f"The 'categories' parameter of {func} must be non-empty.")
     counts = _category_counts(values, cats)
+    moved = 2 if rel == "replace_one" else 1  # bins one neighbour changes
     if d > 0:
-        parts = [_noisy_count(int(c), epsilon=eps, delta=d, rng=rng) for c in counts]
+        parts = [
+            _noisy_count(int(c), epsilon=eps / moved, delta=d / moved, rng=rng) for c in counts
+        ]
         noisy = [int(p.value) for p in parts]
         release = parts[0]
+        if moved > 1:
+            release = _combine(release.value, [release] * moved, "histogram")
     else:
-        release = mech.discrete_laplace(counts, epsilon=eps, sensitivity=1, rng=rng)
+        release = mech.discrete_laplace(counts, epsilon=eps, sensitivity=moved, rng=rng)
         noisy = [int(v) for v in release.value]
     value = {str(c): v for c, v in zip(cats, noisy, strict=True)}
     return _combine(value, [release], "histogram")
@@ -728,6 +813,7 @@ class QueryResult:
         mechanism: ``"laplace"`` family, ``"gaussian"`` family or ``"exponential"``.
         sampler: ``"opendp"`` or ``"numpy-insecure"``.
         charge: the ledger record, if a ledger was charged.
+        relation: the neighbouring relation ``epsilon``/``delta`` hold for (replace-one).
     """
 
     query: str
@@ -739,15 +825,21 @@ class QueryResult:
     mechanism: str
     sampler: str
     charge: ChargeRecord | None
+    relation: str = "replace_one"
 
 
 @dataclass(frozen=True)
 class _Plan:
+    """A query's cost and event (the whole query, replace-one) and how to run it on one
+    frame (on each group's records for a group-by, whose ``unit_event`` is one group's)."""
+
     epsilon: float
     delta: float
     event: DpEvent
     mechanism: str
     run: Callable[[pd.DataFrame], mech.Release[Any]]
+    unit_event: DpEvent | None = None
+    derivation: str = ""
 
 
 def _plan(
@@ -760,7 +852,39 @@ def _plan(
     rng: Any,
     quantile_candidates: int,
 ) -> _Plan:
-    """Resolves bounds and the privacy cost of ``spec`` without touching any data."""
+    """Resolves bounds and the replace-one cost of ``spec`` without touching any data."""
+    if spec.by is None:
+        return _plan_one(
+            spec, schema, epsilon=epsilon, delta=delta, allow=allow, rng=rng,
+            quantile_candidates=quantile_candidates,
+        )  # fmt: skip
+    # a replaced record can leave one group and enter another: half of the cost for each
+    one = _plan_one(
+        spec, schema, epsilon=epsilon / 2, delta=delta / 2, allow=allow, rng=rng,
+        quantile_candidates=quantile_candidates,
+    )  # fmt: skip
+    return _Plan(
+        2 * one.epsilon,
+        2 * one.delta,
+        ComposedDpEvent([one.event, one.event]),
+        one.mechanism,
+        one.run,
+        one.event,
+        f"group-by: each group's {one.derivation or spec.op} at half the cost; a replaced "
+        "record leaves one group and enters another",
+    )
+
+
+def _plan_one(
+    spec: QuerySpec,
+    schema: Mapping[str, Any],
+    *,
+    epsilon: float,
+    delta: float,
+    allow: bool,
+    rng: Any,
+    quantile_candidates: int,
+) -> _Plan:
     col = spec.column
     mechanism = "gaussian" if delta > 0 else "laplace"
     if spec.op == "count":
@@ -769,7 +893,10 @@ def _plan(
             n = len(df) if col is None else int(df[col].notna().sum())
             return bounded_count(n, epsilon=epsilon, delta=delta, rng=rng)
 
-        return _Plan(epsilon, delta, _count_event(epsilon, delta), mechanism, run_count)
+        return _Plan(
+            epsilon, delta, _count_event(epsilon, delta), mechanism, run_count,
+            derivation="count: sensitivity 1",
+        )  # fmt: skip
     assert col is not None
     if spec.op == "histogram":
         cats = declared_categories(schema, col, allow_data_derived_bounds=allow)
@@ -779,7 +906,15 @@ def _plan(
                 df[col], categories=cats, epsilon=epsilon, delta=delta, rng=rng
             )
 
-        return _Plan(epsilon, delta, _count_event(epsilon, delta), mechanism, run_histogram)
+        if delta > 0:
+            half = _count_event(epsilon / 2, delta / 2)
+            event: DpEvent = ComposedDpEvent([half, half])
+            how = "histogram: two bins change, each at half the cost"
+        else:
+            scale = samplers.certified_laplace_scale(sensitivity=2.0, epsilon=epsilon, integer=True)
+            event = DiscreteLaplaceDpEvent(noise_parameter=1.0 / scale, sensitivity=2)
+            how = "histogram: L1 sensitivity 2"
+        return _Plan(epsilon, delta, event, mechanism, run_histogram, derivation=how)
     lo, hi = declared_bounds(schema, col, allow_data_derived_bounds=allow)
     half = (hi - lo) / 2.0
     if spec.op == "sum":
@@ -787,8 +922,12 @@ def _plan(
         def run_sum(df: pd.DataFrame) -> mech.Release[Any]:
             return bounded_sum(df[col], lower=lo, upper=hi, epsilon=epsilon, delta=delta, rng=rng)
 
-        event = _real_event(epsilon, delta, sum_sensitivity(max(abs(lo), abs(hi))))
-        return _Plan(epsilon, delta, event, mechanism, run_sum)
+        sens = replace_sum_sensitivity(lo, hi)
+        return _Plan(
+            epsilon, delta, _real_event(epsilon, delta, sens), mechanism, run_sum,
+            derivation=f"sum: sensitivity max(b - a, max(|a|, |b|)) = {sens:.6g}",
+        )  # fmt: skip
+    centred = _centred_sensitivity(half, delta, "replace_one")
     if spec.op == "mean":
 
         def run_mean(df: pd.DataFrame) -> mech.Release[Any]:
@@ -796,11 +935,15 @@ def _plan(
 
         event = ComposedDpEvent(
             [
-                _real_event(epsilon / 2, delta / 2, sum_sensitivity(half)),
+                _real_event(epsilon / 2, delta / 2, centred),
                 _count_event(epsilon / 2, delta / 2),
             ]
         )
-        return _Plan(epsilon, delta, event, mechanism, run_mean)
+        return _Plan(
+            epsilon, delta, event, mechanism, run_mean,
+            derivation="mean: noisy centred sum and count, half each; a replacement moves "
+            "the sum by 2h or the sum by h and the count by 1",
+        )  # fmt: skip
     if spec.op == "variance":
 
         def run_variance(df: pd.DataFrame) -> mech.Release[Any]:
@@ -812,11 +955,16 @@ def _plan(
         event = ComposedDpEvent(
             [
                 _count_event(e3, d3),
-                _real_event(e3, d3, sum_sensitivity(half)),
+                _real_event(e3, d3, centred),
                 _real_event(e3, d3, sum_sensitivity(half * half)),
             ]
         )
-        return _Plan(epsilon, delta, event, mechanism, run_variance)
+        return _Plan(
+            epsilon, delta, event, mechanism, run_variance,
+            derivation="variance: count, centred sum and sum of squares, a third each; a "
+            "replacement moves the sum by 2h and the squares by h^2, or all three by one "
+            "record's add/remove sensitivity",
+        )  # fmt: skip
     assert spec.op == "quantile" and spec.q is not None
     level = spec.q
 
@@ -831,7 +979,10 @@ def _plan(
             rng=rng,
         )
 
-    return _Plan(epsilon, 0.0, PureDpEvent(epsilon), "exponential", run_quantile)
+    return _Plan(
+        epsilon, 0.0, PureDpEvent(epsilon), "exponential", run_quantile,
+        derivation="quantile: exponential mechanism, utility sensitivity 1",
+    )  # fmt: skip
 
 
 def answer_query(
@@ -860,7 +1011,8 @@ def answer_query(
         query: an expression such as ``"mean(age) by sex"`` or a :class:`QuerySpec`.
         schema: mapping column -> schema object with ``type``, ``min``, ``max``, ``values``
             (and optionally ``derived_from_data``), e.g. privml.config's ``ColumnSchema``.
-        epsilon: epsilon > 0 (nats) for the whole query, per record.
+        epsilon: epsilon > 0 (nats) for the whole query, per record, under replace-one (what
+            the ledger books; see the module docstring for each query's calibration).
         delta: 0 (default, pure DP, Laplace) or in (0, 1) (Gaussian noise).
         ledger: the budget ledger to charge; ``site`` is then required.
         site: the site's name in the ledger.
@@ -912,7 +1064,14 @@ def answer_query(
             delta=plan.delta,
             label=str(spec),
             event=plan.event,
-            metadata={"query": str(spec), "mechanism": plan.mechanism, "kind": "query"},
+            relation="replace_one",
+            metadata={
+                "query": str(spec),
+                "mechanism": plan.mechanism,
+                "kind": "query",
+                "neighboring_relation": "replace_one",
+                "cost": plan.derivation,
+            },
         )
     if groups is None:
         release = plan.run(frame)

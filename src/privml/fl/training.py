@@ -44,7 +44,9 @@ class Trained:
 def _ledger(config: Any, fed: FederatedData) -> PrivacyLedger:
     from privml.dp.cli import ledger_from_config
 
-    return ledger_from_config(config, fingerprints=fed.fingerprints or None)
+    return ledger_from_config(
+        config, fingerprints=fed.fingerprints or None, records=fed.record_hashes or None
+    )
 
 
 def _restored(checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any] | None:
@@ -75,7 +77,7 @@ def train(
         spec: the model for the encoded features (:func:`privml.pipeline.model_spec`).
         on_round: called after each round (after its checkpoint is written).
         ledger: where private training books; default the config's (``[privacy] ledger`` or
-            the user's ledger), each site keyed by the fingerprint of its records.
+            the user's ledger), each site's budget kept per record (``fed.record_hashes``).
         poison: the backdoor's data poisoning for ``[attack] kind = "backdoor"``.
         checkpoint_dir: where each round's checkpoint goes (None: none).
         resume: continue from the checkpoint in ``checkpoint_dir``.
