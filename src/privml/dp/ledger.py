@@ -505,8 +505,10 @@ def _keyed_records(raw: object, aes_key: bytes) -> np.ndarray:
     blocks[:, 0] = arr
     blocks[:, 1] = 0x7072_6976_6D6C_7265  # "privmlre": the block's fixed half
     enc = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()
-    out = np.frombuffer(enc.update(blocks.tobytes()) + enc.finalize(), dtype="<i8")[::2]
-    return np.unique(out)
+    out = np.sort(np.frombuffer(enc.update(blocks.tobytes()) + enc.finalize(), dtype="<i8")[::2])
+    if out.size > 1:  # distinct values (np.unique is ~50x slower here in numpy 2.4)
+        out = out[np.concatenate(([True], out[1:] != out[:-1]))]
+    return out
 
 
 @dataclass
