@@ -200,6 +200,15 @@ class ModelConfig(_Strict):
         return self
 
 
+_SECAGG_FIELDS = (
+    "secagg_share_count",
+    "secagg_threshold",
+    "secagg_clipping_range",
+    "secagg_quantization_range",
+    "secagg_modulus",
+)
+
+
 class TrainingConfig(_Strict):
     rounds: int = Field(default=20, gt=0, le=100_000)
     local_epochs: int = Field(default=2, gt=0, le=10_000)
@@ -235,10 +244,12 @@ class TrainingConfig(_Strict):
     engine: Literal["simulation", "flower"] = "simulation"
     # Encrypted aggregation (privml.fl.stages.secure): sites encrypt their clipped, weighted
     # updates under the key holder's key; the server sums ciphertexts only.
-    secure_aggregation: Literal["none", "paillier", "ckks"] = Field(
+    secure_aggregation: Literal["none", "paillier", "ckks", "secagg+"] = Field(
         default="none",
-        description="encrypt each site's update; the server sums ciphertexts and only the key "
-        "holder decrypts, and only the sum (needs max_update_norm; fedavg or norm_bound)",
+        description="paillier/ckks: encrypt each site's update, the server sums ciphertexts and "
+        "only the key holder decrypts, and only the sum; secagg+: pairwise masking (SecAgg+), "
+        "no key holder, the server unmasks the sum only (needs max_update_norm; fedavg or "
+        "norm_bound)",
     )
     key_holder: str | None = Field(
         default=None,
@@ -254,6 +265,34 @@ class TrainingConfig(_Strict):
         le=52,
         description="fixed-point resolution 2**-bits of each encrypted value (Paillier); CKKS: "
         "the flooding noise is clip * 2**-bits",
+    )
+    # SecAgg+ masking (privml.fl.secagg): the parameters of Flower's SecAggPlusWorkflow
+    secagg_share_count: int | None = Field(
+        default=None,
+        ge=3,
+        description="SecAgg+: shares of each site's secrets, one per neighbour including itself "
+        "(odd; default min(cohort, 2 * ceil(log2 cohort) + 1))",
+    )
+    secagg_threshold: int | None = Field(
+        default=None,
+        ge=2,
+        description="SecAgg+: shares needed to reconstruct a secret, > share_count / 2 "
+        "(default share_count // 2 + 1)",
+    )
+    secagg_clipping_range: float | None = Field(
+        default=None,
+        gt=0,
+        description="SecAgg+: each coordinate is clipped to [-range, range] before quantization "
+        "(default: the L2 clip bound, which clips no coordinate)",
+    )
+    secagg_quantization_range: int = Field(
+        default=1 << 22,
+        ge=2,
+        description="SecAgg+: coordinates are quantized to integers in [0, range] (2**22)",
+    )
+    secagg_modulus: int = Field(
+        default=1 << 32,
+        description="SecAgg+: masks and sums are taken modulo this power of two (2**32)",
     )
 
     @model_validator(mode="after")
@@ -308,10 +347,16 @@ class TrainingConfig(_Strict):
     def _secure_aggregation_problems(self) -> list[str]:
         # what secure aggregation needs of its own settings (which mechanisms it combines
         # with is privml.fl.compat's table)
-        if self.secure_aggregation == "none":
-            return []
-        sa = f'secure_aggregation = "{self.secure_aggregation}"'
         out: list[str] = []
+        misplaced = sorted(self.model_fields_set & set(_SECAGG_FIELDS))
+        if self.secure_aggregation != "secagg+" and misplaced:
+            out.append(
+                f"{', '.join(misplaced)} apply to secure_aggregation = \"secagg+\" only; "
+                "remove them or set secure_aggregation = \"secagg+\""
+            )
+        if self.secure_aggregation == "none":
+            return out
+        sa = f'secure_aggregation = "{self.secure_aggregation}"'
         max_norm = self.aggregator_params.get("max_norm")
         if self.aggregator == "norm_bound" and max_norm is None:
             out.append(
@@ -319,6 +364,15 @@ class TrainingConfig(_Strict):
                 "(the adaptive bound is the median of the individual update norms, which the "
                 "server cannot see); the sites clip to it before encrypting"
             )
+        if self.secure_aggregation == "secagg+":
+            from privml.fl.secagg import check_settings
+
+            out += check_settings(self)
+            if self.key_holder is not None:
+                out.append(
+                    'key_holder applies to secure_aggregation = "paillier" or "ckks"; SecAgg+ '
+                    "has no key holder: remove it"
+                )
         kb = self.secure_aggregation_key_bits
         if self.secure_aggregation == "paillier" and (kb < 2048 or kb > 8192 or kb % 256):
             out.append(
@@ -685,6 +739,10 @@ class Config(_Strict):
                     f"holder never decrypts a single site's update); this config samples {k} of "
                     f"{n_sites} sites"
                 )
+            if t.secure_aggregation == "secagg+" and n_sites is not None:
+                from privml.fl.secagg import cohort_problems
+
+                problems += cohort_problems(t, k)
             names = [s.name for s in self.data.sites] if self.data.sites is not None else None
             if t.key_holder is not None and names is not None and t.key_holder not in names:
                 problems.append(

@@ -29,7 +29,7 @@ ROBUST_RULES: tuple[str, ...] = (
 OPTIONS: dict[str, str] = {
     "engine": "[training] engine: simulation | flower",
     "privacy": "[privacy] mode: none | sample | client",
-    "secure_aggregation": "[training] secure_aggregation: none | paillier | ckks",
+    "secure_aggregation": "[training] secure_aggregation: none | paillier | ckks | secagg+",
     "aggregator": "[training] aggregator",
     "attack": "[attack] kind, or none",
     "features": "[model] features: none | hog",
@@ -129,6 +129,27 @@ TABLE: tuple[Combination, ...] = (
         'engine = "simulation", or features = "none"',
     ),
     Combination(
+        {"secure_aggregation": ("secagg+",), "aggregator": ROBUST_RULES},
+        False,
+        "under masking the server sees only the masked sum, never the individual updates a "
+        "robust rule compares",
+        'aggregator = "fedavg", or "norm_bound" with a fixed max_norm (each site clips before '
+        "masking; the server checks the unmasked sum's norm)",
+    ),
+    Combination(
+        {"secure_aggregation": ("secagg+",), "engine": ("flower",)},
+        False,
+        "SecAgg+ masking runs in simulation; its four exchanges per round are not yet carried "
+        "over Flower messages",
+        'engine = "simulation", or secure_aggregation = "paillier" / "ckks" on Flower',
+    ),
+    Combination(
+        {"secure_aggregation": ("secagg+",), "privacy": ("sample", "client")},
+        False,
+        "distributed DP (each site's discrete noise share under the masks) is not built yet",
+        'secure_aggregation = "none" with [privacy], or SecAgg+ without [privacy]',
+    ),
+    Combination(
         {"privacy": _DP, "accountant": ("rdp",)},
         False,
         "the published site sizes make replace-one the neighbouring relation, which "
@@ -193,6 +214,15 @@ TABLE: tuple[Combination, ...] = (
         True,
         "the key holder site makes the keys and decrypts only sums, over Flower messages",
         how="setup (keygen at the key holder) -> seal at sites -> sum -> decrypt request",
+    ),
+    Combination(
+        {"secure_aggregation": ("secagg+",), "engine": ("simulation",)},
+        True,
+        "SecAgg+ pairwise masking, no key holder: the server unmasks the sum only; sites that "
+        "vanish after the key exchange are recovered from their neighbours' Shamir shares "
+        "up to the threshold, beyond it the round is skipped",
+        how="clip -> quantize -> key exchange -> mask at sites -> masked sum -> unmask "
+        "(shares) -> sum norm check -> optimizer",
     ),
     Combination(
         {"attack": ("backdoor",), "engine": ("simulation",)},

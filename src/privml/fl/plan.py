@@ -264,6 +264,29 @@ def _federation(training: Any, server: ServerPlan, n_sites: int, size: int | Non
     }
 
 
+def _masking_stages(
+    training: Any, counts: list[int], n_params: int, *, record: bool = False
+) -> tuple[Any, Any]:
+    """SecAgg+'s seal and combine stages, with the sites' protocol sessions in this process."""
+    from privml.fl.secagg import SecAggParams
+    from privml.fl.stages.masking import (
+        MaskedSum,
+        MaskingServer,
+        SealMasked,
+        SimulatedSites,
+        seeded_uniforms,
+    )
+    from privml.fl.stages.secure import clip_bound
+
+    clip = clip_bound(training)
+    params = SecAggParams.from_training(training, n_params=n_params, clip=clip,
+                                        max_weight=float(max(counts)))  # fmt: skip
+    server = MaskingServer(params, record=record)
+    sites = SimulatedSites(params)
+    seal = SealMasked(params, server, sites, clip, seeded_uniforms(training.seed))
+    return seal, MaskedSum(params, server, sites, clip)
+
+
 def build_run(
     fed: FederatedData,
     spec: ModelSpec,
@@ -304,7 +327,14 @@ def build_run(
     make_rule = parts.make_rule(model, spec, binary) if parts.make_rule is not None else None
     local = LocalTraining(attacked_data(sites, atk), training, rule, make_rule=make_rule)
     sections: dict[str, Callable[[], Any]] = {"privacy": parts.privacy}
-    if training.secure_aggregation != "none":
+    if training.secure_aggregation == "secagg+":
+        reported = [local.records(training.rounds)[i] for i in range(len(sites))]
+        m_seal, combine = _masking_stages(
+            training, [s.n_train for s in reported], int(state.params.shape[0])
+        )
+        stages.append(m_seal)
+        sections["secure_aggregation"] = lambda c=combine, s=m_seal: c.describe(s)
+    elif training.secure_aggregation != "none":
         # the counts the sites report (an attacker's poisoned records included)
         reported = [local.records(training.rounds)[i] for i in range(len(sites))]
         seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]),

@@ -1,0 +1,710 @@
+"""SecAgg+: secure aggregation by pairwise masking, without a key holder.
+
+The protocol of Bonawitz et al. (CCS 2017) on the sparse neighbour graph of SecAgg+ (Bell et
+al., CCS 2020), step for step the protocol of Flower's ``SecAggPlusWorkflow`` and
+``secaggplus_mod`` (``flwr.server.workflow.secure_aggregation``, ``flwr.client.mod``), with the
+same quantization and the same modular arithmetic. Each site hides its quantized update under
+a random *self mask* and one *pairwise mask* per neighbour; the pairwise masks cancel in the
+sum, the server removes the self masks of the sites whose vectors it summed (their seeds
+rebuilt from Shamir shares held by their neighbours) and the pairwise masks of the sites that
+vanished after masking (their mask keys rebuilt the same way). The server learns the sum, and
+nothing else, as long as fewer than ``threshold`` neighbours of a site collude with it.
+
+A round, between one :class:`ServerSession` and one :class:`SiteSession` per site::
+
+    1. setup         site  -> server   two X25519 public keys (mask key, share key) and a
+                                       SHA-256 commitment to its self-mask seed
+    2. share keys    server -> site    its neighbours' public keys
+                     site  -> server   per neighbour: its Shamir shares of the site's self-mask
+                                       seed and mask-key seed, AES-256-GCM encrypted under a
+                                       key the two sites agree on (X25519 + HKDF-SHA256)
+    3. masked vector server -> site    the ciphertexts addressed to it (+ the training request)
+                     site  -> server   [weight, update] quantized, + self mask,
+                                       +/- one pairwise mask per neighbour, mod ``modulus``
+    4. unmask        server -> site    which of its neighbours sent a vector, which did not
+                     site  -> server   its share of each sender's self-mask seed and of each
+                                       non-sender's mask-key seed (never both for one site)
+
+Building blocks, all vetted: X25519, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
+``cryptography`` (OpenSSL); Shamir secret sharing over GF(2^128) from PyCryptodome (the
+implementation Flower uses). Nothing cryptographic is written here; this module is the
+protocol around them. Where privml departs from Flower, deliberately:
+
+* **The mask generator** is AES-256-CTR under an HKDF-derived 256-bit key (a vetted stream
+  cipher as a PRG). Flower expands masks with ``numpy.random.RandomState`` seeded by a 32-bit
+  XOR-fold of the key: 2**32 seeds and a non-cryptographic generator.
+* **Secret sizes.** The two secrets a site shares are 16-byte seeds (128-bit security, one
+  Shamir chunk each); the X25519 mask key is derived from its seed with HKDF.
+* **The threshold must exceed half the share count**, and a site answers the unmask request
+  once per round and refuses one that names a neighbour both as sender and as non-sender. A
+  server that lies about who dropped out (telling some neighbours that site ``i`` sent its
+  vector and others that it did not) would need ``threshold`` shares of both of ``i``'s
+  secrets from disjoint sets of neighbours, more than ``share_count`` exist.
+* **Stochastic rounding** draws from a generator privml controls (the run's seed, or the
+  secure noise source under distributed DP), not NumPy's global state.
+
+What the server can still do (semi-honest model of SecAgg+, as Flower's): choose the neighbour
+graph and the survivors, drop honest sites at will, and learn the sum of any set of at least
+``threshold`` sites' updates of its choosing by declaring the others dropped. A site can send
+any value in ``[0, modulus)`` for any coordinate: masking hides updates, it does not check
+them (see :class:`~privml.fl.stages.masking.MaskedSum` for the one check on the sum). See
+docs/threat-model.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from privml.errors import UsageError
+
+__all__ = [
+    "RoundAborted",
+    "SecAggParams",
+    "ServerSession",
+    "SiteSession",
+    "check_settings",
+    "cohort_problems",
+    "default_share_count",
+    "dequantize_sum",
+    "quantize_rows",
+]
+
+_SEED_BYTES = 16
+_KEY_BYTES = 32
+_SHARE_BYTES = 4 + 16  # index (little endian) + one GF(2^128) element
+_INFO = b"privml secagg+/1 "
+
+
+class RoundAborted(Exception):
+    """The protocol cannot finish this round without breaking its guarantee; the round is
+    skipped. ``reason`` is the round record's ``skipped`` code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+
+def default_share_count(n: int) -> int:
+    """``min(n, 2 * ceil(log2 n) + 1)``: SecAgg+'s logarithmic neighbourhood, odd."""
+    if n <= 3:
+        return n
+    return min(n, 2 * math.ceil(math.log2(n)) + 1)
+
+
+def check_settings(training: Any) -> list[str]:
+    """Problems of the ``secagg_*`` settings of ``[training]`` alone (every one, each naming
+    its field); the cohort-dependent checks are :func:`cohort_problems`."""
+    out: list[str] = []
+    k, t = training.secagg_share_count, training.secagg_threshold
+    if k is not None and k % 2 == 0:
+        out.append(
+            f"training.secagg_share_count must be odd (a site and as many neighbours on each "
+            f"side of it); got {k}. Use {k + 1}."
+        )
+    if k is not None and t is not None and not k / 2 < t <= k:
+        out.append(
+            f"training.secagg_threshold must be > secagg_share_count / 2 and <= "
+            f"secagg_share_count (got {t} of {k}): with at most half, a server that lies about "
+            f"who dropped out can collect both secrets of one site. Use {k // 2 + 1}."
+        )
+    m, q = training.secagg_modulus, training.secagg_quantization_range
+    if not (isinstance(m, int) and m >= 2**8 and m <= 2**62 and m & (m - 1) == 0):
+        out.append(
+            f"training.secagg_modulus must be a power of two in [2**8, 2**62] (masks are "
+            f"uniform residues); got {m!r}. The default is 2**32."
+        )
+    elif q >= m:
+        out.append(
+            f"training.secagg_quantization_range ({q}) must be below secagg_modulus ({m}); "
+            "lower the range or raise the modulus"
+        )
+    return out
+
+
+def cohort_problems(training: Any, cohort: int) -> list[str]:
+    """Problems that depend on how many sites take part in a round (``cohort``)."""
+    out: list[str] = []
+    q, m = training.secagg_quantization_range, training.secagg_modulus
+    if cohort * q >= m:
+        out.append(
+            f"training: SecAgg+ sums {cohort} quantized values of up to "
+            f"secagg_quantization_range = {q} per coordinate, which wraps around secagg_modulus "
+            f"= {m} (needs cohort * range < modulus); raise secagg_modulus to "
+            f"2**{math.ceil(math.log2(cohort * q + 1))} or lower the range"
+        )
+    t = training.secagg_threshold
+    k = training.secagg_share_count
+    k_eff = cohort if k is None or k >= cohort else k
+    if t is not None and t > k_eff:
+        out.append(
+            f"training.secagg_threshold = {t} exceeds the {k_eff} shares a site can make "
+            f"in a round of {cohort} sites; lower it to at most {k_eff}"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """The public parameters of a run's SecAgg+ rounds.
+
+    Attributes:
+        share_count: shares per secret, one per neighbour including the site itself (None:
+            :func:`default_share_count` of the round's cohort).
+        threshold: shares needed to rebuild a secret (None: ``share_count // 2 + 1``).
+        clipping_range: every coordinate is clipped to ``[-c, c]`` before quantization.
+        quantization_range: coordinates become integers in ``[0, range]``.
+        modulus: masks are uniform in ``[0, modulus)``; vectors and sums are mod it.
+        max_weight: a site's weight is ``n_i / max_weight`` (at most 1).
+        n_params: the update length (the masked vector has one more entry: the weight).
+    """
+
+    share_count: int | None
+    threshold: int | None
+    clipping_range: float
+    quantization_range: int
+    modulus: int
+    max_weight: float
+    n_params: int
+
+    @classmethod
+    def from_training(
+        cls, training: Any, *, n_params: int, clip: float, max_weight: float
+    ) -> SecAggParams:
+        c = training.secagg_clipping_range
+        return cls(
+            training.secagg_share_count, training.secagg_threshold,
+            float(c) if c is not None else float(clip), int(training.secagg_quantization_range),
+            int(training.secagg_modulus), float(max_weight), int(n_params),
+        )  # fmt: skip
+
+    def for_cohort(self, n: int) -> tuple[int, int]:
+        """``(share_count, threshold)`` in a round of ``n`` sites (Flower's rule: a share
+        count of at least ``n`` means every site is every site's neighbour)."""
+        k = default_share_count(n) if self.share_count is None else self.share_count
+        k = n if k >= n else k
+        t = k // 2 + 1 if self.threshold is None else self.threshold
+        return k, t
+
+    def to_dict(self, n: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "share_count": self.share_count, "threshold": self.threshold,
+            "clipping_range": self.clipping_range, "quantization_range": self.quantization_range,
+            "modulus": self.modulus, "max_weight": self.max_weight,
+        }  # fmt: skip
+        if n is not None:
+            out["share_count"], out["threshold"] = self.for_cohort(n)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization (Flower's arithmetic)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_rows(
+    rows: NDArray[np.float64], weights: NDArray[np.float64], params: SecAggParams,
+    uniforms: NDArray[np.float64],
+) -> NDArray[np.uint64]:  # fmt: skip
+    """Each row's vector ``[q_w, quantize(w * row)]`` as Flower's ``secaggplus_mod`` builds it.
+
+    ``q_w = round(w * T)`` (``T`` the quantization range) and ``w`` is replaced by
+    ``q_w / T``; each coordinate of ``w * row`` is clipped to ``[-c, c]``, shifted by ``c``,
+    scaled by ``T / 2c`` and rounded up or down at random (``uniforms``, one per coordinate,
+    in [0, 1)) so that its expectation is the unrounded value. Entries are in ``[0, T]``.
+    """
+    T, c = params.quantization_range, params.clipping_range
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or np.any(w > 1 + 1e-12):
+        raise UsageError(f"SecAgg+ weights must be in [0, 1]; got {w.min()}..{w.max()}")
+    qw = np.rint(w * T)
+    pre = (np.clip(rows * (qw / T)[:, None], -c, c) + c) * (T / (2 * c))
+    up = np.ceil(pre)
+    q = up - (uniforms < (up - pre))
+    out = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint64)
+    out[:, 0] = qw.astype(np.uint64)
+    out[:, 1:] = np.clip(q, 0, T).astype(np.uint64)
+    return out
+
+
+def dequantize_sum(
+    total: NDArray[np.uint64], n: int, params: SecAggParams
+) -> tuple[NDArray[np.float64], float]:
+    """The weighted sum ``sum_i w_i x_i`` and the total weight ``sum_i w_i`` from the unmasked
+    sum of ``n`` vectors (Flower's ``dequantize`` and offset ``-(n - 1) c``)."""
+    T, c = params.quantization_range, params.clipping_range
+    total_w = float(total[0]) / T
+    values = total[1:].astype(np.float64) * (2 * c / T) - n * c
+    return values, total_w
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (thin wrappers around vetted primitives)
+# --------------------------------------------------------------------------------------------
+
+
+def _hkdf(secret: bytes, info: bytes, length: int = _KEY_BYTES) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=_INFO + info).derive(
+        secret
+    )
+
+
+def _ids(*xs: int) -> bytes:
+    return b"".join(struct.pack("<Q", int(x)) for x in xs)
+
+
+def _mask_private_key(seed: bytes) -> Any:
+    """The X25519 mask key of a site, derived from its 16-byte seed (shared with Shamir)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return X25519PrivateKey.from_private_bytes(_hkdf(seed, b"mask key"))
+
+
+def _public_bytes(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )  # type: ignore[no-any-return]
+
+
+def _load_public(raw: bytes) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def _agree(private: Any, public_raw: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 of the X25519 shared secret of ``private`` and ``public_raw``."""
+    return _hkdf(private.exchange(_load_public(public_raw)), info)
+
+
+def _prg(key: bytes, n: int, modulus: int) -> NDArray[np.uint64]:
+    """``n`` uniform residues mod ``modulus`` (a power of two): the AES-256-CTR keystream of
+    ``key`` read as 64-bit words, masked to the modulus's bits."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words = np.frombuffer(enc.update(bytes(8 * n)), dtype="<u8").astype(np.uint64)
+    return words & np.uint64(modulus - 1)
+
+
+def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """Shamir shares of a 16-byte ``secret`` (PyCryptodome), each ``index || value``."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    return [struct.pack("<I", i) + v for i, v in Shamir.split(threshold, count, secret, ssss=False)]
+
+
+def _combine(shares: list[bytes]) -> bytes:
+    """The secret behind ``shares`` (exactly ``threshold`` of them; PyCryptodome)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    pairs = [(struct.unpack("<I", s[:4])[0], s[4:]) for s in shares]
+    return bytes(Shamir.combine(pairs, ssss=False))
+
+
+def _commit(seed: bytes, rnd: int, site: int) -> bytes:
+    """SHA-256 commitment to a self-mask seed (hiding: the seed is 128 random bits)."""
+    import hashlib
+
+    return hashlib.sha256(_INFO + b"self seed" + _ids(rnd, site) + seed).digest()
+
+
+def _aead(key: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+# --------------------------------------------------------------------------------------------
+# A site's side
+# --------------------------------------------------------------------------------------------
+
+
+class SiteSession:
+    """One site's side of one round. Its secrets (the two seeds, the share key) stay here.
+
+    The methods are the site's answers to the server's four requests, in order; each checks
+    what the server sends (it may be malicious) and raises :class:`UsageError` on anything
+    that would weaken the protocol.
+    """
+
+    def __init__(self, site: int, rnd: int, params: SecAggParams) -> None:
+        self.site = int(site)
+        self.rnd = int(rnd)
+        self.params = params
+        self._stage = "new"
+        self._k = self._t = 0
+        self._mask_seed = b""
+        self._self_seed = b""
+        self._share_key: Any = None
+        self._mask_key: Any = None
+        self._neighbours: dict[int, tuple[bytes, bytes]] = {}
+        self._pair_keys: dict[int, bytes] = {}
+        self._self_shares: dict[int, bytes] = {}
+        self._mask_shares: dict[int, bytes] = {}
+        self._senders: list[int] = []
+
+    def _advance(self, frm: str, to: str) -> None:
+        if self._stage != frm:
+            raise UsageError(
+                f"site {self.site}: SecAgg+ request {to!r} out of order (after {self._stage!r})"
+            )
+        self._stage = to
+
+    def setup(self, *, rnd: int, share_count: int, threshold: int) -> tuple[bytes, bytes, bytes]:
+        """Step 1: fresh keys and seeds for this round; returns the public mask key, the public
+        share key and the commitment to the self-mask seed."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self._advance("new", "setup")
+        if rnd != self.rnd:
+            raise UsageError(f"site {self.site}: setup for round {rnd}, expected {self.rnd}")
+        if not share_count / 2 < threshold <= share_count:
+            raise UsageError(
+                f"site {self.site}: refusing SecAgg+ threshold {threshold} of {share_count} "
+                "shares (must exceed half)"
+            )
+        self._k, self._t = int(share_count), int(threshold)
+        self._mask_seed = os.urandom(_SEED_BYTES)
+        self._mask_key = _mask_private_key(self._mask_seed)
+        self._share_key = X25519PrivateKey.generate()
+        self._self_seed = os.urandom(_SEED_BYTES)
+        commit = _commit(self._self_seed, self.rnd, self.site)
+        return _public_bytes(self._mask_key), _public_bytes(self._share_key), commit
+
+    def share_keys(self, neighbours: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Step 2: the neighbours' public keys (this site's own included) in; the encrypted
+        shares of this site's two seeds out, one ciphertext per other neighbour."""
+        self._advance("setup", "share_keys")
+        nb = {int(j): (bytes(a), bytes(b)) for j, (a, b) in neighbours.items()}
+        mine = (_public_bytes(self._mask_key), _public_bytes(self._share_key))
+        if nb.get(self.site) != mine:
+            raise UsageError(f"site {self.site}: the server sent other keys under its name")
+        if not self._t <= len(nb) <= self._k:
+            raise UsageError(
+                f"site {self.site}: {len(nb)} neighbours, outside [threshold {self._t}, "
+                f"share count {self._k}]"
+            )
+        keys = [k for pair in nb.values() for k in pair]
+        if len(set(keys)) != len(keys) or any(len(k) != 32 for k in keys):
+            raise UsageError(f"site {self.site}: repeated or malformed neighbour keys")
+        self._neighbours = nb
+        order = sorted(nb)
+        b_shares = _split(self._self_seed, self._t, len(order))
+        s_shares = _split(self._mask_seed, self._t, len(order))
+        out: dict[int, bytes] = {}
+        for j, bs, ss in zip(order, b_shares, s_shares, strict=True):
+            if j == self.site:
+                self._self_shares[j], self._mask_shares[j] = bs, ss
+                continue
+            key = _agree(self._share_key, nb[j][1], b"share key" + self._pair(j))
+            nonce = os.urandom(12)
+            aad = _ids(self.rnd, self.site, j)
+            out[j] = nonce + _aead(key).encrypt(nonce, bs + ss, aad)
+        return out
+
+    def _pair(self, j: int) -> bytes:
+        return _ids(self.rnd, min(self.site, j), max(self.site, j))
+
+    def receive(self, forwarded: Mapping[int, bytes]) -> None:
+        """Step 3, first half: decrypt and keep the shares the neighbours sent this site."""
+        from cryptography.exceptions import InvalidTag
+
+        self._advance("share_keys", "receive")
+        if len(forwarded) + 1 < self._t:
+            raise UsageError(
+                f"site {self.site}: shares from {len(forwarded)} neighbours; the threshold is "
+                f"{self._t}"
+            )
+        for j, ct in forwarded.items():
+            j = int(j)
+            if j == self.site or j not in self._neighbours or not isinstance(ct, bytes):
+                raise UsageError(f"site {self.site}: shares from a non-neighbour ({j})")
+            key = _agree(self._share_key, self._neighbours[j][1], b"share key" + self._pair(j))
+            try:
+                plain = _aead(key).decrypt(ct[:12], ct[12:], _ids(self.rnd, j, self.site))
+            except (InvalidTag, ValueError):
+                raise UsageError(
+                    f"site {self.site}: the shares from site {j} do not decrypt"
+                ) from None
+            if len(plain) != 2 * _SHARE_BYTES:
+                raise UsageError(f"site {self.site}: malformed shares from site {j}")
+            self._self_shares[j] = plain[:_SHARE_BYTES]
+            self._mask_shares[j] = plain[_SHARE_BYTES:]
+        self._senders = sorted(int(j) for j in forwarded)
+        for j in self._senders:
+            self._pair_keys[j] = _agree(self._mask_key, self._neighbours[j][0], b"mask" +
+                                        self._pair(j))  # fmt: skip
+
+    def mask(self, quantized: NDArray[np.uint64]) -> NDArray[np.uint64]:
+        """Step 3, second half: the masked vector of this site's quantized ``[weight, update]``
+        (:func:`quantize_rows`): + self mask, + mask with each neighbour of lower index,
+        - mask with each of higher index, mod the modulus."""
+        self._advance("receive", "mask")
+        m = self.params.modulus
+        mod = np.uint64(m - 1)
+        n = len(quantized)
+        y = (np.asarray(quantized, dtype=np.uint64) + _prg(
+            _hkdf(self._self_seed, b"self mask" + _ids(self.rnd, self.site)), n, m)) & mod
+        for j in self._senders:
+            pm = _prg(self._pair_keys[j], n, m)
+            y = (y + pm) & mod if self.site > j else (y - pm) & mod
+        return y  # type: ignore[no-any-return]
+
+    def unmask(self, *, senders: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+        """Step 4 (answered once per round): this site's share of each sender's self-mask seed
+        and of each dropped neighbour's mask seed, never both for one site."""
+        if self._stage not in ("receive", "mask"):
+            raise UsageError(
+                f"site {self.site}: SecAgg+ unmask request out of order (after {self._stage!r})"
+            )
+        self._stage = "unmask"
+        s, d = {int(x) for x in senders}, {int(x) for x in dropped}
+        if s & d:
+            raise UsageError(
+                f"site {self.site}: the server names sites {sorted(s & d)} both as senders and "
+                "as dropped; refusing to unmask"
+            )
+        held = set(self._self_shares)
+        if not (s | d) <= held:
+            raise UsageError(f"site {self.site}: asked for shares it does not hold")
+        if len(s) < self._t:
+            raise UsageError(
+                f"site {self.site}: only {len(s)} of its neighbours sent a vector; the threshold "
+                f"is {self._t}, refusing to unmask"
+            )
+        out = {j: self._self_shares[j] for j in s}
+        out.update({j: self._mask_shares[j] for j in d})
+        self._self_seed = self._mask_seed = b""  # nothing more to give this round
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The server's side
+# --------------------------------------------------------------------------------------------
+
+
+def _ring(ids: list[int], k: int) -> dict[int, frozenset[int]]:
+    """Flower's SecAgg+ graph: ``ids`` in a random order on a ring, each site's neighbours the
+    ``k // 2`` before and after it (itself included); everyone when ``k`` covers the ring."""
+    order = list(ids)
+    secrets.SystemRandom().shuffle(order)
+    n, h = len(order), k // 2
+    if k >= n:
+        return {i: frozenset(ids) for i in ids}
+    return {
+        nid: frozenset(order[(p + off) % n] for off in range(-h, h + 1))
+        for p, nid in enumerate(order)
+    }
+
+
+@dataclass
+class ServerSession:
+    """The server's side of one round: public keys, routing, the masked sum, reconstruction.
+
+    ``record``: keep every message the server receives in :attr:`received` (``(step, site,
+    payload)``), for tests that play the server as an adversary.
+    """
+
+    rnd: int
+    ids: list[int]
+    params: SecAggParams
+    record: bool = False
+    received: list[tuple[str, int, Any]] = field(default_factory=list)
+    aborted: RoundAborted | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = sorted(int(i) for i in self.ids)
+        self.k, self.t = self.params.for_cohort(len(self.ids))
+        if len(self.ids) * self.params.quantization_range >= self.params.modulus:
+            raise UsageError(
+                f"SecAgg+: {len(self.ids)} sites x quantization range "
+                f"{self.params.quantization_range} wrap around the modulus {self.params.modulus}"
+            )
+        self.graph = _ring(self.ids, self.k)
+        self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.commits: dict[int, bytes] = {}
+        self.shared: set[int] = set()
+        self.senders: list[int] = []
+        self.dropped: list[int] = []
+        self._sum: NDArray[np.uint64] | None = None
+        self.rejected: dict[int, str] = {}
+
+    def _log(self, step: str, replies: Mapping[int, Any]) -> None:
+        if self.record:
+            self.received.extend((step, int(i), r) for i, r in replies.items())
+
+    def _need(self, alive: set[int], owners: Iterable[int], step: str) -> None:
+        for i in owners:
+            have = len(self.graph[i] & alive)
+            if have < self.t:
+                raise RoundAborted(
+                    "secagg_too_few_sites",
+                    f"after {step}, site {i} has {have} live neighbours (itself included) "
+                    f"holding its shares; {self.t} are needed",
+                )
+
+    def setup_requests(self) -> dict[int, dict[str, int]]:
+        return {i: {"rnd": self.rnd, "share_count": len(self.graph[i]), "threshold": self.t}
+                for i in self.ids}  # fmt: skip
+
+    def on_keys(self, replies: Mapping[int, Any]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+        """Step 1's replies in; step 2's requests out (each site's live neighbours' keys)."""
+        self._log("setup", replies)
+        for i, r in replies.items():
+            if (i in self.graph and isinstance(r, tuple) and len(r) == 3
+                    and all(isinstance(x, bytes) and len(x) == 32 for x in r)):  # fmt: skip
+                self.keys[int(i)] = (r[0], r[1])
+                self.commits[int(i)] = r[2]
+        alive = set(self.keys)
+        self._need(alive, alive, "setup")
+        return {i: {j: self.keys[j] for j in sorted(self.graph[i] & alive)} for i in alive}
+
+    def on_shares(self, replies: Mapping[int, Any]) -> dict[int, dict[int, bytes]]:
+        """Step 2's replies in; step 3's requests out (the ciphertexts addressed to each)."""
+        self._log("share_keys", replies)
+        fwd: dict[int, dict[int, bytes]] = {}
+        ok: dict[int, dict[int, bytes]] = {}
+        for i, r in replies.items():
+            expected = (self.graph.get(int(i), frozenset()) & set(self.keys)) - {int(i)}
+            if int(i) in self.keys and isinstance(r, dict) and set(r) == expected and all(
+                isinstance(c, bytes) for c in r.values()
+            ):
+                ok[int(i)] = r
+        self.shared = set(ok)
+        self._need(self.shared, self.shared, "share keys")
+        for i in self.shared:
+            fwd[i] = {}
+        for src, cts in ok.items():
+            for dst, ct in cts.items():
+                if dst in self.shared:
+                    fwd[dst][src] = ct
+        return fwd
+
+    def on_masked(self, vectors: Mapping[int, Any]) -> dict[int, dict[str, list[int]]]:
+        """Step 3's replies (masked vectors) in: summed mod the modulus; step 4's requests out
+        (each live site's neighbours that sent a vector and those that did not)."""
+        self._log("masked_vector", vectors)
+        n = self.params.n_params + 1
+        m = self.params.modulus
+        total = np.zeros(n, dtype=np.uint64)
+        senders = []
+        for i, v in sorted(vectors.items()):
+            i = int(i)
+            if i not in self.shared:
+                self.rejected[i] = "type"  # never took part in the key exchange
+                continue
+            if not isinstance(v, np.ndarray) or v.dtype != np.uint64:
+                self.rejected[i] = "type"
+                continue
+            if v.shape != (n,):
+                self.rejected[i] = "shape"
+                continue
+            if int(v.max(initial=0)) >= m:
+                self.rejected[i] = "shape"
+                continue
+            total = (total + v) & np.uint64(m - 1)
+            senders.append(i)
+        self.senders = senders
+        self.dropped = sorted(self.shared - set(senders))
+        if len(senders) < max(2, self.t):
+            raise RoundAborted(
+                "secagg_too_few_sites",
+                f"{len(senders)} masked vectors arrived; at least {max(2, self.t)} are needed "
+                "(the threshold, and never one site's update alone)",
+            )
+        s = set(senders)
+        self._need(s, self.shared, "masking")
+        self._sum = total
+        return {i: {"senders": sorted(self.graph[i] & s),
+                    "dropped": sorted(self.graph[i] & set(self.dropped))}
+                for i in senders}  # fmt: skip
+
+    def on_unmask(self, replies: Mapping[int, Any]) -> NDArray[np.uint64]:
+        """Step 4's replies in; the unmasked sum of the senders' quantized vectors out."""
+        self._log("unmask", replies)
+        assert self._sum is not None, "on_masked first"
+        shares: dict[int, list[bytes]] = {i: [] for i in self.shared}
+        s_set, d_set = set(self.senders), set(self.dropped)
+        for holder, r in replies.items():
+            if int(holder) not in s_set or not isinstance(r, dict):
+                continue
+            for owner, share in r.items():
+                owner = int(owner)
+                if (owner in shares and owner in self.graph[int(holder)]
+                        and isinstance(share, bytes) and len(share) == _SHARE_BYTES):  # fmt: skip
+                    shares[owner].append(share)
+        m = self.params.modulus
+        mod = np.uint64(m - 1)
+        n = self.params.n_params + 1
+        total = self._sum.copy()
+        for owner in sorted(s_set | d_set):
+            got = shares[owner]
+            if len(got) < self.t:
+                raise RoundAborted(
+                    "secagg_too_few_shares",
+                    f"{len(got)} shares of site {owner}'s "
+                    f"{'self-mask' if owner in s_set else 'mask-key'} seed arrived; "
+                    f"{self.t} are needed",
+                )
+            seed = self._rebuild(owner, got, owner in s_set)
+            if owner in s_set:
+                total = (total - _prg(_hkdf(seed, b"self mask" + _ids(self.rnd, owner)), n, m)
+                         ) & mod  # fmt: skip
+                continue
+            sk = _mask_private_key(seed)
+            for j in sorted(self.graph[owner] & s_set):
+                pm = _prg(_agree(sk, self.keys[j][0], b"mask" + _ids(
+                    self.rnd, min(owner, j), max(owner, j))), n, m)  # fmt: skip
+                # j added +mask when j > owner: remove it
+                total = (total - pm) & mod if j > owner else (total + pm) & mod
+        self._sum = None
+        return total
+
+    def _rebuild(self, owner: int, shares: list[bytes], self_seed: bool) -> bytes:
+        """The seed behind ``shares``, checked against what the owner published (the
+        commitment to its self-mask seed, or its public mask key); a wrong share from a
+        neighbour is worked around by other subsets of ``threshold`` shares (a bounded number
+        of tries), else the round is skipped: never a wrong sum."""
+        import itertools
+
+        from cryptography.exceptions import InvalidKey
+
+        def ok(seed: bytes) -> bool:
+            if self_seed:
+                return _commit(seed, self.rnd, owner) == self.commits[owner]
+            return _public_bytes(_mask_private_key(seed)) == self.keys[owner][0]
+
+        for tries, subset in enumerate(itertools.combinations(shares, self.t)):
+            if tries >= 32:
+                break
+            try:
+                seed = _combine(list(subset))
+            except (ValueError, InvalidKey):
+                continue
+            if len(seed) == _SEED_BYTES and ok(seed):
+                return seed
+        raise RoundAborted(
+            "secagg_bad_shares",
+            f"the shares of site {owner}'s {'self-mask' if self_seed else 'mask-key'} seed do "
+            "not rebuild the seed it committed to",
+        )

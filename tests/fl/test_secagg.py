@@ -1,0 +1,431 @@
+"""SecAgg+ masking (privml.fl.secagg, privml.fl.stages.masking): the sum is right, the server
+learns nothing else, dropouts are recovered up to the threshold and never give a wrong sum.
+
+The adversary tests play the server: they keep every message it receives (``record=True``) and
+try to read one site's update from them, the way a curious or lying server would.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from privml.cli import main
+from privml.config import Config, parse_config
+from privml.data import load_federation
+from privml.errors import ConfigError, UsageError
+from privml.fl import secagg as S
+from privml.fl.engine import simulate
+from privml.fl.rounds import Received, SiteUpdates
+from privml.fl.stages.masking import (
+    MaskedSum,
+    MaskingServer,
+    SealMasked,
+    SimulatedSites,
+    seeded_uniforms,
+)
+from privml.pipeline import model_spec
+
+DEMO = Path(__file__).resolve().parents[2] / "src/privml/data/demo/demo.toml"
+P = 200
+CLIP = 1.0
+
+
+def _params(**kw: Any) -> S.SecAggParams:
+    base = dict(share_count=None, threshold=None, clipping_range=CLIP, quantization_range=1 << 22,
+                modulus=1 << 32, max_weight=100.0, n_params=P)  # fmt: skip
+    return S.SecAggParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+class Round:
+    """One SecAgg+ round of ``n`` sites on random updates, with every stage of the protocol."""
+
+    def __init__(self, n: int, *, drop: dict[str, set[int]] | None = None, late: int = 0,
+                 **kw: Any) -> None:  # fmt: skip
+        self.params = _params(**kw)
+        self.server = MaskingServer(self.params, record=True)
+        self.sites = SimulatedSites(self.params, drop=dict(drop or {}))
+        self.seal = SealMasked(self.params, self.server, self.sites, CLIP, seeded_uniforms(0))
+        self.combine = MaskedSum(self.params, self.server, self.sites, CLIP)
+        rng = np.random.default_rng(n)
+        self.ids = np.arange(n - late, dtype=np.int64)
+        self.late = np.arange(n - late, n, dtype=np.int64)
+        self.updates = rng.normal(0, 0.03, (len(self.ids), P))  # norms ~0.42 < clip
+        self.weights = rng.integers(20, 100, len(self.ids)).astype(np.float64)
+
+    def run(self, rnd: int = 1) -> Any:
+        batch = SiteUpdates(rnd, self.ids, torch.zeros(1), self.updates.copy(), self.weights,
+                            np.zeros(len(self.ids), dtype=bool), late=self.late)  # fmt: skip
+        self.seal.apply(batch)
+        self.sealed = batch.sealed
+        got = Received(self.ids, batch.updates, self.weights, batch.malicious, sealed=batch.sealed)
+        return self.combine(None, got, rnd)  # type: ignore[arg-type]
+
+    def expected(self, senders: list[int]) -> np.ndarray:
+        w = self.weights[senders] / self.params.max_weight
+        return (w @ self.updates[senders]) / w.sum()  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# The sum
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 24])
+def test_unmasked_sum_is_weighted_fedavg_within_quantization(n: int) -> None:
+    r = Round(n)
+    out = r.run()
+    assert out.skipped is None
+    step = 2 * CLIP / r.params.quantization_range  # one quantization step per site
+    assert np.abs(out.update - r.expected(list(range(n)))).max() < 2 * n * step
+    assert out.accepted == list(range(n))
+
+
+def test_quantization_is_flowers_arithmetic() -> None:
+    """Against Flower's own quantize/dequantize (flwr.common.secure_aggregation.quantization)
+    with the same rounding draws."""
+    quant = pytest.importorskip("flwr.common.secure_aggregation.quantization")
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(-1.5, 1.5, (4, 50))  # some coordinates beyond the clipping range
+    p = _params(n_params=50)
+    u = rng.random((4, 50))
+    ours = S.quantize_rows(rows, np.ones(4), p, u)
+    state = np.random.get_state()
+    try:
+        for r in range(4):
+            np.random.seed(0)
+            np.random.set_state(("MT19937", *np.random.get_state()[1:]))
+            # Flower draws its rounding from np.random.rand: feed it our draws
+            orig = np.random.rand
+            np.random.rand = lambda *shape, _u=u[r]: _u.reshape(shape)  # type: ignore[assignment]
+            try:
+                theirs = quant.quantize([rows[r]], CLIP, p.quantization_range)[0]
+            finally:
+                np.random.rand = orig  # type: ignore[assignment]
+            assert np.array_equal(ours[r, 1:].astype(np.int64), theirs.astype(np.int64))
+    finally:
+        np.random.set_state(state)
+    total = ours.sum(axis=0) % p.modulus
+    summed, _ = S.dequantize_sum(total.astype(np.uint64), 4, p)
+    flower = quant.dequantize([total[1:].astype(np.int64)], CLIP, p.quantization_range)[0]
+    assert np.allclose(summed, flower - 3 * CLIP)  # Flower's offset -(n - 1) c
+
+
+def test_secagg_run_equals_plain_fedavg_on_the_demo() -> None:
+    raw = tomllib.loads(DEMO.read_text())
+    raw.pop("inference", None)
+    raw["training"] |= {"rounds": 4, "max_update_norm": 100.0}
+    plain = parse_config(raw)
+    raw["training"]["secure_aggregation"] = "secagg+"
+    masked = parse_config(raw)
+    fed = load_federation(plain)
+    a = simulate(fed, model_spec(plain, fed), plain.training)
+    b = simulate(fed, model_spec(masked, fed), masked.training)
+    assert float((a.params - b.params).abs().max()) < 1e-3
+    info = b.extra["federation"]["secure_aggregation"]
+    assert info["scheme"] == "secagg+" and info["key_holder"] is None
+    assert info["parameters"]["share_count"] == 3 and info["parameters"]["threshold"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The server learns the sum only (adversary: the server, with every message it received)
+# --------------------------------------------------------------------------------------------
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
+
+
+def test_no_message_the_server_receives_reveals_one_update() -> None:
+    r = Round(10, drop={"masked_vector": {9}})  # one site recovered: its mask seed is rebuilt
+    out = r.run()
+    assert out.skipped is None
+    session = r.server.sessions[1]
+    steps = {step for step, _, _ in session.received}
+    assert steps == {"setup", "share_keys", "masked_vector", "unmask"}
+    # everything the server holds about site 0: its masked vector and the shares it collected
+    target = 0
+    y = next(p for s, i, p in session.received if s == "masked_vector" and i == target)
+    q = r.seal._quantize(SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                                     np.zeros(10, dtype=bool)))  # fmt: skip
+    assert q is not None
+    # the masked vector alone is uniform noise: uncorrelated with the update, spread over [0, m)
+    assert abs(_corr(y[1:], q[target, 1:])) < 0.3
+    assert y.max() > r.params.modulus * 0.9 and y.min() < r.params.modulus * 0.1
+    # the best the server can do: remove the self mask it learns (it rebuilds the seed from
+    # the unmask shares, as the protocol lets it), which leaves the pairwise masks
+    shares = [p[target] for s, _, p in session.received if s == "unmask" and target in p]
+    seed = S._combine(shares[: session.t])
+    assert S._commit(seed, 1, target) == session.commits[target]  # it has the real seed
+    m = r.params.modulus
+    self_mask = S._prg(S._hkdf(seed, b"self mask" + S._ids(1, target)), P + 1, m)
+    rest = (y - self_mask) & np.uint64(m - 1)
+    assert abs(_corr(rest[1:], q[target, 1:])) < 0.3
+    guess, _ = S.dequantize_sum(rest, 1, r.params)
+    assert np.abs(guess - r.updates[target]).mean() > 10 * np.abs(r.updates[target]).mean()
+    # and no share of site 0's mask-key seed ever reached the server (it sent its vector)
+    mask_key = S._public_bytes(S._mask_private_key(seed))
+    assert mask_key != session.keys[target][0]
+    # control: with the mask seed too, the same attack reads the update exactly
+    site = r.sites.sessions[target]
+    sk = S._mask_private_key(site._mask_seed or b"\0" * 16)
+    assert site._mask_seed == b""  # the site forgot its seeds after unmasking
+    assert sk is not None
+
+
+def test_with_both_secrets_the_attack_would_work() -> None:
+    """Positive control for the test above: if the server held site 0's mask-key seed as well
+    (what a site that answers two contradictory unmask requests would give away), it could
+    strip every mask and read the update. The honest site refuses that (next tests)."""
+    r = Round(5)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(5, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    session = r.server.sessions[1]
+    site = r.sites.sessions[0]
+    self_seed, mask_seed = site._self_seed, site._mask_seed  # what the attack needs
+    m = r.params.modulus
+    y = batch.sealed[0]  # type: ignore[index]
+    self_mask = S._prg(S._hkdf(self_seed, b"self mask" + S._ids(1, 0)), P + 1, m)
+    rest = (y - self_mask) & np.uint64(m - 1)
+    sk = S._mask_private_key(mask_seed)
+    for j in sorted(session.graph[0] - {0}):
+        pm = S._prg(S._agree(sk, session.keys[j][0], b"mask" + S._ids(1, 0, j)), P + 1, m)
+        rest = (rest + pm) & np.uint64(m - 1)  # site 0 < j subtracted it
+    guess, w = S.dequantize_sum(rest, 1, r.params)
+    assert np.abs(guess / w - r.updates[0]).max() < 1e-5
+
+
+def test_a_site_refuses_contradictory_or_repeated_unmask_requests() -> None:
+    r = Round(5)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(5, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    site = r.sites.sessions[1]
+    with pytest.raises(UsageError, match="both as senders and as dropped"):
+        site.unmask(senders=[0, 1, 2], dropped=[2])
+    site2 = r.sites.sessions[2]
+    site2.unmask(senders=[0, 1, 2, 3, 4], dropped=[])
+    with pytest.raises(UsageError, match="out of order"):
+        site2.unmask(senders=[0, 1], dropped=[2, 3, 4])  # a second request: refused
+
+
+def test_a_lying_server_cannot_collect_both_secrets_of_a_site() -> None:
+    """The server tells half of site 0's neighbours that it sent its vector and the other half
+    that it dropped out. Each honest site answers once; the threshold exceeds half the share
+    count, so the server gets fewer than ``threshold`` shares of at least one secret."""
+    r = Round(7)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(7, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    session = r.server.sessions[1]
+    holders = sorted(session.graph[0] - {0})
+    others = sorted(set(range(7)) - {0})
+    half = len(holders) // 2
+    self_shares, mask_shares = [], []
+    for h in holders[:half]:
+        got = r.sites.sessions[h].unmask(senders=others + [0], dropped=[])
+        self_shares.append(got[0])
+    for h in holders[half:]:
+        try:
+            got = r.sites.sessions[h].unmask(senders=[x for x in others], dropped=[0])
+        except UsageError:
+            continue
+        mask_shares.append(got[0])
+    assert len(self_shares) < session.t or len(mask_shares) < session.t
+    assert session.t > session.k / 2
+
+
+def test_thresholds_at_most_half_are_refused() -> None:
+    site = S.SiteSession(0, 1, _params())
+    with pytest.raises(UsageError, match="must exceed half"):
+        site.setup(rnd=1, share_count=6, threshold=3)
+
+
+def test_a_site_refuses_keys_the_server_swapped() -> None:
+    a, b = S.SiteSession(0, 1, _params()), S.SiteSession(1, 1, _params())
+    ka, kb = a.setup(rnd=1, share_count=2, threshold=2), b.setup(rnd=1, share_count=2,
+                                                               threshold=2)  # fmt: skip
+    with pytest.raises(UsageError, match="other keys under its name"):
+        a.share_keys({0: (kb[0], kb[1]), 1: (ka[0], ka[1])})
+
+
+def test_shares_for_another_site_do_not_decrypt() -> None:
+    r = Round(4)
+    session = r.server.open(1, [0, 1, 2, 3])
+    r.sites.open(1, [0, 1, 2, 3])
+    keys = r.sites(1, "setup", session.setup_requests())
+    cts = r.sites(1, "share_keys", session.on_keys(keys))
+    # the server forwards site 1's ciphertext for site 2 to site 3 (as if from site 1)
+    with pytest.raises(UsageError, match="do not decrypt"):
+        r.sites.sessions[3].receive({1: cts[1][2], 0: cts[0][3], 2: cts[2][3]})
+
+
+# --------------------------------------------------------------------------------------------
+# Dropouts
+# --------------------------------------------------------------------------------------------
+
+
+def test_sites_that_vanish_after_the_key_exchange_are_recovered() -> None:
+    r = Round(12, late=2, drop={"masked_vector": {3}})  # 2 stragglers + 1 drop after keys
+    out = r.run()
+    assert out.skipped is None
+    senders = [i for i in range(10) if i != 3]
+    assert out.info["secagg_recovered"] == 3 and out.info["secagg_senders"] == 9
+    step = 2 * CLIP / r.params.quantization_range
+    assert np.abs(out.update - r.expected(senders)).max() < 2 * 12 * step
+
+
+def test_sites_that_vanish_before_sharing_keys_are_left_out() -> None:
+    r = Round(12, drop={"share_keys": {4, 7}})
+    out = r.run()
+    assert out.skipped is None and out.info["secagg_senders"] == 10
+    senders = [i for i in range(12) if i not in (4, 7)]
+    assert np.abs(out.update - r.expected(senders)).max() < 1e-4
+
+
+def test_sites_that_vanish_during_unmasking_are_tolerated_up_to_the_threshold() -> None:
+    r = Round(9, share_count=9, threshold=5, drop={"unmask": {0, 1, 2}})
+    out = r.run()
+    assert out.skipped is None  # 6 of 9 share holders answered, 5 needed
+    assert np.abs(out.update - r.expected(list(range(9)))).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("drop", "reason"),
+    [
+        ({"unmask": {0, 1, 2, 3, 4}}, "secagg_too_few_shares"),
+        ({"masked_vector": {0, 1, 2, 3, 4}}, "secagg_too_few_sites"),
+        ({"share_keys": set(range(1, 9))}, "secagg_too_few_sites"),
+        ({"setup": set(range(5))}, "secagg_too_few_sites"),
+    ],
+)
+def test_beyond_the_threshold_the_round_is_skipped_never_a_wrong_sum(
+    drop: dict[str, set[int]], reason: str
+) -> None:
+    r = Round(9, share_count=9, threshold=5, drop=drop)
+    out = r.run()
+    assert out.update is None and out.skipped == reason and out.info["detail"]
+
+
+def test_a_wrong_share_is_worked_around_or_the_round_skipped() -> None:
+    r = Round(7, share_count=7, threshold=4)
+    real = r.sites.__call__
+
+    def tamper(rnd: int, step: str, requests: Any) -> dict[int, Any]:
+        out = real(rnd, step, requests)
+        if step == "unmask":
+            out[1] = {k: v[:4] + bytes(16) for k, v in out[1].items()}  # site 1 lies
+        return out
+
+    r.combine.exchange = tamper
+    out = r.run()
+    assert out.skipped is None  # other subsets of 4 shares rebuild every committed seed
+    assert np.abs(out.update - r.expected(list(range(7)))).max() < 1e-4
+
+    r2 = Round(7, share_count=7, threshold=4)
+    real2 = r2.sites.__call__
+
+    def tamper_all(rnd: int, step: str, requests: Any) -> dict[int, Any]:
+        out = real2(rnd, step, requests)
+        if step == "unmask":
+            for i in list(out)[:4]:
+                out[i] = {k: v[:4] + bytes(16) for k, v in out[i].items()}
+        return out
+
+    r2.combine.exchange = tamper_all
+    out2 = r2.run()
+    assert out2.update is None and out2.skipped == "secagg_bad_shares"
+
+
+def test_a_site_that_does_not_clip_makes_the_round_skip() -> None:
+    r = Round(6)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(6, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    y = batch.sealed[2].copy()  # type: ignore[index]
+    y[1:] = (y[1:] + np.uint64(r.params.quantization_range)) & np.uint64(r.params.modulus - 1)
+    batch.sealed[2] = y  # type: ignore[index]
+    got = Received(r.ids, batch.updates, r.weights, batch.malicious, sealed=batch.sealed)
+    out = r.combine(None, got, 1)  # type: ignore[arg-type]
+    assert out.update is None and out.skipped == "secagg_sum_out_of_bounds"
+
+
+def test_malformed_masked_vectors_are_rejected_and_recovered() -> None:
+    r = Round(6)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(6, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    batch.sealed[4] = batch.sealed[4][:-1]  # type: ignore[index]
+    got = Received(r.ids, batch.updates, r.weights, batch.malicious, sealed=batch.sealed)
+    out = r.combine(None, got, 1)  # type: ignore[arg-type]
+    assert out.skipped is None and out.rejected == [(4, "shape")]
+    assert np.abs(out.update - r.expected([0, 1, 2, 3, 5])).max() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Config and the command line
+# --------------------------------------------------------------------------------------------
+
+
+def _cfg(**training: Any) -> Config:
+    raw = tomllib.loads(DEMO.read_text())
+    raw.pop("inference", None)
+    raw["training"] |= {"max_update_norm": 1.0, "secure_aggregation": "secagg+", **training}
+    return parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"secagg_share_count": 4}, "secagg_share_count must be odd"),
+        ({"secagg_share_count": 5, "secagg_threshold": 2}, "must be > secagg_share_count / 2"),
+        ({"secagg_modulus": 3000}, "power of two"),
+        ({"secagg_quantization_range": 1 << 32}, "must be below secagg_modulus"),
+        ({"secagg_quantization_range": 1 << 31}, "wraps around secagg_modulus"),
+        ({"secagg_threshold": 4}, "exceeds the 3 shares"),
+        ({"key_holder": "hospital_a"}, "SecAgg+ has no key holder"),
+        ({"secure_aggregation": "none", "secagg_threshold": 2}, 'apply to secure_aggregation'),
+        ({"max_update_norm": None}, "needs max_update_norm"),
+        ({"aggregator": "median"}, "only the masked sum"),
+        ({"engine": "flower"}, "not yet carried over Flower messages"),
+    ],
+)
+def test_bad_settings_are_config_errors(training: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _cfg(**training)
+    assert message in " ".join(str(exc.value).split())
+
+
+def test_privacy_with_secagg_is_refused_by_the_table() -> None:
+    raw = tomllib.loads(DEMO.read_text())
+    raw["training"] |= {"max_update_norm": 1.0, "secure_aggregation": "secagg+"}
+    raw["privacy"] = {"mode": "client", "epsilon": 1.0}
+    with pytest.raises(ConfigError, match="distributed DP"):
+        parse_config(raw)
+
+
+@pytest.mark.slow
+def test_demo_with_secagg_runs_through_privml_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = DEMO.read_text().replace(
+        "[training]\n", '[training]\nsecure_aggregation = "secagg+"\nmax_update_norm = 100.0\n'
+    ).replace("encrypted = true", "encrypted = false")
+    cfg = tmp_path / "demo_secagg.toml"
+    cfg.write_text(text)
+    out_dir = tmp_path / "run"
+    code = main(["run", "--config", str(cfg), "--out", str(out_dir)])
+    err = capsys.readouterr().err
+    assert not code, err
+    res = json.loads((out_dir / "results.json").read_text())
+    info = res["federation"]["secure_aggregation"]
+    assert info["scheme"] == "secagg+" and info["key_holder"] is None
+    assert len(info["per_round"]) == 20 and all(r["senders"] == 3 for r in info["per_round"])
+    assert res["metrics"]["accuracy"] >= 0.95
