@@ -287,6 +287,19 @@ def _masking_stages(
     return seal, MaskedSum(params, server, sites, clip)
 
 
+def _sealing(
+    training: Any, local: LocalTraining, n_sites: int, n_params: int, secure: Any
+) -> tuple[SiteStage, Any, Callable[[], Any]]:
+    """Secure aggregation's seal stage, combine stage and results.json section."""
+    # the counts the sites report (an attacker's poisoned records included)
+    reported = [local.records(training.rounds)[i] for i in range(n_sites)]
+    if training.secure_aggregation == "secagg+":
+        m_seal, m_combine = _masking_stages(training, [s.n_train for s in reported], n_params)
+        return m_seal, m_combine, lambda: m_combine.describe(m_seal)
+    seal, combine, holder = _secure_stages(training, reported, n_params, secure)
+    return seal, combine, lambda: combine.describe(seal, holder.keygen_seconds)
+
+
 def build_run(
     fed: FederatedData,
     spec: ModelSpec,
@@ -327,20 +340,11 @@ def build_run(
     make_rule = parts.make_rule(model, spec, binary) if parts.make_rule is not None else None
     local = LocalTraining(attacked_data(sites, atk), training, rule, make_rule=make_rule)
     sections: dict[str, Callable[[], Any]] = {"privacy": parts.privacy}
-    if training.secure_aggregation == "secagg+":
-        reported = [local.records(training.rounds)[i] for i in range(len(sites))]
-        m_seal, combine = _masking_stages(
-            training, [s.n_train for s in reported], int(state.params.shape[0])
+    if training.secure_aggregation != "none":
+        seal, combine, sections["secure_aggregation"] = _sealing(
+            training, local, len(sites), int(state.params.shape[0]), parts.secure
         )
-        stages.append(m_seal)
-        sections["secure_aggregation"] = lambda c=combine, s=m_seal: c.describe(s)
-    elif training.secure_aggregation != "none":
-        # the counts the sites report (an attacker's poisoned records included)
-        reported = [local.records(training.rounds)[i] for i in range(len(sites))]
-        seal, combine, holder = _secure_stages(training, reported, int(state.params.shape[0]),
-                                               parts.secure)  # fmt: skip
         stages.append(seal)
-        sections["secure_aggregation"] = lambda: combine.describe(seal, holder.keygen_seconds)
     if atk is not None:
         sections["attack"] = atk.describe
     if parts.features is not None:
