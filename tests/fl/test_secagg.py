@@ -391,7 +391,7 @@ def _cfg(**training: Any) -> Config:
         ({"secagg_quantization_range": 1 << 31}, "wraps around secagg_modulus"),
         ({"secagg_threshold": 4}, "exceeds the 3 shares"),
         ({"key_holder": "hospital_a"}, "SecAgg+ has no key holder"),
-        ({"secure_aggregation": "none", "secagg_threshold": 2}, 'apply to secure_aggregation'),
+        ({"secure_aggregation": "none", "secagg_threshold": 2}, "apply to secure_aggregation"),
         ({"max_update_norm": None}, "needs max_update_norm"),
         ({"aggregator": "median"}, "only the masked sum"),
         ({"engine": "flower"}, "not yet carried over Flower messages"),
@@ -415,9 +415,13 @@ def test_privacy_with_secagg_is_refused_by_the_table() -> None:
 def test_demo_with_secagg_runs_through_privml_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEMO.read_text().replace(
-        "[training]\n", '[training]\nsecure_aggregation = "secagg+"\nmax_update_norm = 100.0\n'
-    ).replace("encrypted = true", "encrypted = false")
+    text = (
+        DEMO.read_text()
+        .replace(
+            "[training]\n", '[training]\nsecure_aggregation = "secagg+"\nmax_update_norm = 100.0\n'
+        )
+        .replace("encrypted = true", "encrypted = false")
+    )
     cfg = tmp_path / "demo_secagg.toml"
     cfg.write_text(text)
     out_dir = tmp_path / "run"

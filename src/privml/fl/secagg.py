@@ -280,9 +280,7 @@ def _mask_private_key(seed: bytes) -> Any:
 def _public_bytes(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )  # type: ignore[no-any-return]
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[no-any-return]
 
 
 def _load_public(raw: bytes) -> Any:
@@ -463,8 +461,10 @@ class SiteSession:
         m = self.params.modulus
         mod = np.uint64(m - 1)
         n = len(quantized)
-        y = (np.asarray(quantized, dtype=np.uint64) + _prg(
-            _hkdf(self._self_seed, b"self mask" + _ids(self.rnd, self.site)), n, m)) & mod
+        y = (
+            np.asarray(quantized, dtype=np.uint64)
+            + _prg(_hkdf(self._self_seed, b"self mask" + _ids(self.rnd, self.site)), n, m)
+        ) & mod
         for j in self._senders:
             pm = _prg(self._pair_keys[j], n, m)
             y = (y + pm) & mod if self.site > j else (y - pm) & mod
@@ -586,8 +586,11 @@ class ServerSession:
         ok: dict[int, dict[int, bytes]] = {}
         for i, r in replies.items():
             expected = (self.graph.get(int(i), frozenset()) & set(self.keys)) - {int(i)}
-            if int(i) in self.keys and isinstance(r, dict) and set(r) == expected and all(
-                isinstance(c, bytes) for c in r.values()
+            if (
+                int(i) in self.keys
+                and isinstance(r, dict)
+                and set(r) == expected
+                and all(isinstance(c, bytes) for c in r.values())
             ):
                 ok[int(i)] = r
         self.shared = set(ok)
