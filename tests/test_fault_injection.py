@@ -137,15 +137,19 @@ def test_killed_between_moving_the_old_run_aside_and_replacing_it(tmp_path: Path
     assert not any(".old-" in p.name or ".tmp-" in p.name for p in tmp_path.iterdir())
 
 
+#: where the round engine's checkpoint stage writes a round's checkpoint
+SAVE = "privml.fl.stages.checkpoint.save_checkpoint"
+
+
 def test_killed_while_resuming(tmp_path: Path, whole: dict[str, torch.Tensor]) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(CONFIG)
     out = tmp_path / "run"
-    _killed(tmp_path, "privml.fl.engine.save_checkpoint", 2, "run", "-c", cfg, "--out", out)
+    _killed(tmp_path, SAVE, 2, "run", "-c", cfg, "--out", out)
     state = ck.partial_dir(out) / "checkpoint"
     assert ck.checkpoint_round(state) == 2
     # the resumed run is killed too, after one more checkpoint
-    _killed(tmp_path, "privml.fl.engine.save_checkpoint", 1, "run", "--resume", out)
+    _killed(tmp_path, SAVE, 1, "run", "--resume", out)
     assert ck.checkpoint_round(state) == 3
     done = _cli(tmp_path, "run", "--resume", out)
     assert done.returncode == 0, done.stderr

@@ -197,6 +197,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str | Path]], int, str]] = {
         lambda tmp: ((tmp / "a.csv").write_text("x,death\n0,1\n5e-324,0\n"),
                      ["schema", "infer", tmp / "a.csv"])[1], 0, "review it",  # fmt: skip
     ),
+    "schema infer: two values near the largest float (their mean overflows)": (
+        lambda tmp: ((tmp / "a.csv").write_text("x,death\n1.7e308,1\n1.7e308,0\n1,1\n1.6e308,0\n"),
+                     ["schema", "infer", tmp / "a.csv"])[1], 0, "review it",  # fmt: skip
+    ),
     "schema infer: values spanning more than a float": (
         lambda tmp: ((tmp / "a.csv").write_text("x,death\n-1e308,1\n1e308,0\n"),
                      ["schema", "infer", tmp / "a.csv"])[1], 2, "declare its bounds",  # fmt: skip

@@ -58,6 +58,16 @@ def _round_out(lo: float, hi: float) -> tuple[float, float]:
     return a, b
 
 
+def _median(x: np.ndarray) -> float:
+    """The median without overflow (np.median averages the middle pair, which overflows to inf
+    for two values near the largest float)."""
+    x = np.sort(x)
+    n = len(x)
+    if n % 2:
+        return float(x[n // 2])
+    return float(x[n // 2 - 1] / 2 + x[n // 2] / 2)
+
+
 def infer_column(values: pd.Series) -> ColumnSchema | None:
     """Infer one column's schema from its values (private data!). None if it looks like an id."""
     nonnull = values.dropna()
@@ -83,7 +93,7 @@ def infer_column(values: pd.Series) -> ColumnSchema | None:
             max=hi,
             missing=missing,
             derived_from_data=True,
-            impute=float(np.median(numeric.to_numpy(dtype=float))),
+            impute=_median(numeric.to_numpy(dtype=float)),
         )
     cats = sorted({str(v) for v in nonnull})
     if len(cats) == 2:
