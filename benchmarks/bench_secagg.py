@@ -1,0 +1,278 @@
+"""Cost of SecAgg+ masking per federated round, against a plain round and Flower's SecAgg+.
+
+Work: 100 sites x 11,260 parameters (digits split IID over 100 sites, an MLP with one hidden
+layer of 150 units), every site every round, privml's default local training (2 local epochs,
+batch 32), lr 0.5, ``max_update_norm`` 10.
+
+Two comparisons, each interleaved (benchmarks/harness.py: rotating order, one warm-up each
+excluded, medians with min-max):
+
+* **overhead** -- privml's simulation, seconds per round (median of the run's rounds) of the
+  same run with ``secure_aggregation = "none"`` and ``"secagg+"`` (default share count
+  ``2 ceil(log2 n) + 1`` = 15 and threshold 8 for 100 sites). Target: SecAgg+ <= 2x plain.
+* **against Flower** -- one round of secure aggregation of the same 100 fixed updates of
+  11,260 values, with the same share count and threshold, quantization range 2**22 and
+  modulus 2**32: privml's :class:`~privml.fl.stages.masking.SealMasked` and
+  :class:`~privml.fl.stages.masking.MaskedSum` (key exchange, quantization, masking,
+  unmasking), and Flower's own ``SecAggPlusWorkflow`` (ServerApp, ``LegacyContext`` with
+  ``FedAvg``) with ``secaggplus_mod`` on a ClientApp whose ``fit`` returns the same fixed
+  update, driven by ``flwr.simulation.run_simulation``. Flower's time is the fit workflow
+  alone (its four stages, timed inside the ServerApp), not the simulation's start-up.
+  Backend: Ray when importable (one actor per CPU), else Flower's runtime with an in-process
+  backend (benchmarks/bench_fl_flower_sim.py); the JSON says which. Target: privml >= 5x
+  faster.
+
+    .venv/bin/python benchmarks/bench_secagg.py [--reps 3] [--rounds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench, add_common_args, fmt_ratio, fmt_spread, ratios  # noqa: E402
+
+from privml.config import parse_config  # noqa: E402
+from privml.data import load_federation  # noqa: E402
+from privml.fl.engine import simulate  # noqa: E402
+from privml.fl.rounds import Received, SiteUpdates  # noqa: E402
+from privml.fl.secagg import SecAggParams  # noqa: E402
+from privml.fl.stages.masking import (  # noqa: E402
+    MaskedSum,
+    MaskingServer,
+    SealMasked,
+    SimulatedSites,
+    seeded_uniforms,
+)
+from privml.pipeline import model_spec  # noqa: E402
+
+CLIP = 10.0
+
+
+def config(n_sites: int, rounds: int, hidden: int, secure: str) -> Any:
+    training: dict[str, Any] = {"rounds": rounds, "lr": 0.5, "seed": 0, "max_update_norm": CLIP}
+    if secure != "none":
+        training["secure_aggregation"] = secure
+    return parse_config({
+        "data": {"dataset": "digits", "partition": "iid", "n_sites": n_sites},
+        "model": {"kind": "mlp", "hidden": [hidden]},
+        "training": training,
+        "output": {"html": False},
+    }, name="secagg_bench")  # fmt: skip
+
+
+def round_seconds(n_sites: int, rounds: int, hidden: int, secure: str,
+                  got: dict[str, Any]) -> float:  # fmt: skip
+    cfg = config(n_sites, rounds, hidden, secure)
+    fed = load_federation(cfg)
+    res = simulate(fed, model_spec(cfg, fed), cfg.training)
+    got[secure] = {"accuracy": res.metrics["accuracy"],
+                   "n_params": int(res.params.numel()),
+                   "skipped": res.extra["updates"]["skipped_rounds"]}  # fmt: skip
+    return statistics.median(r.seconds for r in res.history)
+
+
+class PrivmlRound:
+    """One SecAgg+ round over fixed updates: key exchange, masking, unmasking."""
+
+    def __init__(self, updates: np.ndarray, weights: np.ndarray, k: int, t: int) -> None:
+        n, p = updates.shape
+        self.params = SecAggParams(k, t, CLIP, 1 << 22, 1 << 32, float(weights.max()), p)
+        self.server = MaskingServer(self.params)
+        self.sites = SimulatedSites(self.params)
+        self.seal = SealMasked(self.params, self.server, self.sites, CLIP, seeded_uniforms(0))
+        self.combine = MaskedSum(self.params, self.server, self.sites, CLIP)
+        self.updates, self.weights = updates, weights
+        self.ids = np.arange(n, dtype=np.int64)
+        self.rnd = 0
+        self.err = 0.0
+
+    def __call__(self) -> float:
+        self.rnd += 1
+        t0 = time.perf_counter()
+        batch = SiteUpdates(self.rnd, self.ids, torch.zeros(1), self.updates.copy(), self.weights,
+                            np.zeros(len(self.ids), dtype=bool))  # fmt: skip
+        self.seal.apply(batch)
+        got = Received(self.ids, batch.updates, self.weights, batch.malicious, sealed=batch.sealed)
+        out = self.combine(None, got, self.rnd)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - t0
+        w = self.weights / self.weights.max()
+        ref = (w @ self.updates) / w.sum()
+        self.err = max(self.err, float(np.abs(out.update - ref).max()))  # type: ignore[operator]
+        return seconds
+
+
+def flower_round(updates: np.ndarray, weights: np.ndarray, k: int, t: int, backend: str,
+                 out: dict[str, Any]) -> float:  # fmt: skip
+    """Flower's SecAggPlusWorkflow + secaggplus_mod on the same fixed updates (one round)."""
+    from bench_fl_flower_sim import _backend
+    from flwr.app import Context
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.simulation import run_simulation
+
+    n, p = updates.shape
+
+    class Fixed(NumPyClient):  # type: ignore[misc]
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def get_parameters(self, config: Any) -> list[np.ndarray]:
+            return [np.zeros(p)]
+
+        def fit(self, parameters: Any, config: Any) -> tuple[list[np.ndarray], int, dict]:
+            return [updates[self.i]], int(weights[self.i]), {}
+
+    def client_fn(context: Context) -> Any:
+        return Fixed(int(context.node_config["partition-id"])).to_client()
+
+    def copy_mod(msg: Any, ctxt: Any, call_next: Any) -> Any:
+        # Flower's workflow sends one message object to every node and secaggplus_mod pops
+        # keys from it: a transport (Ray, gRPC) hands each node its own deserialized copy, so
+        # the in-process backend must too
+        return call_next(copy.deepcopy(msg), ctxt)
+
+    mods = [copy_mod, secaggplus_mod] if backend != "ray" else [secaggplus_mod]
+    client_app = ClientApp(client_fn=client_fn, mods=mods)
+    server_app = ServerApp()
+
+    class Timed(SecAggPlusWorkflow):  # type: ignore[misc]
+        def unmask_stage(self, grid: Any, context: Any, state: Any) -> bool:
+            ok = bool(super().unmask_stage(grid, context, state))
+            out["unmasked"] = ok
+            return ok
+
+        def __call__(self, grid: Any, context: Any) -> None:
+            out["unmasked"] = False
+            t0 = time.perf_counter()
+            super().__call__(grid, context)
+            out["seconds"] = time.perf_counter() - t0
+            if out["unmasked"]:
+                rec = context.state.array_records["parameters"]
+                out["result"] = np.concatenate([a.numpy().ravel() for a in rec.values()])
+
+    @server_app.main()
+    def main(grid: Any, context: Context) -> None:
+        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                          min_available_clients=n)  # fmt: skip
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        wf = Timed(
+            num_shares=k, reconstruction_threshold=t, max_weight=float(weights.max()),
+            clipping_range=CLIP, quantization_range=1 << 22, modulus_range=1 << 32,
+        )  # fmt: skip
+        DefaultWorkflow(fit_workflow=wf)(grid, legacy)
+
+    backend_config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    if backend == "ray":
+        backend_config["init_args"] = {"num_cpus": os.cpu_count() or 1, "log_to_driver": False}
+    out.pop("seconds", None)
+    with _backend(backend):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                       backend_config=backend_config)  # type: ignore[arg-type]  # fmt: skip
+    if "seconds" not in out or not out["unmasked"]:
+        raise RuntimeError(f"Flower's SecAgg+ workflow ({backend}) did not finish; see its log")
+    ref = (weights @ updates) / weights.sum()
+    out["max_error"] = max(out.get("max_error", 0.0), float(np.abs(out["result"] - ref).max()))
+    return float(out["seconds"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--reps", type=int, default=None, help="default 3 (quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3)")
+    ap.add_argument("--ray", choices=("auto", "yes", "no"), default=None,
+                    help="Flower on Ray: auto (default; 'no' with --quick), yes, no")  # fmt: skip
+    args = ap.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 3)
+    n_sites, hidden = (6, 8) if args.quick else (100, 150)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    ray = args.ray or ("no" if args.quick else "auto")
+    has_ray = ray == "yes" or (ray == "auto" and importlib.util.find_spec("ray") is not None)
+    backend = "ray" if has_ray else "in-process"
+    k, t = SecAggParams(None, None, 1, 2, 4, 1, 1).for_cohort(n_sites)
+    bench = Bench("secagg", quick=args.quick, out=args.out,
+                  params={"sites": n_sites, "hidden": hidden, "rounds": rounds, "reps": reps,
+                          "share_count": k, "threshold": t, "flower_backend": backend})  # fmt: skip
+
+    # 1. overhead over a plain round
+    got: dict[str, Any] = {}
+    t_over = bench.interleave(
+        {v: (lambda v=v: round_seconds(n_sites, rounds, hidden, v, got))
+         for v in ("none", "secagg+")},
+        reps=reps, key="round_seconds")  # fmt: skip
+    r_over = ratios(t_over["secagg+"], t_over["none"])
+    n_params = got["none"]["n_params"]
+    bench.record("runs", got)
+    bench.table("overhead", ["variant", "seconds per round", "accuracy"], [
+        ["plain (no secure aggregation)", fmt_spread(t_over["none"], 1, 3, "s"),
+         f"{got['none']['accuracy']:.4f}"],
+        [f"SecAgg+ (k = {k}, t = {t})", fmt_spread(t_over["secagg+"], 1, 3, "s"),
+         f"{got['secagg+']['accuracy']:.4f}"],
+        ["ratio SecAgg+ / plain (target <= 2)", fmt_ratio(r_over), ""],
+    ], caption=f"{n_sites} sites x {n_params:,} parameters, privml's simulation, seconds per "
+       "round (median of each run's rounds)")  # fmt: skip
+
+    # 2. against Flower's SecAgg+ on the same updates
+    rng = np.random.default_rng(0)
+    updates = rng.normal(0, 0.05, (n_sites, n_params))
+    weights = rng.integers(10, 20, n_sites).astype(np.float64)
+    ours = PrivmlRound(updates, weights, k, t)
+    fl_out: dict[str, Any] = {}
+    t_fl = bench.interleave(
+        {"privml": ours,
+         f"flower ({backend})": lambda: flower_round(updates, weights, k, t, backend, fl_out)},
+        reps=reps, key="secure_round_seconds")  # fmt: skip
+    name = f"flower ({backend})"
+    r_fl = ratios(t_fl[name], t_fl["privml"])
+    bench.record("privml_max_error", ours.err)
+    bench.record("flower_max_error", fl_out["max_error"])
+    bench.table("flower", ["variant", "seconds per secure round"], [
+        ["privml SecAgg+ (SealMasked + MaskedSum)", fmt_spread(t_fl["privml"], 1, 3, "s")],
+        [f"Flower SecAggPlusWorkflow + secaggplus_mod ({backend})",
+         fmt_spread(t_fl[name], 1, 3, "s")],
+        ["ratio Flower / privml (target >= 5)", fmt_ratio(r_fl)],
+    ], caption=f"one secure aggregation of the same {n_sites} fixed updates of {n_params:,} "
+       f"values; share count {k}, threshold {t}, quantization 2**22, modulus 2**32")  # fmt: skip
+    met = {True: "met", False: "**not met**"}
+    bench.table("targets", ["target", "measured", "status"], [
+        [f"SecAgg+ round <= 2x a plain round ({n_sites} sites x {n_params:,} parameters)",
+         fmt_ratio(r_over), met[r_over.median <= 2]],
+        [f"SecAgg+ >= 5x faster than Flower's SecAggPlusWorkflow ({backend} backend)",
+         fmt_ratio(r_fl), met[r_fl.median >= 5]],
+        ["sum exact up to quantization (max abs error, privml / Flower)",
+         f"{ours.err:.1e} / {fl_out['max_error']:.1e}", ""],
+    ], caption="Targets of SecAgg+ masking (ratios: medians of the per-repetition ratios, "
+       "min-max in brackets).")  # fmt: skip
+    bench.write()
+    print(
+        f"overhead SecAgg+/plain: {fmt_ratio(r_over)} (target <= 2); Flower/privml: "
+        f"{fmt_ratio(r_fl)} (target >= 5); privml max error {ours.err:.2e}, "
+        f"Flower {fl_out['max_error']:.2e}"
+    )
+
+
+if __name__ == "__main__":
+    main()
