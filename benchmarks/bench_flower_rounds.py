@@ -9,7 +9,7 @@ ClientApp code; only the SuperNodes differ:
 * ``privml``: ``privml flower supernode`` (Flower's Fleet client, the ClientApp in-process,
   site data encoded once, adaptive polling).
 
-Run: ``python benchmarks/bench_flower_rounds.py [--rounds 5] [--reps 1] [--quick]``.
+Run: ``python benchmarks/bench_flower_rounds.py [--rounds 3] [--reps 1] [--quick]``.
 Each repetition deploys both, one after the other in rotating order (benchmarks/harness.py);
 the summaries are over every round of every deployment (handshake excluded). A warm-up
 deployment is not run: every deployment starts fresh processes. Also reported: the handshake,
@@ -132,11 +132,11 @@ def deploy_and_run(kind: str, rounds: int, root: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--rounds", type=int, default=None, help="rounds per deployment (default 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per deployment (default 3)")
     ap.add_argument("--reps", type=int, default=1, help="deployments of each (default 1)")
     ap.add_argument("--only", choices=("privml", "flower"))
     args = ap.parse_args()
-    rounds = args.rounds or (1 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 3)
     import torch
 
     torch.set_num_threads(1)

@@ -258,6 +258,12 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 def conditions_line(data: Mapping[str, Any]) -> str:
     """The sentence under every generated table: when, where, at what load."""
+    if data.get("results", {}).get("collected"):
+        return (
+            f"Collected {data.get('started', '?')} by `{data.get('command', '?')}` from "
+            "benchmarks/results/; each row names the benchmark run it comes from (when, load "
+            "average)."
+        )
     m = data.get("machine", {})
     load = data.get("load_before") or []
     load_after = data.get("load_after") or []

@@ -2,10 +2,11 @@
 
 Run:  .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--skip NAME ...]
 
-``make bench`` runs this at full size (results in ``benchmarks/results/NAME.json``, then
-``render_docs.py`` rewrites the tables in docs/); ``make bench-quick`` runs every script with
-``--quick`` on tiny sizes, writing to a temporary folder and leaving docs/ alone (a smoke run;
-the test suite does the same in ``tests/benchmarks/test_quick_runs.py``).
+``make bench`` runs this at full size (results in ``benchmarks/results/NAME.json``), then
+``targets.py`` collects the targets tables and ``render_docs.py`` rewrites the tables in docs/.
+``make bench-quick`` runs every script with ``--quick`` on tiny sizes, writing to a temporary
+folder and leaving docs/ alone (a smoke run; the test suite does the same in
+``tests/benchmarks/test_quick_runs.py``).
 
 A benchmark is a ``bench_*.py`` script in this folder that writes its results through
 ``harness.Bench``; scripts not on the harness yet are listed and skipped. Each script runs in a
@@ -84,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if pending:
         print("not on benchmarks/harness.py yet (skipped): " + ", ".join(p.name for p in pending))
     rc = 1 if failed else 0
-    if not args.quick and not failed and args.out_dir is None:
-        rc = subprocess.run([sys.executable, str(HERE / "render_docs.py")], check=False).returncode
+    if not args.quick and args.out_dir is None:
+        # the targets tables, then every docs table, from whatever results are there now
+        for step in ("targets.py", "render_docs.py"):
+            got = subprocess.run([sys.executable, str(HERE / step)], env=env, check=False)
+            rc = rc or got.returncode
     if tmp is not None:
         tmp.cleanup()
     return rc

@@ -65,7 +65,7 @@ from torch.func import grad, vmap
 from privml.dp.randomness import NoiseStream, normal_rows
 from privml.errors import UsageError
 from privml.models.nets import ModelSpec, Poly2, Square, functional_forward
-from privml.models.training import Batch, per_sample_loss
+from privml.models.training import Batch, per_sample_loss, softmax_last
 
 __all__ = [
     "DPSGDGradient",
@@ -433,7 +433,7 @@ def _chain_clipped_sum(
             g = torch.zeros_like(h)
             g[..., 0] = g0
     else:
-        g = torch.softmax(h, dim=-1)
+        g = softmax_last(h).contiguous()
         g.scatter_add_(-1, batch.y.unsqueeze(-1), torch.full((S, B, 1), -1.0, dtype=g.dtype))
         g.mul_(mask.unsqueeze(-1))
     first = next(i for i, op in enumerate(ops) if isinstance(op, _Linear))

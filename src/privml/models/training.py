@@ -89,6 +89,17 @@ class MeanGradient:
         return g
 
 
+def softmax_last(h: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(h, dim=-1)`` as a new tensor, fast for few classes and many rows.
+
+    torch's CPU softmax works row by row along the last dimension; with two or a few classes
+    over thousands of rows that costs several times a softmax over the transposed layout.
+    """
+    if h.shape[-1] < 16 and h.numel() > 4096:
+        return torch.softmax(h.transpose(-1, -2).contiguous(), dim=-2).transpose(-1, -2)
+    return torch.softmax(h, dim=-1)
+
+
 #: derivative of each activation of privml's Linear stacks, applied to the incoming gradient
 #: ``g`` given the activation's input ``x``
 _ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -150,7 +161,7 @@ class LinearStackGradient:
                 g = torch.zeros_like(h)
                 g[..., 0] = g0
         else:
-            g = torch.softmax(h, dim=-1)
+            g = softmax_last(h)
             g.scatter_add_(-1, batch.y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
             g.mul_(scale.unsqueeze(-1))
         pieces: list[torch.Tensor] = []
