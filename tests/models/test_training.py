@@ -277,3 +277,37 @@ def test_cohort_batches_are_each_site_shuffling_alone(
                            rnd=rnd, site_ids=ids)[0]  # fmt: skip
     if max(sizes) > 8:
         assert not np.array_equal(other, idx)  # the seed matters
+
+
+@pytest.mark.parametrize("independent", [True, False])
+@pytest.mark.parametrize("prox_mu", [0.0, 0.1])
+def test_schedule_trains_as_the_dense_batches(independent: bool, prox_mu: float) -> None:
+    """Training from the compact schedule (active sites only, grouped by batch length) equals
+    training from the same batches laid out densely."""
+    from privml.fl.local import cohort_batches, cohort_schedule
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([1, 5, 33, 70, 8, 0, 64, 2])
+    spec = ModelSpec("mlp", 4, 1, hidden=(3,))
+    Xs = [rng.random((n, 4)).astype(np.float32) for n in sizes]
+    ys = [rng.integers(0, 2, n) for n in sizes]
+    data = CohortData.from_arrays(Xs, ys)
+    model, params = init_params(spec, 0)
+    rule = MeanGradient(model, spec, binary=True)
+    if not independent:
+
+        class Shared:  # same gradients, but the trainer may not split the cohort
+            def __call__(self, p: torch.Tensor, b: object, k: int) -> torch.Tensor:
+                return rule(p, b, k)  # type: ignore[arg-type]
+
+        used: object = Shared()
+    else:
+        used = rule
+    kw = dict(batch_size=16, epochs=3, seed=5, rnd=2, site_ids=np.arange(len(sizes)) + 10)
+    sch = cohort_schedule(sizes, **kw)  # type: ignore[arg-type]
+    dense = cohort_batches(sizes, **kw)  # type: ignore[arg-type]
+    common = dict(rule=used, lr=0.5, batch_size=16, epochs=3, rngs=(), prox_mu=prox_mu)
+    a = train_cohort(params, data, schedule=sch, **common)  # type: ignore[arg-type]
+    b = train_cohort(params, data, batches=dense, **common)  # type: ignore[arg-type]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(a[5], params)  # the empty site keeps the global parameters

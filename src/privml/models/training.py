@@ -68,6 +68,8 @@ class MeanGradient:
     is most of the cost.
     """
 
+    rows_independent = True  # a site's gradient depends on its own batch only
+
     def __init__(self, model: nn.Module, spec: ModelSpec, *, binary: bool) -> None:
         self._stack = LinearStackGradient.of(spec, binary=binary)
         fast = stacked_forward(spec)
@@ -274,6 +276,97 @@ def site_order(seed: int, rnd: int, site: int, epoch: int, n: int) -> np.ndarray
     return np.argsort(keys, kind="stable")
 
 
+@dataclass(frozen=True)
+class CohortSchedule:
+    """Every site's shuffled mini-batches for a round, kept compact (no ``[S, steps, B]``).
+
+    Site ``s`` (``sizes[s]`` records, ``per_epoch[s] = ceil(sizes[s] / batch_size)`` batches
+    per epoch) visits its records in epoch ``e`` in the order ``visits[e, offsets[s]:offsets[s
+    + 1]]`` (local indices; see :func:`site_order`) and takes step ``k`` with batch
+    ``k % per_epoch[s]`` of epoch ``k // per_epoch[s]``, until ``epochs * per_epoch[s]`` steps;
+    then it is inactive. :meth:`step` gives one step's batches of the active sites only.
+    """
+
+    sizes: np.ndarray
+    offsets: np.ndarray
+    per_epoch: np.ndarray
+    batch_size: int
+    epochs: int
+    visits: np.ndarray  # [epochs, n] int64, site after site
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.per_epoch.max(initial=1)) * self.epochs
+
+    def step(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(active, rows, mask)``: the sites active at step ``k`` (positions, ascending),
+        their batches' record indices into the cohort's records ``[A, W]`` (``W`` the longest
+        batch of the step; padding repeats a valid row) and the mask ``[A, W]`` float32."""
+        B = self.batch_size
+        pe = self.per_epoch
+        active = np.flatnonzero((k < pe * self.epochs) & (self.sizes > 0))
+        if len(active) == 0:
+            return active, np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32)
+        pe_a = pe[active]
+        epoch, batch = k // pe_a, k % pe_a
+        start = batch * B
+        length = np.minimum(B, self.sizes[active] - start)
+        W = int(length.max())
+        j = np.arange(W)
+        valid = j[None, :] < length[:, None]
+        col = start[:, None] + np.where(valid, j[None, :], 0)
+        n = int(self.offsets[-1])
+        flat = epoch[:, None] * n + self.offsets[active][:, None] + col
+        rows = self.visits.reshape(-1)[flat] + self.offsets[active][:, None]
+        return active, rows, valid.astype(np.float32)
+
+
+def cohort_schedule(
+    sizes: np.ndarray,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    rnd: int,
+    site_ids: np.ndarray,
+) -> CohortSchedule:
+    """The :class:`CohortSchedule` of round ``rnd``: each site's shuffles without a generator
+    per site, every site's keys hashed and sorted in a few array operations per epoch (a
+    row-wise sort of a sites x records matrix, or one sort of all records when site sizes
+    differ widely). Site ``site_ids[s]`` gets exactly :func:`site_order`'s order."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    S = len(sizes)
+    site_ids = np.asarray(site_ids, dtype=np.int64)
+    if len(site_ids) != S:
+        raise ValueError("cohort_schedule needs one site id per site")
+    per_epoch = np.maximum(1, -(-sizes // batch_size))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    visits = np.zeros((epochs, n), dtype=np.int64)
+    if n:
+        longest = int(sizes.max())
+        seg = np.repeat(np.arange(S, dtype=np.int64), sizes)
+        local = np.arange(n, dtype=np.int64) - offsets[seg]
+        dense = S * longest <= 2 * n + 1024  # a padded [S, longest] matrix is cheap
+        if dense:
+            counter = np.arange(1, longest + 1, dtype=np.uint64)[None, :]
+            pad = np.arange(longest)[None, :] >= sizes[:, None]
+        for e in range(epochs):
+            base = _site_keys(seed, rnd, e, site_ids)
+            if dense:
+                keys = _record_keys(base[:, None], counter)
+                keys[pad] = np.uint64(1 << 63)  # padding sorts last
+                visits[e] = np.argsort(keys, axis=1, kind="stable")[~pad]  # site after site
+            else:
+                keys = _record_keys(base[seg], (local + 1).astype(np.uint64))
+                if S < (1 << (64 - _KEY_BITS)):
+                    sortkey = (seg.astype(np.uint64) << np.uint64(_KEY_BITS)) | keys
+                    visits[e] = np.argsort(sortkey, kind="stable") - offsets[seg]
+                else:
+                    visits[e] = np.lexsort((keys, seg)) - offsets[seg]
+    return CohortSchedule(sizes, offsets, per_epoch, int(batch_size), int(epochs), visits)
+
+
 def cohort_batches(
     sizes: np.ndarray,
     *,
@@ -283,59 +376,41 @@ def cohort_batches(
     rnd: int,
     site_ids: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`shuffled_batches` for a whole cohort without a generator per site.
-
-    Site ``site_ids[s]`` (``sizes[s]`` records) walks its records in the order
-    :func:`site_order` gives for each epoch, in batches of ``batch_size`` (the last one
-    smaller), as a ``DataLoader(shuffle=True)`` would with that order. Every site's keys are
-    hashed and sorted in a few array operations per epoch (a row-wise sort of a sites x
-    records matrix, or one sort of all records when site sizes differ widely), so a hundred
-    thousand sites cost array operations, not a Python loop.
-
-    Returns ``(idx, mask)`` of shape ``[S, steps, width]`` (``width = min(batch_size, largest
-    site)``), indices local to each site.
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    S = len(sizes)
-    site_ids = np.asarray(site_ids, dtype=np.int64)
-    if len(site_ids) != S:
-        raise ValueError("cohort_batches needs one site id per site")
-    per_epoch = np.maximum(1, -(-sizes // batch_size))
-    steps = int(per_epoch.max(initial=1)) * epochs
-    width = int(min(batch_size, max(1, int(sizes.max(initial=1)))))
-    idx = np.zeros((S, steps, width), dtype=np.int64)
-    mask = np.zeros((S, steps, width), dtype=np.float32)
-    n = int(sizes.sum())
-    if n == 0:
-        return idx, mask
-    longest = int(sizes.max())
-    # each record's site and position within its site, site after site
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    seg = np.repeat(np.arange(S, dtype=np.int64), sizes)
-    local = np.arange(n, dtype=np.int64) - offsets[seg]
-    step_in_epoch = local // batch_size
-    slot = local % batch_size
-    dense = S * longest <= 2 * n + 1024  # a padded [S, longest] matrix is cheap
-    if dense:
-        counter = np.arange(1, longest + 1, dtype=np.uint64)[None, :]
-        pad = np.arange(longest)[None, :] >= sizes[:, None]
-    for e in range(epochs):
-        base = _site_keys(seed, rnd, e, site_ids)
-        if dense:
-            keys = _record_keys(base[:, None], counter)
-            keys[pad] = np.uint64(1 << 63)  # padding sorts last
-            visit = np.argsort(keys, axis=1, kind="stable")[~pad]  # site after site
-        else:
-            keys = _record_keys(base[seg], (local + 1).astype(np.uint64))
-            if S < (1 << (64 - _KEY_BITS)):
-                sortkey = (seg.astype(np.uint64) << np.uint64(_KEY_BITS)) | keys
-                visit = np.argsort(sortkey, kind="stable") - offsets[seg]
-            else:
-                visit = np.lexsort((keys, seg)) - offsets[seg]
-        flat = (seg * steps + e * per_epoch[seg] + step_in_epoch) * width + slot
-        idx.reshape(-1)[flat] = visit
-        mask.reshape(-1)[flat] = 1.0
+    """:func:`cohort_schedule` as dense ``(idx, mask)`` arrays ``[S, steps, width]`` (indices
+    local to each site; ``width = min(batch_size, largest site)``), the layout
+    :func:`train_cohort`'s ``batches`` takes; site ``site_ids[s]`` walks its records in the
+    order :func:`site_order` gives, like a ``DataLoader(shuffle=True)`` with that order."""
+    sch = cohort_schedule(
+        sizes, batch_size=batch_size, epochs=epochs, seed=seed, rnd=rnd, site_ids=site_ids
+    )
+    S = len(sch.sizes)
+    width = int(min(batch_size, max(1, int(sch.sizes.max(initial=1)))))
+    idx = np.zeros((S, sch.n_steps, width), dtype=np.int64)
+    mask = np.zeros((S, sch.n_steps, width), dtype=np.float32)
+    for k in range(sch.n_steps):
+        active, rows, m = sch.step(k)
+        W = rows.shape[1]
+        idx[active, k, :W] = (rows - sch.offsets[active][:, None]) * m.astype(np.int64)
+        mask[active, k, :W] = m
     return idx, mask
+
+
+#: Gradient rules whose sites are independent (a site's direction depends on its own rows
+#: only) may be called on the active sites of a step alone (:func:`train_cohort`).
+ROW_INDEPENDENT = "rows_independent"
+
+
+def _buckets(length: np.ndarray) -> list[np.ndarray]:
+    """Split a step's sites by batch length so that little of the work is padding: up to three
+    groups (lengths <= W/4, <= W/2, the rest), positions into ``length``."""
+    W = int(length.max())
+    out, lo = [], 0
+    for hi in (W // 4, W // 2, W):
+        sel = np.flatnonzero((length > lo) & (length <= hi)) if hi > lo else np.zeros(0, np.int64)
+        if len(sel):
+            out.append(sel)
+        lo = max(lo, hi)
+    return out
 
 
 def train_cohort(
@@ -349,19 +424,83 @@ def train_cohort(
     rngs: Sequence[np.random.Generator],
     prox_mu: float = 0.0,
     batches: tuple[np.ndarray, np.ndarray] | None = None,
+    schedule: CohortSchedule | None = None,
 ) -> torch.Tensor:
     """Run local SGD at every site from the same global ``params``; return ``[S, P]`` new params.
 
     ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 ||w - w_global||^2`` (Li et al. 2020).
-    ``batches`` overrides the shuffled mini-batches (e.g. Poisson sampling for DP-SGD):
-    ``(idx, mask)`` of shape ``[S, steps, B]`` with indices local to each site.
+    The mini-batches come from ``schedule`` (:func:`cohort_schedule`, the engines'), else from
+    ``batches`` (e.g. Poisson sampling for DP-SGD: ``(idx, mask)`` of shape ``[S, steps, B]``
+    with indices local to each site), else from the generators ``rngs`` (one per site).
+
+    With a schedule and a rule whose sites are independent (``rule.rows_independent``), each
+    step computes only the sites that have a batch at that step, grouped by batch length (so
+    little of the work is padding); other rules see every site each step, with empty batches
+    masked.
     """
+    if schedule is None:
+        idx, mask = (
+            batches
+            if batches is not None
+            else shuffled_batches(data.sizes, batch_size=batch_size, epochs=epochs, rngs=rngs)
+        )
+        return _train_dense(params, data, rule, lr, prox_mu, idx, mask)
     S = len(data.sizes)
-    idx, mask = (
-        batches
-        if batches is not None
-        else shuffled_batches(data.sizes, batch_size=batch_size, epochs=epochs, rngs=rngs)
-    )
+    X2 = data.X.reshape(data.X.shape[0], -1)
+    feature_shape = tuple(data.X.shape[1:])
+    global_params = params.detach().reshape(1, -1)
+    stacked = global_params.repeat(S, 1)
+    independent = bool(getattr(rule, ROW_INDEPENDENT, False))
+    for k in range(schedule.n_steps):
+        active, rows, mask = schedule.step(k)
+        if not len(active):
+            continue
+        if independent:
+            groups = _buckets(mask.sum(axis=1).astype(np.int64))
+        else:  # every site, the inactive ones with empty batches
+            full_rows = np.zeros((S, rows.shape[1]), np.int64)
+            full_mask = np.zeros((S, rows.shape[1]), np.float32)
+            full_rows[active], full_mask[active] = rows, mask
+            active, rows, mask = np.arange(S), full_rows, full_mask
+            groups = [np.arange(S)]
+        for sel in groups:
+            sites = active[sel]
+            W = int(mask[sel].sum(axis=1).max())
+            r = torch.from_numpy(np.ascontiguousarray(rows[sel, :W])).reshape(-1)
+            m = torch.from_numpy(np.ascontiguousarray(mask[sel, :W]))
+            A = len(sites)
+            batch = Batch(
+                X2.index_select(0, r).reshape(A, W, *feature_shape),
+                data.y.index_select(0, r).reshape(A, W),
+                m,
+            )
+            with torch.no_grad():
+                if independent:
+                    ts = torch.from_numpy(sites)
+                    current = stacked.index_select(0, ts)
+                    g = rule(current, batch, k)
+                    if prox_mu:
+                        g = g + prox_mu * (current - global_params)
+                    stacked.index_copy_(0, ts, current - lr * g)
+                else:
+                    g = rule(stacked, batch, k)
+                    if prox_mu:
+                        on = (m.sum(dim=1) > 0).to(g.dtype)[:, None]
+                        g = g + prox_mu * (stacked - global_params) * on
+                    stacked = stacked - lr * g
+    return stacked
+
+
+def _train_dense(
+    params: torch.Tensor,
+    data: CohortData,
+    rule: GradientRule,
+    lr: float,
+    prox_mu: float,
+    idx: np.ndarray,
+    mask: np.ndarray,
+) -> torch.Tensor:
+    S = len(data.sizes)
     W = idx.shape[2]
     # step-major copies, so each step's rows are one contiguous gather (index_select copies
     # whole rows; fancy indexing of [S, W] rows walks them element by element)
