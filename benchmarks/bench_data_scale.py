@@ -93,18 +93,30 @@ def _config(n_sites: int, rows: int, rounds: int = 1) -> Any:
     )
 
 
-def _rss_now() -> float:
-    """Current resident set size in bytes (Linux), else the peak so far."""
+def _status(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return float(line.split()[1]) * 1024
     except OSError:
         pass
-    return _peak()
+    return None
+
+
+def _rss_now() -> float:
+    """Current resident set size in bytes (Linux), else the peak so far."""
+    got = _status("VmRSS")
+    return got if got is not None else _peak()
 
 
 def _peak() -> float:
+    """Peak resident set size of this process. VmHWM belongs to the process's own memory
+    (reset by exec); getrusage's ru_maxrss is not: a child started from a large parent starts
+    at the parent's figure, so it is only the fallback."""
+    got = _status("VmHWM")
+    if got is not None:
+        return got
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(kb) * (1 if sys.platform == "darwin" else 1024)
 
