@@ -79,7 +79,7 @@ QUICK = {
 }
 BYTES_ENCODED = 12 * 4 + 8  # float32 features + int64 label per record
 #: Sizes (sites) up to which the anchor loader runs every repetition; above, once.
-ANCHOR_REPEATED_UP_TO = 10_000
+ANCHOR_REPEATED_UP_TO = 1_000
 
 
 def _config(n_sites: int, rows: int, rounds: int = 1) -> Any:
