@@ -298,7 +298,7 @@ def round_table(bench: Bench, n_sites: int, rows: int, rounds: int, reps: int) -
 
     from privml.data import load_federation
     from privml.fl.engine import init_params, simulate
-    from privml.fl.local import Batch, MeanGradient
+    from privml.models.training import Batch, MeanGradient
     from privml.pipeline import model_spec
 
     cfg = _config(n_sites, rows, rounds=rounds)

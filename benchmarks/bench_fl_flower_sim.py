@@ -64,6 +64,7 @@ from privml.data.federation import FederatedData, load_federation  # noqa: E402
 from privml.fl.engine import init_params, simulate  # noqa: E402
 from privml.fl.metrics import evaluate  # noqa: E402
 from privml.models.nets import ModelSpec, load_flat_params  # noqa: E402
+from privml.models.training import site_order  # noqa: E402
 from privml.pipeline import model_spec  # noqa: E402
 
 SEED = 0
@@ -192,9 +193,8 @@ def make_client_app(fed: FederatedData, spec: ModelSpec, training: Any) -> Any:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         X, y = torch.from_numpy(Xn), torch.from_numpy(yn)
-        rng = np.random.default_rng([seed, rnd, 2, site_id])  # privml's seeding
-        for _ in range(epochs):
-            perm = rng.permutation(len(y))
+        for epoch in range(epochs):
+            perm = site_order(seed, rnd, site_id, epoch, len(y))  # privml's order
             for start in range(0, len(y), batch):
                 idx = torch.from_numpy(perm[start : start + batch])
                 opt.zero_grad()

@@ -11,10 +11,10 @@ Three ways to get a model, timed in this process on the same encoded arrays:
 * privml: :func:`privml.fl.engine.simulate`, every site's local SGD of a round in one
   vectorized computation (stacked parameters, batched matmuls).
 * per-site PyTorch loop: what a straightforward simulator does, one ``torch.nn`` model and
-  ``torch.optim.SGD`` per site, site after site, with the *same* batch shuffles (the generator
-  of site ``i`` in round ``r`` is seeded ``(seed, r, 2, i)`` as in privml), then the same
-  weighted FedAvg. The script checks that it ends at the same parameters as privml (max abs
-  difference printed), so both sides did the same work.
+  ``torch.optim.SGD`` per site, site after site, with the *same* batch shuffles (site ``i``
+  visits its records in the order ``privml.models.training.site_order`` gives, as in
+  privml), then the same weighted FedAvg. The script checks that it ends at the same
+  parameters as privml (max abs difference printed), so both sides did the same work.
 * centralized scikit-learn ``LogisticRegression`` (default lbfgs, L2 with C=1) fitted on the
   union of the sites' training records, scored on the union of their held-out records: the
   same split as the federated runs, the same [0, 1]-scaled features.
@@ -59,6 +59,7 @@ from privml.data.federation import FederatedData, load_federation
 from privml.fl.engine import init_params, simulate
 from privml.fl.metrics import evaluate
 from privml.models.nets import ModelSpec, build_model, flat_params, load_flat_params
+from privml.models.training import site_order
 from privml.pipeline import model_spec
 
 
@@ -96,9 +97,8 @@ def per_site_loop(fed: FederatedData, spec: ModelSpec, cfg: Config) -> torch.Ten
         for i, (X, y) in enumerate(data):
             load_flat_params(model, start)
             opt = torch.optim.SGD(model.parameters(), lr=t.lr)
-            rng = np.random.default_rng([t.seed, rnd, 2, i])
-            for _ in range(t.local_epochs):
-                perm = rng.permutation(len(y))
+            for epoch in range(t.local_epochs):
+                perm = site_order(t.seed, rnd, i, epoch, len(y))  # privml's order
                 for b in range(0, len(y), t.batch_size):
                     idx = torch.from_numpy(perm[b : b + t.batch_size])
                     opt.zero_grad()

@@ -258,3 +258,26 @@ def test_a_schema_for_the_target_never_makes_it_a_feature(tmp_path: Path) -> Non
     assert "cens" not in fed.encoder.schema and "death" not in fed.encoder.schema
     assert not any(n.startswith(("cens", "death")) for n in fed.encoder.feature_names)
     assert fed.n_features == 1 + 1 + 2 + 3 + 2  # age, chol(+missing), sex, smoker(+missing)
+
+
+def test_a_run_of_consecutive_sites_is_taken_without_a_copy() -> None:
+    from privml.data.federation import SiteData
+    from privml.fl.stages.local import cohort_data
+
+    fed = load_federation(parse_config(_builtin(partition="iid", n_sites=6)))
+    assert fed.pool is not None
+    data = cohort_data(fed.sites)
+    assert np.shares_memory(data.X.numpy(), fed.pool.X_train)
+    middle = cohort_data(fed.sites[2:5])
+    assert np.shares_memory(middle.X.numpy(), fed.pool.X_train)
+    want = np.concatenate([s.X_train for s in fed.sites[2:5]])
+    np.testing.assert_array_equal(middle.X.numpy(), want)
+    assert middle.offsets.tolist() == [0, *np.cumsum([s.n_train for s in fed.sites[2:5]])]
+    # not consecutive, or a site whose records were replaced: a copy of the right records
+    picked = cohort_data([fed.sites[4], fed.sites[1]])
+    assert not np.shares_memory(picked.X.numpy(), fed.pool.X_train)
+    s = fed.sites[3]
+    flipped = SiteData(s.name, s.X_train, 1 - s.y_train, s.X_test, s.y_test)
+    mixed = cohort_data([*fed.sites[:3], flipped, *fed.sites[4:]])
+    np.testing.assert_array_equal(mixed.y.numpy(), np.concatenate(
+        [x.y_train for x in [*fed.sites[:3], flipped, *fed.sites[4:]]]))  # fmt: skip

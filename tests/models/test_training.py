@@ -284,7 +284,7 @@ def test_cohort_batches_are_each_site_shuffling_alone(
 def test_schedule_trains_as_the_dense_batches(independent: bool, prox_mu: float) -> None:
     """Training from the compact schedule (active sites only, grouped by batch length) equals
     training from the same batches laid out densely."""
-    from privml.fl.local import cohort_batches, cohort_schedule
+    from privml.models.training import cohort_batches, cohort_schedule
 
     rng = np.random.default_rng(3)
     sizes = np.array([1, 5, 33, 70, 8, 0, 64, 2])

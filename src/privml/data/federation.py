@@ -42,13 +42,28 @@ from privml.errors import DataError, PrivacyLeakWarning
 
 @dataclass
 class SiteData:
-    """One site's encoded records. Stays at the site; engines only read it there."""
+    """One site's encoded records. Stays at the site; engines only read it there.
+
+    ``pool`` and ``index``: the :class:`SitePool` whose arrays this site's arrays are views of,
+    and the site's position in it (set by :func:`load_federation`; None for a site built any
+    other way). Engines use them to take a run of consecutive sites without copying.
+    """
 
     name: str
     X_train: np.ndarray
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    pool: SitePool | None = field(default=None, repr=False, compare=False)
+    index: int = field(default=-1, repr=False, compare=False)
+
+    def in_pool(self, pool: SitePool) -> bool:
+        """Whether this site's training arrays are still views into ``pool``'s."""
+        return (
+            self.pool is pool
+            and self.X_train.base is pool.X_train.base
+            and self.y_train.base is pool.y_train.base
+        )
 
     @property
     def n_train(self) -> int:
@@ -97,7 +112,24 @@ class SitePool:
             )
             for i, name in enumerate(names)
         )
-        return cls(X_train, y_train, train_offsets, X_test, y_test, test_offsets, sites)
+        pool = cls(X_train, y_train, train_offsets, X_test, y_test, test_offsets, sites)
+        for i, site in enumerate(sites):
+            site.pool, site.index = pool, i
+        return pool
+
+    def train_run(
+        self, cohort: Sequence[SiteData]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The training arrays of ``cohort`` without a copy, when it is a run of consecutive
+        sites of this pool still holding the pool's arrays: ``(X, y, offsets)``; else None."""
+        if not cohort:
+            return None
+        first = cohort[0].index
+        if not all(s.index == first + k and s.in_pool(self) for k, s in enumerate(cohort)):
+            return None
+        a, b = int(self.train_offsets[first]), int(self.train_offsets[first + len(cohort)])
+        offsets = self.train_offsets[first : first + len(cohort) + 1] - a
+        return self.X_train[a:b], self.y_train[a:b], offsets
 
 
 @dataclass

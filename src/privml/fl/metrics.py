@@ -291,23 +291,36 @@ def segment_metrics(
     present = support > 0
     recall = np.where(present, tp / np.maximum(support, 1), 0.0)
     balanced = recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    # plain Python numbers once for the whole array (a numpy scalar per site is slow)
+    L = {
+        "n": sizes.tolist(),
+        "loss": loss.tolist(),
+        "accuracy": accuracy.tolist(),
+        "auc": auc.tolist(),
+        "has_auc": has_auc.tolist(),
+        "f1": np.asarray(f1, dtype=np.float64).tolist(),
+        "balanced": balanced.tolist(),
+        "pos": support[:, 1].tolist() if k == 2 else [0] * S,
+        "majority": support.max(axis=1).tolist(),
+        "confusion": confusion.tolist(),
+    }
     out: list[dict[str, Any]] = []
     for i in range(S):
-        if sizes[i] == 0:
+        ni = L["n"][i]
+        if ni == 0:
             out.append(dict(EMPTY_METRICS))
             continue
-        ni = int(sizes[i])
         out.append(
             {
                 "n": ni,
-                "loss": float(loss[i]),
-                "accuracy": float(accuracy[i]),
-                "auc": float(auc[i]) if has_auc[i] else None,
-                "f1": float(f1[i]),
-                "balanced_accuracy": float(balanced[i]),
-                "prevalence": float(support[i, 1] / ni) if k == 2 else None,
-                "majority_baseline": float(support[i].max() / ni),
-                "confusion": confusion[i].tolist(),
+                "loss": L["loss"][i],
+                "accuracy": L["accuracy"][i],
+                "auc": L["auc"][i] if L["has_auc"][i] else None,
+                "f1": L["f1"][i],
+                "balanced_accuracy": L["balanced"][i],
+                "prevalence": L["pos"][i] / ni if k == 2 else None,
+                "majority_baseline": L["majority"][i] / ni,
+                "confusion": L["confusion"][i],
             }
         )
     return out

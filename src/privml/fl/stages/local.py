@@ -3,9 +3,11 @@
 :class:`LocalTraining` runs local SGD for a batch of sites at once (the cohort in simulation,
 one site on Flower) with any :class:`~privml.models.training.GradientRule`: plain SGD, the
 DP-SGD rule of :mod:`privml.dp.sgd` (with its Poisson batches), adversarial training. FedProx
-adds its proximal term. Site ``i`` shuffles its batches with a generator seeded by
-``(seed, round, 2, i)``, so a site computes the same update whichever engine or cohort it runs
-in.
+adds its proximal term. Site ``i`` visits its records in the order
+:func:`~privml.models.training.site_order` gives for (seed, round, epoch, i): a hash of those
+and of each record's index, so a site computes the same update whichever engine or cohort it
+runs in, and every site's order comes from a few array operations for the whole cohort
+(:func:`~privml.models.training.cohort_schedule`), not from a generator per site.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 
 from privml.data.federation import SiteData
-from privml.models.training import CohortData, GradientRule, train_cohort
+from privml.models.training import CohortData, GradientRule, cohort_schedule, train_cohort
 
 __all__ = ["DEFAULT_PROX_MU", "LocalTraining", "prox_weight", "root_update"]
 
@@ -77,18 +79,38 @@ class LocalTraining:
         t = self.training
         sites = self.records(rnd)
         cohort = [sites[int(i)] for i in ids]
-        data = CohortData.from_arrays([s.X_train for s in cohort], [s.y_train for s in cohort])
-        rngs = [np.random.default_rng([t.seed, rnd, 2, int(i)]) for i in ids]
+        data = cohort_data(cohort)
         batches = None
         rule = self.rule
+        rngs: list[np.random.Generator] = []
         if self.make_rule is not None:
+            rngs = [np.random.default_rng([t.seed, rnd, 2, int(i)]) for i in ids]
             rule, batches = self.make_rule(rnd, ids, data, rngs)
         assert rule is not None
+        schedule = None
+        if batches is None:
+            # every site's shuffles at once: site i visits its records in site_order's order
+            schedule = cohort_schedule(
+                data.sizes, batch_size=t.batch_size, epochs=t.local_epochs, seed=t.seed,
+                rnd=rnd, site_ids=np.asarray(ids, dtype=np.int64),
+            )  # fmt: skip
         new = train_cohort(
             params, data, rule=rule, lr=t.lr, batch_size=t.batch_size, epochs=t.local_epochs,
-            rngs=rngs, prox_mu=prox_weight(t), batches=batches,
+            rngs=rngs, prox_mu=prox_weight(t), batches=batches, schedule=schedule,
         )  # fmt: skip
         return (new - params.reshape(1, -1)).numpy().astype(np.float64)
+
+
+def cohort_data(cohort: Sequence[SiteData]) -> CohortData:
+    """The cohort's training records, concatenated: a view of the loaded arrays when the cohort
+    is a run of consecutive sites as loaded (every site of a round, in simulation), else a
+    copy."""
+    pool = cohort[0].pool if cohort else None
+    run = pool.train_run(cohort) if pool is not None else None
+    if run is not None:
+        X, y, offsets = run
+        return CohortData(torch.from_numpy(X), torch.from_numpy(y), offsets)
+    return CohortData.from_arrays([s.X_train for s in cohort], [s.y_train for s in cohort])
 
 
 def root_update(
