@@ -25,9 +25,7 @@ import run_all  # noqa: E402
 #: Scripts whose owners are moving them onto the harness; each is skipped with this reason
 #: until it writes through ``harness.Bench`` (then the test below insists it leaves this set).
 NOT_YET_ON_HARNESS = {
-    "bench_he_inference.py": "encrypted inference benchmark, moving to the harness",
     "bench_he_aggregation.py": "encrypted aggregation benchmark, moving to the harness",
-    "bench_serve.py": "prediction service benchmark, moving to the harness",
 }
 
 #: Seconds a quick run may take (on 2 busy cores); the sizes are tiny on purpose.
