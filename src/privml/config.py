@@ -348,7 +348,12 @@ class TrainingConfig(_Strict):
         # what secure aggregation needs of its own settings (which mechanisms it combines
         # with is privml.fl.compat's table)
         out: list[str] = []
-        misplaced = sorted(self.model_fields_set & set(_SECAGG_FIELDS))
+        # set and not at the default (a resumed run's config is written out whole)
+        misplaced = sorted(
+            f
+            for f in self.model_fields_set & set(_SECAGG_FIELDS)
+            if getattr(self, f) != type(self).model_fields[f].default
+        )
         if self.secure_aggregation != "secagg+" and misplaced:
             out.append(
                 f"{', '.join(misplaced)} apply to secure_aggregation = \"secagg+\" only; "
