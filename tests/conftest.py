@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def _absl_handler_on_the_real_stderr() -> None:
+    """absl (dp-accounting's logging) makes its handler at import on the ``sys.stderr`` of that
+    moment, which under pytest is a capture buffer; a later ``logging.config.dictConfig`` (the
+    prediction service configures logging in process before refusing bad options) shuts every
+    handler down and absl's closes that buffer, breaking the capture of every later test.
+    Pointed at the real stderr, absl's handler leaves it open (it never closes sys.stderr)."""
+    try:
+        import absl.logging
+    except ImportError:
+        return
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_handler_on_the_real_stderr()
 
 
 @pytest.fixture(autouse=True, scope="session")
