@@ -153,7 +153,7 @@ def test_no_message_the_server_receives_reveals_one_update() -> None:
     target = 0
     y = next(p for s, i, p in session.received if s == "masked_vector" and i == target)
     q = r.seal._quantize(SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
-                                     np.zeros(10, dtype=bool)))  # fmt: skip
+                                     np.zeros(10, dtype=bool)), session.t)  # fmt: skip
     assert q is not None
     # the masked vector alone is uniform noise: uncorrelated with the update, spread over [0, m)
     assert abs(_corr(y[1:], q[target, 1:])) < 0.3
@@ -403,11 +403,11 @@ def test_bad_settings_are_config_errors(training: dict[str, Any], message: str) 
     assert message in " ".join(str(exc.value).split())
 
 
-def test_privacy_with_secagg_is_refused_by_the_table() -> None:
+def test_adaptive_clipping_with_secagg_is_refused_by_the_table() -> None:
     raw = tomllib.loads(DEMO.read_text())
     raw["training"] |= {"max_update_norm": 1.0, "secure_aggregation": "secagg+"}
-    raw["privacy"] = {"mode": "client", "epsilon": 1.0}
-    with pytest.raises(ConfigError, match="distributed DP"):
+    raw["privacy"] = {"mode": "client", "epsilon": 1.0, "adaptive_clip": True}
+    with pytest.raises(ConfigError, match="masked sum does not carry"):
         parse_config(raw)
 
 

@@ -144,10 +144,18 @@ TABLE: tuple[Combination, ...] = (
         'engine = "simulation", or secure_aggregation = "paillier" / "ckks" on Flower',
     ),
     Combination(
-        {"secure_aggregation": ("secagg+",), "privacy": ("sample", "client")},
+        {"secure_aggregation": ("secagg+",), "privacy": ("client",), "adaptive_clip": ("on",)},
         False,
-        "distributed DP (each site's discrete noise share under the masks) is not built yet",
-        'secure_aggregation = "none" with [privacy], or SecAgg+ without [privacy]',
+        "adaptive clipping releases a noisy count of unclipped updates each round, which the "
+        "masked sum does not carry",
+        "adaptive_clip = false (a fixed clip)",
+    ),
+    Combination(
+        {"secure_aggregation": ("secagg+",), "privacy": ("client",), "features": ("hog",)},
+        False,
+        "the feature map's private centre is a noised sum the server would compute from the "
+        "sites' plain means, outside the masking",
+        'features = "none", or secure_aggregation = "none"',
     ),
     Combination(
         {"privacy": _DP, "accountant": ("rdp",)},
@@ -214,6 +222,24 @@ TABLE: tuple[Combination, ...] = (
         True,
         "the key holder site makes the keys and decrypts only sums, over Flower messages",
         how="setup (keygen at the key holder) -> seal at sites -> sum -> decrypt request",
+    ),
+    Combination(
+        {"privacy": ("client",), "secure_aggregation": ("secagg+",)},
+        True,
+        "distributed DP: each site clips its update, quantizes it with conditional randomized "
+        "rounding and adds its share of discrete Gaussian noise before masking; the shares of "
+        "the threshold's sites alone give the booked epsilon (dropped sites' shares are the "
+        "worst case), the modulus keeps the noised sum from wrapping; nobody sees an un-noised "
+        "sum",
+        how="clip -> quantize (conditional rounding) -> noise share -> mask -> masked sum -> "
+        "unmask -> decode -> fixed denominator",
+    ),
+    Combination(
+        {"privacy": ("sample",), "secure_aggregation": ("secagg+",)},
+        True,
+        "each site trains with DP-SGD and books its cost, then clips, weights, quantizes and "
+        "masks its update; the server unmasks the sum only",
+        how="DP-SGD -> accounting -> clip -> quantize -> mask -> masked sum -> unmask",
     ),
     Combination(
         {"secure_aggregation": ("secagg+",), "engine": ("simulation",)},

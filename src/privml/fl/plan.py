@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,9 +265,12 @@ def _federation(training: Any, server: ServerPlan, n_sites: int, size: int | Non
 
 
 def _masking_stages(
-    training: Any, counts: list[int], n_params: int, *, record: bool = False
-) -> tuple[Any, Any]:
-    """SecAgg+'s seal and combine stages, with the sites' protocol sessions in this process."""
+    training: Any, counts: list[int], n_params: int, *, record: bool = False,
+    options: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """SecAgg+'s seal and combine stages, with the sites' protocol sessions in this process.
+    ``options``: distributed DP's settings (clip, modulus, unweighted sum, fixed denominator,
+    the noise share, conditional rounding and its draws)."""
     from privml.fl.secagg import SecAggParams
     from privml.fl.stages.masking import (
         MaskedSum,
@@ -278,13 +281,22 @@ def _masking_stages(
     )
     from privml.fl.stages.secure import clip_bound
 
-    clip = clip_bound(training)
+    o = dict(options or {})
+    clip = float(o["clip"]) if "clip" in o else clip_bound(training)
     params = SecAggParams.from_training(training, n_params=n_params, clip=clip,
                                         max_weight=float(max(counts)))  # fmt: skip
+    if "modulus" in o:
+        params = replace(params, modulus=int(o["modulus"]))
     server = MaskingServer(params, record=record)
     sites = SimulatedSites(params)
-    seal = SealMasked(params, server, sites, clip, seeded_uniforms(training.seed))
-    return seal, MaskedSum(params, server, sites, clip)
+    weighted = bool(o.get("weighted", True))
+    uniforms = o.get("uniforms") or seeded_uniforms(training.seed)
+    seal = SealMasked(params, server, sites, clip, uniforms, weighted=weighted,
+                      noise=o.get("noise"), rounding_bound=o.get("rounding_bound"))  # fmt: skip
+    combine = MaskedSum(params, server, sites, clip, weighted=weighted,
+                        denominator=o.get("denominator"),
+                        centered=o.get("noise") is not None)  # fmt: skip
+    return seal, combine
 
 
 def _sealing(
@@ -294,7 +306,8 @@ def _sealing(
     # the counts the sites report (an attacker's poisoned records included)
     reported = [local.records(training.rounds)[i] for i in range(n_sites)]
     if training.secure_aggregation == "secagg+":
-        m_seal, m_combine = _masking_stages(training, [s.n_train for s in reported], n_params)
+        m_seal, m_combine = _masking_stages(training, [s.n_train for s in reported], n_params,
+                                            options=secure)  # fmt: skip
         return m_seal, m_combine, lambda: m_combine.describe(m_seal)
     seal, combine, holder = _secure_stages(training, reported, n_params, secure)
     return seal, combine, lambda: combine.describe(seal, holder.keygen_seconds)

@@ -192,6 +192,12 @@ def private_parts(
     assert ledger is not None
     if mode == "sample":
         return _sample_parts(config, fed, hspec, fmap, ledger, noise, restored or {})
+    if config.training.secure_aggregation == "secagg+" and fmap is None:
+        from privml.fl.stages.distributed import distributed_parts
+
+        n_params = sum(x.numel() for x in build_model(hspec).parameters())
+        return distributed_parts(config, fed, hspec, ledger, noise, restored or {},
+                                 n_params=n_params, run_id=run_label(config))  # fmt: skip
     return _client_parts(config, fed, hspec, fmap, ledger, noise, restored or {})
 
 

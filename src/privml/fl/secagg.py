@@ -242,13 +242,24 @@ def quantize_rows(
 
 
 def dequantize_sum(
-    total: NDArray[np.uint64], n: int, params: SecAggParams
+    total: NDArray[np.uint64], n: int, params: SecAggParams, *, centered: bool = False
 ) -> tuple[NDArray[np.float64], float]:
     """The weighted sum ``sum_i w_i x_i`` and the total weight ``sum_i w_i`` from the unmasked
-    sum of ``n`` vectors (Flower's ``dequantize`` and offset ``-(n - 1) c``)."""
+    sum of ``n`` vectors (Flower's ``dequantize`` and offset ``-(n - 1) c``).
+
+    ``centered``: the sum carries integer noise (distributed DP), so a coordinate may lie
+    below 0 or above ``n T``; each residue is read as the integer nearest the middle of the
+    noiseless range, ``n T / 2``, within half the modulus (exact unless the noise exceeds
+    ``(modulus - n T) / 2``, which the modulus is chosen to make negligible)."""
     T, c = params.quantization_range, params.clipping_range
     total_w = float(total[0]) / T
-    values = total[1:].astype(np.float64) * (2 * c / T) - n * c
+    if centered:
+        m, mid = params.modulus, (n * T) // 2
+        r = total[1:].astype(np.int64)
+        ints = (r - mid + m // 2) % m - m // 2 + mid
+        values = ints.astype(np.float64) * (2 * c / T) - n * c
+    else:
+        values = total[1:].astype(np.float64) * (2 * c / T) - n * c
     return values, total_w
 
 

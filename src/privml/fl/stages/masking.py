@@ -142,7 +142,11 @@ class SealMasked:
     participant's clipped, weighted, quantized and masked update (see the module docstring).
 
     ``noise``: integer noise added to each site's quantized coordinates before masking
-    (distributed DP's noise share), ``(batch) -> int64 [S, P]``.
+    (distributed DP's noise share), ``(batch, threshold) -> int64 [S, P]`` (``threshold``: the
+    round's SecAgg+ threshold, the fewest shares the server can ever unmask a sum of).
+    ``rounding_bound``: conditional randomized rounding (distributed DP): a site whose rounded
+    update, centred, has L2 norm above it draws its rounding again (``uniforms`` must then give
+    fresh draws on every call).
     """
 
     params: SecAggParams
@@ -151,8 +155,10 @@ class SealMasked:
     clip: float
     uniforms: Uniforms
     weighted: bool = True
-    noise: Callable[[SiteUpdates], NDArray[np.int64]] | None = None
+    noise: Callable[[SiteUpdates, int], NDArray[np.int64]] | None = None
+    rounding_bound: float | None = None
     n_clipped: int = 0
+    n_rerounded: int = 0
     seconds: list[tuple[int, int, float]] = field(default_factory=list)
     name = "seal"
     step = "seal"
@@ -175,7 +181,7 @@ class SealMasked:
             session.aborted = exc
             batch.updates = np.zeros((n_rows, 0))
             return
-        q = self._quantize(batch)
+        q = self._quantize(batch, session.t)
         gone = self.sites.gone("masked_vector")
         sealed: list[Any] = []
         for r, i in enumerate(batch.ids):
@@ -190,7 +196,7 @@ class SealMasked:
         batch.updates = np.zeros((n_rows, 0))  # the plain update never leaves the site
         self.seconds.append((rnd, n_rows, time.perf_counter() - t0))
 
-    def _quantize(self, batch: SiteUpdates) -> NDArray[np.uint64] | None:
+    def _quantize(self, batch: SiteUpdates, threshold: int) -> NDArray[np.uint64] | None:
         if not len(batch.ids):
             return None
         rows = np.nan_to_num(np.asarray(batch.updates, dtype=np.float64), nan=0.0,
@@ -199,12 +205,31 @@ class SealMasked:
         self.n_clipped += int(over.sum())
         w = batch.weights / self.params.max_weight if self.weighted else np.ones(len(batch.ids))
         u = self.uniforms(batch.rnd, batch.ids, rows.shape[1])
-        q = quantize_rows(rows, np.minimum(w, 1.0), self.params, u)
+        w = np.minimum(w, 1.0)
+        q = quantize_rows(rows, w, self.params, u)
+        if self.rounding_bound is not None:
+            self._reround(q, rows, w, batch)
         if self.noise is not None:
             m = self.params.modulus
-            noise = self.noise(batch).astype(np.int64) % m  # residues in [0, m)
+            noise = self.noise(batch, threshold).astype(np.int64) % m  # residues in [0, m)
             q[:, 1:] = (q[:, 1:] + noise.astype(np.uint64)) & np.uint64(m - 1)
         return q
+
+    def _reround(self, q: NDArray[np.uint64], rows: NDArray[np.float64],
+                 w: NDArray[np.float64], batch: SiteUpdates) -> None:  # fmt: skip
+        """Conditional randomized rounding: rows whose rounded norm exceeds the bound are
+        rounded again with fresh draws (each try fails with probability below ``beta``)."""
+        assert self.rounding_bound is not None
+        mid = self.params.quantization_range / 2
+        for _ in range(10_000):
+            norms = np.linalg.norm(q[:, 1:].astype(np.float64) - mid, axis=1)
+            bad = np.flatnonzero(norms > self.rounding_bound)
+            if not len(bad):
+                return
+            self.n_rerounded += len(bad)
+            u = self.uniforms(batch.rnd, batch.ids[bad], rows.shape[1])
+            q[bad] = quantize_rows(rows[bad], w[bad], self.params, u)
+        raise RuntimeError("conditional rounding did not converge (bound below the norm)")
 
 
 @dataclass
@@ -232,6 +257,8 @@ class MaskedSum:
     weighted: bool = True
     denominator: float | None = None
     check_bound: bool = True
+    centered: bool = False
+    """The sum carries distributed DP's integer noise: decode residues around the middle."""
     costs: list[_Cost] = field(default_factory=list)
     step = "combine"
 
@@ -253,7 +280,7 @@ class MaskedSum:
             return self._skip(exc, *self._split(ids, sealed, session))
         accepted, rejected = self._split(ids, sealed, session)
         n = len(session.senders)
-        summed, total_w = dequantize_sum(total, n, self.params)
+        summed, total_w = dequantize_sum(total, n, self.params, centered=self.centered)
         self.costs.append(_Cost(rnd, len(session.ids), n, len(session.dropped),
                                 time.perf_counter() - t0))  # fmt: skip
         info: dict[str, Any] = {"clip": self.clip, "secagg_senders": n,
@@ -309,8 +336,12 @@ class MaskedSum:
             "to [0, quantization_range] with stochastic rounding",
             "key_holder": None,
             "server_checks": "masked vector type, length and range; after unmasking, the sum's "
-            "L2 norm <= clip x total weight (else the round is skipped); no per-update check",
+            "L2 norm <= clip x total weight (else the round is skipped); no per-update check"
+            if self.check_bound and self.denominator is None else "masked vector type, length "
+            "and range; no per-update check (the unmasked sum carries distributed DP noise, "
+            "its norm is not checked)",
             "updates_clipped": None if seal is None else seal.n_clipped,
+            "rounding_redraws": None if seal is None else seal.n_rerounded,
             "median_seal_seconds_per_site": med(seal_s) if seal_s else None,
             "median_unmask_seconds": med([c.unmask_seconds for c in self.costs])
             if self.costs else None,
