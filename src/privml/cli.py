@@ -189,6 +189,7 @@ def run(
         from privml.artifacts import dumps_json
 
         sys.stdout.write(dumps_json(res) + "\n")
+        degraded_warning(res)
         return
     _summary(res, output.out_dir)
 
@@ -211,13 +212,20 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
         return row + [_f(x.get(k)) for k in ("majority_baseline", "accuracy",
                                               "balanced_accuracy", "f1", "auc")]  # fmt: skip
 
+    part = res.get("participation") or {}
+    cover = part.get("metrics_cover") or {}
+    unevaluated = set(cover.get("not_evaluated") or ())
     for s in res["sites"][:20]:
         ps = m["per_site"].get(s["name"], {})
-        t.add_row(s["name"], str(s["n_train"]), str(s["n_test"]), *cells(ps))
+        test = str(s["n_test"]) + (" (not evaluated)" if s["name"] in unevaluated else "")
+        t.add_row(s["name"], str(s["n_train"]), test, *cells(ps))
     if len(res["sites"]) > 20:
         t.add_row(f"... {len(res['sites']) - 20} more", *[""] * (len(cols) - 1))
+    pooled_n = str(m["n"])
+    if cover and cover.get("n", m["n"]) < cover.get("of", 0):
+        pooled_n = f"{cover['n']} of {cover['of']}"
     t.add_row(
-        "[bold]pooled", str(sum(s["n_train"] for s in res["sites"])), str(m["n"]),
+        "[bold]pooled", str(sum(s["n_train"] for s in res["sites"])), pooled_n,
         *(f"[bold]{c}" for c in cells(m)),
     )  # fmt: skip
     out.print(t)
@@ -248,12 +256,34 @@ def _summary(res: dict[str, Any], folder: Path | None) -> None:
     for section, key in (("encrypted_inference", "agreement"), ("audit", None)):
         if section in res and key:
             out.print(f"{section.replace('_', ' ')}: {key} {_f(res[section].get(key))}")
+    missed = part.get("missed") or {}
+    if missed:
+        rounds = len(res.get("rounds") or [])
+        parts = [
+            f"{name} {len({r for rs in causes.values() for r in rs})}/{rounds}"
+            for name, causes in list(missed.items())[:10]
+        ]
+        more = f", ... {len(missed) - 10} more" if len(missed) > 10 else ""
+        out.print(
+            f"rounds missed (of {rounds}; which and why: results.json participation): "
+            + ", ".join(parts) + more, highlight=False,
+        )  # fmt: skip
     if folder is not None:
         # never wrapped, so the path can be copied or grepped whatever the terminal width
         out.print(f"results: {folder}/results.json", soft_wrap=True, markup=False, highlight=False)
         if (Path(folder) / "report.html").is_file():
             out.print(f"report:  {folder}/report.html", soft_wrap=True, markup=False,
                       highlight=False)  # fmt: skip
+    degraded_warning(res)
+
+
+def degraded_warning(res: dict[str, Any]) -> None:
+    """A degraded run (a site missed rounds it was not simulated to miss, or the metrics do
+    not cover every test record) ends with a warning on stderr; the exit code stays 0."""
+    part = res.get("participation") or {}
+    if part.get("degraded"):
+        for w in part.get("warnings") or ():
+            err.print(f"[bold yellow]warning (degraded run):[/bold yellow] {w}", highlight=False)
 
 
 def _f(v: Any) -> str:

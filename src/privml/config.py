@@ -242,6 +242,28 @@ class TrainingConfig(_Strict):
     server_optimizer_params: dict[str, Any] = Field(default_factory=dict)
     max_update_norm: float | None = Field(default=None, gt=0)
     engine: Literal["simulation", "flower"] = "simulation"
+    # Churn: how few sites a round may close with, and how long a deployment waits for sites
+    min_sites_per_round: int | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="fewest site updates a round may use; a round with fewer is retried "
+        "(Flower: once the sites are back, within wait_for_sites) or the run stops with an "
+        "error (simulation, whose dropouts are seeded). Default: no minimum",
+    )
+    round_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400 * 7,
+        description="Flower: seconds a round waits for the sites' replies",
+    )
+    wait_for_sites: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400 * 7,
+        description="Flower: seconds to wait until enough sites are connected (at the start, "
+        "and before retrying a round with fewer than min_sites_per_round)",
+    )
     # Encrypted aggregation (privml.fl.stages.secure): sites encrypt their clipped, weighted
     # updates under the key holder's key; the server sums ciphertexts only.
     secure_aggregation: Literal["none", "paillier", "ckks", "secagg+"] = Field(
@@ -718,6 +740,13 @@ class Config(_Strict):
                     f"training: aggregator {t.aggregator!r} with {params or 'its defaults'} "
                     f"needs at least {need} client updates per round; this config samples {k} "
                     f"of {n_sites} sites. Sample more clients or change the aggregator."
+                )
+            m = t.min_sites_per_round
+            if m is not None and m > k and self.privacy.mode != "client":
+                problems.append(
+                    f"training.min_sites_per_round = {m} is more than the {k} sites this config "
+                    f"samples per round (of {n_sites}): no round could ever close. Lower it to "
+                    f"at most {k}, or sample more sites"
                 )
             a = self.attack
             if a is not None and a.sites is not None:

@@ -32,6 +32,11 @@ TIMING_KEYS = ("seconds",)
 #: Keys of a round record derived from the parameters (checked through them), not recorded.
 DERIVED_KEYS = ("per_site",)
 
+#: Keys added to round records after the goldens were recorded (which sites missed the round,
+#: how often it was sent; tests/fl/test_churn.py checks them).
+NEW_KEYS = ("missed", "attempts")
+SKIPPED_KEYS = TIMING_KEYS + DERIVED_KEYS + NEW_KEYS
+
 
 def _federation(name: str = "bc", n_sites: int = 10) -> Any:
     """Every site's records, split by a fixed rule (record i goes to site i % n_sites after a
@@ -88,10 +93,7 @@ def _attack(**kw: Any) -> Any:
 
 
 def _sim_result(res: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    rounds = [
-        {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS + DERIVED_KEYS}
-        for r in res.history
-    ]
+    rounds = [{k: v for k, v in r.to_dict().items() if k not in SKIPPED_KEYS} for r in res.history]
     updates = dict(res.extra.get("updates", {}))
     attack = res.extra.get("attack")
     info = {
@@ -189,8 +191,7 @@ def _flower(training: dict[str, Any]) -> Callable[[], tuple[np.ndarray, dict[str
 
         res = run_flower_in_memory(training)
         rounds = [
-            {k: v for k, v in r.to_dict().items() if k not in TIMING_KEYS + DERIVED_KEYS}
-        for r in res.history
+            {k: v for k, v in r.to_dict().items() if k not in SKIPPED_KEYS} for r in res.history
         ]
         return res.params.numpy().astype(np.float32), {
             "rounds": rounds,

@@ -260,6 +260,7 @@ def _federation(training: Any, server: ServerPlan, n_sites: int, size: int | Non
         "dropout": training.dropout,
         "straggler": training.straggler,
         "straggler_policy": "late updates are discarded (synchronous rounds)",
+        "min_sites_per_round": training.min_sites_per_round,
         "fltrust_root": root_info,
     }
 
@@ -369,7 +370,8 @@ def build_run(
     uniform = UniformCohort.from_training(len(sites), training)
     cohort = parts.cohort if parts.cohort is not None else uniform
     plan = RoundsPlan(training.rounds, cohort, combine, ServerOptimizerStep(server.optimizer),
-                      list(parts.server_stages), stateful, checkpoint)  # fmt: skip
+                      list(parts.server_stages), stateful, checkpoint,
+                      training.min_sites_per_round)  # fmt: skip
     federation = _federation(training, server, len(sites),
                              uniform.size if parts.cohort is None else None, root_info)  # fmt: skip
     return Run(plan, SitePipeline(local, stages, malicious), model, spec, state, server, fed,

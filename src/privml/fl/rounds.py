@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from privml.errors import PrivmlError
 from privml.fl.checkpoint import ServerState
 from privml.fl.validate import REJECTION_REASONS
 
@@ -63,8 +64,21 @@ __all__ = [
     "SiteStage",
     "SiteUpdates",
     "Tally",
+    "TooFewSites",
     "run_rounds",
 ]
+
+MAX_MISSED_RECORDED = 1000
+"""A round record lists the sites that missed it (by cause) up to this many; beyond, only the
+counts (``dropped``, ``stragglers``) are kept."""
+
+
+class TooFewSites(PrivmlError, RuntimeError):
+    """A round closed with fewer site updates than ``training.min_sites_per_round``, and the
+    engine could not get enough of them (exit code 2)."""
+
+    exit_code = 2
+
 
 ENGINES: tuple[str, ...] = ("simulation", "flower")
 """The engines that run rounds: in-process (default) and Flower (across machines)."""
@@ -158,8 +172,9 @@ class Received:
     combine step validates each). ``sealed`` replaces ``updates`` under secure aggregation.
     ``ids``: the site index of each entry. ``malicious``: which entries came from simulated
     attackers (the engine knows; used for records only). ``missing``: participants whose
-    reply did not come (Flower: timed out or failed), by cause. ``asked``: how many sites were
-    asked for an update.
+    reply did not come (Flower: timed out or failed), counted by cause; ``missed``: the same
+    participants, site index -> cause (``timed_out``, ``site_error``). ``asked``: how many
+    sites were asked for an update.
     """
 
     ids: NDArray[np.int64]
@@ -170,6 +185,7 @@ class Received:
     missing: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     asked: int = 0
+    missed: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -221,7 +237,12 @@ class RoundRecord:
     updates a selecting rule (Krum, Multi-Krum, Bulyan, FLTrust) kept; ``malicious`` the
     simulated attackers among the clients and ``malicious_selected`` those the rule kept;
     ``skipped`` why the model did not change this round (None when it did); ``per_site`` each
-    site's own test metrics after the round.
+    site's own test metrics after the round; ``missed`` the sampled sites whose update did
+    not reach the server, by cause (``dropped`` and ``straggler``: simulated by the config;
+    ``timed_out``, ``site_error``: on Flower, a site that did not answer or failed), as site
+    indices in the config's order (None beyond :data:`MAX_MISSED_RECORDED` sites);
+    ``attempts`` how many times the round was sent (more than 1 when it was retried for
+    ``min_sites_per_round``).
     """
 
     round: int
@@ -241,6 +262,8 @@ class RoundRecord:
     per_site: dict[str, dict[str, Any]] | None = None
     """site -> ``loss``, ``accuracy``, ``auc`` on its own test records (the per-site learning
     curves); None when not evaluated (more than ``fl.metrics.MAX_SITES_PER_ROUND`` sites)."""
+    missed: dict[str, list[int]] | None = field(default_factory=dict)
+    attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -248,7 +271,9 @@ class RoundRecord:
 
 @dataclass
 class Tally:
-    """Update counts over the whole run (results.json ``updates``)."""
+    """Update counts over the whole run (results.json ``updates``); ``dropped`` is the sum of
+    the rounds' ``dropped`` (simulated dropouts, and on Flower the sites that did not answer,
+    also counted by cause: ``timed_out``, ``site_errors``)."""
 
     accepted: int = 0
     rejected: int = 0
@@ -264,7 +289,8 @@ class Tally:
         self.rejected += counts["rejected"]
         for reason, c in counts["by_reason"].items():
             self.by_reason[reason] += c
-        self.dropped += len(cohort.dropped)
+        # as the round record counts it: simulated dropouts and sites that did not answer
+        self.dropped += len(cohort.dropped) + sum(received.missing.values())
         self.stragglers += len(cohort.stragglers)
         for cause, c in received.missing.items():
             self.missing[cause] = self.missing.get(cause, 0) + c
@@ -393,6 +419,11 @@ class Engine(Protocol):
 
     def finish(self, params: NDArray[np.float32]) -> dict[str, Any]: ...
 
+    # An engine may also define ``retry(rnd, state, cohort, received) -> Received | None``:
+    # called when a round got fewer than ``min_sites_per_round`` updates, it waits for the
+    # missing sites and sends the round again (Flower), or returns None to give up. The
+    # simulation has none: its dropouts are seeded, a retry would draw the same ones.
+
 
 class Checkpointer(Protocol):
     """Step ``"record"``: saves the state after each round (authenticated checkpoint)."""
@@ -425,6 +456,10 @@ class RoundsPlan:
     server_stages: list[ServerStage] = field(default_factory=list)
     stateful: list[Stateful] = field(default_factory=list)
     checkpoint: Checkpointer | None = None
+    min_sites: int | None = None
+    """``training.min_sites_per_round``: a round with fewer updates reaching the server is
+    sent again when the engine can (``Engine.retry``), else the run stops
+    (:class:`TooFewSites`)."""
 
 
 @dataclass
@@ -440,6 +475,19 @@ class RoundsResult:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+
+def _missed(cohort: Cohort, received: Received) -> dict[str, list[int]] | None:
+    out: dict[str, list[int]] = {}
+    if len(cohort.dropped):
+        out["dropped"] = [int(i) for i in cohort.dropped]
+    if len(cohort.stragglers):
+        out["straggler"] = [int(i) for i in cohort.stragglers]
+    for site, cause in sorted(received.missed.items()):
+        out.setdefault(cause, []).append(int(site))
+    if sum(len(v) for v in out.values()) > MAX_MISSED_RECORDED:
+        return None
+    return out
 
 
 def _record(
@@ -462,7 +510,42 @@ def _record(
         selected=None if sel is None else len(sel),
         malicious_selected=None if sel is None else int(mal[sel].sum()),
         skipped=outcome.skipped,
+        missed=_missed(cohort, received),
     )
+
+
+def _enough(
+    plan: RoundsPlan, engine: Engine, rnd: int, state: ServerState, cohort: Cohort,
+    received: Received,
+) -> tuple[Received, int]:  # fmt: skip
+    """``received``, or the round sent again until ``plan.min_sites`` updates reach the
+    server, and the number of attempts; TooFewSites when the engine cannot get them."""
+    need = plan.min_sites
+    attempts = 1
+    if need is None or len(received) >= need:
+        return received, attempts
+    # sites the config drops (simulated dropouts, stragglers) do not come back on a retry
+    retry = getattr(engine, "retry", None) if len(cohort.participants) >= need else None
+    while len(received) < need:
+        again = retry(rnd, state, cohort, received) if retry is not None else None
+        if again is None:
+            missed = _missed(cohort, received) or {}
+            why = "; ".join(f"{cause}: sites {ids}" for cause, ids in missed.items())
+            hint = (
+                "the sites did not come back in time; restart their SuperNodes and resume the "
+                "run, or lower min_sites_per_round"
+                if retry is not None
+                else "a retry cannot help: the config drops these sites (dropout, straggler), "
+                "drawn from the seed. Lower min_sites_per_round, dropout or straggler"
+            )
+            raise TooFewSites(
+                f"round {rnd}: only {len(received)} site update(s) reached the server, fewer "
+                f"than training.min_sites_per_round = {need} ({len(cohort.sampled)} sampled"
+                f"{'; ' + why if why else ''}; sites numbered in the config's order); {hint}"
+            )
+        received = again
+        attempts += 1
+    return received, attempts
 
 
 def _fill(record: RoundRecord, metrics: dict[str, Any]) -> RoundRecord:
@@ -509,6 +592,7 @@ def run_rounds(
         t0 = time.perf_counter()
         cohort = plan.cohort(rnd)  # 1. who takes part
         received = engine.train(rnd, state, cohort)  # 2-5. at the sites
+        received, attempts = _enough(plan, engine, rnd, state, cohort, received)
         if pending is not None and (late := engine.settle()) is not None:
             emit(pending, late)
             pending = None
@@ -517,6 +601,7 @@ def run_rounds(
             outcome = stage.apply(state, outcome, rnd)
         state = plan.optimize(state, outcome)  # 8. server optimizer
         record = _record(rnd, t0, cohort, received, outcome)  # 9. record
+        record.attempts = attempts
         tally.add(rnd, cohort, received, outcome)
         history.append(record)
         metrics = engine.evaluate(state.params)

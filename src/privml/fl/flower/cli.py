@@ -279,8 +279,8 @@ def flower_run(
     insecure: bool = False,
     out_dir: Path | None = None,
     as_json: bool = False,
-    wait_for_sites: float = 300.0,
-    round_timeout: float = 600.0,
+    wait_for_sites: float | None = None,
+    round_timeout: float | None = None,
     home: Path | None = None,
     detach: bool = False,
     force: bool = False,
@@ -292,7 +292,7 @@ def flower_run(
     from privml.fl.flower.env import apply_flower_env
 
     for flag, value in (("--wait-for-sites", wait_for_sites), ("--round-timeout", round_timeout)):
-        if not (math.isfinite(value) and value > 0):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a number of seconds > 0. Got {value!r} instead.")
     if insecure:
         _warn_insecure("the coordinator's connection")
@@ -342,10 +342,12 @@ def flower_run(
         wait_for_sites=wait_for_sites,
         round_timeout=round_timeout,
     )
+    from privml.cli import _summary, degraded_warning
+
     if as_json:
         sys.stdout.write(json.dumps(output.results, indent=2, default=str) + "\n")
+        degraded_warning(output.results)
         return
-    from privml.cli import _summary
 
     _summary(output.results, output.out_dir)
 
@@ -372,9 +374,19 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results.json")] = False,
     wait_for_sites: Annotated[
-        float, typer.Option(help="seconds to wait for every site to connect")
-    ] = 300.0,
-    round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies")] = 600.0,
+        float | None,
+        typer.Option(
+            help="seconds to wait for the sites to connect (default: training.wait_for_sites "
+            "of the config, 300)"
+        ),
+    ] = None,
+    round_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds a round waits for replies (default: training.round_timeout of the "
+            "config, 600)"
+        ),
+    ] = None,
     home: HomeOpt = None,
     detach: Annotated[
         bool,

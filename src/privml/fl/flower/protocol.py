@@ -177,18 +177,22 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+COORDINATOR_ONLY = ("engine", "min_sites_per_round", "round_timeout", "wait_for_sites")
+"""``[training]`` settings only the coordinator uses: a site's value does not matter."""
+
+
 def fingerprint(config: Config) -> dict[str, str]:
     """Hashes of the config sections that must be equal at the coordinator and every site.
 
     ``data`` (everything but where each site keeps its file), ``model``, ``training`` (but
-    ``engine``) and ``privacy``'s mode; a difference in any of them would make a site train or
-    encode differently from what the coordinator expects.
+    the :data:`COORDINATOR_ONLY` settings) and ``privacy``'s mode; a difference in any of them
+    would make a site train or encode differently from what the coordinator expects.
     """
     r = config.resolved()
     data = dict(r["data"])
     if data.get("sites"):
         data["sites"] = [s["name"] for s in data["sites"]]
-    training = {k: v for k, v in r["training"].items() if k != "engine"}
+    training = {k: v for k, v in r["training"].items() if k not in COORDINATOR_ONLY}
     return {
         "data": _digest(data),
         "model": _digest(r["model"]),

@@ -45,6 +45,7 @@ __all__ = [
     "write_run",
 ]
 
+
 @dataclass(frozen=True)
 class Deployment:
     """How the coordinator reaches its SuperLink.
@@ -168,8 +169,8 @@ def serve_run(
     run_id: int,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
-    wait_for_sites: float = 300.0,
-    round_timeout: float = 600.0,
+    wait_for_sites: float | None = None,
+    round_timeout: float | None = None,
     claim_timeout: float = 60.0,
 ) -> FlowerTraining:
     """Claim run ``run_id``'s ServerApp task and run the coordinator in this process."""
@@ -264,8 +265,8 @@ def run_flower(
     write: bool = True,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
-    wait_for_sites: float = 300.0,
-    round_timeout: float = 600.0,
+    wait_for_sites: float | None = None,
+    round_timeout: float | None = None,
     force: bool = False,
 ) -> FlowerRunOutput:
     """Train ``config`` on the Flower deployment and write the run folder like ``privml run``.
@@ -277,8 +278,10 @@ def run_flower(
         write: write the run folder.
         on_round: called after each round's evaluation is known.
         on_stage: called with a short description of each stage.
-        wait_for_sites: seconds to wait until every configured site is connected.
-        round_timeout: seconds a round waits for the sites' replies.
+        wait_for_sites: seconds to wait until every configured site is connected (default
+            ``training.wait_for_sites``).
+        round_timeout: seconds a round waits for the sites' replies (default
+            ``training.round_timeout``).
     """
     stage = on_stage or (lambda _s: None)
     deployment.check()

@@ -107,6 +107,8 @@ class FlowerTraining:
     encoder: Encoder
     task: Task
     timing: dict[str, Any] = field(default_factory=dict)
+    rejoins: list[dict[str, Any]] = field(default_factory=list)
+    """Sites whose SuperNode came back under a new node id, and before which round."""
 
 
 def _reason(msg: Message) -> str:
@@ -119,8 +121,10 @@ class Coordinator:
     Args:
         grid: the Flower grid of the run.
         config: the run's config (the same as every site's).
-        wait_for_sites: seconds to wait for every configured site to connect, > 0.
-        round_timeout: seconds a round waits for replies before dropping the missing sites, > 0.
+        wait_for_sites: seconds to wait for every configured site to connect, > 0 (default
+            ``training.wait_for_sites``).
+        round_timeout: seconds a round waits for replies before dropping the missing sites, > 0
+            (default ``training.round_timeout``).
         poll_interval: first wait between polls for replies, seconds (doubles up to 0.5 s).
         liveness_interval: how often a round checks which SuperNodes are still online, seconds;
             it stops waiting for one the SuperLink has marked offline (missed heartbeats).
@@ -131,11 +135,15 @@ class Coordinator:
         grid: Grid,
         config: Config,
         *,
-        wait_for_sites: float = 300.0,
-        round_timeout: float = 600.0,
+        wait_for_sites: float | None = None,
+        round_timeout: float | None = None,
         poll_interval: float = 0.01,
         liveness_interval: float = 2.0,
     ) -> None:
+        if wait_for_sites is None:
+            wait_for_sites = config.training.wait_for_sites
+        if round_timeout is None:
+            round_timeout = config.training.round_timeout
         for name, value in (
             ("wait_for_sites", wait_for_sites),
             ("round_timeout", round_timeout),
@@ -156,6 +164,13 @@ class Coordinator:
         self.liveness_interval = float(liveness_interval)
         self.fingerprint = P.fingerprint(config)
         self._fp_json = json.dumps(self.fingerprint)
+        # SuperNodes asked which site they serve, hellos not answered yet (message id ->
+        # SuperNode, time sent), and each site's task and encoding from the handshake
+        self._asked: set[int] = set()
+        self._hellos: dict[str, tuple[int, float]] = {}
+        self._site_info: dict[str, dict[str, Any]] = {}
+        self.rejoins: list[dict[str, Any]] = []
+        self._setup: dict[str, Any] | None = None  # what a stage's setup sent every site
 
     # -- messaging -----------------------------------------------------------------------
 
@@ -284,6 +299,9 @@ class Coordinator:
                     )
                 time.sleep(0.05 if replies else 0.2)
         sites = sorted(found.values(), key=lambda s: s.index)
+        now = time.monotonic()
+        self._asked, self._site_info = asked, info
+        self._hellos = {mid: (node, now) for mid, node in pending.items()}
         first = info[sites[0].name]
         for s in sites[1:]:
             if info[s.name]["task"] != first["task"]:
@@ -301,6 +319,75 @@ class Coordinator:
         t = first["task"]
         task = Task(t["kind"], t["target"], tuple(t["classes"]))
         return sites, encoder, task
+
+    def rejoin(self, sites: list[SiteEntry], rnd: int, *, wait: float = 5.0) -> None:
+        """Map each site to the SuperNode that serves it now: a SuperNode not seen before (a
+        site's SuperNode restarted, under a new node id) is asked which site it serves, its
+        config fingerprint, task and encoding are checked again as in the handshake, and it
+        takes its site over (``sites`` is updated in place). Waits at most ``wait`` seconds for
+        the answers; a SuperNode that answers later is taken at a later call. A SuperNode that
+        fails the checks is left out (logged), never used."""
+        expected = site_names(self.config)
+        now = time.monotonic()
+        for mid, (node, sent) in list(self._hellos.items()):
+            if now - sent > self.round_timeout:  # expired: ask again if it is still there
+                del self._hellos[mid]
+                self._asked.discard(node)
+        new = [n for n in self.grid.get_node_ids() if n not in self._asked]
+        if new:
+            self._asked.update(new)
+            msgs = [
+                self._message(n, MessageType.QUERY, {P.SETTINGS: self._settings()}, "hello")
+                for n in new
+            ]
+            ids = list(self.grid.push_messages(msgs))
+            self._hellos.update({mid: (n, now) for mid, n in zip(ids, new, strict=True) if mid})
+        if not self._hellos:
+            return
+        deadline = time.monotonic() + (wait if new else 0.0)
+        pause = self.poll_interval
+        while self._hellos:
+            for reply in self.grid.pull_messages(list(self._hellos)):
+                got = self._hellos.pop(reply.metadata.reply_to_message_id, None)
+                if got is not None:
+                    self._take_over(sites, got[0], reply, expected, rnd)
+            if not self._hellos or time.monotonic() >= deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _take_over(
+        self, sites: list[SiteEntry], node: int, reply: Message, expected: list[str], rnd: int
+    ) -> None:
+        try:
+            entry, info = self._site_from_reply(node, reply, expected, {})
+        except PrivmlError as exc:
+            log.warning("SuperNode %s cannot join the run: %s", node, exc)
+            return
+        old = sites[entry.index]
+        if info != self._site_info.get(entry.name) or (entry.n_train, entry.n_test) != (
+            old.n_train,
+            old.n_test,
+        ):
+            log.warning(
+                "SuperNode %s serves site %s with other data, task or encoding than at the "
+                "start of the run; not used",
+                node,
+                entry.name,
+            )
+            return
+        if old.node_id != node:
+            new = SiteEntry(old.name, old.index, node, old.n_train, old.n_test)
+            if self._setup is not None:  # a restarted site lost the public material
+                try:
+                    self.ask(new, "setup", **self._setup)
+                except PrivmlError as exc:
+                    log.warning("site %s is back as SuperNode %s but %s", old.name, node, exc)
+                    return
+            sites[entry.index] = new
+            self.rejoins.append({"site": old.name, "before_round": rnd, "node_id": node,
+                                 "previous_node_id": old.node_id})  # fmt: skip
+            log.warning("site %s is back as SuperNode %s (was %s)", old.name, node, old.node_id)
 
     # -- rounds --------------------------------------------------------------------------
 
@@ -349,8 +436,9 @@ class Coordinator:
         if public is None:
             raise SiteFailure(f"the key holder {holder.name!r} sent no public material")
         pub = public.astype(np.uint8).tobytes()
+        self._setup = {"array": np.frombuffer(pub, np.uint8), "counts": json.dumps(counts)}
         for s in sites:
-            self.ask(s, "setup", array=np.frombuffer(pub, np.uint8), counts=json.dumps(counts))
+            self.ask(s, "setup", **self._setup)
         engine.key_holder = holder
         return SecureSum(setup, pub, decrypt=engine.decrypt)
 
@@ -387,7 +475,8 @@ class Coordinator:
             checkpoint = Checkpointing(checkpoint_dir, self._run_id(sites, encoder, task))
         cohort = UniformCohort.from_training(len(sites), training)
         plan = RoundsPlan(training.rounds, cohort, combine,
-                          ServerOptimizerStep(server.optimizer), checkpoint=checkpoint)  # fmt: skip
+                          ServerOptimizerStep(server.optimizer), checkpoint=checkpoint,
+                          min_sites=training.min_sites_per_round)  # fmt: skip
         history, tally, resumed_after = None, None, None
         if resume:
             if checkpoint is None:
@@ -409,6 +498,8 @@ class Coordinator:
             "straggler": training.straggler,
             "straggler_policy": "late updates are discarded (synchronous rounds)",
             "round_timeout_seconds": self.round_timeout,
+            "wait_for_sites_seconds": self.wait_for_sites,
+            "min_sites_per_round": training.min_sites_per_round,
             "fltrust_root": None,
             "resumed_after_round": resumed_after,
             "secure_aggregation": combine.describe(None, None)
@@ -423,7 +514,7 @@ class Coordinator:
         final = torch.from_numpy(out.state.params.copy())
         result = TrainingResult(spec, model, final, out.history, out.metrics, out.tally.rejected,
                                 extra)  # fmt: skip
-        return FlowerTraining(result, sites, encoder, task, timing)
+        return FlowerTraining(result, sites, encoder, task, timing, list(self.rejoins))
 
     def _malicious(self, sites: list[SiteEntry]) -> np.ndarray:
         mask = np.zeros(len(sites), dtype=bool)
@@ -463,14 +554,20 @@ class FlowerEngine:
         self.key_holder: SiteEntry | None = None
         self.round_seconds: list[float] = []
         self._evaluate_next = False
+        self._retry_round = 0
+        self._retry_deadline = 0.0
         self._late: dict[str, Any] | None = None
         self.last_stats: dict[str, EvalStats] = {}
 
-    def train(self, rnd: int, state: ServerState, cohort: Cohort) -> Received:
+    def train(
+        self, rnd: int, state: ServerState, cohort: Cohort, only: set[int] | None = None
+    ) -> Received:
         t0 = time.perf_counter()
         c = self.c
-        participants = {int(i) for i in cohort.participants}
-        evaluate = self._evaluate_next
+        if only is None:
+            c.rejoin(self.sites, rnd)
+        participants = {int(i) for i in cohort.participants} if only is None else only
+        evaluate = self._evaluate_next and only is None
         # identical content for every site: Flower stores and moves it once
         content = c._request(state.params, round=rnd, evaluate=evaluate)
         msgs = []
@@ -484,12 +581,45 @@ class FlowerEngine:
             self._late = self._pool(replies)
             self._evaluate_next = False
         received = self._received(rnd, participants, replies)
-        self.round_seconds.append(time.perf_counter() - t0)
+        if only is None:
+            self.round_seconds.append(time.perf_counter() - t0)
+        else:
+            self.round_seconds[-1] += time.perf_counter() - t0
         return received
+
+    def retry(
+        self, rnd: int, state: ServerState, cohort: Cohort, received: Received
+    ) -> Received | None:
+        """Round ``rnd`` got fewer than ``min_sites_per_round`` updates: wait until a missing
+        participant is connected again (within ``wait_for_sites`` of the round's first
+        retry), send it the round again and add what comes back; None once that time is up.
+        A site's update does not depend on when it is computed, so the round closes as it
+        would have without the interruption."""
+        c = self.c
+        if self._retry_round != rnd:
+            self._retry_round = rnd
+            self._retry_deadline = time.monotonic() + c.wait_for_sites
+        missing = {int(i) for i in cohort.participants} - {int(i) for i in received.ids}
+        while True:
+            c.rejoin(self.sites, rnd, wait=0.5)
+            online = set(c.grid.get_node_ids())
+            ready = {s.index for s in self.sites if s.index in missing and s.node_id in online}
+            if ready:
+                break
+            if time.monotonic() > self._retry_deadline:
+                return None
+            time.sleep(0.5)
+        if time.monotonic() > self._retry_deadline:
+            return None
+        log.warning("round %d: %d site(s) short of min_sites_per_round; sending it again to "
+                    "%s", rnd, len(missing), sorted(self.sites[i].name for i in ready))  # fmt: skip
+        again = self.train(rnd, state, cohort, only=ready)
+        return _merge(received, again)
 
     def _received(self, rnd: int, participants: set[int], replies: dict[int, Message]) -> Received:
         ids, updates, weights, sealed = [], [], [], []
         timed_out = failed = 0
+        missed: dict[int, str] = {}
         secure = self.c.config.training.secure_aggregation != "none"
         for s in self.sites:
             if s.index not in participants:
@@ -497,10 +627,12 @@ class FlowerEngine:
             reply = replies.get(s.node_id)
             if reply is None:
                 timed_out += 1
+                missed[s.index] = "timed_out"
                 log.warning("round %d: site %s did not answer in time; left out", rnd, s.name)
                 continue
             if reply.has_error():
                 failed += 1
+                missed[s.index] = "site_error"
                 log.warning("round %d: site %s failed: %s", rnd, s.name, _reason(reply))
                 continue
             meta = reply.content.config_records.get(P.RESULT)
@@ -515,12 +647,14 @@ class FlowerEngine:
         idx = np.asarray(ids, dtype=np.int64)
         return Received(idx, updates, weights, self.malicious[idx],
                         sealed=sealed if secure else None,
-                        missing={"timed_out": timed_out, "site_errors": failed})  # fmt: skip
+                        missing={"timed_out": timed_out, "site_errors": failed},
+                        missed=missed)  # fmt: skip
 
     def decrypt(self, aggregate: bytes, n_contributions: int) -> np.ndarray:
         """The key holder's decryption of an encrypted sum, over a message."""
         assert self.key_holder is not None
-        reply = self.c.ask(self.key_holder, "decrypt", array=np.frombuffer(aggregate, np.uint8),
+        holder = self.sites[self.key_holder.index]  # its SuperNode now
+        reply = self.c.ask(holder, "decrypt", array=np.frombuffer(aggregate, np.uint8),
                            n=int(n_contributions))  # fmt: skip
         out = P.unpack(reply.content, P.RESULT, "sum")
         if out is None or out.dtype.kind != "f" or out.ndim != 1:
@@ -552,6 +686,7 @@ class FlowerEngine:
         return late
 
     def finish(self, params: np.ndarray) -> dict[str, Any]:
+        self.c.rejoin(self.sites, len(self.round_seconds) + 1)
         request = self.c._request(params)
         msgs = [self.c._message(s.node_id, MessageType.EVALUATE, request, "final")
                 for s in self.sites]  # fmt: skip
@@ -561,6 +696,26 @@ class FlowerEngine:
             for s in self.sites
         }
         return metrics
+
+
+def _merge(first: Received, again: Received) -> Received:
+    """The updates of a round's first request and of a second one to the sites missing from
+    it, in site order; what is still missing is what ``again`` missed."""
+    ids = np.concatenate([first.ids, again.ids]).astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+
+    def both(a: Any, b: Any) -> list[Any]:
+        joined = list(a) + list(b)
+        return [joined[i] for i in order]
+
+    sealed = None
+    if first.sealed is not None and again.sealed is not None:
+        sealed = both(first.sealed, again.sealed)
+    return Received(ids[order], both(first.updates, again.updates),
+                    both(first.weights, again.weights),
+                    np.concatenate([first.malicious, again.malicious])[order], sealed=sealed,
+                    missing=dict(again.missing), info={**first.info, **again.info},
+                    asked=first.asked, missed=dict(again.missed))  # fmt: skip
 
 
 def flower_results(config: Config, training: FlowerTraining) -> dict[str, Any]:
@@ -578,6 +733,7 @@ def flower_results(config: Config, training: FlowerTraining) -> dict[str, Any]:
         "flower_version": _flower_version(),
         "sites": [{"name": s.name, "node_id": s.node_id} for s in training.sites],
         "timing": training.timing,
+        "rejoins": training.rejoins,
     }
     return doc
 
