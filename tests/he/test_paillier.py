@@ -155,3 +155,37 @@ def test_default_3072_bits(data, trainer, ref) -> None:
     np.testing.assert_allclose(
         agg.decrypt_aggregate(akeys.secret, total, n_sites=3), np.sum(ups, axis=0), atol=1e-6
     )
+
+
+@HYP
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=12))
+def test_linear_combination_is_phe_dot_product(paillier_small, weights: list[int]) -> None:
+    """The evaluator's simultaneous exponentiation gives exactly phe's ciphertext."""
+    from phe import paillier as phe
+
+    from privml.he.paillier import linear_combination
+
+    pk = paillier_small.keys.public.key
+    rng = np.random.default_rng(len(weights))
+    ms = [int(v) for v in rng.integers(-(2**30), 2**30, len(weights))]
+    cts = [pk.raw_encrypt(m % pk.n) for m in ms]
+    acc = phe.EncryptedNumber(pk, pk.raw_encrypt(0, r_value=1))
+    for c, w in zip(cts, weights, strict=True):
+        acc = acc + phe.EncryptedNumber(pk, c) * w
+    got = linear_combination(paillier_small.keys.public, cts, weights)
+    assert got == acc.ciphertext(be_secure=False)
+    dot = sum(m * w for m, w in zip(ms, weights, strict=True))
+    assert paillier_small.keys.secret.decrypt_ints([got]) == [dot]
+
+
+def test_linear_combination_edge_cases(paillier_small) -> None:
+    from privml.he.paillier import linear_combination
+
+    pub = paillier_small.keys.public
+    c = pub.key.raw_encrypt(7)
+    assert linear_combination(pub, [c, c], [0, 0]) == 1  # encryption of 0, randomness 1
+    assert paillier_small.keys.secret.decrypt_ints([linear_combination(pub, [c], [-3])]) == [-21]
+    with pytest.raises(UsageError, match="as many weights"):
+        linear_combination(pub, [c], [1, 2])
+    with pytest.raises(UsageError, match="below the modulus"):
+        linear_combination(pub, [c], [pub.key.n])

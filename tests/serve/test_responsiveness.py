@@ -8,7 +8,12 @@ server is not blocked (a loose bound that a blocked event loop would fail by sec
 from __future__ import annotations
 
 import base64
+import json
+import os
 import socket
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,3 +117,58 @@ def test_paillier_through_the_service_with_pools(quick_server: Server, trained: 
         got = np.vstack([c.predict_logits(trained.X_test[i]) for i in range(5)])
         assert c._pool.misses == 0
     np.testing.assert_allclose(got, trained.logits(trained.X_test[:5]), atol=1e-5)
+
+
+def test_privml_predict_uses_stored_randomness_once_even_when_two_runs_race(
+    quick_server: Server, trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`privml predict --prepare N` stores Paillier randomness sealed beside the secret key;
+    two `privml predict` processes started together claim disjoint parts of it: every
+    ciphertext is encrypted from the pool, none computed on the spot, none twice (the pool is
+    exactly used up), and the scores are right. The values themselves are checked for reuse
+    across racing processes in tests/he/test_stored_pool.py."""
+    from privml.cli import main
+    from tests.serve.test_e2e import _raw_csv
+
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("PRIVML_TOKEN", quick_server.tokens["alice"])
+    monkeypatch.setenv("PRIVML_KEY_PASSPHRASE", PASSPHRASE)
+    common = ["--server", quick_server.url, "--keys", str(keys), "--scheme", "paillier"]
+    main(["predict", *common, "--prepare", "4", "--summary-json", str(tmp_path / "p.json")])
+    prep = json.loads((tmp_path / "p.json").read_text())["prepare"]
+    assert prep["patients_ready"] == 4 and prep["elements_made"] == 120 and prep["cpu_s"] > 0
+    (pool,) = keys.glob("*/pool.bin")
+    assert stat.S_IMODE(pool.stat().st_mode) == 0o600
+    raw = _raw_csv(trained, tmp_path / "all.csv", 4)
+    env = dict(os.environ)
+    procs = []
+    for i in range(2):
+        raw.iloc[2 * i : 2 * i + 2].to_csv(tmp_path / f"in{i}.csv", index=False)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "from privml.cli import main; main()", "predict", *common,
+             "--input", str(tmp_path / f"in{i}.csv"), "--out", str(tmp_path / f"out{i}.csv"),
+             "--batch-size", "1", "--no-progress", "--summary-json",
+             str(tmp_path / f"s{i}.json")],
+            env=env, stderr=subprocess.PIPE, text=True,
+        ))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+        assert "online" in err
+    sums = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(2)]
+    assert [s["randomness"] for s in sums] == [{"precomputed": 60, "on_the_spot": 0}] * 2
+    assert all(0 < s["online_seconds"] < s["seconds"] for s in sums)
+    # 120 elements stored, 120 claimed: disjoint claims used the pool up exactly
+    from privml.he.stored_pool import StoredPaillierPool
+    from privml.serve.client import PredictionClient
+
+    with PredictionClient(quick_server.url, token=quick_server.tokens["alice"], keys_dir=keys,
+                          passphrase=PASSPHRASE, scheme="paillier") as c:
+        stored = c.stored_pool()
+        assert isinstance(stored, StoredPaillierPool) and stored.available() == 0
+    import pandas as pd
+
+    got = np.concatenate([pd.read_csv(tmp_path / f"out{i}.csv")["probability"].to_numpy()
+                          for i in range(2)])
+    ref = trained.logits(trained.encoder.transform(raw))[:, 0]
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-ref)), atol=1e-5)

@@ -254,6 +254,17 @@ def _paillier_reqs(public: PaillierPublicKey) -> dict[str, Any]:
     return reqs
 
 
+def paillier_ciphertext_count(public: PaillierPublicKey, n_rows: int, *,
+                              packing: str = "auto") -> int:
+    """Ciphertexts :func:`encrypt_features` makes for ``n_rows`` patients under ``public``: the
+    precomputed randomness elements it takes from a pool."""
+    reqs = _paillier_reqs(public)
+    codec = SlotCodec.for_key(public.key_bits, int(reqs["slot_bits"]),
+                              digit_bound=int(reqs["out_digit_bound"]))
+    per_ct = 1 if packing == "replicated" else min(codec.slots, n_rows)
+    return int(reqs["n_features"]) * math.ceil(n_rows / per_ct)
+
+
 def _encrypt_paillier(
     public: PaillierPublicKey, X: Any, packing: str, pool: PaillierRandomnessPool | None
 ) -> PaillierCiphertexts:

@@ -57,6 +57,7 @@ from privml.he.paillier import (
     PaillierCiphertexts,
     PaillierPublicKey,
     PaillierRandomnessPool,
+    linear_combination,
     rerandomize,
 )
 from privml.he.protect import (
@@ -798,9 +799,8 @@ class PaillierLinearEvaluator:
                 rows = min(per_ct, features.n_rows - c * per_ct)
                 (bias,) = codec.pack([self.bq[k]] * rows)
                 acc = phe.EncryptedNumber(pk, pk.raw_encrypt(bias % pk.n, r_value=1))
-                for i, w in enumerate(row):
-                    if w:
-                        acc = acc + phe.EncryptedNumber(pk, features.cts[i * n_chunks + c]) * w
+                terms = [features.cts[i * n_chunks + c] for i in range(len(row))]
+                acc = acc + phe.EncryptedNumber(pk, linear_combination(public, terms, row))
                 (noise,) = codec.pack(
                     [secrets.randbelow(2 * self.flood + 1) - self.flood for _ in range(per_ct)]
                 )

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from privml.errors import CryptoError, UsageError
@@ -45,6 +47,18 @@ def _check_passphrase(passphrase: object) -> bytes:
 
 def _kdf(passphrase: bytes, salt: bytes, n: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=_SCRYPT_R, p=_SCRYPT_P).derive(passphrase)
+
+
+def derive_subkey(secret_material: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """A 256-bit AES key for data as sensitive as a secret key, derived from that key's own
+    material with HKDF-SHA256 (RFC 5869): opening such data takes the secret key, which is
+    sealed under the passphrase (scrypt + AES-256-GCM), so it has the secret key's protection
+    without a second scrypt derivation. ``salt``: random, per file; ``info``: what it is for."""
+    if len(secret_material) < 32:
+        raise CryptoError("secret key material too short to derive a key from")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(
+        secret_material
+    )
 
 
 def seal_secret(

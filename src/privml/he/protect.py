@@ -187,6 +187,13 @@ class CKKSAnswerPool:
         with self._lock:
             return sum(max(0, t - len(self._items.get(s, []))) for s, t in self.target.items())
 
+    def below(self, fraction: float) -> bool:
+        """Whether some kind of element has fewer than ``fraction`` of its target ready."""
+        self._fork_guard()
+        with self._lock:
+            return any(len(self._items.get(s, [])) < fraction * t
+                       for s, t in self.target.items() if t > 0)
+
     def _make(self, spec: MaskSpec) -> Any:
         self.made += 1
         return make_element(self._public.runtime(spec.profile), spec)

@@ -58,7 +58,7 @@ from privml.errors import CryptoError, InsecureOptionWarning, PrivmlError
 from privml.he import formats
 from privml.he.api import PublicMaterial, load_features, load_public
 from privml.he.ckks import CKKSProfile, CKKSPublicContext
-from privml.he.evaluators import EvaluationTimeout, charged_patients
+from privml.he.evaluators import CKKSLinearEvaluator, EvaluationTimeout, charged_patients
 from privml.he.paillier import DEFAULT_KEY_BITS, PaillierPublicKey
 from privml.serve.model import API_VERSION, ServedModel
 from privml.serve.pools import PoolKeeper
@@ -70,6 +70,10 @@ log = logging.getLogger("privml.serve")
 access_log = logging.getLogger("privml.serve.access")
 
 ANONYMOUS = "anonymous"
+#: Single-patient CKKS requests of a linear model with at most this many patients are evaluated
+#: on the event loop: about a millisecond of work, less than handing it to a worker thread and
+#: back costs (two thread wake-ups, each a wait for the GIL and for a core on a busy machine).
+INLINE_MAX_PATIENTS = 4
 #: Parsed public contexts kept in memory per worker process (a CKKS context is ~2-20 MB).
 CONTEXT_CACHE_SIZE = 32
 _KEY_ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -239,6 +243,20 @@ class _Service:
         self._remember(key_id, pub)
         return pub
 
+    def warm(self, key_id: str, scheme: str) -> None:
+        """Have the pool thread load this context and fill its answer pool."""
+        ev = self.served.evaluators.get(scheme)
+        if ev is None:
+            return
+
+        def load() -> tuple[PublicMaterial, Any] | None:
+            pub = self.public_material(key_id, scheme)
+            if pub is None or pub.requirements != ev.requirements.normalized:
+                return None
+            return pub, ev
+
+        self.pools.warm(key_id, load)
+
     def _remember(self, key_id: str, pub: PublicMaterial) -> None:
         with self.cache_lock:
             self.cache[key_id] = pub
@@ -246,13 +264,24 @@ class _Service:
             while len(self.cache) > CONTEXT_CACHE_SIZE:
                 self.cache.popitem(last=False)
 
-    async def run(self, fn: Callable[[float], Any]) -> Any:
-        """Run ``fn(deadline)`` on an evaluation thread, off the event loop.
+    async def run(self, fn: Callable[[float], Any], *, inline: bool = False) -> Any:
+        """Run ``fn(deadline)`` on an evaluation thread, off the event loop (``inline``: here,
+        for work too small to be worth the hand-off, see :data:`INLINE_MAX_PATIENTS`).
 
         Requests queue for the workers (in arrival order) up to ``max_pending`` in flight;
         beyond that, 503 ``busy`` with Retry-After. The time limit counts from arrival: a
         request that waited and then overruns it gets 503 ``evaluation_timeout`` (the
         evaluators stop at their next patient or chunk)."""
+        limit = self.settings.limits.eval_timeout_s
+        if inline:
+            try:
+                return fn(time.monotonic() + limit)
+            except EvaluationTimeout:
+                raise ApiError(
+                    503, "evaluation_timeout", None,
+                    f"the evaluation exceeded this server's limit of {limit:g} s; send fewer "
+                    "patients per request",
+                ) from None
         if self.pending >= self.max_pending:
             raise ApiError(
                 503, "busy", None,
@@ -260,7 +289,6 @@ class _Service:
                 "workers; retry after 1 s",
                 headers={"Retry-After": "1"},
             )
-        limit = self.settings.limits.eval_timeout_s
         self.pending += 1
         try:
             deadline = time.monotonic() + limit
@@ -457,7 +485,11 @@ class _Guard:
             await send(msg)
 
         try:
-            await self._handle(scope, receive, send_logged, path, state)
+            if path.startswith(f"/{API_VERSION}/"):
+                with self.service.pools.serving():  # background refills wait meanwhile
+                    await self._handle(scope, receive, send_logged, path, state)
+            else:
+                await self._handle(scope, receive, send_logged, path, state)
         except Exception as exc:  # never a traceback with request data, never a crash
             log.error("internal error %s at %s", type(exc).__name__, _where(exc))
             if not state["status"]:
@@ -593,6 +625,12 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         pools=PoolKeeper(),
     )
     svc.store.expire(ttl_s=settings.limits.context_ttl_s)
+    recent: dict[str, str] = {}
+    for rec in sorted(svc.store.records(), key=lambda r: r.last_used, reverse=True):
+        if len(recent) < svc.pools.max_pools:
+            recent.setdefault(rec.key_id, rec.scheme)
+    for key_id, scheme in reversed(list(recent.items())):  # the most recent warmed first
+        svc.warm(key_id, scheme)
     if not settings.auth:
         msg = (
             "AUTHENTICATION IS OFF (--insecure-no-auth): anyone who can reach "
@@ -743,6 +781,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
         except ContextQuotaError as exc:
             raise ApiError(403, "context_quota", "context", str(exc)) from None
         svc._remember(pub.key_id, pub)
+        svc.pools.warm(pub.key_id, lambda: (pub, ev))  # answers precomputed before queries
         log.info("context %s... (%s, %d bytes) registered by %s", pub.key_id[:16], scheme,
                  len(blob), owner)
         payload = ContextResponse(
@@ -762,6 +801,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
             raise ApiError(404, "unknown_key_id", "key_id",
                            "no such context for this token (never registered, deleted or "
                            "expired); register it with POST /v1/contexts")
+        svc.warm(key_id, rec.scheme)  # a client checks this before its first prediction
         return ContextResponse(
             key_id=rec.key_id, scheme=rec.scheme, size_bytes=rec.size_bytes, created=rec.created,
             expires_at=rec.expires_at(lim.context_ttl_s), new=False,
@@ -788,6 +828,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                            "expired); register it with POST /v1/contexts")
         data = _b64(body.ciphertexts, "ciphertexts")
         ev = served.evaluators[rec.scheme]
+        packing = "columns"
         try:
             _, header, _ = formats.unpack(
                 data, expected=_FEATURES_OF_SCHEME[rec.scheme], max_bytes=lim.max_body_bytes
@@ -807,6 +848,8 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 f"the batch declares {n} patients; this server takes 1 to {lim.max_batch} per "
                 "request",
             )
+        inline = (rec.scheme == "ckks" and packing == "replicated"
+                  and n <= INLINE_MAX_PATIENTS and isinstance(ev, CKKSLinearEvaluator))
         # counted by what the ciphertexts can carry, not by what the header declares
         charged = charged_patients(rec.scheme, header, ev.requirements.normalized)
         wait = svc.store.take(owner, "patients", float(charged), rate=lim.rate_patients,
@@ -857,7 +900,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None) ->
                 "model_hash": served.hash,
             }
 
-        return JSONResponse(await svc.run(work))
+        return JSONResponse(await svc.run(work, inline=inline))
 
     app.add_middleware(_Guard, service=svc)
     return app

@@ -29,6 +29,8 @@ tokens_app = typer.Typer(help="Bearer API tokens of a server (stored hashed).",
 serve_app.add_typer(tokens_app, name="tokens")
 
 _err = PlainWhenPiped(stderr=True)
+#: Most single-patient queries ``privml predict --prepare`` precomputes randomness for.
+MAX_PREPARE = 100_000
 
 
 @serve_app.callback()
@@ -241,10 +243,10 @@ def tokens_list(
 
 def predict_command(
     server: Annotated[str, typer.Option("--server", help="server URL, e.g. https://host:8443")],
-    input: Annotated[Path, typer.Option("--input", help="CSV of patients (schema columns)",
-                                        dir_okay=False)],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: id, probabilities, label",
-                                      dir_okay=False)],
+    input: Annotated[Path | None, typer.Option(
+        "--input", help="CSV of patients (schema columns)", dir_okay=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="CSV to write: id, probabilities, label", dir_okay=False)] = None,
     token: Annotated[str | None, typer.Option(
         "--token", help="API token (prefer $PRIVML_TOKEN: options show in `ps`)",
         envvar="PRIVML_TOKEN", show_envvar=True)] = None,
@@ -263,12 +265,30 @@ def predict_command(
     clip: Annotated[bool, typer.Option(
         "--clip", help="clip numeric values outside the schema's bounds (with a warning) "
         "instead of refusing the file")] = False,
+    prepare: Annotated[int | None, typer.Option(
+        "--prepare", help="Paillier: keep precomputed randomness for this many single-patient "
+        "queries in the key folder (sealed like the secret key, each element used once): "
+        "alone, only precompute (offline); with --input, top up after the predictions are "
+        "written")] = None,
+    summary_json: Annotated[Path | None, typer.Option(
+        "--summary-json", help="also write what the command did as JSON (patients, requests, "
+        "seconds, online seconds, precomputed randomness used)", dir_okay=False)] = None,
 ) -> None:
     """Predict encrypted: the server never sees the features or the scores.
 
     The secret key is kept encrypted under a passphrase: $PRIVML_KEY_PASSPHRASE, or asked.
     """
     from privml.serve.client import PASSPHRASE_ENV, OutOfRangeWarning, PredictionClient
+
+    if (input is None) != (out is None) or (input is None and prepare is None):
+        raise UsageError(
+            "The '--input' and '--out' options go together: pass both to predict (e.g. "
+            "`--input patients.csv --out scores.csv`), or only '--prepare N' to precompute "
+            "Paillier randomness."
+        )
+    if prepare is not None and not 0 <= prepare <= MAX_PREPARE:
+        raise UsageError(f"The '--prepare' option must be an int in [0, {MAX_PREPARE}]. "
+                         f"Got {prepare} instead.")
 
     def ask(new: bool) -> str:
         env = os.environ.get(PASSPHRASE_ENV)
@@ -281,19 +301,47 @@ def predict_command(
                                     hide_input=True, confirmation_prompt=True))
         return str(typer.prompt("passphrase of the secret key", hide_input=True))
 
+    report: dict[str, object] = {}
     with PredictionClient(
         server, token=token, keys_dir=keys, passphrase=ask, scheme=scheme,
         batch_size=batch_size, verify=str(ca_cert) if ca_cert else True,
     ) as client:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", OutOfRangeWarning)
-            summary = client.predict_csv(input, out, id_column=id_column, clip=clip,
-                                         progress=not no_progress and sys.stderr.isatty())
-        for w in caught:
-            _err.print(f"warning: {w.message}", highlight=False)
-    _err.print(
-        f"{summary.n_patients} predictions written to {summary.out} in {summary.seconds:.1f} s "
-        f"({summary.n_requests} request(s); model {summary.model_hash[:16]}..., key "
-        f"{summary.key_id[:16]}...)",
-        highlight=False,
-    )
+        if input is not None and out is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", OutOfRangeWarning)
+                summary = client.predict_csv(input, out, id_column=id_column, clip=clip,
+                                             progress=not no_progress and sys.stderr.isatty())
+            for w in caught:
+                _err.print(f"warning: {w.message}", highlight=False)
+            spot = (f"; {summary.on_the_spot} ciphertext(s) without precomputed randomness "
+                    "(`privml predict --prepare N` precomputes it)" if summary.on_the_spot
+                    else "")
+            _err.print(
+                f"{summary.n_patients} predictions written to {summary.out} in "
+                f"{summary.seconds:.1f} s, online {summary.online_seconds * 1e3:.0f} ms "
+                f"({summary.n_requests} request(s); model {summary.model_hash[:16]}..., key "
+                f"{summary.key_id[:16]}...{spot})",
+                highlight=False,
+            )
+            report.update(summary.to_dict())
+        if prepare is not None:
+            done = client.prepare_stored(prepare)
+            if done is None:
+                _err.print("CKKS needs no precomputed randomness on the client", highlight=False)
+            else:
+                per = client.requirements()["n_features"]
+                _err.print(
+                    f"precomputed Paillier randomness ready for {done.available // per} "
+                    f"single-patient queries; made {done.made} element(s) in "
+                    f"{done.wall_s:.1f} s ({done.cpu_s:.1f} s CPU"
+                    + (f", {done.cpu_s / done.made * per:.2f} s CPU per patient" if done.made
+                       else "") + ")",
+                    highlight=False,
+                )
+                report["prepare"] = {"patients_ready": done.available // per,
+                                     "elements_made": done.made, "wall_s": done.wall_s,
+                                     "cpu_s": done.cpu_s}
+    if summary_json is not None:
+        from privml.serve.tokens import write_private_atomic
+
+        write_private_atomic(summary_json, (json.dumps(report, indent=2) + "\n").encode())

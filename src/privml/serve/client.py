@@ -56,9 +56,11 @@ from privml.he.api import (
     load_public,
     load_scores,
     load_secret,
+    paillier_ciphertext_count,
 )
 from privml.he.ckks import CKKSPublicContext, CKKSSecretKey
 from privml.he.paillier import PaillierPublicKey, PaillierSecretKey
+from privml.he.stored_pool import PrepareReport, StoredPaillierPool
 from privml.serve.settings import is_loopback
 from privml.serve.tokens import write_private_atomic
 
@@ -67,6 +69,12 @@ PASSPHRASE_ENV = "PRIVML_KEY_PASSPHRASE"
 TOKEN_ENV = "PRIVML_TOKEN"
 #: Retries of a request refused with 429 (rate limit) before giving up.
 MAX_RATE_RETRIES = 5
+#: The stored Paillier randomness, in a key pair's folder.
+POOL_FILE = "pool.bin"
+#: The in-memory pool is topped up only after this many seconds without a query...
+REFILL_QUIET_S = 0.05
+#: ... unless fewer than this fraction of its target is left.
+REFILL_LOW_WATER = 0.25
 
 PassphraseSource = str | Callable[[bool], str] | None
 
@@ -220,6 +228,18 @@ class PredictionSummary:
     model_hash: str
     key_id: str
     seconds: float
+    #: from encoded features to decrypted scores, summed over the requests (encryption,
+    #: HTTP round trips, decryption; not start-up, reading the input or writing the output)
+    online_seconds: float = 0.0
+    #: Paillier ciphertexts encrypted with precomputed randomness / computed on the spot
+    precomputed: int = 0
+    on_the_spot: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_patients": self.n_patients, "n_requests": self.n_requests,
+                "out": str(self.out), "model_hash": self.model_hash, "key_id": self.key_id,
+                "seconds": self.seconds, "online_seconds": self.online_seconds,
+                "randomness": {"precomputed": self.precomputed, "on_the_spot": self.on_the_spot}}
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -310,7 +330,15 @@ class PredictionClient:
         self._info: dict[str, Any] | None = None
         self._registered: set[str] = set()
         self._pool: Any = None
+        self._stored: StoredPaillierPool | None = None
         self._refill: Any = None
+        self._busy = False
+        self._last_query = 0.0
+        #: seconds spent from encoded features to decrypted scores (encryption, the request,
+        #: decryption), summed over requests: the online time
+        self.online_seconds = 0.0
+        #: Paillier ciphertexts encrypted with precomputed randomness and without
+        self.randomness = {"precomputed": 0, "on_the_spot": 0}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -440,9 +468,11 @@ class PredictionClient:
 
     def prepare(self, patients: int) -> float:
         """Precompute the client's Paillier randomness for ``patients`` single-patient queries
-        (``r**n mod n**2`` per feature: the offline part of encryption); returns the seconds it
-        took. The pool is kept in memory only, used once per element, and topped up from a
-        background thread as queries use it. CKKS needs no precomputation on the client."""
+        in memory (``r**n mod n**2`` per feature: the offline part of encryption); returns the
+        seconds it took. Each element is used once; a background thread tops the pool up while
+        the client is idle (never during a query, unless the pool runs low). CKKS needs no
+        precomputation on the client. For a process that ends after its queries
+        (``privml predict``), see :meth:`prepare_stored`."""
         if isinstance(patients, bool) or not isinstance(patients, int) or patients < 0:
             raise UsageError(f"The 'patients' parameter must be an int >= 0. Got {patients!r}.")
         if self.scheme != "paillier":
@@ -460,6 +490,34 @@ class PredictionClient:
         self._start_refill()
         return time.perf_counter() - t0
 
+    def stored_pool(self) -> StoredPaillierPool | None:
+        """The Paillier randomness kept on disk beside this model's secret key (``pool.bin``
+        in the key folder; see :class:`privml.he.stored_pool.StoredPaillierPool`), or None
+        for CKKS."""
+        if self.scheme != "paillier":
+            return None
+        from privml.he.stored_pool import StoredPaillierPool
+
+        keys = self.keys()
+        assert isinstance(keys.secret, PaillierSecretKey)
+        if self._stored is None:
+            folder = self.keyring.path_for(self.scheme, self.requirements())
+            self._stored = StoredPaillierPool(folder / POOL_FILE, keys.secret)
+        return self._stored
+
+    def prepare_stored(self, patients: int) -> PrepareReport | None:
+        """Make sure randomness for ``patients`` single-patient Paillier queries is stored on
+        disk (computing what is missing: the offline cost), sealed like the secret key; every
+        later client process claims what it needs from it, each element once. Also asks the
+        server to fill its own pool for this key. None for CKKS (nothing to precompute)."""
+        if isinstance(patients, bool) or not isinstance(patients, int) or patients < 0:
+            raise UsageError(f"The 'patients' parameter must be an int >= 0. Got {patients!r}.")
+        stored = self.stored_pool()
+        if stored is None:
+            return None
+        self.register()  # the server warms its pool for this key meanwhile
+        return stored.prepare(patients * int(self.requirements()["n_features"]))
+
     def _start_refill(self) -> None:
         import threading
 
@@ -476,22 +534,51 @@ class PredictionClient:
 
                 gmpy2.get_context().allow_release_gil = True
             while not stop.is_set():
-                if pool.deficit() > 0:
+                quiet = not self._busy and time.monotonic() - self._last_query >= REFILL_QUIET_S
+                if pool.deficit() > 0 and (quiet or pool.below(REFILL_LOW_WATER)):
                     pool.top_up(1)
                 else:
-                    stop.wait(0.05)
+                    stop.wait(0.01 if pool.deficit() else 0.05)
 
         self._refill = (threading.Thread(target=run, name="privml-client-pool", daemon=True),
                         stop)
         self._refill[0].start()
 
+    def _randomness(self, keys: KeyPair, n: int) -> Any:
+        """The Paillier randomness for encrypting ``n`` patients: the in-memory pool, else a
+        claim from the stored pool (exactly the elements this batch needs), else None."""
+        if self._pool is not None:
+            return self._pool
+        stored = self.stored_pool()
+        if stored is None or not stored.path.exists():
+            return None
+        assert isinstance(keys.public, PaillierPublicKey)
+        return stored.claim(paillier_ciphertext_count(keys.public, n))
+
     def _predict_batch(self, X: np.ndarray) -> np.ndarray:
         keys = self.keys()
         kid = self.register()
-        if self.scheme == "paillier":
-            ct = encrypt_features(keys, X, pool=self._pool)
-        else:
-            ct = encrypt_features(keys, X, compact=True)
+        self._busy = True
+        t0 = time.perf_counter()  # online: from encoded features to decrypted scores
+        try:
+            if self.scheme == "paillier":
+                pool = self._randomness(keys, X.shape[0])
+                misses = pool.misses if pool is not None else 0
+                ct = encrypt_features(keys, X, pool=pool)
+                used = len(ct.cts)
+                fresh = used if pool is None else pool.misses - misses
+                self.randomness["precomputed"] += used - fresh
+                self.randomness["on_the_spot"] += fresh
+            else:
+                ct = encrypt_features(keys, X, compact=True)
+            logits = self._exchange(keys, kid, ct, X.shape[0])
+        finally:
+            self._busy = False
+            self._last_query = time.monotonic()
+        self.online_seconds += time.perf_counter() - t0
+        return logits
+
+    def _exchange(self, keys: KeyPair, kid: str, ct: Any, n: int) -> np.ndarray:
         body = {
             "key_id": kid,
             "ciphertexts": binascii.b2a_base64(ct.to_bytes(), newline=False).decode("ascii"),
@@ -506,9 +593,9 @@ class PredictionClient:
             res = self._request("POST", "/v1/predict", body)
         if not isinstance(res, dict) or not isinstance(res.get("scores"), str):
             raise ServiceError("POST /v1/predict: unexpected answer")
-        if res.get("n_patients") != X.shape[0]:
+        if res.get("n_patients") != n:
             raise ServiceError(
-                f"POST /v1/predict: asked for {X.shape[0]} patients, got {res.get('n_patients')}"
+                f"POST /v1/predict: asked for {n} patients, got {res.get('n_patients')}"
             )
         try:
             data = binascii.a2b_base64(res["scores"], strict_mode=True)
@@ -516,7 +603,7 @@ class PredictionClient:
         except (binascii.Error, ValueError) as exc:
             raise ServiceError(f"POST /v1/predict: invalid encrypted scores: {exc}") from None
         logits = decrypt_scores(keys.secret, out)
-        if logits.shape[0] != X.shape[0]:
+        if logits.shape[0] != n:
             raise ServiceError("POST /v1/predict: the scores do not match the batch")
         return logits
 
@@ -619,6 +706,7 @@ class PredictionClient:
                     clip: bool = False) -> PredictionSummary:
         """Read a CSV of patients, predict them encrypted, write ``out`` (CSV) atomically."""
         t0 = time.perf_counter()
+        online0, rnd0 = self.online_seconds, dict(self.randomness)
         src, dst = Path(input), Path(out)
         df = _read_csv(src)
         res = self.predict_frame(df, id_column=id_column, progress=progress, clip=clip,
@@ -640,6 +728,9 @@ class PredictionClient:
             model_hash=str(self.info()["model"].get("hash")),
             key_id=self.keys().public.key_id,
             seconds=time.perf_counter() - t0,
+            online_seconds=self.online_seconds - online0,
+            precomputed=self.randomness["precomputed"] - rnd0["precomputed"],
+            on_the_spot=self.randomness["on_the_spot"] - rnd0["on_the_spot"],
         )
 
 

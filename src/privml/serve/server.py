@@ -6,11 +6,23 @@ import copy
 import logging
 import logging.config
 import os
+import sys
 from typing import Any
 
 from privml.serve.settings import SETTINGS_ENV, ServeSettings
 
 log = logging.getLogger("privml.serve")
+
+#: Python's thread switch interval in a serving process, seconds (CPython's default: 0.005). A
+#: thread that wants the GIL waits this long before it asks the holder to let go, so with the
+#: default every hand-off between the event loop and an evaluation thread could wait 5 ms behind
+#: the pool thread making an answer mask inside SEAL (docs/benchmarks_serve.md).
+SWITCH_INTERVAL_S = 0.0005
+
+
+def tune_process() -> None:
+    """Settings of a serving process (called by the commands that serve, never on import)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def log_config(level: str = "info") -> dict[str, Any]:
@@ -92,6 +104,7 @@ def app_from_env() -> Any:
     text = os.environ.get(SETTINGS_ENV)
     if not text:
         raise RuntimeError(f"{SETTINGS_ENV} is not set; start the service with `privml serve`")
+    tune_process()
     return create_app(ServeSettings.from_json(text))
 
 
@@ -106,6 +119,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
     from privml.serve.app import create_app
 
     settings = settings.validate()
+    tune_process()
     logging.config.dictConfig(log_config(log_level))
     common: dict[str, Any] = {
         "host": settings.host,
