@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import threading
@@ -99,8 +100,11 @@ def test_healthz_answers_while_a_large_paillier_request_is_evaluated(
         worker.join()
     assert done["status"] == 200
     assert len(lat) >= 5, f"the request took only {done['seconds']:.2f} s"
-    # a blocked event loop would hold every probe for the whole evaluation (seconds)
-    assert max(lat) < min(1.0, 0.5 * done["seconds"])
+    # a blocked event loop would hold every probe for the whole evaluation (seconds); on a
+    # loaded machine a single probe may wait for a CPU, so the typical probe is bounded
+    # absolutely and the slowest one relative to the evaluation
+    assert statistics.median(lat) < 0.25, sorted(lat)[-5:]
+    assert max(lat) < 0.5 * done["seconds"], (max(lat), done["seconds"])
 
 
 def test_paillier_through_the_service_with_pools(quick_server: Server, trained: Trained,
