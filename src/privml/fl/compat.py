@@ -166,12 +166,6 @@ TABLE: tuple[Combination, ...] = (
     ),
     # ---- refused until the Flower engine carries them ----------------------------------------
     Combination(
-        {"privacy": _DP, "engine": ("flower",)},
-        False,
-        "private training does not run on the Flower engine yet",
-        'engine = "simulation"',
-    ),
-    Combination(
         {"engine": ("flower",), "resume": ("yes",)},
         False,
         "a Flower run cannot be resumed yet",
@@ -216,6 +210,28 @@ TABLE: tuple[Combination, ...] = (
         "DP-FedAvg: validation, every update clipped to clip (and to norm_bound's max_norm), "
         "summed, noised; the clip bounds what any client, an attacker too, moves a round by",
         how="checks -> clip -> central noise -> optimizer",
+    ),
+    Combination(
+        {"engine": ("flower",), "privacy": ("sample",)},
+        True,
+        "each site plans its DP-SGD from its own config, checks the plan against its own "
+        "ledger's budget, trains with noise from its own source and books each round in its "
+        "own ledger before its update leaves; it refuses a round it cannot afford (the server "
+        "cannot spend a site's budget; its view of the budgets is what the sites report)",
+        how="private setup at each site (plan, budget check, private input mean booked) -> "
+        "centre -> DP-SGD -> attack -> accounting (site's ledger) -> seal -> combine -> "
+        "optimizer",
+    ),
+    Combination(
+        {"engine": ("flower",), "privacy": ("client",)},
+        True,
+        "each site books the whole run's client-level epsilon in its own ledger before its "
+        "first update leaves and answers each round once; the server samples the clients, "
+        "clips and adds the central noise, or, under secure aggregation, each site clips and "
+        "adds its noise share before encrypting",
+        how="private setup at each site (budget check, booking) -> Poisson cohort -> local "
+        "update -> checks -> clip -> central noise -> optimizer; or clip -> noise share -> "
+        "seal -> secure sum",
     ),
     Combination(
         {"engine": ("flower",), "secure_aggregation": _SECURE},

@@ -44,6 +44,7 @@ from privml.fl.stages.private import (
     ClippedSum,
     ClipState,
     NoiseShare,
+    OneUpdatePerRound,
     SampleAccounting,
     client_cohort,
     client_privacy,
@@ -54,7 +55,17 @@ from privml.fl.stages.private import (
 )
 from privml.models.nets import ModelSpec, build_model
 
-__all__ = ["PrivateParts", "feature_map", "head_spec", "private_parts", "run_label"]
+__all__ = [
+    "CoordinatorPrivacy",
+    "PrivateParts",
+    "SitePrivacy",
+    "coordinator_private_parts",
+    "feature_map",
+    "head_spec",
+    "private_parts",
+    "run_label",
+    "site_private_parts",
+]
 
 
 @dataclass
@@ -218,6 +229,37 @@ def _sample_centre(
     return total / max(n_total, 1)
 
 
+def _sample_plan(
+    config: Any, names: list[str], sizes: list[int], center: bool, cache: EpsilonCache
+) -> Any:  # fmt: skip
+    """The sample-level plan of ``config`` for sites of these sizes (the schedule from the
+    seeded, data-independent cohort sampler)."""
+    t, p = config.training, config.privacy
+    cohort = UniformCohort.from_training(len(names), t)
+    schedule = [cohort(r).trained for r in range(1, t.rounds + 1)]
+    return plan_sample_level(
+        names, sizes, schedule, privacy=p, batch_size=t.batch_size,
+        local_epochs=t.local_epochs, center=center, cache=cache,
+    )  # fmt: skip
+
+
+def _dpsgd_factory(config: Any, sigmas: np.ndarray, noise: NoiseSource) -> Callable[..., Any]:
+    t, p = config.training, config.privacy
+    return lambda model, spec, binary: dpsgd_rule(
+        model, spec, binary=binary, sigmas=sigmas, max_grad_norm=p.max_grad_norm,
+        batch_size=t.batch_size, local_epochs=t.local_epochs, noise=noise,
+    )  # fmt: skip
+
+
+def _centering(center: bool, features: bool) -> str | None:
+    if not center:
+        return None
+    if features:
+        return "hog features centred on a private mean"
+    return (f"inputs centred on a private mean (records clipped to L2 norm {CENTER_CLIP}), "
+            "folded into the first layer's bias")  # fmt: skip
+
+
 @dataclass
 class _Centre:
     """The input (or feature) centre of a run, computed once, kept in the checkpoint."""
@@ -240,11 +282,8 @@ def _sample_parts(
     cache = EpsilonCache(delta=p.delta, accountant=p.accountant)
     center = p.center_inputs and (fmap is not None or _linear_first(build_model(hspec)))
     cohort = UniformCohort.from_training(len(fed.sites), t)
-    schedule = [cohort(r).trained for r in range(1, t.rounds + 1)]
-    plan = plan_sample_level(
-        [s.name for s in fed.sites], [s.n_train for s in fed.sites], schedule, privacy=p,
-        batch_size=t.batch_size, local_epochs=t.local_epochs, center=center, cache=cache,
-    )  # fmt: skip
+    plan = _sample_plan(config, [s.name for s in fed.sites], [s.n_train for s in fed.sites],
+                        center, cache)  # fmt: skip
     booker = SampleBooker(ledger, plan, cache, run_label(config))
     accounting, centre = SampleAccounting(booker), _Centre()
     if restored:  # a resumed run: what it booked and its centre
@@ -265,14 +304,8 @@ def _sample_parts(
     if fmap is not None:
         fed = _with_features(fed, fmap)
     sigmas = np.array([sp.noise_multiplier for sp in plan.sites])
-    make_rule = lambda model, spec, binary: dpsgd_rule(  # noqa: E731
-        model, spec, binary=binary, sigmas=sigmas, max_grad_norm=p.max_grad_norm,
-        batch_size=t.batch_size, local_epochs=t.local_epochs, noise=noise,
-    )  # fmt: skip
-    centering = None if not center else (
-        "hog features centred on a private mean" if fmap is not None else
-        f"inputs centred on a private mean (records clipped to L2 norm {CENTER_CLIP}), "
-        "folded into the first layer's bias")  # fmt: skip
+    make_rule = _dpsgd_factory(config, sigmas, noise)
+    centering = _centering(center, fmap is not None)
     empty = np.flatnonzero([s.n_train == 0 for s in fed.sites]).astype(np.int64)
     return PrivateParts(
         fed, hspec, make_rule=make_rule, site_stages=[accounting],
@@ -332,25 +365,40 @@ def _client_parts(
         if centre.value is not None:
             fmap.set_center(np.asarray(centre.value))
         fed = _with_features(fed, fmap)
-    denom = plan.sampling_rate * plan.n_clients
     parts = PrivateParts(fed, hspec, cohort=sample, stateful=[accounting, clip, centre],
                          model=_composite(fmap),
                          features=fmap.to_dict() if fmap else None)  # fmt: skip
     secure = t.secure_aggregation != "none"
-    if secure:
-        share_std = plan.noise_multiplier * p.clip / np.sqrt(2.0)  # the smallest cohort (2)
-        parts.secure = {"clip": float(p.clip), "value_bound": float(p.clip + 8 * share_std),
-                        "weighted": False, "denominator": denom, "require_all": True,
-                        "noise": NoiseShare(float(p.clip), plan.noise_multiplier, noise,
-                                            8 * share_std)}  # fmt: skip
-    else:
-        bound = t.aggregator_params.get("max_norm") if t.aggregator == "norm_bound" else None
-        parts.combine = ClippedSum(clip, t.max_update_norm, bound)
-        parts.server_stages = [CentralNoise(clip, plan.update_noise_multiplier, denom,
-                                            plan.count_stddev, noise)]  # fmt: skip
-    parts.privacy = lambda: client_privacy(p, plan, clip, accounting, ledger, noise, names,
+    parts.combine, parts.server_stages, parts.secure = _client_server(t, p, plan, clip, noise)
+    if parts.secure is not None:
+        parts.secure["noise"] = client_noise_share(p, plan, noise)
+    parts.privacy = lambda: client_privacy(p, plan, clip, accounting.run_id, ledger, noise, names,
                                            secure)  # fmt: skip
     return parts
+
+
+def _client_server(
+    t: Any, p: Any, plan: Any, clip: ClipState, noise: NoiseSource
+) -> tuple[ClippedSum | None, list[ServerStage], dict[str, Any] | None]:
+    """DP-FedAvg's server side: the combine step and central noise on plain updates, or the
+    secure sum's settings (sites clip and add noise shares; the sum is unweighted, divided by
+    the expected number of clients, and needs every share)."""
+    denom = plan.sampling_rate * plan.n_clients
+    if t.secure_aggregation != "none":
+        share_std = plan.noise_multiplier * p.clip / np.sqrt(2.0)  # the smallest cohort (2)
+        return None, [], {"clip": float(p.clip), "value_bound": float(p.clip + 8 * share_std),
+                          "weighted": False, "denominator": denom,
+                          "require_all": True}  # fmt: skip
+    bound = t.aggregator_params.get("max_norm") if t.aggregator == "norm_bound" else None
+    stages: list[ServerStage] = [CentralNoise(clip, plan.update_noise_multiplier, denom,
+                                              plan.count_stddev, noise)]  # fmt: skip
+    return ClippedSum(clip, t.max_update_norm, bound), stages, None
+
+
+def client_noise_share(p: Any, plan: Any, noise: NoiseSource) -> NoiseShare:
+    """Each site's share of DP-FedAvg's noise under secure aggregation (drawn at the site)."""
+    share_std = plan.noise_multiplier * p.clip / np.sqrt(2.0)
+    return NoiseShare(float(p.clip), plan.noise_multiplier, noise, 8 * share_std)
 
 
 def _warn_noise(plan: Any, hspec: ModelSpec) -> None:
@@ -362,3 +410,154 @@ def _warn_noise(plan: Any, hspec: ModelSpec) -> None:
     )  # fmt: skip
     if advice is not None:
         warnings.warn(advice, UserWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# The same stages split between the parties of a deployment (Flower)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SitePrivacy:
+    """One site's part of private training in a deployment, built by the site from its own
+    config, records, ledger and noise source: nothing in it comes from the server.
+
+    Attributes:
+        make_rule: DP-SGD's rule factory (sample level), or None.
+        stages: the site's accounting stages (they book before the update leaves).
+        secure: the seal's settings under client-level DP (clip, value bound, unweighted sum,
+            the noise share drawn at the site), or None.
+        centre: the site's private mean of its inputs (booked here), for the coordinator.
+        centring: whether the run centres the inputs (the site then expects the centre).
+        booked: the epsilon this site has booked for the run so far.
+        planned: the epsilon this site planned for the whole run (checked against its budget).
+    """
+
+    make_rule: Callable[..., Any] | None = None
+    stages: list[SiteStage] = field(default_factory=list)
+    secure: dict[str, Any] | None = None
+    centre: np.ndarray | None = None
+    centring: bool = False
+    booked: Callable[[], float] = lambda: 0.0
+    planned: float = 0.0
+
+
+def site_private_parts(
+    config: Any, site: SiteData, index: int, names: list[str], spec: ModelSpec, *,
+    ledger: PrivacyLedger, noise: NoiseSource,
+) -> SitePrivacy:  # fmt: skip
+    """Site ``index``'s private stages for one run: its plan (from the public config and its
+    own size), the check of its whole planned spend against its own budget (refused: nothing
+    computed or spent), and what it books before training (client level: the whole run;
+    sample level: its private input mean).
+
+    Raises:
+        BudgetExceededError: the site's planned spend does not fit its remaining budget.
+    """
+    t, p = config.training, config.privacy
+    cache = EpsilonCache(delta=p.delta, accountant=p.accountant)
+    if p.mode == "client":
+        plan = plan_client_level(len(names), cohort_size(len(names), t) / len(names), t.rounds,
+                                 privacy=p, center=False, cache=cache)  # fmt: skip
+        accounting = ClientAccounting(ledger, plan, [site.name], run_label(config))
+        precheck(ledger, [(site.name, plan.epsilon)], p.delta)
+        accounting.book()  # the whole run's spend, before the first update leaves
+        clip = ClipState(float(p.clip), p.adaptive_clip, p.target_quantile, p.clip_lr)
+        secure = _client_server(t, p, plan, clip, noise)[2]
+        if secure is not None:
+            secure["noise"] = client_noise_share(p, plan, noise)
+        once = OneUpdatePerRound(site.name, t.rounds)
+        return SitePrivacy(stages=[once], secure=secure, booked=lambda: plan.epsilon,
+                           planned=plan.epsilon)  # fmt: skip
+    center = p.center_inputs and _linear_first(build_model(spec))
+    sizes = [0] * len(names)
+    sizes[index] = site.n_train
+    splan = _sample_plan(config, names, sizes, center, cache)
+    booker = SampleBooker(ledger, splan, cache, run_label(config))
+    sp = splan.sites[index]
+    if sp.total_steps:
+        precheck(ledger, [(sp.name, sp.epsilon)], p.delta)
+    est = None
+    if center:
+        est = site_centre(site.X_train, index=index, plan=splan, booker=booker, noise=noise)
+    sigmas = np.array([s.noise_multiplier for s in splan.sites])
+    return SitePrivacy(
+        make_rule=_dpsgd_factory(config, sigmas, noise), stages=[SampleAccounting(booker)],
+        centre=est, centring=center, booked=lambda: booker.books[index].epsilon,
+        planned=sp.epsilon,
+    )  # fmt: skip
+
+
+def _no_privacy(reported: dict[str, list[list[float]]], run: str) -> dict[str, Any]:
+    return {"mode": "none"}
+
+
+@dataclass
+class CoordinatorPrivacy:
+    """The coordinator's part of private training in a deployment: the cohort sampler, the
+    combine step and central noise (client level), the secure sum's settings, whether the
+    sites' private input means are to be combined, and results.json ``privacy`` built from
+    what the sites report having booked (the coordinator books nothing: its view of the
+    budgets is informational)."""
+
+    cohort: Callable[[int], Cohort] | None = None
+    combine: Any | None = None
+    server_stages: list[ServerStage] = field(default_factory=list)
+    stateful: list[Stateful] = field(default_factory=list)
+    secure: dict[str, Any] | None = None
+    centre: bool = False
+    describe: Callable[[dict[str, list[list[float]]], str], dict[str, Any]] = _no_privacy
+
+
+def coordinator_private_parts(
+    config: Any, names: list[str], sizes: list[int], spec: ModelSpec, noise: NoiseSource
+) -> CoordinatorPrivacy:
+    """The coordinator's private stages for sites ``names`` of ``sizes`` training records
+    (public: each site reports its count in the handshake)."""
+    t, p = config.training, config.privacy
+    n = len(names)
+    cache = EpsilonCache(delta=p.delta, accountant=p.accountant)
+    empty = [i for i, c in enumerate(sizes) if c == 0]
+    if p.mode == "client":
+        plan = plan_client_level(n, cohort_size(n, t) / n, t.rounds, privacy=p, center=False,
+                                 cache=cache)  # fmt: skip
+        _warn_noise(plan, spec)
+        clip = ClipState(float(p.clip), p.adaptive_clip, p.target_quantile, p.clip_lr)
+        combine, stages, secure = _client_server(t, p, plan, clip, noise)
+
+        def client(reported: dict[str, list[list[float]]], run: str) -> dict[str, Any]:
+            out = client_privacy(p, plan, clip, run, None, noise, names, secure is not None)
+            return _reported(out, reported)
+
+        return CoordinatorPrivacy(client_cohort(n, plan.sampling_rate, t.dropout, noise, empty),
+                                  combine, stages, [clip], secure, describe=client)  # fmt: skip
+    center = p.center_inputs and _linear_first(build_model(spec))
+    splan = _sample_plan(config, names, sizes, center, cache)
+    uniform = UniformCohort.from_training(n, t)
+
+    def sample(reported: dict[str, list[list[float]]], run: str) -> dict[str, Any]:
+        booker = SampleBooker(None, splan, cache, run)  # type: ignore[arg-type]  # a view
+        for i, sp in enumerate(splan.sites):
+            rows = [[int(r), float(e)] for r, e in reported.get(sp.name, [])]
+            booker.books[i].by_round = rows
+            booker.books[i].epsilon = max((e for _, e in rows), default=0.0)
+        return _reported(sample_privacy(p, splan, booker, None, noise, _centering(center, False)),
+                         reported)  # fmt: skip
+
+    cohort = _without(uniform, np.asarray(empty, dtype=np.int64)) if empty else None
+    return CoordinatorPrivacy(cohort, centre=center, describe=sample)
+
+
+def _reported(out: dict[str, Any], reported: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """results.json ``privacy`` of a deployment: the sites' own figures where they sent them."""
+    for name, rows in reported.items():
+        if rows and name in out["epsilon_per_site"]:
+            out["epsilon_per_site"][name] = max(float(e) for _, e in rows)
+    out["epsilon"] = max(out["epsilon_per_site"].values(), default=0.0)
+    out["booking"] = (out["booking"] + "; each site books in its own ledger and refuses a "
+                      "round it cannot afford. The figures here are what the sites reported "
+                      "(informational: the coordinator books nothing and cannot spend a "
+                      "site's budget)")  # fmt: skip
+    out["ledger"] = "at each site (its own)"
+    out["reported_by_sites"] = {k: [list(r) for r in v] for k, v in reported.items()}
+    return out

@@ -90,13 +90,23 @@ def _blob(msg: Message) -> bytes:
 
 
 def _serve(rt: SiteRuntime, service: str, settings: ConfigRecord, msg: Message) -> dict[str, Any]:
-    """A stage's request to this site: ``keygen``, ``setup`` or ``decrypt``."""
+    """A stage's request to this site: ``private`` (plan, check and book this site's private
+    training; its private input mean back), ``centre``, ``keygen``, ``setup`` or ``decrypt``."""
     result: dict[str, Any] = {}
     if service == "keygen":
         public = rt.keygen(_counts(settings))
         content = P.pack(result, "public", np.frombuffer(public, dtype=np.uint8))
     elif service == "setup":
         rt.setup(_counts(settings), _blob(msg))
+        content = {}
+    elif service == "private":
+        private = rt.private_setup()
+        result.update(epsilon=rt.booked(), planned=float(private.planned))
+        content = {}
+        if private.centre is not None:
+            content = P.pack(result, "centre", np.asarray(private.centre, dtype=np.float64))
+    elif service == "centre":
+        rt.apply_centre(P.unpack(msg.content, P.SETTINGS, P.PARAMS))
         content = {}
     elif service == "decrypt":
         n = settings.get("n")
@@ -146,8 +156,12 @@ def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
         result: dict[str, Any] = {}
         if settings.get("evaluate", False):
             result.update(stats_to_config(rt.evaluate(params)))
-        batch = rt.run_round(params, rnd=rnd)  # type: ignore[arg-type]
+        asked = settings.get("asked")
+        batch = rt.run_round(params, rnd=rnd, asked=asked)  # type: ignore[arg-type]
         result["n_train"] = int(batch.weights[0])
+        booked = rt.booked()
+        if booked is not None:  # what this site has booked in its own ledger (informational)
+            result["epsilon"] = booked
         if batch.sealed is not None:
             blob = batch.sealed[0]
             if blob is None:

@@ -180,13 +180,17 @@ def _digest(obj: Any) -> str:
 COORDINATOR_ONLY = ("engine", "min_sites_per_round", "round_timeout", "wait_for_sites")
 """``[training]`` settings only the coordinator uses: a site's value does not matter."""
 
+_SITE_OWN = ("ledger", "budget_epsilon", "budget_delta")
+"""``[privacy]`` settings each site keeps for itself: its ledger and its budget."""
+
 
 def fingerprint(config: Config) -> dict[str, str]:
     """Hashes of the config sections that must be equal at the coordinator and every site.
 
     ``data`` (everything but where each site keeps its file), ``model``, ``training`` (but
-    the :data:`COORDINATOR_ONLY` settings) and ``privacy``'s mode; a difference in any of them
-    would make a site train or encode differently from what the coordinator expects.
+    the :data:`COORDINATOR_ONLY` settings) and ``privacy`` (but each site's own ledger and
+    budget); a difference in any of them would make a site train or encode differently from
+    what the coordinator expects.
     """
     r = config.resolved()
     data = dict(r["data"])
@@ -197,7 +201,7 @@ def fingerprint(config: Config) -> dict[str, str]:
         "data": _digest(data),
         "model": _digest(r["model"]),
         "training": _digest(training),
-        "privacy": _digest({"mode": r["privacy"]["mode"]}),
+        "privacy": _digest({k: v for k, v in r["privacy"].items() if k not in _SITE_OWN}),
     }
 
 

@@ -57,6 +57,7 @@ from privml.fl.flower.evaluation import EvalStats, pooled_metrics
 from privml.fl.flower.site import check_supported, site_names
 from privml.fl.metrics import MAX_SITES_PER_ROUND, ROUND_KEYS
 from privml.fl.plan import init_params
+from privml.fl.plan_private import CoordinatorPrivacy
 from privml.fl.rounds import Cohort, Received, RoundRecord, RoundsPlan, restore, run_rounds
 from privml.fl.stages.aggregate import CheckedAggregation, ServerPlan, init_server_state
 from privml.fl.stages.attack import attacker_indices
@@ -64,6 +65,7 @@ from privml.fl.stages.checkpoint import Checkpointing
 from privml.fl.stages.cohort import UniformCohort
 from privml.fl.stages.local import prox_weight
 from privml.fl.stages.optimizer import ServerOptimizerStep
+from privml.fl.stages.private import fold_shift
 from privml.fl.stages.secure import SecureSetup, SecureSum
 from privml.models.nets import ModelSpec
 from privml.results import results_document
@@ -113,6 +115,13 @@ class FlowerTraining:
 
 def _reason(msg: Message) -> str:
     return f"{msg.error.reason} (code {msg.error.code})"
+
+
+def _number(value: object) -> float:
+    """A site's reported epsilon: a finite float >= 0, else 0 (nothing reported)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if np.isfinite(value) and value >= 0 else 0.0
 
 
 class Coordinator:
@@ -425,11 +434,68 @@ class Coordinator:
             raise SiteFailure(f"site {site.name!r} refused the {service} request: {_reason(reply)}")
         return reply
 
-    def _secure(self, sites: list[SiteEntry], n_params: int, engine: FlowerEngine) -> SecureSum:
-        """Secure aggregation's setup: keys at the key holder, public material to every site."""
+    def ask_all(self, sites: list[SiteEntry], service: str, array: np.ndarray | None = None,
+                **values: Any) -> dict[str, Message]:  # fmt: skip
+        """Send every site of ``sites`` the same ``service`` request in one exchange; their
+        replies by site name. SiteFailure when one refuses or does not answer in time."""
+        settings: dict[str, Any] = {"fingerprint": self._fp_json, "service": service, **values}
+        content = P.pack(settings, P.PARAMS, array) if array is not None else {}
+        content[P.SETTINGS] = ConfigRecord(settings)
+        msgs = [self._message(s.node_id, MessageType.QUERY, content, service) for s in sites]
+        replies = self.exchange(msgs, timeout=self.round_timeout)
+        out = {}
+        for s in sites:
+            reply = replies.get(s.node_id)
+            if reply is None:
+                raise SiteFailure(f"site {s.name!r} did not answer the {service} request in time")
+            if reply.has_error():
+                raise SiteFailure(f"site {s.name!r} refused the {service} request: "
+                                  f"{_reason(reply)}")  # fmt: skip
+            out[s.name] = reply
+        return out
+
+    def _private(self, sites: list[SiteEntry], spec: ModelSpec,
+                 engine: FlowerEngine) -> CoordinatorPrivacy | None:  # fmt: skip
+        """Private training's setup. Each site plans its private training from its own
+        config, checks the plan against its own ledger's budget and books what it spends
+        before training (the ``private`` request; a site that cannot afford the run refuses
+        it and the run stops before round 1). Under input centring, the sites' private means
+        are averaged with their public sizes and every site shifts its inputs by the result."""
+        if self.config.privacy.mode == "none":
+            return None
+        from privml.dp.randomness import run_noise_source
+        from privml.fl.plan_private import coordinator_private_parts
+
+        noise = run_noise_source(self.config.training.seed)  # the server's own draws
+        private = coordinator_private_parts(self.config, [s.name for s in sites],
+                                            [s.n_train for s in sites], spec, noise)  # fmt: skip
+        replies = self.ask_all(sites, "private")
+        total, n_total = None, 0
+        for s in sites:
+            rec = replies[s.name].content.config_records.get(P.RESULT)
+            eps = _number(rec.get("epsilon") if rec is not None else None)
+            engine.booked[s.name] = [[0, eps]] if eps else []
+            est = P.unpack(replies[s.name].content, P.RESULT, "centre")
+            if private.centre and est is not None and s.n_train:
+                if est.dtype.kind != "f" or est.ndim != 1 or not np.isfinite(est).all():
+                    raise SiteFailure(f"site {s.name!r} sent an unreadable input mean")
+                total = est * s.n_train if total is None else total + est * s.n_train
+                n_total += s.n_train
+        if private.centre and total is not None:
+            engine.centre = total / max(n_total, 1)
+            self.ask_all(sites, "centre", array=engine.centre)
+        return private
+
+    def _secure(self, sites: list[SiteEntry], n_params: int, engine: FlowerEngine,
+                options: dict[str, Any] | None = None) -> SecureSum:  # fmt: skip
+        """Secure aggregation's setup: keys at the key holder, public material to every site
+        (``options``: client-level DP's clip, value bound, unweighted sum and denominator)."""
         t = self.config.training
+        o = options or {}
         counts = [s.n_train for s in sites]
-        setup = SecureSetup.from_training(t, [s.name for s in sites], counts, n_params=n_params)
+        setup = SecureSetup.from_training(t, [s.name for s in sites], counts, n_params=n_params,
+                                          clip=o.get("clip"),
+                                          value_bound=o.get("value_bound"))  # fmt: skip
         holder = next(s for s in sites if s.name == setup.key_holder)
         reply = self.ask(holder, "keygen", counts=json.dumps(counts))
         public = P.unpack(reply.content, P.RESULT, "public")
@@ -440,7 +506,10 @@ class Coordinator:
         for s in sites:
             self.ask(s, "setup", **self._setup)
         engine.key_holder = holder
-        return SecureSum(setup, pub, decrypt=engine.decrypt)
+        return SecureSum(setup, pub, decrypt=engine.decrypt,
+                         weighted=bool(o.get("weighted", True)),
+                         denominator=o.get("denominator"),
+                         require_all=bool(o.get("require_all", False)))  # fmt: skip
 
     def run(
         self,
@@ -467,32 +536,67 @@ class Coordinator:
         model, params0 = init_params(spec, training.seed)
         state = init_server_state(params0, server)
         engine = FlowerEngine(self, sites, model, self._malicious(sites))
-        combine: Any = CheckedAggregation(server)
-        if training.secure_aggregation != "none":
-            combine = self._secure(sites, int(state.params.shape[0]), engine)
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = Checkpointing(checkpoint_dir, self._run_id(sites, encoder, task))
-        cohort = UniformCohort.from_training(len(sites), training)
-        plan = RoundsPlan(training.rounds, cohort, combine,
-                          ServerOptimizerStep(server.optimizer), checkpoint=checkpoint,
-                          min_sites=training.min_sites_per_round)  # fmt: skip
+        private = self._private(sites, spec, engine)
+        run_id = self._run_id(sites, encoder, task)
+        plan = self._plan(sites, server, engine, private, int(state.params.shape[0]),
+                          checkpoint_dir, run_id)  # fmt: skip
         history, tally, resumed_after = None, None, None
         if resume:
-            if checkpoint is None:
+            if checkpoint_dir is None:
                 raise UsageError("Coordinator.run(resume=True) needs the checkpoint_dir")
-            ck = checkpoint.load()
+            ck = plan.checkpoint.load()  # type: ignore[union-attr]
             state, resumed_after = ck.state, ck.state.round
             history, tally = restore(ck.meta, plan)
         out = run_rounds(plan, engine, state, history=history, tally=tally, on_round=on_round)
         timing = {"handshake_seconds": t_hand, "round_seconds": engine.round_seconds,
                   "total_seconds": time.perf_counter() - t_start}  # fmt: skip
+        extra = self._sections(sites, server, plan, engine, resumed_after, out.tally)
+        if private is not None:
+            extra["privacy"] = private.describe(engine.booked, run_id)
+        final = torch.from_numpy(out.state.params.copy())
+        if engine.centre is not None:  # the model on the sites' raw inputs
+            final = fold_shift(model, final, engine.centre)
+        result = TrainingResult(spec, model, final, out.history, out.metrics, out.tally.rejected,
+                                extra)  # fmt: skip
+        return FlowerTraining(result, sites, encoder, task, timing, list(self.rejoins))
+
+    def _plan(
+        self, sites: list[SiteEntry], server: ServerPlan, engine: FlowerEngine,
+        private: CoordinatorPrivacy | None, n_params: int, checkpoint_dir: Path | None,
+        run_id: str,
+    ) -> RoundsPlan:  # fmt: skip
+        """The server side of the rounds: the same stages as the simulation's."""
+        training = self.config.training
+        combine: Any = CheckedAggregation(server)
+        if private is not None and private.combine is not None:
+            combine = private.combine
+        if training.secure_aggregation != "none":
+            combine = self._secure(sites, n_params, engine,
+                                   private.secure if private is not None else None)  # fmt: skip
+        checkpoint = Checkpointing(checkpoint_dir, run_id) if checkpoint_dir is not None else None
+        cohort: Any = UniformCohort.from_training(len(sites), training)
+        if private is not None and private.cohort is not None:
+            cohort = private.cohort
+        return RoundsPlan(
+            training.rounds, cohort, combine, ServerOptimizerStep(server.optimizer),
+            list(private.server_stages) if private is not None else [],
+            list(private.stateful) if private is not None else [], checkpoint,
+            min_sites=training.min_sites_per_round,
+        )  # fmt: skip
+
+    def _sections(
+        self, sites: list[SiteEntry], server: ServerPlan, plan: RoundsPlan,
+        engine: FlowerEngine, resumed_after: int | None, tally: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        """results.json's ``updates``, ``federation`` and ``attack`` of the run."""
+        training = self.config.training
+        combine = plan.combine
         federation = {
             "engine": "flower",
             "strategy": training.strategy,
             "prox_mu": prox_weight(training) if training.strategy == "fedprox" else None,
             **server.to_dict(),
-            "clients_per_round": plan.cohort.size,  # type: ignore[attr-defined]
+            "clients_per_round": getattr(plan.cohort, "size", None),
             "n_sites": len(sites),
             "dropout": training.dropout,
             "straggler": training.straggler,
@@ -505,16 +609,14 @@ class Coordinator:
             "secure_aggregation": combine.describe(None, None)
             if isinstance(combine, SecureSum) else None,
         }  # fmt: skip
-        updates_section = {**out.tally.to_dict(), "max_update_norm": training.max_update_norm}
+        if self.config.privacy.mode == "client":
+            federation["aggregator"] = "dp-fedavg"
+        updates_section = {**tally.to_dict(), "max_update_norm": training.max_update_norm}
         attack = None
         if self.config.attack is not None:
             attack = {"kind": self.config.attack.kind, "sites": [
                 s.name for s in sites if engine.malicious[s.index]]}  # fmt: skip
-        extra = {"updates": updates_section, "federation": federation, "attack": attack}
-        final = torch.from_numpy(out.state.params.copy())
-        result = TrainingResult(spec, model, final, out.history, out.metrics, out.tally.rejected,
-                                extra)  # fmt: skip
-        return FlowerTraining(result, sites, encoder, task, timing, list(self.rejoins))
+        return {"updates": updates_section, "federation": federation, "attack": attack}
 
     def _malicious(self, sites: list[SiteEntry]) -> np.ndarray:
         mask = np.zeros(len(sites), dtype=bool)
@@ -553,6 +655,9 @@ class FlowerEngine:
         self.malicious = malicious
         self.key_holder: SiteEntry | None = None
         self.round_seconds: list[float] = []
+        self.booked: dict[str, list[list[float]]] = {}
+        """site -> ``[round, epsilon]``: what each site reports having booked (informational)."""
+        self.centre: np.ndarray | None = None
         self._evaluate_next = False
         self._retry_round = 0
         self._retry_deadline = 0.0
@@ -569,7 +674,10 @@ class FlowerEngine:
         participants = {int(i) for i in cohort.participants} if only is None else only
         evaluate = self._evaluate_next and only is None
         # identical content for every site: Flower stores and moves it once
-        content = c._request(state.params, round=rnd, evaluate=evaluate)
+        # asked: the round's participants (a noise share is sized by them, also when the
+        # round is sent again to the ones that were missing)
+        content = c._request(state.params, round=rnd, evaluate=evaluate,
+                             asked=max(len(cohort.participants), 1))  # fmt: skip
         msgs = []
         for s in self.sites:
             if s.index in participants:
@@ -636,6 +744,9 @@ class FlowerEngine:
                 log.warning("round %d: site %s failed: %s", rnd, s.name, _reason(reply))
                 continue
             meta = reply.content.config_records.get(P.RESULT)
+            eps = _number(meta.get("epsilon") if meta is not None else None)
+            if eps:
+                self.booked.setdefault(s.name, []).append([rnd, eps])
             ids.append(s.index)
             weights.append(meta.get("n_train") if meta is not None else None)
             if secure:
@@ -725,7 +836,7 @@ def flower_results(config: Config, training: FlowerTraining) -> dict[str, Any]:
         config, task=training.task,
         sites=[{"name": s.name, "n_train": s.n_train, "n_test": s.n_test}
                for s in training.sites],
-        training=res,
+        training=res, privacy=res.extra.get("privacy"),
         notes=["metrics pooled from the sites' evaluation statistics; AUC from binned scores "
                "(see privml.fl.flower.evaluation)"],
     )  # fmt: skip

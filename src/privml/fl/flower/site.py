@@ -6,11 +6,14 @@ its part of the simulated partition), checks and encodes them with the public sc
 them exactly as the simulation does, and keeps the encoded arrays in memory for every round.
 
 Each round it runs the site side of the round engine for itself
-(:class:`~privml.fl.rounds.SitePipeline`: the local update, a simulated attacker if the config
-makes this site one, the encryption under secure aggregation), seeded with the site's index in
-the config, so a site computes the same update as in simulation. It answers the requests the
-server's stages send it (:meth:`SiteRuntime.serve`): ``setup`` before round 1 (the secure
-aggregation's public material), ``keygen`` and ``decrypt`` at the key holder.
+(:class:`~privml.fl.rounds.SitePipeline`: the local update (DP-SGD under sample-level DP), a
+simulated attacker if the config makes this site one, the booking of its privacy cost in its
+own ledger, the encryption under secure aggregation), seeded with the site's index in the
+config, so a site computes the same update as in simulation. It answers the requests the
+server's stages send it: ``private`` before round 1 (the site plans its private training from
+its own config, checks the plan against its own budget, books what it spends before training
+and returns its private input mean), ``centre`` (the combined input centre), ``setup`` (the
+secure aggregation's public material), ``keygen`` and ``decrypt`` at the key holder.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from privml.fl.compat import check_combination
 from privml.fl.flower import protocol
 from privml.fl.flower.evaluation import EvalStats, site_stats
 from privml.fl.plan import attacked_data, make_attack
+from privml.fl.plan_private import SitePrivacy, site_private_parts
 from privml.fl.rounds import SitePipeline, SiteStage, SiteUpdates
 from privml.fl.stages.local import LocalTraining
 from privml.fl.stages.secure import KeyHolderService, SealUpdates, SecureSetup
@@ -147,12 +151,20 @@ class SiteRuntime:
         self.rule = MeanGradient(self.model, self.spec, binary=self.task.kind == "binary")
         self.fingerprint = protocol.fingerprint(config)
         self.names = site_names(config)
+        self.raw = self.data  # the records as loaded (an input centre shifts ``data``)
+        self.private: SitePrivacy | None = None
         self.pipeline = self._pipeline()
         self.key_holder: KeyHolderService | None = None
 
     def _pipeline(self) -> SitePipeline:
         t = self.config.training
         stages: list[SiteStage] = []
+        make_rule = None
+        if self.private is not None:
+            stages += self.private.stages
+            binary = self.task.kind == "binary"
+            if self.private.make_rule is not None:
+                make_rule = self.private.make_rule(self.model, self.spec, binary)
         malicious = np.zeros(len(self.names), dtype=bool)
         atk = None
         if self.config.attack is not None:
@@ -160,7 +172,8 @@ class SiteRuntime:
             atk = make_attack(self.config.attack, self.names, t.seed, n_classes)
             malicious = atk.mask(len(self.names))
             stages.append(atk)
-        local = LocalTraining(attacked_data({self.index: self.data}, atk), t, self.rule)
+        local = LocalTraining(attacked_data({self.index: self.data}, atk), t, self.rule,
+                              make_rule=make_rule)  # fmt: skip
         return SitePipeline(local, stages, malicious)
 
     @classmethod
@@ -212,11 +225,17 @@ class SiteRuntime:
             )
         return rnd
 
-    def run_round(self, params: np.ndarray, *, rnd: int) -> SiteUpdates:
+    def run_round(self, params: np.ndarray, *, rnd: int, asked: int | None = None) -> SiteUpdates:
         """The site side of round ``rnd`` from the global ``params``: local update, then this
-        site's stages (attack, sealing)."""
+        site's stages (attack, accounting, sealing); ``asked``: how many sites the server asked
+        this round (sizes a noise share)."""
         r = self._round(rnd)
         p = self.check_params(params)
+        if self.config.privacy.mode != "none" and self.private is None:
+            raise UsageError(
+                f"site {self.name!r}: private training is not set up for this run; the "
+                "coordinator sends the 'private' request before round 1"
+            )
         if self.config.training.secure_aggregation != "none" and not any(
             isinstance(s, SealUpdates) for s in self.pipeline.stages
         ):
@@ -224,7 +243,17 @@ class SiteRuntime:
                 f"site {self.name!r}: secure aggregation is not set up (no public key yet); "
                 "the coordinator sends it before round 1"
             )
-        return self.pipeline.run(r, p, np.array([self.index], dtype=np.int64))
+        if asked is not None and (
+            isinstance(asked, bool) or not isinstance(asked, int)
+            or not 1 <= asked <= len(self.names)
+        ):  # fmt: skip
+            raise UsageError(f"site {self.name!r}: asked must be an int in [1, "
+                             f"{len(self.names)}]. Got {asked!r} instead.")  # fmt: skip
+        return self.pipeline.run(r, p, np.array([self.index], dtype=np.int64), asked=asked)
+
+    def booked(self) -> float | None:
+        """The epsilon this site has booked for the current run (None without privacy)."""
+        return None if self.private is None else float(self.private.booked())
 
     def train(self, params: np.ndarray, *, rnd: int) -> np.ndarray:
         """Local training from the global ``params`` in round ``rnd``; the update (float64)."""
@@ -241,9 +270,66 @@ class SiteRuntime:
         if len(counts) != len(self.names) or any(c < 0 for c in counts):
             raise UsageError(f"site {self.name!r}: setup sent {len(counts)} counts for "
                              f"{len(self.names)} sites")  # fmt: skip
+        o = (self.private.secure if self.private is not None else None) or {}
         return SecureSetup.from_training(
-            self.config.training, self.names, counts, n_params=self.n_params
-        )
+            self.config.training, self.names, counts, n_params=self.n_params,
+            clip=o.get("clip"), value_bound=o.get("value_bound"),
+        )  # fmt: skip
+
+    # -- private training: this site's own plan, budget, ledger and noise ------------------
+
+    def _records(self) -> tuple[dict[str, str], dict[str, Any]]:
+        """This site's fingerprint and record hashes (its ledger keeps its budget by them)."""
+        d = self.config.data
+        if d.dataset is not None:
+            from privml.data.federation import site_records
+
+            fps, hashes = site_records(self.config)
+            return {self.name: fps[self.name]}, {self.name: hashes[self.name]}
+        from privml.data.records import fingerprint, record_hashes
+
+        assert d.sites is not None
+        df = read_site_file(Path(d.sites[self.index].path), site=self.name)
+        h = record_hashes(df)
+        return {self.name: fingerprint(h, df.columns)}, {self.name: h}
+
+    def private_setup(self) -> SitePrivacy:
+        """Before round 1 of a run: plan this site's private training from its own config,
+        check the plan against its own ledger's budget (refused: BudgetExceededError, nothing
+        spent) and book what is spent before training. Every run starts afresh: what a
+        previous run booked stays booked."""
+        if self.config.privacy.mode == "none":
+            raise UsageError(f"site {self.name!r}: this config trains without privacy")
+        from privml.dp.cli import ledger_from_config
+        from privml.dp.planning import check_dp_schema
+        from privml.dp.randomness import run_noise_source
+
+        self.private, self.data = None, self.raw
+        check_dp_schema(self.config, FederatedData([self.raw], self.encoder, self.task))
+        fps, hashes = self._records()
+        ledger = ledger_from_config(self.config, fingerprints=fps, records=hashes)
+        noise = run_noise_source(self.config.training.seed)  # drawn here, never sent
+        self.private = site_private_parts(self.config, self.raw, self.index, self.names,
+                                          self.spec, ledger=ledger, noise=noise)  # fmt: skip
+        self.pipeline = self._pipeline()
+        return self.private
+
+    def apply_centre(self, centre: object) -> None:
+        """Centre this site's inputs on the combined private mean (from the coordinator)."""
+        if self.private is None or not self.private.centring:
+            raise UsageError(f"site {self.name!r}: no input centring in this run")
+        width = self.raw.X_train.shape[1]
+        if (
+            not isinstance(centre, np.ndarray)
+            or centre.dtype.kind != "f"
+            or centre.shape != (width,)
+            or not np.isfinite(centre).all()
+        ):
+            raise UsageError(f"site {self.name!r}: the input centre must be {width} finite floats")
+        c = centre.astype(np.float32)
+        s = self.raw
+        self.data = SiteData(s.name, s.X_train - c, s.y_train, s.X_test - c, s.y_test)
+        self.pipeline = self._pipeline()
 
     def keygen(self, counts: list[int]) -> bytes:
         """At the key holder: make the aggregation keys (once); return the public material."""
@@ -262,8 +348,11 @@ class SiteRuntime:
         if self.config.training.secure_aggregation == "none":
             raise UsageError(f"site {self.name!r}: this config uses no secure aggregation")
         setup = self._secure_setup(counts)
+        o = (self.private.secure if self.private is not None else None) or {}
         self.pipeline.stages = [s for s in self.pipeline.stages if not isinstance(s, SealUpdates)]
-        self.pipeline.stages.append(SealUpdates(setup, public))
+        seal = SealUpdates(setup, public, weighted=bool(o.get("weighted", True)),
+                           noise=o.get("noise"))  # fmt: skip
+        self.pipeline.stages.append(seal)
         self.pipeline.__post_init__()
 
     def check_fingerprint(self, theirs: Any) -> None:

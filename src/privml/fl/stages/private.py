@@ -53,6 +53,7 @@ from privml.dp.planning import (
 )
 from privml.dp.randomness import NoiseSource
 from privml.dp.sgd import DPSGDGradient, poisson_batches
+from privml.errors import BudgetExceededError
 from privml.fl.checkpoint import ServerState
 from privml.fl.rounds import Cohort, Outcome, Received, SiteUpdates
 from privml.fl.validate import stack_accepted, validate_updates
@@ -65,6 +66,7 @@ __all__ = [
     "ClipState",
     "ClippedSum",
     "NoiseShare",
+    "OneUpdatePerRound",
     "SampleAccounting",
     "client_cohort",
     "client_privacy",
@@ -369,7 +371,7 @@ class NoiseShare:
 
 
 def client_privacy(
-    privacy: Any, plan: ClientLevelPlan, clip: ClipState, accounting: ClientAccounting,
+    privacy: Any, plan: ClientLevelPlan, clip: ClipState, run_id: str,
     ledger: PrivacyLedger | None, noise: NoiseSource, names: Sequence[str], secure: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """results.json ``privacy`` of a client-level run."""
@@ -409,8 +411,30 @@ def client_privacy(
         "updates",
         "ledger": str(ledger.path) if ledger is not None else None,
         "dataset": ledger.dataset if ledger is not None else None,
-        "run": accounting.run_id,
+        "run": run_id,
         "noise": noise.describe(),
         "reproducible_noise": not noise.secure,
         "not_accounted": list(NOT_ACCOUNTED),
     }  # fmt: skip
+
+
+@dataclass
+class OneUpdatePerRound:
+    """Step ``accounting`` of client-level DP at a deployed site: the run's booking covers one
+    update per round, so the site refuses a second request for a round it already answered
+    (a server replaying rounds would otherwise draw unbooked releases from it)."""
+
+    site: str
+    rounds: int
+    released: set[int] = field(default_factory=set)
+    step = "accounting"
+
+    def apply(self, batch: SiteUpdates) -> None:
+        if batch.rnd in self.released or not 1 <= batch.rnd <= self.rounds:
+            why = "already released this round's update" if batch.rnd in self.released else (
+                "was not booked for this round")  # fmt: skip
+            raise BudgetExceededError(
+                f"site {self.site!r} refuses round {batch.rnd}: its client-level booking covers "
+                f"one update in each of rounds 1..{self.rounds}, and it {why}"
+            )
+        self.released.add(batch.rnd)
