@@ -199,3 +199,44 @@ def test_sites_refuse_a_coordinator_with_other_privacy_settings(tmp_path: Path) 
     with pytest.raises(SiteFailure, match=r"differs from this site.s in \[.privacy.\]"):
         Coordinator(_grid(runtimes), cfg).run()
     assert all(_history(rt) == [] for rt in runtimes.values())
+
+
+def test_a_restarted_site_sets_up_its_private_training_again(tmp_path: Path) -> None:
+    """hospital_b's SuperNode dies during round 2 and comes back as a new process (a fresh
+    runtime, nothing in memory): it sets up its private training again (checked against its
+    own budget, no second private mean), takes the run's input centre, and trains round 3;
+    its ledger holds both sessions' charges."""
+    runtimes = _runtimes(tmp_path, "sample")
+    cfg = _config(tmp_path / "coordinator.sqlite", "sample")
+    restarted = SiteRuntime(_config(tmp_path / "hospital_b.sqlite", "sample"), "hospital_b")
+    box: list[FakeGrid] = []
+
+    def crash_b(name: str, received: Message, reply: Message) -> Message | None:
+        grid, node = box[0], received.metadata.dst_node_id
+        if node == 101 and 101 in grid.offline:
+            return None
+        if node == 101 and received.metadata.group_id == "2":
+            grid.offline.add(101)
+            app = make_client_app(lambda _ctx: restarted)
+            grid.nodes[201] = (app, Context(42, 201, {"site": "hospital_b"}, RecordDict(), {}))
+            return None
+        return reply
+
+    grid = _grid(runtimes)
+    grid.tamper = crash_b
+    box.append(grid)
+    with reproducible_noise():
+        coordinator = Coordinator(grid, cfg, round_timeout=600, liveness_interval=0.05)
+        res = coordinator.run().result
+    assert [r.clients for r in res.history] == [3, 2, 3]
+    assert [r["site"] for r in coordinator.rejoins] == ["hospital_b"]
+    labels = [h.label for h in _history(restarted)]
+    # first process: centre, rounds 1 and 2 (its round-2 update was lost with it);
+    # the restarted process: round 3 only, on the run's centre
+    assert labels == ["dp-sgd input centring", "dp-sgd round 1", "dp-sgd round 2",
+                      "dp-sgd round 3"]  # fmt: skip
+    assert restarted.private is not None and restarted.private.centre is None
+    assert restarted.data is not restarted.raw  # shifted by the run's centre
+    a = runtimes["hospital_a"]
+    np.testing.assert_allclose(restarted.raw.X_train[0] - restarted.data.X_train[0],
+                               a.raw.X_train[0] - a.data.X_train[0], rtol=0, atol=1e-6)  # fmt: skip

@@ -444,12 +444,13 @@ class SitePrivacy:
 
 def site_private_parts(
     config: Any, site: SiteData, index: int, names: list[str], spec: ModelSpec, *,
-    ledger: PrivacyLedger, noise: NoiseSource,
+    ledger: PrivacyLedger, noise: NoiseSource, estimate_centre: bool = True,
 ) -> SitePrivacy:  # fmt: skip
     """Site ``index``'s private stages for one run: its plan (from the public config and its
     own size), the check of its whole planned spend against its own budget (refused: nothing
     computed or spent), and what it books before training (client level: the whole run;
-    sample level: its private input mean).
+    sample level: its private input mean, unless ``estimate_centre`` is False: a site that
+    rejoins a run whose centre is already combined).
 
     Raises:
         BudgetExceededError: the site's planned spend does not fit its remaining budget.
@@ -478,7 +479,7 @@ def site_private_parts(
     if sp.total_steps:
         precheck(ledger, [(sp.name, sp.epsilon)], p.delta)
     est = None
-    if center:
+    if center and estimate_centre:
         est = site_centre(site.X_train, index=index, plan=splan, booker=booker, noise=noise)
     sigmas = np.array([s.noise_multiplier for s in splan.sites])
     return SitePrivacy(

@@ -100,7 +100,8 @@ def _serve(rt: SiteRuntime, service: str, settings: ConfigRecord, msg: Message) 
         rt.setup(_counts(settings), _blob(msg))
         content = {}
     elif service == "private":
-        private = rt.private_setup()
+        estimate = settings.get("estimate_centre", True)
+        private = rt.private_setup(estimate_centre=estimate is not False)
         result.update(epsilon=rt.booked(), planned=float(private.planned))
         content = {}
         if private.centre is not None:

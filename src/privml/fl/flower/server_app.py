@@ -180,6 +180,7 @@ class Coordinator:
         self._site_info: dict[str, dict[str, Any]] = {}
         self.rejoins: list[dict[str, Any]] = []
         self._setup: dict[str, Any] | None = None  # what a stage's setup sent every site
+        self._centre: np.ndarray | None = None  # the run's input centre (private training)
 
     # -- messaging -----------------------------------------------------------------------
 
@@ -387,12 +388,13 @@ class Coordinator:
             return
         if old.node_id != node:
             new = SiteEntry(old.name, old.index, node, old.n_train, old.n_test)
-            if self._setup is not None:  # a restarted site lost the public material
-                try:
+            try:  # a restarted site lost its private set-up and the public material
+                self._private_again(new)
+                if self._setup is not None:
                     self.ask(new, "setup", **self._setup)
-                except PrivmlError as exc:
-                    log.warning("site %s is back as SuperNode %s but %s", old.name, node, exc)
-                    return
+            except PrivmlError as exc:
+                log.warning("site %s is back as SuperNode %s but %s", old.name, node, exc)
+                return
             sites[entry.index] = new
             self.rejoins.append({"site": old.name, "before_round": rnd, "node_id": node,
                                  "previous_node_id": old.node_id})  # fmt: skip
@@ -484,7 +486,18 @@ class Coordinator:
         if private.centre and total is not None:
             engine.centre = total / max(n_total, 1)
             self.ask_all(sites, "centre", array=engine.centre)
+        self._centre = engine.centre
         return private
+
+    def _private_again(self, site: SiteEntry) -> None:
+        """A site whose SuperNode restarted sets up its private training again (a fresh
+        booking in its own ledger, checked against its budget) and takes the run's input
+        centre, without computing a new private mean."""
+        if self.config.privacy.mode == "none":
+            return
+        self.ask(site, "private", estimate_centre=False)
+        if self._centre is not None:
+            self.ask(site, "centre", array=self._centre)
 
     def _secure(self, sites: list[SiteEntry], n_params: int, engine: FlowerEngine,
                 options: dict[str, Any] | None = None) -> SecureSum:  # fmt: skip

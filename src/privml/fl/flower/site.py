@@ -293,11 +293,12 @@ class SiteRuntime:
         h = record_hashes(df)
         return {self.name: fingerprint(h, df.columns)}, {self.name: h}
 
-    def private_setup(self) -> SitePrivacy:
+    def private_setup(self, *, estimate_centre: bool = True) -> SitePrivacy:
         """Before round 1 of a run: plan this site's private training from its own config,
         check the plan against its own ledger's budget (refused: BudgetExceededError, nothing
         spent) and book what is spent before training. Every run starts afresh: what a
-        previous run booked stays booked."""
+        previous run booked stays booked. ``estimate_centre=False``: the run's input centre
+        is combined already (this site rejoins the run), so no private mean is computed."""
         if self.config.privacy.mode == "none":
             raise UsageError(f"site {self.name!r}: this config trains without privacy")
         from privml.dp.cli import ledger_from_config
@@ -310,7 +311,8 @@ class SiteRuntime:
         ledger = ledger_from_config(self.config, fingerprints=fps, records=hashes)
         noise = run_noise_source(self.config.training.seed)  # drawn here, never sent
         self.private = site_private_parts(self.config, self.raw, self.index, self.names,
-                                          self.spec, ledger=ledger, noise=noise)  # fmt: skip
+                                          self.spec, ledger=ledger, noise=noise,
+                                          estimate_centre=estimate_centre)  # fmt: skip
         self.pipeline = self._pipeline()
         return self.private
 
