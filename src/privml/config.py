@@ -273,6 +273,12 @@ class TrainingConfig(_Strict):
         "no key holder, the server unmasks the sum only (needs max_update_norm; fedavg or "
         "norm_bound)",
     )
+    secure_aggregation_checks: Literal["none", "norm"] = Field(
+        default="none",
+        description='ckks only: "norm" bounds every update\'s L2 norm on its ciphertexts '
+        "(the key holder decrypts only each site's squared norm and the bounded sum); needs "
+        'aggregator = "norm_bound" with a fixed max_norm',
+    )
     key_holder: str | None = Field(
         default=None,
         description="the site that generates the aggregation keys and decrypts the sums "
@@ -390,6 +396,13 @@ class TrainingConfig(_Strict):
                 f"{sa} with aggregator = \"norm_bound\" needs a fixed aggregator_params.max_norm "
                 "(the adaptive bound is the median of the individual update norms, which the "
                 "server cannot see); the sites clip to it before encrypting"
+            )
+        if self.secure_aggregation_checks == "norm" and (
+            self.aggregator != "norm_bound" or max_norm is None
+        ):
+            out.append(
+                'secure_aggregation_checks = "norm" needs aggregator = "norm_bound" with '
+                "aggregator_params.max_norm (the bound the server applies on ciphertexts)"
             )
         if self.secure_aggregation == "secagg+":
             from privml.fl.secagg import check_settings

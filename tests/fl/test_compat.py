@@ -46,6 +46,9 @@ def _raw_for(row: compat.Combination) -> dict[str, Any] | None:
             )
         elif option == "accountant":
             raw.setdefault("privacy", {"mode": "sample", "epsilon": 1.0})["accountant"] = v
+        elif option == "secure_checks" and v != "none":
+            t.update(secure_aggregation_checks=v, aggregator="norm_bound",
+                     aggregator_params={"max_norm": 1.0})  # fmt: skip
         elif option == "resume":
             return None  # a flag of privml run, checked below
     return raw

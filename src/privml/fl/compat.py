@@ -36,6 +36,7 @@ OPTIONS: dict[str, str] = {
     "adaptive_clip": "[privacy] adaptive_clip: on | off",
     "accountant": "[privacy] accountant: pld | rdp",
     "resume": "privml run --resume: yes | no",
+    "secure_checks": "[training] secure_aggregation_checks: none | norm",
 }
 """The options a row may name, and where each comes from."""
 
@@ -158,6 +159,26 @@ TABLE: tuple[Combination, ...] = (
         'features = "none", or secure_aggregation = "none"',
     ),
     Combination(
+        {"secure_checks": ("norm",), "secure_aggregation": ("none", "paillier", "secagg+")},
+        False,
+        "the encrypted norm check computes each update's norm on CKKS ciphertexts (Paillier "
+        "cannot multiply two ciphertexts; masking hides nothing the server could compute on)",
+        'secure_aggregation = "ckks"',
+    ),
+    Combination(
+        {"secure_checks": ("norm",), "privacy": _DP},
+        False,
+        "the encrypted norm check scales updates by factors computed from their norms, which "
+        "the privacy accounting of private training does not cover yet",
+        'secure_aggregation_checks = "none" (client-level DP clips every update itself)',
+    ),
+    Combination(
+        {"secure_checks": ("norm",), "engine": ("flower",)},
+        False,
+        "the norm requests to the key holder are not yet carried over Flower messages",
+        'engine = "simulation"',
+    ),
+    Combination(
         {"privacy": _DP, "accountant": ("rdp",)},
         False,
         "the published site sizes make replace-one the neighbouring relation, which "
@@ -267,6 +288,15 @@ TABLE: tuple[Combination, ...] = (
         "(shares) -> sum norm check -> optimizer",
     ),
     Combination(
+        {"secure_aggregation": ("ckks",), "secure_checks": ("norm",)},
+        True,
+        "norm bounding without anyone seeing an update: the server computes each update's "
+        "squared norm on its ciphertexts, the key holder decrypts only those scalars, and the "
+        "server scales each encrypted update to the bound before the encrypted sum",
+        how="seal (no clipping) -> encrypted norms -> key holder decrypts scalars -> scale "
+        "ciphertexts -> encrypted sum -> decrypt sum",
+    ),
+    Combination(
         {"attack": ("backdoor",), "engine": ("simulation",)},
         True,
         "attackers train on triggered copies of their records and boost their update (model "
@@ -290,6 +320,7 @@ def options(config: Any, *, engine: str | None = None, resume: bool = False) -> 
         "adaptive_clip": "on" if p.mode == "client" and p.adaptive_clip else "off",
         "accountant": p.accountant,
         "resume": "yes" if resume else "no",
+        "secure_checks": t.secure_aggregation_checks,
     }
 
 

@@ -310,6 +310,10 @@ def _sealing(
         m_seal, m_combine = _masking_stages(training, [s.n_train for s in reported], n_params,
                                             options=secure)  # fmt: skip
         return m_seal, m_combine, lambda: m_combine.describe(m_seal)
+    if getattr(training, "secure_aggregation_checks", "none") == "norm":
+        from privml.fl.stages.secure_checks import checked_stages
+
+        return checked_stages(training, [s.n_train for s in reported], n_params)
     seal, combine, holder = _secure_stages(training, reported, n_params, secure)
     return seal, combine, lambda: combine.describe(seal, holder.keygen_seconds)
 
