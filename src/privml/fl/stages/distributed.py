@@ -199,7 +199,10 @@ def distributed_parts(
             "coordinate clipping would change the sensitivity; remove it or raise it"
         )
     min_t, max_n = _thresholds(t, n_params, clip, n, q)
-    fixed = t.secagg_modulus if "secagg_modulus" in t.model_fields_set else None
+    # a modulus other than the default is the user's (checked); the default is replaced by
+    # the smallest one the noised sum cannot wrap around
+    default = type(t).model_fields["secagg_modulus"].default
+    fixed = t.secagg_modulus if t.secagg_modulus != default else None
     plan = plan_distributed(
         epsilon=p.epsilon if p.noise_multiplier is None else None,
         noise_multiplier=p.noise_multiplier, delta=p.delta, clip=clip, clipping_range=float(c),
