@@ -1,7 +1,7 @@
 """The targets tables of docs/benchmarks.md, collected from the benchmarks' JSON results.
 
-Run:  .venv/bin/python benchmarks/targets.py [--results DIR]   (run_all.py runs it after the
-benchmarks, before render_docs.py)
+Run:  .venv/bin/python benchmarks/targets.py [--results DIR] [--out FILE]
+(run_all.py runs it after the benchmarks, before render_docs.py)
 
 Each target names the benchmark whose JSON holds its figure, reads the figure (a median, with
 its min-max spread where there is one), compares it with the threshold and says met, not met,
@@ -263,8 +263,9 @@ def _run_of(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=None, help="default RESULTS/targets.json")
     args = ap.parse_args(argv)
-    bench = Bench("targets", out=args.results / "targets.json")
+    bench = Bench("targets", out=args.out or args.results / "targets.json")
     bench.record("collected", True)
     cache: dict[str, dict[str, Any] | None] = {}
     for area, title in AREAS.items():

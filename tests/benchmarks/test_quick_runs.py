@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 
 import render_docs  # noqa: E402
 import run_all  # noqa: E402
+import targets  # noqa: E402
 
 #: Scripts whose owners are moving them onto the harness; each is skipped with this reason
 #: until it writes through ``harness.Bench`` (then the test below insists it leaves this set).
@@ -75,6 +76,16 @@ def test_quick_run_writes_strict_json(script: str, tmp_path: Path) -> None:
 def test_docs_tables_match_the_committed_results() -> None:
     """A figure typed into a generated table, or a table without results, fails here."""
     assert render_docs.main(["--check"]) == 0
+
+
+def test_targets_tables_match_the_committed_results(tmp_path: Path) -> None:
+    """The targets tables (results/targets.json) are what targets.py reads from the other
+    committed results now: a result re-run without re-collecting the targets fails here."""
+    out = tmp_path / "targets.json"
+    assert targets.main(["--out", str(out)]) == 0
+    fresh = json.loads(out.read_text())["tables"]
+    committed = json.loads((BENCH / "results" / "targets.json").read_text())["tables"]
+    assert fresh == committed, "run benchmarks/targets.py, then benchmarks/render_docs.py"
 
 
 def test_committed_results_are_full_runs() -> None:
