@@ -17,6 +17,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +295,39 @@ def main(argv: list[str] | None = None) -> int:
             rows,
             caption=f"{title}: each figure read from its benchmark's JSON results.",
         )
+    runs_table(bench, args.results)
     bench.write()
     return 0
+
+
+def runs_table(bench: Bench, results: Path) -> None:
+    """What each committed result cost: its command, when it ran, how long, at what load."""
+    rows, total = [], 0.0
+    for p in sorted(results.glob("*.json")):
+        if p.stem == "targets":
+            continue
+        data = json.loads(p.read_text())
+        try:
+            secs = (
+                datetime.fromisoformat(data["finished"]) - datetime.fromisoformat(data["started"])
+            ).total_seconds()
+        except (KeyError, ValueError):
+            continue
+        total += secs
+        load = (data.get("load_before") or ["?"])[0], (data.get("load_after") or ["?"])[0]
+        rows.append([f"`{data.get('command', p.stem)}`", _run_of(data).split(",")[0],
+                     f"{secs / 60:.1f} min", f"{load[0]} -> {load[1]}"])  # fmt: skip
+    rows.append(["all of the above, one after another", "-", f"{total / 60:.0f} min", "-"])
+    bench.record("run_minutes_total", total / 60)
+    bench.table(
+        "runs",
+        ["command (in benchmarks/)", "started", "wall time", "load average before -> after"],
+        rows,
+        caption=(
+            "The run behind each results file: its command and repetitions as committed, when it "
+            "started and how long it took (the wall time grows with the machine's load)."
+        ),
+    )
 
 
 if __name__ == "__main__":
