@@ -13,6 +13,7 @@ A docs page marks a generated table with two comments::
 line saying when, with which command, on what machine and at what load it was measured.
 ``--check`` changes nothing and exits 1 when a page differs from what its JSON gives, or names a
 table no JSON has (CI runs it, so a figure typed by hand into a generated table fails the suite).
+Without ``--check`` the pages are rewritten and the exit status is 1 when a table had no results.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale or missing else 0
     for s in stale:
         print(f"updated docs/{s}")
-    return 0
+    return 1 if missing else 0  # the pages are rendered; a table without results is an error
 
 
 if __name__ == "__main__":

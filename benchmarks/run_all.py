@@ -5,8 +5,9 @@ Run:  .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--skip
 ``make bench`` runs this at full size (results in ``benchmarks/results/NAME.json``), then
 ``targets.py`` collects the targets tables and ``render_docs.py`` rewrites the tables in docs/.
 ``make bench-quick`` runs every script with ``--quick`` on tiny sizes, writing to a temporary
-folder and leaving docs/ alone (a smoke run; the test suite does the same in
-``tests/benchmarks/test_quick_runs.py``).
+folder, then collects the targets and renders every docs page from those results into a copy
+(docs/ is left alone; a docs table that no script produced fails the run). The test suite runs
+each script the same way in ``tests/benchmarks/test_quick_runs.py``.
 
 A benchmark is a ``bench_*.py`` script in this folder that writes its results through
 ``harness.Bench``; scripts not on the harness yet are listed and skipped. Each script runs in a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--quick")
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            cmd += ["--out", str(out_dir / f"{name(p)}{'-quick' if args.quick else ''}.json")]
+            cmd += ["--out", str(out_dir / f"{name(p)}.json")]
         print(f"\n=== {p.name} {'(quick)' if args.quick else ''}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=env, check=False).returncode
@@ -89,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         # the targets tables, then every docs table, from whatever results are there now
         for step in ("targets.py", "render_docs.py"):
             got = subprocess.run([sys.executable, str(HERE / step)], env=env, check=False)
+            rc = rc or got.returncode
+    elif args.quick and wanted is None and not skip and out_dir is not None:
+        # the whole pipeline on the quick results: targets collected, then every docs page
+        # rendered into a copy (docs/ untouched); a table no script produced fails the run
+        docs_copy = out_dir / "docs"
+        shutil.copytree(HERE.parent / "docs", docs_copy, dirs_exist_ok=True)
+        for step, extra in (
+            ("targets.py", ["--results", str(out_dir)]),
+            ("render_docs.py", ["--results", str(out_dir), "--docs", str(docs_copy)]),
+        ):
+            got = subprocess.run([sys.executable, str(HERE / step), *extra], env=env, check=False)
+            print(f"{step} on the quick results: {'ok' if got.returncode == 0 else 'FAILED'}")
             rc = rc or got.returncode
     if tmp is not None:
         tmp.cleanup()

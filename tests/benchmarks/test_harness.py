@@ -56,3 +56,7 @@ def test_json_is_strict_and_docs_regenerate(tmp_path: Path) -> None:
     assert render_docs.main([*args, "--check"]) == 0
     page.write_text(text.replace("| privml | 1.0 |", "| privml | 0.1 |"))  # hand-edited figure
     assert render_docs.main([*args, "--check"]) == 1
+    # a table no results file has: reported, and an error in both modes
+    page.write_text(text + "\n<!-- bench:toy:nothing -->\n<!-- /bench -->\n")
+    assert render_docs.main(args) == 1
+    assert render_docs.main([*args, "--check"]) == 1
