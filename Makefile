@@ -47,9 +47,11 @@ browser:
 test: install-dev lint browser
 	$(VENV)/bin/python -m pytest -n 2 --timeout 600
 
-# Every benchmark at full size (JSON in benchmarks/results/), then the docs tables regenerated
-# from it (benchmarks/render_docs.py). About 25 minutes on a quiet 2-core machine; run nothing
-# else meanwhile. bench-quick: every benchmark on tiny sizes, docs untouched (a smoke run).
+# Every benchmark at full size (JSON in benchmarks/results/), then the targets collected and the
+# docs tables regenerated from it (benchmarks/targets.py, benchmarks/render_docs.py); what each
+# script took is in docs/benchmarks.md (the runs table). Run nothing else meanwhile.
+# bench-quick: every benchmark on tiny sizes, then the whole pipeline rendered into a copy of
+# docs/ (a smoke run: docs/ and benchmarks/results/ untouched).
 bench: install-dev
 	$(PY) benchmarks/run_all.py
 
