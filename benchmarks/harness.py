@@ -156,9 +156,8 @@ def ratios(slow: Summary, fast: Summary) -> Summary:
 def fmt_spread(s: Summary, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
     """``12.3 (11.9-13.0) ms`` style cell."""
     f = f"{{:.{digits}f}}"
-    return (
-        f"{f.format(s.median * scale)} ({f.format(s.min * scale)}-{f.format(s.max * scale)})"
-        + (f" {unit}" if unit else "")
+    return f"{f.format(s.median * scale)} ({f.format(s.min * scale)}-{f.format(s.max * scale)})" + (
+        f" {unit}" if unit else ""
     )
 
 
@@ -218,7 +217,7 @@ class Bench:
             "quick": self.quick,
             "started": self.started,
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": command_line(sys.argv),
             "machine": machine(),
             "load_before": self.load_before,
             "load_after": loadavg(),
@@ -237,6 +236,21 @@ class Bench:
         os.replace(tmp, path)
         print(f"\nresults: {path} (load average {self.load_before} -> {loadavg()})")
         return path
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command that produced a result, as the docs show it: the script's name and its
+    options, without ``--out`` (where the JSON went is no part of what was measured)."""
+    kept: list[str] = []
+    skip = False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return " ".join([Path(argv[0]).name, *kept])
 
 
 def _strict(obj: Any) -> Any:

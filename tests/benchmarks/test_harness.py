@@ -60,3 +60,8 @@ def test_json_is_strict_and_docs_regenerate(tmp_path: Path) -> None:
     page.write_text(text + "\n<!-- bench:toy:nothing -->\n<!-- /bench -->\n")
     assert render_docs.main(args) == 1
     assert render_docs.main([*args, "--check"]) == 1
+
+
+def test_command_line_leaves_out_the_output_path() -> None:
+    argv = ["/x/benchmarks/bench_toy.py", "--reps", "3", "--out", "/tmp/r.json", "--out=/y"]
+    assert harness.command_line(argv) == "bench_toy.py --reps 3"
