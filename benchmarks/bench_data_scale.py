@@ -19,10 +19,8 @@ Tables:
   round of the logistic model over all sites, 1 local epoch, batch 32): paired with the anchor
   at 1,000 x 2,000 and privml alone at 10,000 x 2,000 (the target); bytes per record beside the
   48 bytes of encoded features (float32) and 8 of label.
-* ``round``: seconds per round of ``simulate`` over 100,000 sites of 20 records (logistic
-  regression, every site every round, the default local SGD: 2 local epochs, batch 32), as the
-  engine records them, against the arithmetic of the same round alone (the same batched local
-  steps on tensors gathered beforehand: what a round costs without any bookkeeping).
+
+A round of simulation at this scale is ``bench_sim_scale.py``.
 
 Run:  .venv/bin/python benchmarks/bench_data_scale.py [--quick] [--reps 3]
 """
@@ -61,9 +59,6 @@ FULL = {
     "memory_rows": 2_000,
     "reps": 3,
     "memory_reps": 1,
-    "round_sites": 100_000,
-    "round_rows": 20,
-    "rounds": 3,
 }
 QUICK = {
     "sizes": [(100, 20), (400, 20)],
@@ -73,9 +68,6 @@ QUICK = {
     "memory_rows": 50,
     "reps": 2,
     "memory_reps": 1,
-    "round_sites": 500,
-    "round_rows": 20,
-    "rounds": 2,
 }
 BYTES_ENCODED = 12 * 4 + 8  # float32 features + int64 label per record
 #: Sizes (sites) up to which the anchor loader runs every repetition; above, once.
@@ -292,93 +284,6 @@ def memory_table(bench: Bench, pair: int, target: int, rows: int, reps: int) -> 
     )
 
 
-def round_table(bench: Bench, n_sites: int, rows: int, rounds: int, reps: int) -> None:
-    """Seconds per simulated round at scale, against the round's arithmetic alone."""
-    import torch
-
-    from privml.data import load_federation
-    from privml.fl.engine import init_params, simulate
-    from privml.models.training import Batch, MeanGradient
-    from privml.pipeline import model_spec
-
-    cfg = _config(n_sites, rows, rounds=rounds)
-    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
-        update={"local_epochs": 2, "batch_size": 32, "lr": 1.0})})  # fmt: skip
-    fed = load_federation(cfg)
-    spec = model_spec(cfg, fed)
-    t = cfg.training
-    got: dict[str, Any] = {}
-
-    def rounds_of_simulate() -> float:
-        res = simulate(fed, spec, t)
-        secs = [r.seconds for r in res.history]
-        got.setdefault("rounds", []).append(secs)
-        got["accuracy"] = float(res.metrics["accuracy"])
-        return float(np.median(secs))
-
-    # the arithmetic of one round: the same steps on batches gathered beforehand
-    model, params = init_params(spec, t.seed)
-    rule = MeanGradient(model, spec, binary=fed.task.kind == "binary")
-    X, y, offsets = fed.train_arrays()
-    sizes = np.diff(offsets)
-    width = int(min(t.batch_size, sizes.max()))
-    steps = int(np.ceil(sizes.max() / t.batch_size)) * t.local_epochs
-    rng = np.random.default_rng(0)
-    local = (rng.random((len(sizes), width)) * sizes[:, None]).astype(np.int64)
-    rows_idx = torch.from_numpy(local + offsets[:-1, None]).reshape(-1)
-    mask = torch.from_numpy((np.arange(width)[None, :] < sizes[:, None]).astype(np.float32))
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    batches = [
-        Batch(Xt.index_select(0, rows_idx).reshape(len(sizes), width, -1),
-              yt.index_select(0, rows_idx).reshape(len(sizes), width), mask)
-        for _ in range(steps)
-    ]  # fmt: skip
-
-    def arithmetic() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            stacked = params.reshape(1, -1).repeat(len(sizes), 1)
-            for k, b in enumerate(batches):
-                stacked = stacked - t.lr * rule(stacked, b, k)
-        return time.perf_counter() - t0
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        timed = bench.interleave(
-            {"privml simulate, seconds per round": rounds_of_simulate,
-             "arithmetic of a round alone": arithmetic},
-            reps=max(1, reps - 1),
-            key="round",
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    measured = got["rounds"][1:]  # the first call was the warm-up
-    per_round = summarize([s for secs in measured for s in secs])
-    alone = timed["arithmetic of a round alone"]
-    bench.record("round_seconds", per_round.to_dict())
-    bench.record("round_arithmetic_share", alone.median / per_round.median)
-    bench.record("round_history_seconds", measured)
-    bench.table(
-        "round",
-        ["", "seconds", "share of the round"],
-        [
-            ["privml simulate: one round (every site)", fmt_spread(per_round, digits=3, unit="s"),
-             "1"],
-            ["the same steps' arithmetic on batches gathered beforehand",
-             fmt_spread(alone, digits=3, unit="s"),
-             f"{100 * alone.median / per_round.median:.0f}%"],
-        ],  # fmt: skip
-        caption=(
-            f"One round of {n_sites:,} sites x {rows} records (logistic regression, every site "
-            f"every round, {t.local_epochs} local epochs, batch {t.batch_size}: {steps} "
-            f"batched steps of {n_sites:,} x {width} records): the engine's round time over "
-            f"{rounds} rounds x {max(1, reps - 1)} runs (median, min-max), against the same "
-            f"steps' arithmetic alone; pooled test accuracy {got['accuracy']:.3f}."
-        ),
-    )
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         warnings.simplefilter("ignore")
@@ -402,7 +307,6 @@ def main() -> None:
     bench = Bench("data_scale", quick=args.quick, out=args.out, params=p)
     load_table(bench, p["sizes"], p["reps"], p["anchor_max_sites"])
     memory_table(bench, p["pair_sites"], p["memory_sites"], p["memory_rows"], p["memory_reps"])
-    round_table(bench, p["round_sites"], p["round_rows"], p["rounds"], p["reps"])
     bench.write()
 
 
