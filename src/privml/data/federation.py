@@ -17,6 +17,7 @@ the encoded size plus a small object per site, and no per-site pandas frame is k
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,13 +41,15 @@ from privml.data.schema import infer_schema_pooled
 from privml.errors import DataError, PrivacyLeakWarning
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class SiteData:
     """One site's encoded records. Stays at the site; engines only read it there.
 
     ``pool`` and ``index``: the :class:`SitePool` whose arrays this site's arrays are views of,
     and the site's position in it (set by :func:`load_federation`; None for a site built any
-    other way). Engines use them to take a run of consecutive sites without copying.
+    other way). Engines use them to take a run of consecutive sites without copying. Frozen:
+    a site's arrays are never swapped for others (a poisoned site is a new ``SiteData``), so a
+    pool's own site objects stay views of its arrays.
     """
 
     name: str
@@ -114,7 +117,8 @@ class SitePool:
         )
         pool = cls(X_train, y_train, train_offsets, X_test, y_test, test_offsets, sites)
         for i, site in enumerate(sites):
-            site.pool, site.index = pool, i
+            object.__setattr__(site, "pool", pool)
+            object.__setattr__(site, "index", i)
         return pool
 
     def train_run(
@@ -125,7 +129,9 @@ class SitePool:
         if not cohort:
             return None
         first = cohort[0].index
-        if not all(s.index == first + k and s.in_pool(self) for k, s in enumerate(cohort)):
+        own = self.sites[first : first + len(cohort)] if first >= 0 else ()
+        # the pool's own (frozen) site objects, in order: views of its arrays by construction
+        if len(own) != len(cohort) or not all(map(operator.is_, cohort, own)):
             return None
         a, b = int(self.train_offsets[first]), int(self.train_offsets[first + len(cohort)])
         offsets = self.train_offsets[first : first + len(cohort) + 1] - a
@@ -374,9 +380,7 @@ def resolve_schema(
     inferred_cols: list[str] = []
     pooled = frames if isinstance(frames, Pooled) else pool_frames(frames)
     undeclared = [
-        c
-        for c in pooled.frame.columns
-        if c not in declared and c != target and c not in d.exclude
+        c for c in pooled.frame.columns if c not in declared and c != target and c not in d.exclude
     ]
     if undeclared:
         if not d.allow_inferred_schema:

@@ -13,7 +13,7 @@ runs in, and every site's order comes from a few array operations for the whole 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ class LocalTraining:
         None
     )
     step = "local update"
+    _sizes: tuple[Sites, NDArray[np.float64]] | None = field(default=None, init=False, repr=False)
 
     def records(self, rnd: int) -> Sites:
         return self.data(rnd) if callable(self.data) else self.data
@@ -71,6 +72,15 @@ class LocalTraining:
     def weights(self, rnd: int, ids: NDArray[np.int64]) -> NDArray[np.float64]:
         """FedAvg's weights: the number of records each site trains on in round ``rnd``."""
         sites = self.records(rnd)
+        if isinstance(sites, Sequence):  # every site: counted once per list of (frozen) sites
+            if (
+                self._sizes is None
+                or self._sizes[0] is not sites
+                or len(sites) != len(self._sizes[1])
+            ):
+                sizes = np.fromiter((s.n_train for s in sites), np.float64, count=len(sites))
+                self._sizes = (sites, sizes)
+            return self._sizes[1][np.asarray(ids, dtype=np.int64)]
         return np.array([sites[int(i)].n_train for i in ids], dtype=np.float64)
 
     def __call__(
