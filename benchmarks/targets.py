@@ -53,7 +53,7 @@ def _ratio(key: str) -> Getter:
 def _dpsgd(key: str) -> Getter:
     def get(d: dict[str, Any]) -> tuple[float, str]:
         v, text = _ratio(f"{key}_privml_vs_best_opacus")(d)
-        return v, f"{text} vs Opacus {d['results'][f'{key}_best_opacus']}"
+        return v, f"{text} vs {d['results'][f'{key}_best_opacus']}"
 
     return get
 
@@ -164,7 +164,7 @@ def _splits(d: dict[str, Any]) -> tuple[float, str]:
 def _speedup(key: str, label: str) -> Getter:
     def get(d: dict[str, Any]) -> tuple[float, str]:
         v, text = _ratio(key)(d)
-        return v, f"{text} {label}"
+        return v, f"{text} {label}".rstrip()
 
     return get
 
