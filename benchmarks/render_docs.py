@@ -12,18 +12,23 @@ A docs page marks a generated table with two comments::
 :class:`harness.Bench`), ``mlp`` one of its tables. The table is written with its caption and a
 line saying when, with which command, on what machine and at what load it was measured.
 ``--check`` changes nothing and exits 1 when a page differs from what its JSON gives, or names a
-table no JSON has (CI runs it, so a figure typed by hand into a generated table fails the suite).
+table no JSON has, or when ``results/targets.json`` is not what ``targets.py`` collects from the
+other results now (CI runs it, so a figure typed by hand into a generated table fails the
+suite). Without ``--check`` the targets are collected again first (when results/ has them).
 Without ``--check`` the pages are rewritten and the exit status is 1 when a table had no results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import sys
 from pathlib import Path
 
+import targets
 from harness import HERE, RESULTS_DIR, conditions_line, markdown_table
 
 DOCS = HERE.parent / "docs"
@@ -70,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=DOCS)
     args = ap.parse_args(argv)
     stale, missing = [], []
+    # the targets tables first: collected from the other results (targets.py), so that adding
+    # or re-running a benchmark and rendering keeps them current
+    with contextlib.redirect_stdout(io.StringIO()):
+        if args.check:
+            if targets.stale(args.results):
+                print(
+                    "results/targets.json: not what targets.py collects from the other "
+                    "results now (run benchmarks/render_docs.py)",
+                    file=sys.stderr,
+                )
+                stale.append("targets.json")
+        elif (args.results / "targets.json").is_file():
+            targets.main(["--results", str(args.results)])
     for page in sorted(args.docs.glob("*.md")):
         text = page.read_text()
         new = render_page(text, args.results, missing)

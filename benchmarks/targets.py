@@ -296,8 +296,29 @@ def main(argv: list[str] | None = None) -> int:
             caption=f"{title}: each figure read from its benchmark's JSON results.",
         )
     runs_table(bench, args.results)
+    out = bench.out
+    assert out is not None
+    if out.is_file() and json.loads(out.read_text()).get("tables") == bench.tables:
+        print(f"{out}: unchanged")  # kept as is: its date stays the date of the figures
+        return 0
     bench.write()
     return 0
+
+
+def stale(results: Path = RESULTS_DIR) -> bool:
+    """Whether ``results/targets.json`` differs from what the other results give now (False
+    when there is no targets.json: its tables are then missing wherever the docs use them)."""
+    import tempfile
+
+    committed = results / "targets.json"
+    if not committed.is_file():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "targets.json"
+        main(["--results", str(results), "--out", str(fresh)])
+        return bool(
+            json.loads(fresh.read_text())["tables"] != json.loads(committed.read_text())["tables"]
+        )
 
 
 def runs_table(bench: Bench, results: Path) -> None:
