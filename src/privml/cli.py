@@ -131,6 +131,10 @@ def run(
 
     if engine not in (None, "simulation", "flower"):
         raise UsageError(f"--engine must be 'simulation' or 'flower'. Got {engine!r} instead.")
+    if engine is None and config is None and resume is not None and not sets:
+        from privml.fl.checkpoint import locate_partial_run, read_run_config
+
+        engine = read_run_config(locate_partial_run(resume)[1]).training.engine
     if engine == "flower" or (engine is None and _load(config, sets).training.engine == "flower"):
         if sets:
             raise UsageError(
@@ -139,13 +143,14 @@ def run(
             )
         from privml.fl.compat import check_combination
 
-        check_combination(_load(config), engine="flower", resume=resume is not None)
+        if resume is None or config is not None:
+            check_combination(_load(config), engine="flower", resume=resume is not None)
         from privml.fl.flower.cli import flower_run
 
         flower_run(
             config, superlink=superlink, root_certificates=root_certificates,
             superexec_secret=superexec_secret, insecure=insecure, out_dir=out_dir,
-            as_json=as_json, force=force,
+            as_json=as_json, force=force, resume=resume,
         )
         return
     if resume is not None and config is None:

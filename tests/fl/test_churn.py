@@ -286,3 +286,106 @@ def test_a_rejoining_supernode_with_another_config_is_not_used(
     res = coordinator.run().result
     assert coordinator.rejoins == []
     assert [r.missed for r in res.history] == [{"timed_out": [1]}] * 3
+
+
+class _FakeDeployment:
+    """``run_flower`` with its SuperLink calls replaced: every submission gets a new run id,
+    and the run is coordinated over the in-memory grid (``lose_at``: the SuperLink is lost,
+    once, when round ``lose_at``'s train messages go out)."""
+
+    def __init__(self, runtimes: dict[str, SiteRuntime], lose_at: int | None = None,
+                 fail_at: int | None = None) -> None:  # fmt: skip
+        self.runtimes = runtimes
+        self.lose_at = lose_at
+        self.fail_at = fail_at
+        self.submitted: list[int] = []
+        self.resumed: list[bool] = []
+
+    def start_run(self, config: Any, dep: Any, **_kw: Any) -> int:
+        self.submitted.append(1000 + len(self.submitted))
+        return self.submitted[-1]
+
+    def serve_run(self, config: Any, dep: Any, run_id: int, **kw: Any) -> Any:
+        from privml.errors import UsageError
+        from privml.fl.flower.server_app import SuperLinkLost
+
+        self.resumed.append(kw["resume"])
+
+        def tamper(name: str, received: Message, reply: Message) -> Message | None:
+            group = received.metadata.group_id
+            if received.metadata.message_type == "train" and group == str(self.lose_at):
+                self.lose_at = None
+                raise SuperLinkLost("the SuperLink no longer knows this run (it restarted)")
+            if received.metadata.message_type == "train" and group == str(self.fail_at):
+                self.fail_at = None
+                raise UsageError("the coordinator's machine is shutting down")
+            return reply
+
+        coordinator = Coordinator(_grid(self.runtimes, tamper=tamper), config)
+        return coordinator.run(checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"])
+
+
+def _fake(monkeypatch: pytest.MonkeyPatch, fake: _FakeDeployment) -> None:
+    import privml.fl.flower.run as run_mod
+
+    monkeypatch.setattr(run_mod, "start_run", fake.start_run)
+    monkeypatch.setattr(run_mod, "serve_run", fake.serve_run)
+
+
+def test_a_lost_superlink_is_reconnected_and_the_run_continues_from_its_checkpoint(
+    demo_runtimes: dict[str, SiteRuntime],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from privml.fl.flower.run import Deployment, run_flower
+
+    cfg = _config(rounds=3)
+    fake = _FakeDeployment(demo_runtimes, lose_at=3)
+    _fake(monkeypatch, fake)
+    out = run_flower(cfg, deployment=Deployment(insecure=True), out_dir=tmp_path / "run")
+    clean = Coordinator(_grid(demo_runtimes), cfg).run().result
+    np.testing.assert_allclose(out.training.result.params.numpy(), clean.params.numpy(),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    assert fake.submitted == [1000, 1001] and fake.resumed == [False, True]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["federation"]["resumed_after_round"] == 2
+    assert [r["round"] for r in res["rounds"]] == [1, 2, 3]
+    assert res["deployment"]["run_id"] == "1001"
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_flower_resume_continues_an_interrupted_run_and_refuses_a_tampered_checkpoint(
+    demo_runtimes: dict[str, SiteRuntime],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from privml.errors import UsageError
+    from privml.fl.flower.run import Deployment, run_flower
+
+    cfg = _config(rounds=3)
+    _fake(monkeypatch, _FakeDeployment(demo_runtimes, fail_at=3))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UsageError, match="shutting down") as exc:
+        run_flower(cfg, deployment=Deployment(insecure=True), out_dir=run_dir)
+    assert "privml run --engine flower --resume" in "".join(getattr(exc.value, "__notes__", []))
+    state = tmp_path / "run.partial" / "checkpoint" / "state.signed"
+    good = state.read_bytes()
+    # a checkpoint altered in one byte: refused before anything runs (exit 4), nothing written
+    bad = bytearray(good)
+    bad[-10] ^= 1
+    state.write_bytes(bytes(bad))
+    code, _, err = cli(capsys, "run", "--engine", "flower", "--resume", run_dir, "--insecure")
+    assert code == 4 and "Traceback" not in err and "state.signed" in err, err
+    assert not run_dir.exists()
+    # the run as it was: continues after round 2 and ends with the uninterrupted model
+    state.write_bytes(good)
+    fake = _FakeDeployment(demo_runtimes)
+    _fake(monkeypatch, fake)
+    out = run_flower(cfg, deployment=Deployment(insecure=True), resume=run_dir)
+    assert fake.resumed == [True]
+    clean = Coordinator(_grid(demo_runtimes), cfg).run().result
+    np.testing.assert_allclose(out.training.result.params.numpy(), clean.params.numpy(),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    assert out.results["federation"]["resumed_after_round"] == 2
+    assert (run_dir / "results.json").is_file() and not (tmp_path / "run.partial").exists()

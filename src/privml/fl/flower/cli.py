@@ -203,7 +203,11 @@ def supernode(
     ] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads for local training")] = 1,
     max_wait: Annotated[
-        float, typer.Option(help="seconds to keep trying to reach the SuperLink")
+        float,
+        typer.Option(
+            help="seconds to keep trying to reach the SuperLink (at start, and after it went "
+            "away or restarted)"
+        ),
     ] = 60.0,
     home: HomeOpt = None,
     print_command: Annotated[
@@ -262,6 +266,7 @@ def supernode(
         auth_key=auth_key,
         max_wait_time=max_wait,
         stop=stop,
+        reconnect=max_wait,
         on_message=lambda kind, s: err.print(f"[dim]{kind}: {s * 1000:.0f} ms[/dim]"),
     )
     err.print(
@@ -284,6 +289,7 @@ def flower_run(
     home: Path | None = None,
     detach: bool = False,
     force: bool = False,
+    resume: Path | None = None,
 ) -> None:
     """Body of ``privml flower run`` (and of ``privml run --engine flower``)."""
     import math
@@ -299,7 +305,12 @@ def flower_run(
     apply_flower_env(home)
     from privml.fl.flower.run import Deployment, run_flower
 
-    cfg = load_config(config_path)
+    if resume is not None and config_path is None:
+        from privml.fl.checkpoint import locate_partial_run, read_run_config
+
+        cfg = read_run_config(locate_partial_run(resume)[1])
+    else:
+        cfg = load_config(config_path)
     dep = Deployment(
         superlink=superlink,
         root_certificates=root_certificates,
@@ -307,6 +318,8 @@ def flower_run(
         insecure=insecure,
     )
     if detach:
+        if resume is not None:
+            raise UsageError("--detach cannot resume a run; drop --detach or --resume")
         from privml.fl.flower.run import start_run
         from privml.fl.flower.site import check_supported
 
@@ -341,6 +354,7 @@ def flower_run(
         on_stage=on_stage,
         wait_for_sites=wait_for_sites,
         round_timeout=round_timeout,
+        resume=resume,
     )
     from privml.cli import _summary, degraded_warning
 
@@ -400,6 +414,14 @@ def run(
         bool,
         typer.Option("--force", help="replace an existing --out folder (only one privml wrote)"),
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="continue an interrupted Flower run (its run folder or .partial folder) from "
+            "its last authenticated checkpoint; its own config is used unless --config is given",
+        ),
+    ] = None,
 ) -> None:
     """Train the config across the connected sites and write the run folder, as `privml run`."""
     flower_run(
@@ -415,6 +437,7 @@ def run(
         home=home,
         detach=detach,
         force=force,
+        resume=resume,
     )
 
 

@@ -23,11 +23,24 @@ that run Flower code in-process, before they import ``flwr``.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FLOWER_OFFLINE_ENV", "apply_flower_env", "default_flower_home", "flower_env"]
+__all__ = [
+    "FLOWER_OFFLINE_ENV",
+    "SUPERLINK_LOST",
+    "apply_flower_env",
+    "default_flower_home",
+    "flower_env",
+    "survive_superlink_restarts",
+]
+
+log = logging.getLogger("privml.flower")
 
 FLOWER_OFFLINE_ENV: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -75,3 +88,55 @@ def apply_flower_env(home: str | Path | None = None) -> None:
 
     require("flower", "Running on Flower (privml flower, --engine flower)")
     os.environ.update(flower_env(home, base={}))
+
+
+SUPERLINK_LOST = threading.Event()
+"""Set when Flower's client code in this process found that the SuperLink no longer knows it
+(HTTP 401 after a SuperLink restart), instead of letting it interrupt the process."""
+
+
+class _OsWithoutSelfInterrupt:
+    """``os`` for Flower's retry and Fleet modules, whose ``os.kill(os.getpid(), SIGINT)`` on an
+    HTTP 401 would end the process (Flower's retry policy then sleeps 6 s and gives up, so the
+    call raises ``httpx.HTTPStatusError``): the 401 sets :data:`SUPERLINK_LOST` instead, and
+    privml reconnects."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def kill(self, pid: int, sig: int) -> None:
+        if pid == os.getpid() and sig == signal.SIGINT:
+            log.warning("the SuperLink no longer recognises this process (HTTP 401)")
+            SUPERLINK_LOST.set()
+            return
+        os.kill(pid, sig)
+
+
+class _SignalWithoutSelfInterrupt:
+    """``signal`` for Flower's heartbeat module (``raise_signal(SIGINT)`` when the SuperLink
+    says a task is gone)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    def raise_signal(self, sig: int) -> None:
+        if sig == signal.SIGINT:
+            log.warning("the SuperLink no longer knows this task")
+            SUPERLINK_LOST.set()
+            return
+        signal.raise_signal(sig)
+
+
+def survive_superlink_restarts() -> threading.Event:
+    """Make Flower's client code in this process report a restarted SuperLink (which no longer
+    knows this SuperNode or task) through :data:`SUPERLINK_LOST` and an ``httpx`` error, instead
+    of sending this process SIGINT; privml's SuperNode and coordinator then reconnect. Applies to
+    this process (idempotent); returns the event."""
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supercore.retry.http_retry as http_retry
+    import flwr.supernode.fleet_http_connection as fleet
+
+    http_retry.os = _OsWithoutSelfInterrupt()  # type: ignore[assignment]
+    fleet.os = _OsWithoutSelfInterrupt()  # type: ignore[assignment]
+    heartbeat.signal = _SignalWithoutSelfInterrupt()  # type: ignore[assignment]
+    return SUPERLINK_LOST

@@ -53,6 +53,7 @@ class NodeStats:
     errors: int = 0
     refused_runs: int = 0
     busy_seconds: float = 0.0
+    reconnects: int = 0
 
 
 def load_auth_key(path: str | Path) -> tuple[Any, Any]:
@@ -107,6 +108,7 @@ def run_node(
     stop: threading.Event | None = None,
     max_poll_interval: float = 1.0,
     on_message: Callable[[str, float], None] | None = None,
+    reconnect: float | None = None,
 ) -> NodeStats:
     """Serve ``runtime``'s site to the SuperLink at ``superlink`` until ``stop`` is set.
 
@@ -122,6 +124,12 @@ def run_node(
         stop: set it to make the node deactivate and return.
         max_poll_interval: longest pause between polls when idle, seconds (> 0).
         on_message: called with (message type, seconds spent) after each message.
+        reconnect: when the SuperLink goes away or restarts (it no longer knows this node),
+            wait up to this many seconds for it to listen again and connect anew (a new
+            node id unless the SuperLink kept its state); None: return with an error. Needs
+            the node in a process of its own (it changes how Flower's client code in this
+            process reacts to a restarted SuperLink, see
+            :func:`privml.fl.flower.env.survive_superlink_restarts`).
 
     Returns:
         :class:`NodeStats`.
@@ -133,21 +141,7 @@ def run_node(
             ``os._exit`` timer; on HTTP 401 it first sends the process SIGINT): run a node in
             a process of its own, as ``privml flower supernode`` does.
     """
-    import httpx
-    from flwr.app import Context, Error, Message, RecordDict
-    from flwr.common.config import get_fused_config_from_fab
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore.inflatable.inflatable_object import (
-        get_all_nested_objects,
-        get_object_tree,
-        no_object_id_recompute,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import (
-        pull_and_inflate_object_from_tree,
-        push_objects,
-    )
-    from flwr.supercore.run import RunNotRunningException
-    from flwr.supernode.fleet_http_connection import http_request_response
+    from flwr.app import Error, Message
 
     from privml.fl.flower.client_app import make_client_app
 
@@ -178,13 +172,84 @@ def run_node(
     def reply_error(message: Message, code: int, reason: str) -> Message:
         return Message(Error(code=code, reason=reason), reply_to=message)
 
+    lost = None
+    if reconnect is not None:
+        from privml.fl.flower.env import survive_superlink_restarts
+
+        lost = survive_superlink_restarts()
+    while True:
+        lost_why = _serve_once(
+            superlink, insecure, certs, keys, max_wait_time, stop, lost, runtime, client,
+            stats, runs, node_config, max_poll_interval, on_message, reply_error,
+        )  # fmt: skip
+        if lost_why is None or stop.is_set():
+            return stats
+        if reconnect is None or lost is None:
+            raise UsageError(
+                f"lost the connection to the SuperLink at {superlink} ({lost_why}); restart "
+                "this SuperNode when the SuperLink is back"
+            )
+        log.warning("lost the SuperLink at %s (%s); reconnecting", superlink, lost_why)
+        if not _wait_reachable(superlink, reconnect, stop):
+            if stop.is_set():
+                return stats
+            raise UsageError(
+                f"lost the connection to the SuperLink at {superlink} ({lost_why}) and it was "
+                f"not back within {reconnect:.0f} s; restart this SuperNode when it is"
+            )
+        lost.clear()
+        runs.clear()
+        stats.reconnects += 1
+
+
+def _wait_reachable(superlink: str, seconds: float, stop: threading.Event) -> bool:
+    """Wait until ``host:port`` accepts connections (True), ``seconds`` pass or ``stop``."""
+    import socket
+
+    host, _, port = superlink.rpartition(":")
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1.0):
+                return True
+        except OSError:
+            stop.wait(0.5)
+    return False
+
+
+def _serve_once(
+    superlink: str, insecure: bool, certs: str | None, keys: Any, max_wait_time: float | None,
+    stop: threading.Event, lost: threading.Event | None, runtime: SiteRuntime, client: Any,
+    stats: NodeStats, runs: dict[int, Any], node_config: dict[str, Any],
+    max_poll_interval: float, on_message: Callable[[str, float], None] | None,
+    reply_error: Callable[..., Any],
+) -> str | None:  # fmt: skip
+    """One connection to the SuperLink: serve messages until ``stop`` (None) or until the
+    SuperLink is lost (why, as text)."""
+    import httpx
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common.config import get_fused_config_from_fab
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        no_object_id_recompute,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+        push_objects,
+    )
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode.fleet_http_connection import http_request_response
+
     try:
         connection = http_request_response(superlink, insecure, certs, keys, None, max_wait_time)
         conn = connection.__enter__()
     except SystemExit as exc:  # Flower exits the process when it cannot connect
         raise UsageError(
             f"could not connect to the SuperLink at {superlink} (Flower exit code {exc.code}); "
-            "check the address, that it runs, and its certificate (--root-certificates)"
+            "check the address, that it runs, its certificate (--root-certificates) and, after "
+            "a restart without its --database, register this site's key again"
         ) from None
     try:
         node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
@@ -192,6 +257,8 @@ def run_node(
         log.info("site %s connected as SuperNode %s", runtime.name, node_id)
         pause = 0.01
         while not stop.is_set():
+            if lost is not None and lost.is_set():
+                return "it no longer knows this node"
             try:
                 got = receive()
             except RunNotRunningException:
@@ -265,10 +332,7 @@ def run_node(
             if on_message is not None:
                 on_message(message.metadata.message_type, busy)
     except httpx.HTTPError as exc:
-        raise UsageError(
-            f"lost the connection to the SuperLink at {superlink} ({type(exc).__name__}: "
-            f"{exc}); restart this SuperNode when the SuperLink is back"
-        ) from None
+        return f"{type(exc).__name__}: {exc}"
     finally:
         connection.__exit__(None, None, None)
-    return stats
+    return None

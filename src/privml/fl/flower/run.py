@@ -13,6 +13,7 @@ folder (results.json, model, report), written by this process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +31,18 @@ except ImportError:  # an optional extra is missing: say which, and how to insta
 from privml.config import Config
 from privml.errors import PrivmlError, UsageError
 from privml.fl.flower import protocol as P
-from privml.fl.flower.server_app import Coordinator, FlowerTraining, flower_results, write_run
+from privml.fl.flower.env import survive_superlink_restarts
+from privml.fl.flower.server_app import (
+    Coordinator,
+    FlowerTraining,
+    SuperLinkLost,
+    flower_results,
+    write_run,
+)
 from privml.fl.flower.site import check_supported
 from privml.fl.rounds import RoundRecord
+
+log = logging.getLogger("privml.flower")
 
 __all__ = [
     "Deployment",
@@ -103,7 +113,7 @@ def _control_client(dep: Deployment) -> Any:
     )
 
 
-def _runtime_client(dep: Deployment, *, token: str | None = None) -> Any:
+def _runtime_client(dep: Deployment, *, token: str | None = None, retries: bool = True) -> Any:
     """A Runtime API client: with ``token`` for a claimed task (Flower's retries), else for
     claiming tasks (signed with the SuperExec secret; no retries, so that a refusal surfaces as
     an error here instead of Flower's retry policy sending this process SIGINT on HTTP 401)."""
@@ -130,7 +140,7 @@ def _runtime_client(dep: Deployment, *, token: str | None = None) -> Any:
         insecure=dep.insecure,
         root_certificates=None if dep.insecure else str(dep.root_certificates),
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker() if token is not None else None,
+        retry_invoker=make_simple_http_retry_invoker() if token is not None and retries else None,
     )
 
 
@@ -172,17 +182,29 @@ def serve_run(
     wait_for_sites: float | None = None,
     round_timeout: float | None = None,
     claim_timeout: float = 60.0,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ) -> FlowerTraining:
-    """Claim run ``run_id``'s ServerApp task and run the coordinator in this process."""
+    """Claim run ``run_id``'s ServerApp task and run the coordinator in this process
+    (checkpoints in ``checkpoint_dir``; ``resume``: from the one there).
+
+    Raises:
+        SuperLinkLost: the SuperLink went away or restarted during the run
+            (``httpx.HTTPError`` too, when a request failed).
+    """
     from flwr.common.constant import SubStatus
     from flwr.common.serde import run_from_proto
     from flwr.proto.runtime_pb2 import (
         AcquireTaskRequest,
         PullTaskInputRequest,
         PushTaskOutputRequest,
+        SendTaskHeartbeatRequest,
     )
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.task_identity import TaskIdentity
+
+    lost = survive_superlink_restarts()
+    lost.clear()
     from flwr.superlink.grid import HttpGrid
 
     acquirer = _runtime_client(dep)
@@ -226,7 +248,25 @@ def serve_run(
     finally:
         acquirer.close()
     task_client = _runtime_client(dep, token=token)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task_client))
+    beat_client = _runtime_client(dep, token=token, retries=False)
+
+    def beat() -> bool:
+        # Flower's task heartbeat raises on a 401 (an uncaught exception in its thread) or
+        # interrupts the process; this one reports a SuperLink that lost the task instead
+        try:
+            res = beat_client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False  # down, perhaps restarting: the rounds find out
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code in (401, 403, 404):
+                lost.set()
+                return True
+            return False
+        if not res.success:
+            lost.set()
+        return True
+
+    heartbeat = HeartbeatSender(beat)
     certs = None if dep.insecure else Path(str(dep.root_certificates)).read_bytes()
     grid = HttpGrid(dep.superlink, dep.insecure, certs, token=token)
     status, details = SubStatus.FAILED, "privml coordinator failed"
@@ -239,8 +279,8 @@ def serve_run(
         TaskIdentity.node_id = task_input.context.node_id
         grid.set_run(run_from_proto(task_input.run))
         training = Coordinator(
-            grid, config, wait_for_sites=wait_for_sites, round_timeout=round_timeout
-        ).run(on_round=on_round)
+            grid, config, wait_for_sites=wait_for_sites, round_timeout=round_timeout, lost=lost
+        ).run(on_round=on_round, checkpoint_dir=checkpoint_dir, resume=resume)
         status, details = SubStatus.COMPLETED, ""
         return training
     except BaseException as exc:
@@ -253,6 +293,7 @@ def serve_run(
         with contextlib.suppress(Exception):
             task_client.PushTaskOutput(PushTaskOutputRequest(sub_status=status, details=details))
         task_client.close()
+        beat_client.close()
         grid.close()
         TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None  # type: ignore[assignment]
 
@@ -268,67 +309,164 @@ def run_flower(
     wait_for_sites: float | None = None,
     round_timeout: float | None = None,
     force: bool = False,
+    resume: Path | None = None,
+    max_reconnects: int = 10,
 ) -> FlowerRunOutput:
     """Train ``config`` on the Flower deployment and write the run folder like ``privml run``.
+
+    The server state is checkpointed after every round in ``<run folder>.partial`` (signed,
+    as in simulation). When the SuperLink goes away or restarts, the coordinator waits for it
+    (``wait_for_sites``), submits the run again and continues from the last checkpoint; a run
+    that ends otherwise keeps that folder and names it, for ``resume``.
 
     Args:
         config: the run's config; every site runs a SuperNode with the same file.
         deployment: the SuperLink to use (:class:`Deployment`).
         out_dir: the run folder (default ``output.dir`` or ``runs/<name>-<time>``).
-        write: write the run folder.
+        write: write the run folder (and checkpoints).
         on_round: called after each round's evaluation is known.
         on_stage: called with a short description of each stage.
         wait_for_sites: seconds to wait until every configured site is connected (default
-            ``training.wait_for_sites``).
+            ``training.wait_for_sites``); also how long to wait for a lost SuperLink.
         round_timeout: seconds a round waits for the sites' replies (default
             ``training.round_timeout``).
+        resume: an interrupted Flower run (its run folder or ``.partial`` folder) to continue
+            from its last authenticated checkpoint; ``config`` must be the one it started with.
+        max_reconnects: how many times to reconnect to a lost SuperLink.
     """
+    import shutil
+
+    from privml.fl.checkpoint import (
+        has_checkpoint,
+        load_checkpoint,
+        locate_partial_run,
+        partial_dir,
+        read_run_record,
+        write_run_config,
+    )
+
     stage = on_stage or (lambda _s: None)
     deployment.check()
     check_supported(config)
-    if write:
+    partial: Path | None = None
+    if resume is not None:
+        final, partial = locate_partial_run(resume)
+        record = read_run_record(partial)  # signature first: exit 4 if altered
+        if record.config.config_hash() != config.config_hash():
+            raise UsageError(
+                f"the interrupted run in {str(partial)!r} was started with another config; "
+                "resume it with its own config (omit --config) or start a new run"
+            )
+        if out_dir is not None and Path(out_dir).resolve() != final.resolve():
+            raise UsageError(
+                f"--resume continues the run that will be written to {str(final)!r}; omit --out"
+            )
+        if has_checkpoint(partial / "checkpoint"):
+            load_checkpoint(partial / "checkpoint")  # verified before anything else runs
+        out_dir = final
+        write = True
+    elif write:
         from privml.artifacts import check_output_folder
         from privml.pipeline import default_out_dir, protected_paths
 
         out_dir = Path(out_dir or config.output.dir or default_out_dir(config))
         check_output_folder(out_dir, force=force, protected=protected_paths(config))
+        partial = partial_dir(out_dir)
+        if partial.exists() or partial.is_symlink():
+            raise UsageError(
+                f"{str(partial)!r} holds an interrupted run; continue it with "
+                f"`privml run --engine flower --resume {out_dir}` or delete that folder"
+            )
+        write_run_config(partial, config)
+    checkpoint_dir = partial / "checkpoint" if partial is not None else None
+    if config.privacy.mode != "none":
+        max_reconnects = 0  # a private run is not resumed (the compatibility table says why)
+    wait = config.training.wait_for_sites if wait_for_sites is None else wait_for_sites
     t0 = time.perf_counter()
-    stage(f"submitting the run to the SuperLink at {deployment.superlink}")
     try:
-        run_id = start_run(config, deployment)
-    except PrivmlError:
-        raise
-    except Exception as exc:
-        raise UsageError(
-            f"cannot reach the SuperLink's Control API at {deployment.superlink}: "
-            f"{type(exc).__name__}: {exc}; check the address, --root-certificates, and that "
-            "`privml flower superlink` runs"
-        ) from None
-    stage(f"run {run_id}: waiting for the sites, then training")
-    try:
-        training = serve_run(
-            config,
-            deployment,
-            run_id,
-            on_round=on_round,
-            wait_for_sites=wait_for_sites,
+        training, run_id = _train_through_restarts(
+            config, deployment, stage, checkpoint_dir, resume is not None, wait,
+            max_reconnects, on_round=on_round, wait_for_sites=wait_for_sites,
             round_timeout=round_timeout,
-        )
-    except httpx.HTTPError as exc:
-        raise UsageError(
-            f"run {run_id}: lost the connection to the SuperLink at {deployment.superlink} "
-            f"({type(exc).__name__}: {exc})"
-        ) from None
-    results = flower_results(config, training)
-    results["deployment"]["run_id"] = str(run_id)
-    results["timing"] = {"total_seconds": time.perf_counter() - t0}
-    final_dir = None
-    if write:
-        stage("writing results")
-        assert out_dir is not None
-        final_dir = out_dir
-        write_run(config, training, final_dir, results=results, force=force)
+        )  # fmt: skip
+        results = flower_results(config, training)
+        results["deployment"]["run_id"] = str(run_id)
+        results["timing"] = {"total_seconds": time.perf_counter() - t0}
+        final_dir = None
+        if write:
+            stage("writing results")
+            assert out_dir is not None
+            final_dir = out_dir
+            write_run(config, training, final_dir, results=results, force=force)
+    except BaseException as exc:
+        if partial is not None and partial.exists():
+            if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+                note = (
+                    f"the checkpoint is kept in {str(partial)!r}; continue the run with "
+                    f"`privml run --engine flower --resume {out_dir}`"
+                )
+                if hasattr(exc, "add_note"):
+                    exc.add_note(note)
+            elif resume is None:
+                shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
     return FlowerRunOutput(results, final_dir, training, run_id)
+
+
+def _train_through_restarts(
+    config: Config, dep: Deployment, stage: Callable[[str], None], checkpoint_dir: Path | None,
+    resume: bool, wait: float, max_reconnects: int, **serve: Any,
+) -> tuple[FlowerTraining, int]:  # fmt: skip
+    """Submit and coordinate the run; when the SuperLink is lost, wait for it, submit the run
+    again and continue from the last checkpoint."""
+    from privml.fl.checkpoint import checkpoint_round, has_checkpoint
+
+    lost_times = 0
+    resume_now = resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir)
+    while True:
+        stage(f"submitting the run to the SuperLink at {dep.superlink}")
+        run_id = _submit(config, dep, wait if lost_times else 0.0)
+        stage(f"run {run_id}: waiting for the sites, then training")
+        try:
+            return serve_run(config, dep, run_id, checkpoint_dir=checkpoint_dir,
+                             resume=resume_now, **serve), run_id  # fmt: skip
+        except (SuperLinkLost, httpx.HTTPError) as exc:
+            lost_times += 1
+            why = f"{type(exc).__name__}: {exc}"
+            if lost_times > max_reconnects:
+                raise UsageError(
+                    f"run {run_id}: lost the SuperLink at {dep.superlink} {lost_times} times "
+                    f"({why}); giving up"
+                ) from None
+            rnd = checkpoint_round(checkpoint_dir) if checkpoint_dir is not None else None
+            resume_now = rnd is not None
+            log.warning("run %s: lost the SuperLink (%s)", run_id, why)
+            stage(
+                f"lost the SuperLink at {dep.superlink} ({why}); waiting up to {wait:.0f} s for "
+                "it, then continuing "
+                + (f"after round {rnd} (checkpoint)" if rnd is not None else "from round 1")
+            )
+
+
+def _submit(config: Config, dep: Deployment, wait: float) -> int:
+    """:func:`start_run`, retried for ``wait`` seconds while the SuperLink is unreachable."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return start_run(config, dep)
+        except PrivmlError:
+            raise
+        except Exception as exc:
+            if time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise UsageError(
+                f"cannot reach the SuperLink's Control API at {dep.superlink}: "
+                f"{type(exc).__name__}: {exc}; check the address, --root-certificates, and that "
+                "`privml flower superlink` runs"
+            ) from None
 
 
 def register_supernode(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,13 @@ class SiteFailure(PrivmlError, RuntimeError):
     exit_code = 2
 
 
+class SuperLinkLost(PrivmlError, RuntimeError):
+    """The SuperLink went away or restarted and no longer knows this run (the coordinator
+    reconnects and resumes from its last checkpoint)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class SiteEntry:
     """A connected site: its config name and index, its SuperNode, its record counts."""
@@ -137,6 +145,8 @@ class Coordinator:
         poll_interval: first wait between polls for replies, seconds (doubles up to 0.5 s).
         liveness_interval: how often a round checks which SuperNodes are still online, seconds;
             it stops waiting for one the SuperLink has marked offline (missed heartbeats).
+        lost: set when the SuperLink no longer knows this run (it restarted); the coordinator
+            then stops with :class:`SuperLinkLost` at its next poll.
     """
 
     def __init__(
@@ -148,7 +158,9 @@ class Coordinator:
         round_timeout: float | None = None,
         poll_interval: float = 0.01,
         liveness_interval: float = 2.0,
+        lost: threading.Event | None = None,
     ) -> None:
+        self.lost = lost
         if wait_for_sites is None:
             wait_for_sites = config.training.wait_for_sites
         if round_timeout is None:
@@ -181,6 +193,8 @@ class Coordinator:
         self.rejoins: list[dict[str, Any]] = []
         self._setup: dict[str, Any] | None = None  # what a stage's setup sent every site
         self._centre: np.ndarray | None = None  # the run's input centre (private training)
+        self._sites: list[SiteEntry] | None = None  # the run's sites, once rounds run
+        self._round = 0
 
     # -- messaging -----------------------------------------------------------------------
 
@@ -199,23 +213,36 @@ class Coordinator:
         pause = self.poll_interval
         next_check = time.monotonic() + self.liveness_interval
         while waiting and time.monotonic() < deadline:
+            self._check_link()
             got = list(self.grid.pull_messages(list(waiting)))
             for reply in got:
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     replies[node] = reply
             if waiting and time.monotonic() > next_check:
-                # a SuperNode the SuperLink no longer sees (missed heartbeats) will not answer
+                # a SuperNode the SuperLink no longer sees (missed heartbeats) will not answer,
+                # nor will one whose site came back under another SuperNode (restarted)
                 online = set(self.grid.get_node_ids())
+                serving = None
+                if self._sites is not None:
+                    self.rejoin(self._sites, self._round + 1, wait=0.0)  # too late for this one
+                    serving = {s.node_id for s in self._sites}
                 for mid, node in list(waiting.items()):
                     if node not in online:
                         log.warning("SuperNode %s went offline; not waiting for it", node)
+                        del waiting[mid]
+                    elif serving is not None and node not in serving:
+                        log.warning("SuperNode %s was replaced; not waiting for it", node)
                         del waiting[mid]
                 next_check = time.monotonic() + self.liveness_interval
             if waiting:
                 time.sleep(pause if not got else self.poll_interval)
                 pause = min(pause * 2, 0.5) if not got else self.poll_interval
         return replies
+
+    def _check_link(self) -> None:
+        if self.lost is not None and self.lost.is_set():
+            raise SuperLinkLost("the SuperLink no longer knows this run (it restarted)")
 
     def _settings(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({"fingerprint": self._fp_json, **extra})
@@ -281,6 +308,7 @@ class Coordinator:
         pending: dict[str, int] = {}  # query message id -> SuperNode
         deadline = time.monotonic() + self.wait_for_sites
         while len(found) < len(expected):
+            self._check_link()
             # ask every newly connected SuperNode once; never block on one that is slow or gone
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
@@ -336,7 +364,8 @@ class Coordinator:
         config fingerprint, task and encoding are checked again as in the handshake, and it
         takes its site over (``sites`` is updated in place). Waits at most ``wait`` seconds for
         the answers; a SuperNode that answers later is taken at a later call. A SuperNode that
-        fails the checks is left out (logged), never used."""
+        fails the checks is left out (logged), never used. ``rnd``: the first round the site
+        can take part in again (recorded in :attr:`rejoins` as ``before_round``)."""
         expected = site_names(self.config)
         now = time.monotonic()
         for mid, (node, sent) in list(self._hellos.items()):
@@ -682,6 +711,7 @@ class FlowerEngine:
     ) -> Received:
         t0 = time.perf_counter()
         c = self.c
+        c._sites, c._round = self.sites, rnd
         if only is None:
             c.rejoin(self.sites, rnd)
         participants = {int(i) for i in cohort.participants} if only is None else only
