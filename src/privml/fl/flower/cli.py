@@ -267,6 +267,7 @@ def supernode(
         max_wait_time=max_wait,
         stop=stop,
         reconnect=max_wait,
+        on_connect=lambda node: err.print(f"site {site!r}: connected as SuperNode {node}"),
         on_message=lambda kind, s: err.print(f"[dim]{kind}: {s * 1000:.0f} ms[/dim]"),
     )
     err.print(

@@ -109,6 +109,7 @@ def run_node(
     max_poll_interval: float = 1.0,
     on_message: Callable[[str, float], None] | None = None,
     reconnect: float | None = None,
+    on_connect: Callable[[int], None] | None = None,
 ) -> NodeStats:
     """Serve ``runtime``'s site to the SuperLink at ``superlink`` until ``stop`` is set.
 
@@ -124,6 +125,7 @@ def run_node(
         stop: set it to make the node deactivate and return.
         max_poll_interval: longest pause between polls when idle, seconds (> 0).
         on_message: called with (message type, seconds spent) after each message.
+        on_connect: called with the node id each time the node has connected.
         reconnect: when the SuperLink goes away or restarts (it no longer knows this node),
             wait up to this many seconds for it to listen again and connect anew (a new
             node id unless the SuperLink kept its state); None: return with an error. Needs
@@ -172,15 +174,19 @@ def run_node(
     def reply_error(message: Message, code: int, reason: str) -> Message:
         return Message(Error(code=code, reason=reason), reply_to=message)
 
-    lost = None
-    if reconnect is not None:
-        from privml.fl.flower.env import survive_superlink_restarts
+    lost = _survive_restarts() if reconnect is not None else None
+    connects = [0]
 
-        lost = survive_superlink_restarts()
+    def connected(node_id: int) -> None:
+        connects[0] += 1
+        if on_connect is not None:
+            on_connect(node_id)
+
+    give_up_at, seen = None, 0
     while True:
         lost_why = _serve_once(
             superlink, insecure, certs, keys, max_wait_time, stop, lost, runtime, client,
-            stats, runs, node_config, max_poll_interval, on_message, reply_error,
+            stats, runs, node_config, max_poll_interval, on_message, reply_error, connected,
         )  # fmt: skip
         if lost_why is None or stop.is_set():
             return stats
@@ -189,17 +195,56 @@ def run_node(
                 f"lost the connection to the SuperLink at {superlink} ({lost_why}); restart "
                 "this SuperNode when the SuperLink is back"
             )
+        if give_up_at is None or connects[0] != seen:  # lost after a working connection
+            give_up_at, seen = time.monotonic() + reconnect, connects[0]
         log.warning("lost the SuperLink at %s (%s); reconnecting", superlink, lost_why)
-        if not _wait_reachable(superlink, reconnect, stop):
+        left = give_up_at - time.monotonic()
+        if left <= 0 or not _wait_reachable(superlink, left, stop):
             if stop.is_set():
                 return stats
             raise UsageError(
-                f"lost the connection to the SuperLink at {superlink} ({lost_why}) and it was "
-                f"not back within {reconnect:.0f} s; restart this SuperNode when it is"
+                f"lost the connection to the SuperLink at {superlink} ({lost_why}) and could "
+                f"not connect again within {reconnect:.0f} s; restart this SuperNode when the "
+                "SuperLink is back (after a restart without its --database, register this "
+                "site's key again)"
             )
+        if lost_why.startswith("could not sign in"):
+            stop.wait(2.0)  # e.g. the killed process's activation has not expired yet
         lost.clear()
         runs.clear()
         stats.reconnects += 1
+
+
+NODE_HEARTBEAT_INTERVAL = 10
+"""Seconds between a reconnecting SuperNode's heartbeats (Flower's minimum; its default is
+30): the SuperLink counts a node online until two intervals pass without one, and refuses to
+activate its key again meanwhile, so a killed SuperNode's site can sign in again after 20 s
+instead of a minute."""
+
+
+class _SignInFailed(RuntimeError):
+    """Flower's Fleet client could not sign in (it would have ended the process)."""
+
+
+def _sign_in_failed(code: int, message: str | None = None, *_a: Any, **_k: Any) -> None:
+    raise _SignInFailed(f"Flower exit code {code}: {(message or '').strip().splitlines()[-1:]}")
+
+
+def _survive_restarts() -> threading.Event:
+    """In a SuperNode process that reconnects: a SuperLink that restarted or no longer knows
+    this node is reported instead of ending the process
+    (:func:`privml.fl.flower.env.survive_superlink_restarts`), a failed sign-in raises instead
+    of Flower's ``flwr_exit`` (which ends the process 5 s later), and heartbeats every
+    :data:`NODE_HEARTBEAT_INTERVAL` seconds."""
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as fleet
+
+    from privml.fl.flower.env import survive_superlink_restarts
+
+    fleet.flwr_exit = _sign_in_failed  # type: ignore[assignment]
+    fleet.HEARTBEAT_DEFAULT_INTERVAL = NODE_HEARTBEAT_INTERVAL
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = NODE_HEARTBEAT_INTERVAL
+    return survive_superlink_restarts()
 
 
 def _wait_reachable(superlink: str, seconds: float, stop: threading.Event) -> bool:
@@ -222,7 +267,7 @@ def _serve_once(
     stop: threading.Event, lost: threading.Event | None, runtime: SiteRuntime, client: Any,
     stats: NodeStats, runs: dict[int, Any], node_config: dict[str, Any],
     max_poll_interval: float, on_message: Callable[[str, float], None] | None,
-    reply_error: Callable[..., Any],
+    reply_error: Callable[..., Any], on_connect: Callable[[int], None] | None,
 ) -> str | None:  # fmt: skip
     """One connection to the SuperLink: serve messages until ``stop`` (None) or until the
     SuperLink is lost (why, as text)."""
@@ -245,6 +290,8 @@ def _serve_once(
     try:
         connection = http_request_response(superlink, insecure, certs, keys, None, max_wait_time)
         conn = connection.__enter__()
+    except _SignInFailed as exc:  # reconnecting: try again (see _survive_restarts)
+        return f"could not sign in: {exc}"
     except SystemExit as exc:  # Flower exits the process when it cannot connect
         raise UsageError(
             f"could not connect to the SuperLink at {superlink} (Flower exit code {exc.code}); "
@@ -255,6 +302,8 @@ def _serve_once(
         node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
         stats.node_id = node_id
         log.info("site %s connected as SuperNode %s", runtime.name, node_id)
+        if on_connect is not None:
+            on_connect(node_id)
         pause = 0.01
         while not stop.is_set():
             if lost is not None and lost.is_set():

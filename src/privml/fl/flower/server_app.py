@@ -194,6 +194,9 @@ class Coordinator:
         self._setup: dict[str, Any] | None = None  # what a stage's setup sent every site
         self._centre: np.ndarray | None = None  # the run's input centre (private training)
         self._sites: list[SiteEntry] | None = None  # the run's sites, once rounds run
+        self._rejoining = False
+        self._gone: set[int] = set()  # SuperNodes of sites seen offline
+        self.refused: set[int] = set()  # SuperNodes of sites that failed the checks on return
         self._round = 0
 
     # -- messaging -----------------------------------------------------------------------
@@ -366,13 +369,29 @@ class Coordinator:
         the answers; a SuperNode that answers later is taken at a later call. A SuperNode that
         fails the checks is left out (logged), never used. ``rnd``: the first round the site
         can take part in again (recorded in :attr:`rejoins` as ``before_round``)."""
+        if self._rejoining:  # a rejoining site's setup request polls too
+            return
+        self._rejoining = True
+        try:
+            self._rejoin(sites, rnd, wait)
+        finally:
+            self._rejoining = False
+
+    def _rejoin(self, sites: list[SiteEntry], rnd: int, wait: float) -> None:
         expected = site_names(self.config)
         now = time.monotonic()
         for mid, (node, sent) in list(self._hellos.items()):
             if now - sent > self.round_timeout:  # expired: ask again if it is still there
                 del self._hellos[mid]
                 self._asked.discard(node)
-        new = [n for n in self.grid.get_node_ids() if n not in self._asked]
+        online = set(self.grid.get_node_ids())
+        # a site's SuperNode that went offline and is back under the same node id (restarted,
+        # with SuperNode authentication) is asked again, like a new one
+        self._gone.update(s.node_id for s in sites if s.node_id not in online)
+        for n in self._gone & online:
+            self._gone.discard(n)
+            self._asked.discard(n)
+        new = [n for n in online if n not in self._asked]
         if new:
             self._asked.update(new)
             msgs = [
@@ -398,36 +417,42 @@ class Coordinator:
     def _take_over(
         self, sites: list[SiteEntry], node: int, reply: Message, expected: list[str], rnd: int
     ) -> None:
+        mapped = {s.node_id: s for s in sites}
+
+        def refuse(why: str) -> None:
+            log.warning("SuperNode %s is not used: %s", node, why)
+            if node in mapped:  # it served a site before it restarted: not any more
+                self.refused.add(node)
+
         try:
             entry, info = self._site_from_reply(node, reply, expected, {})
         except PrivmlError as exc:
-            log.warning("SuperNode %s cannot join the run: %s", node, exc)
+            refuse(str(exc))
             return
         old = sites[entry.index]
+        if node in mapped and mapped[node].name != entry.name:
+            refuse(f"it served site {mapped[node].name!r} and now says {entry.name!r}")
+            return
         if info != self._site_info.get(entry.name) or (entry.n_train, entry.n_test) != (
             old.n_train,
             old.n_test,
         ):
-            log.warning(
-                "SuperNode %s serves site %s with other data, task or encoding than at the "
-                "start of the run; not used",
-                node,
-                entry.name,
-            )
+            refuse(f"it serves site {entry.name!r} with other data, task or encoding than at "
+                   "the start of the run")  # fmt: skip
             return
-        if old.node_id != node:
-            new = SiteEntry(old.name, old.index, node, old.n_train, old.n_test)
-            try:  # a restarted site lost its private set-up and the public material
-                self._private_again(new)
-                if self._setup is not None:
-                    self.ask(new, "setup", **self._setup)
-            except PrivmlError as exc:
-                log.warning("site %s is back as SuperNode %s but %s", old.name, node, exc)
-                return
-            sites[entry.index] = new
-            self.rejoins.append({"site": old.name, "before_round": rnd, "node_id": node,
-                                 "previous_node_id": old.node_id})  # fmt: skip
-            log.warning("site %s is back as SuperNode %s (was %s)", old.name, node, old.node_id)
+        new = SiteEntry(old.name, old.index, node, old.n_train, old.n_test)
+        try:  # a restarted site lost its private set-up and the public material
+            self._private_again(new)
+            if self._setup is not None:
+                self.ask(new, "setup", **self._setup)
+        except PrivmlError as exc:
+            refuse(str(exc))
+            return
+        self.refused.discard(node)
+        sites[entry.index] = new
+        self.rejoins.append({"site": old.name, "before_round": rnd, "node_id": node,
+                             "previous_node_id": old.node_id})  # fmt: skip
+        log.warning("site %s is back as SuperNode %s (was %s)", old.name, node, old.node_id)
 
     # -- rounds --------------------------------------------------------------------------
 
@@ -723,6 +748,8 @@ class FlowerEngine:
                              asked=max(len(cohort.participants), 1))  # fmt: skip
         msgs = []
         for s in self.sites:
+            if s.node_id in c.refused:
+                continue  # back after a restart but failed the checks: left out
             if s.index in participants:
                 msgs.append(c._message(s.node_id, MessageType.TRAIN, content, str(rnd)))
             elif evaluate:
@@ -776,6 +803,11 @@ class FlowerEngine:
             if s.index not in participants:
                 continue
             reply = replies.get(s.node_id)
+            if reply is None and s.node_id in self.c.refused:
+                failed += 1
+                missed[s.index] = "site_error"
+                log.warning("round %d: site %s failed the checks on its return", rnd, s.name)
+                continue
             if reply is None:
                 timed_out += 1
                 missed[s.index] = "timed_out"
@@ -843,7 +875,7 @@ class FlowerEngine:
         self.c.rejoin(self.sites, len(self.round_seconds) + 1)
         request = self.c._request(params)
         msgs = [self.c._message(s.node_id, MessageType.EVALUATE, request, "final")
-                for s in self.sites]  # fmt: skip
+                for s in self.sites if s.node_id not in self.c.refused]  # fmt: skip
         metrics = self._pool(self.c.exchange(msgs, timeout=self.c.round_timeout))
         metrics["per_site"] = {
             s.name: pooled_metrics([self.last_stats[s.name]] if s.name in self.last_stats else [])
