@@ -350,6 +350,8 @@ def test_a_lost_superlink_is_reconnected_and_the_run_continues_from_its_checkpoi
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["federation"]["resumed_after_round"] == 2
     assert [r["round"] for r in res["rounds"]] == [1, 2, 3]
+    # round 2's evaluation was to ride on round 3's messages: asked again after the restart
+    assert all(r["accuracy"] is not None for r in res["rounds"])
     assert res["deployment"]["run_id"] == "1001"
     assert not (tmp_path / "run.partial").exists()
 
@@ -388,4 +390,5 @@ def test_flower_resume_continues_an_interrupted_run_and_refuses_a_tampered_check
     np.testing.assert_allclose(out.training.result.params.numpy(), clean.params.numpy(),
                                rtol=0, atol=1e-6)  # fmt: skip
     assert out.results["federation"]["resumed_after_round"] == 2
+    assert all(r["accuracy"] is not None for r in out.results["rounds"])
     assert (run_dir / "results.json").is_file() and not (tmp_path / "run.partial").exists()

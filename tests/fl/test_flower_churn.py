@@ -174,7 +174,7 @@ def test_a_deployment_survives_churn(
     # the run completed, continuing from its checkpoint after the SuperLink restart
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert res["federation"]["resumed_after_round"] is not None, churn.text()
-    assert all(r["accuracy"] is not None for r in rounds)
+    assert all(r["accuracy"] is not None for r in rounds), [r["accuracy"] for r in rounds]
     # who missed what: only the restarted sites, and the report agrees with the rounds
     missed: dict[int, set[int]] = {}
     for r in rounds:

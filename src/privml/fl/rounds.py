@@ -588,6 +588,9 @@ def run_rounds(
 
     if history and history[-1].loss is None:
         pending = history[-1]  # resumed: its metrics were to ride on the next round
+        if (metrics := engine.evaluate(state.params)) is not None:  # ask for them again
+            emit(pending, metrics)
+            pending = None
     for rnd in range(state.round + 1, plan.rounds + 1):
         t0 = time.perf_counter()
         cohort = plan.cohort(rnd)  # 1. who takes part
