@@ -13,7 +13,8 @@ same rounds (1e-5).
 
 The issue this answers asked for 30 rounds with a SuperNode killed every 5; every restart costs
 a SuperNode's start-up (15-30 s on the shared 2-core machine), so this test runs 14 rounds with
-two SuperNode restarts and one SuperLink restart: the same events, in about two minutes. Every process started here is stopped by a finalizer (process groups are killed).
+two SuperNode restarts and one SuperLink restart: the same events, in about two minutes.
+Every process started here is stopped by a finalizer (process groups are killed).
 """
 
 from __future__ import annotations

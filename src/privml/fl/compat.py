@@ -185,13 +185,6 @@ TABLE: tuple[Combination, ...] = (
         "dp-accounting's RDP accountant does not support for Poisson sampling",
         'accountant = "pld" (the default)',
     ),
-    Combination(
-        {"privacy": _DP, "engine": ("flower",), "resume": ("yes",)},
-        False,
-        "resuming private training on Flower is not supported yet: what the sites booked after "
-        "the checkpoint is not reconciled with it",
-        "start a new run (each site's ledger keeps what it spent)",
-    ),
     # ---- runs (the combinations a deployment needs; tested end to end) ----------------------
     Combination(
         {"privacy": ("sample",), "secure_aggregation": _SECURE},

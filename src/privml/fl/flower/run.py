@@ -379,8 +379,6 @@ def run_flower(
             )
         write_run_config(partial, config)
     checkpoint_dir = partial / "checkpoint" if partial is not None else None
-    if config.privacy.mode != "none":
-        max_reconnects = 0  # a private run is not resumed (the compatibility table says why)
     wait = config.training.wait_for_sites if wait_for_sites is None else wait_for_sites
     t0 = time.perf_counter()
     try:
