@@ -273,11 +273,12 @@ class TrainingConfig(_Strict):
         "no key holder, the server unmasks the sum only (needs max_update_norm; fedavg or "
         "norm_bound)",
     )
-    secure_aggregation_checks: Literal["none", "norm"] = Field(
+    secure_aggregation_checks: Literal["none", "norm", "norm+cosine"] = Field(
         default="none",
         description='ckks only: "norm" bounds every update\'s L2 norm on its ciphertexts '
-        "(the key holder decrypts only each site's squared norm and the bounded sum); needs "
-        'aggregator = "norm_bound" with a fixed max_norm',
+        "(the key holder decrypts only each site's squared norm and the bounded sum); "
+        '"norm+cosine" also weights each update by max(0, cosine to the previous round\'s '
+        'aggregate); needs aggregator = "norm_bound" with a fixed max_norm',
     )
     key_holder: str | None = Field(
         default=None,
@@ -397,11 +398,12 @@ class TrainingConfig(_Strict):
                 "(the adaptive bound is the median of the individual update norms, which the "
                 "server cannot see); the sites clip to it before encrypting"
             )
-        if self.secure_aggregation_checks == "norm" and (
+        if self.secure_aggregation_checks != "none" and (
             self.aggregator != "norm_bound" or max_norm is None
         ):
             out.append(
-                'secure_aggregation_checks = "norm" needs aggregator = "norm_bound" with '
+                f"secure_aggregation_checks = {self.secure_aggregation_checks!r} needs "
+                'aggregator = "norm_bound" with '
                 "aggregator_params.max_norm (the bound the server applies on ciphertexts)"
             )
         if self.secure_aggregation == "secagg+":

@@ -75,14 +75,17 @@ def test_the_key_holder_decrypts_only_one_scalar_per_site_and_sums_of_two(
     u = rng.normal(0, 0.01, (3, P))
     _, _, sealed = _round(holder, u, [10, 10, 10], 2)
     # a curious server sends site 0's encrypted update as if it were its norm
-    with pytest.raises(CryptoError, match="as one site's norm"):
-        holder.decrypt_scalars(3, {0: sealed[0][0]})
+    with pytest.raises(CryptoError, match="as one of a site's check scalars"):
+        holder.decrypt_scalars(3, {0: [sealed[0][0]]})
     # the same site's norm twice in one round (to learn a second scalar) is refused
     ctx = ts.context_from(holder.public)
     one = ts.ckks_vector(ctx, [1.0]).serialize()
-    holder.decrypt_scalars(4, {0: one})
+    holder.decrypt_scalars(4, {0: [one]})
     with pytest.raises(CryptoError, match="already decrypted"):
-        holder.decrypt_scalars(4, {0: one})
+        holder.decrypt_scalars(4, {0: [one]})
+    # two scalars for one site when only its norm is checked (a second functional of it)
+    with pytest.raises(CryptoError, match="at most 1 per site"):
+        holder.decrypt_scalars(5, {1: [one, one]})
     # a "sum" of one update
     with pytest.raises(CryptoError, match="at least 2"):
         holder.decrypt_sum(sealed[0], 1)
@@ -150,3 +153,19 @@ def test_sign_flipping_sites_are_bounded_without_decrypting_an_update() -> None:
     ref = simulate(fed, spec, plain.training, attack=plain.attack)
     assert enc.metrics["accuracy"] == pytest.approx(ref.metrics["accuracy"], abs=0.01)
     assert torch.allclose(enc.params, ref.params, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_cosine_check_gives_no_trust_to_sign_flipped_updates() -> None:
+    raw = _raw(rounds=4, local_epochs=5, batch_size=32, lr=8.0,
+               secure_aggregation_checks="norm+cosine")  # fmt: skip
+    raw["attack"] = {"kind": "sign_flip", "fraction": 0.2}
+    cfg = parse_config(raw)
+    fed = load_federation(cfg)
+    res = simulate(fed, model_spec(cfg, fed), cfg.training, attack=cfg.attack)
+    sa = res.extra["federation"]["secure_aggregation"]
+    assert sa["checks"] == "norm+cosine"
+    # from round 2 on (round 1 has no reference) the two flipped updates get no trust
+    fractions = sa["trusted_fraction_per_round"]
+    assert len(fractions) == 3 and all(f <= 0.8 + 1e-9 for f in fractions)
+    assert res.metrics["accuracy"] > 0.9

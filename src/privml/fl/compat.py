@@ -36,7 +36,7 @@ OPTIONS: dict[str, str] = {
     "adaptive_clip": "[privacy] adaptive_clip: on | off",
     "accountant": "[privacy] accountant: pld | rdp",
     "resume": "privml run --resume: yes | no",
-    "secure_checks": "[training] secure_aggregation_checks: none | norm",
+    "secure_checks": "[training] secure_aggregation_checks: none | norm | norm+cosine",
 }
 """The options a row may name, and where each comes from."""
 
@@ -159,21 +159,24 @@ TABLE: tuple[Combination, ...] = (
         'features = "none", or secure_aggregation = "none"',
     ),
     Combination(
-        {"secure_checks": ("norm",), "secure_aggregation": ("none", "paillier", "secagg+")},
+        {
+            "secure_checks": ("norm", "norm+cosine"),
+            "secure_aggregation": ("none", "paillier", "secagg+"),
+        },
         False,
         "the encrypted norm check computes each update's norm on CKKS ciphertexts (Paillier "
         "cannot multiply two ciphertexts; masking hides nothing the server could compute on)",
         'secure_aggregation = "ckks"',
     ),
     Combination(
-        {"secure_checks": ("norm",), "privacy": _DP},
+        {"secure_checks": ("norm", "norm+cosine"), "privacy": _DP},
         False,
         "the encrypted norm check scales updates by factors computed from their norms, which "
         "the privacy accounting of private training does not cover yet",
         'secure_aggregation_checks = "none" (client-level DP clips every update itself)',
     ),
     Combination(
-        {"secure_checks": ("norm",), "engine": ("flower",)},
+        {"secure_checks": ("norm", "norm+cosine"), "engine": ("flower",)},
         False,
         "the norm requests to the key holder are not yet carried over Flower messages",
         'engine = "simulation"',
@@ -281,7 +284,7 @@ TABLE: tuple[Combination, ...] = (
         "(shares) -> sum norm check -> optimizer",
     ),
     Combination(
-        {"secure_aggregation": ("ckks",), "secure_checks": ("norm",)},
+        {"secure_aggregation": ("ckks",), "secure_checks": ("norm", "norm+cosine")},
         True,
         "norm bounding without anyone seeing an update: the server computes each update's "
         "squared norm on its ciphertexts, the key holder decrypts only those scalars, and the "

@@ -310,7 +310,7 @@ def _sealing(
         m_seal, m_combine = _masking_stages(training, [s.n_train for s in reported], n_params,
                                             options=secure)  # fmt: skip
         return m_seal, m_combine, lambda: m_combine.describe(m_seal)
-    if getattr(training, "secure_aggregation_checks", "none") == "norm":
+    if getattr(training, "secure_aggregation_checks", "none") != "none":
         from privml.fl.stages.secure_checks import checked_stages
 
         return checked_stages(training, [s.n_train for s in reported], n_params)

@@ -61,7 +61,8 @@ def _slices(vec: NDArray[np.float64]) -> list[list[float]]:
 class CheckKeyHolder:
     """The key-holder site: the CKKS context with its secret key, which never leaves it."""
 
-    def __init__(self, n_params: int, *, value_scale: float, precision_bits: int = 24) -> None:
+    def __init__(self, n_params: int, *, value_scale: float, precision_bits: int = 24,
+                 scalars_per_site: int = 1) -> None:  # fmt: skip
         import tenseal as ts
 
         t0 = time.perf_counter()
@@ -75,28 +76,40 @@ class CheckKeyHolder:
         self.keygen_seconds = time.perf_counter() - t0
         self.n_params = int(n_params)
         self.flood_std = float(value_scale) * 2.0**-precision_bits
+        self.scalars_per_site = int(scalars_per_site)
         self._answered: set[tuple[int, int]] = set()
 
     def _flood(self, n: int) -> NDArray[np.float64]:
         gen = np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
         return gen.normal(0.0, self.flood_std, size=n)
 
-    def decrypt_scalars(self, rnd: int, blobs: dict[int, bytes]) -> dict[int, float]:
-        """One squared norm per site per round (a size-1 ciphertext each), flooded. A second
-        request for the same site in the same round, or a ciphertext of another size, is
-        refused."""
+    def decrypt_scalars(self, rnd: int, blobs: dict[int, list[bytes]]) -> dict[int, list[float]]:
+        """Per site, its squared norm (and, with the cosine check, its inner product with the
+        reference direction): at most ``scalars_per_site`` size-1 ciphertexts per site per
+        round, each decrypted and flooded. A second request for the same site in the same
+        round, more scalars, or a ciphertext of another size, is refused."""
         import tenseal as ts
 
-        out: dict[int, float] = {}
-        for site, blob in blobs.items():
+        out: dict[int, list[float]] = {}
+        for site, items in blobs.items():
             key = (int(rnd), int(site))
             if key in self._answered:
-                raise CryptoError(f"site {site}'s norm was already decrypted in round {rnd}")
-            v = ts.ckks_vector_from(self._ctx, blob)
-            if v.size() != 1:
-                raise CryptoError(f"refusing to decrypt {v.size()} values as one site's norm")
+                raise CryptoError(f"site {site}'s checks were already decrypted in round {rnd}")
+            if not 1 <= len(items) <= self.scalars_per_site:
+                raise CryptoError(
+                    f"refusing {len(items)} scalars for site {site}: at most "
+                    f"{self.scalars_per_site} per site per round"
+                )
+            vals = []
+            for blob in items:
+                v = ts.ckks_vector_from(self._ctx, blob)
+                if v.size() != 1:
+                    raise CryptoError(
+                        f"refusing to decrypt {v.size()} values as one of a site's check scalars"
+                    )
+                vals.append(float(v.decrypt()[0] + self._flood(1)[0]))
             self._answered.add(key)
-            out[int(site)] = float(v.decrypt()[0] + self._flood(1)[0])
+            out[int(site)] = vals
         return out
 
     def decrypt_sum(self, blobs: Sequence[bytes], n_contributions: int) -> NDArray[np.float64]:
@@ -171,11 +184,17 @@ class EncryptedNormBound:
     max_norm: float
     counts: Sequence[int]
     n_params: int
-    decrypt_scalars: Callable[[int, dict[int, bytes]], dict[int, float]]
+    decrypt_scalars: Callable[[int, dict[int, list[bytes]]], dict[int, list[float]]]
     decrypt_sum: Callable[[Sequence[bytes], int], NDArray[np.float64]]
     weighted: bool = True
+    cosine: bool = False
+    """Also weight each update by its trust ``max(0, cos(u_i, reference))``, the reference
+    being the previous round's aggregate (public: the server applied it), FLTrust's rule with
+    the last global step in place of a root dataset; round 1 has no reference."""
+    reference: NDArray[np.float64] | None = None
     costs: list[_Cost] = field(default_factory=list)
     norms: list[dict[int, float]] = field(default_factory=list)
+    trust: list[dict[int, float]] = field(default_factory=list)
     step = "combine"
 
     def __post_init__(self) -> None:
@@ -217,16 +236,31 @@ class EncryptedNormBound:
             return Outcome.skip("too_few_updates", accepted, rejected)
         ids = np.asarray(received.ids)
         t0 = time.perf_counter()
-        sq: dict[int, bytes] = {}
+        ref = self.reference if self.cosine else None
+        ref_norm = float(np.linalg.norm(ref)) if ref is not None else 0.0
+        ref_slices = _slices(ref) if ref is not None and ref_norm > 0 else None
+        sq: dict[int, list[bytes]] = {}
         for p, v in vecs.items():
             acc = v[0].dot(v[0])
             for part in v[1:]:
                 acc = acc + part.dot(part)
-            sq[int(ids[p])] = acc.serialize()
+            sq[int(ids[p])] = [acc.serialize()]
+            if ref_slices is not None:
+                d = v[0].dot(ref_slices[0])
+                for part, r in zip(v[1:], ref_slices[1:], strict=True):
+                    d = d + part.dot(r)
+                sq[int(ids[p])].append(d.serialize())
         t1 = time.perf_counter()
         got = self.decrypt_scalars(rnd, sq)
-        norms = {i: math.sqrt(max(0.0, x)) for i, x in got.items()}
+        norms = {i: math.sqrt(max(0.0, x[0])) for i, x in got.items()}
+        trust = {i: 1.0 for i in got}
+        if ref_slices is not None:
+            trust = {i: max(0.0, x[1] / (norms[i] * ref_norm)) if norms[i] > 0 else 0.0
+                     for i, x in got.items()}  # fmt: skip
+            self.trust.append(trust)
         self.norms.append(norms)
+        if not any(trust[int(ids[p])] > 0 for p in accepted):
+            return Outcome.skip("no_trusted_updates", accepted, rejected)
         counts = np.asarray(self.counts, dtype=np.float64)
         n_max = float(counts.max())
         total_w, n_bounded = 0.0, 0
@@ -237,6 +271,7 @@ class EncryptedNormBound:
             w = counts[i] / n_max if self.weighted else 1.0
             scale = min(1.0, self.max_norm / norms[i]) if norms[i] > 0 else 1.0
             n_bounded += int(scale < 1.0)
+            w = w * trust[i]
             scaled = [part * float(w * scale) for part in vecs[p]]
             summed = (
                 scaled if summed is None else [a + b for a, b in zip(summed, scaled, strict=True)]
@@ -250,7 +285,10 @@ class EncryptedNormBound:
                                 float(np.median(list(norms.values())))))  # fmt: skip
         info = {"max_norm": self.max_norm, "n_clipped": n_bounded, "total_weight": total_w,
                 "encrypted_norms": True}  # fmt: skip
-        return Outcome(total / total_w, accepted, rejected, info=info)
+        update = total / total_w
+        if self.cosine:
+            self.reference = update
+        return Outcome(update, accepted, rejected, info=info)
 
     def describe(self, seal: CheckedSeal | None, keygen_seconds: float | None) -> dict[str, Any]:
         """results.json ``federation.secure_aggregation``."""
@@ -258,7 +296,11 @@ class EncryptedNormBound:
         enc = [] if seal is None else [s / max(1, n) for _, n, s in seal.encrypt_seconds]
         return {
             "scheme": "ckks",
-            "checks": "norm",
+            "checks": "norm+cosine" if self.cosine else "norm",
+            "cosine_reference": "the previous round's aggregate (trust max(0, cos))"
+            if self.cosine else None,
+            "trusted_fraction_per_round": [float(np.mean([t > 0 for t in r.values()]))
+                                           for r in self.trust],
             "library": "TenSEAL",
             "parameters": {"poly_modulus_degree": _N, "coeff_mod_bit_sizes": list(_COEFF),
                            "scale_bits": _SCALE_BITS, "values_per_ciphertext": _SLICE},
@@ -290,9 +332,12 @@ def checked_stages(
     max_norm = training.aggregator_params.get("max_norm")
     if training.aggregator != "norm_bound" or max_norm is None:
         raise UsageError("encrypted norm bounding needs aggregator = norm_bound with max_norm")
+    cosine = training.secure_aggregation_checks == "norm+cosine"
     holder = CheckKeyHolder(n_params, value_scale=float(max_norm),
-                            precision_bits=training.secure_aggregation_precision_bits)  # fmt: skip
+                            precision_bits=training.secure_aggregation_precision_bits,
+                            scalars_per_site=2 if cosine else 1)  # fmt: skip
     seal = CheckedSeal(holder.public)
     combine = EncryptedNormBound(holder.public, float(max_norm), list(counts), n_params,
-                                 holder.decrypt_scalars, holder.decrypt_sum)  # fmt: skip
+                                 holder.decrypt_scalars, holder.decrypt_sum,
+                                 cosine=cosine)  # fmt: skip
     return seal, combine, lambda: combine.describe(seal, holder.keygen_seconds)
