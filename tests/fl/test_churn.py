@@ -392,3 +392,70 @@ def test_flower_resume_continues_an_interrupted_run_and_refuses_a_tampered_check
     assert out.results["federation"]["resumed_after_round"] == 2
     assert all(r["accuracy"] is not None for r in out.results["rounds"])
     assert (run_dir / "results.json").is_file() and not (tmp_path / "run.partial").exists()
+
+
+def test_a_supernode_back_under_its_node_id_is_checked_again(
+    demo_runtimes: dict[str, SiteRuntime],  # noqa: F811
+) -> None:
+    """With SuperNode authentication a restarted site keeps its node id: hospital_b's node
+    goes offline during round 1 and comes back under the same id with another config; it is
+    asked again which site it serves, fails the check, and is never sent a round again."""
+    from flwr.app import Context, RecordDict
+
+    from privml.fl.flower.client_app import make_client_app
+
+    cfg = _config(rounds=3)
+    other = SiteRuntime(_config(rounds=3, lr=1.0), "hospital_b")
+    grid_box: list[Any] = []
+
+    def restart_b(name: str, received: Message, reply: Message) -> Message | None:
+        grid = grid_box[0]
+        if received.metadata.dst_node_id == 101 and received.metadata.group_id == "1":
+            grid.offline.add(101)  # killed: no reply, then back with another config
+            return None
+        return reply
+
+    grid = _grid(demo_runtimes, tamper=restart_b)
+    grid_box.append(grid)
+    coordinator = Coordinator(grid, cfg, round_timeout=600, liveness_interval=0.05)
+    original = coordinator.rejoin
+
+    def rejoin(sites: Any, rnd: int, *, wait: float = 5.0) -> None:
+        original(sites, rnd, wait=wait)
+        if 101 in grid.offline and rnd >= 2:  # it was seen offline: now it is back
+            grid.offline.discard(101)
+            ctx = Context(42, 101, {"site": "hospital_b"}, RecordDict(), {})
+            grid.nodes[101] = (make_client_app(lambda _ctx: other), ctx)
+            original(sites, rnd, wait=wait)
+
+    coordinator.rejoin = rejoin  # type: ignore[method-assign]
+    res = coordinator.run().result
+    assert coordinator.refused == {101} and coordinator.rejoins == []
+    # refused while round 1 still waited for it: that round counts it as failed too
+    assert [r.missed for r in res.history] == [{"site_error": [1]}] * 3
+    assert not [m for m in grid.sent
+                if m.metadata.dst_node_id == 101 and m.metadata.group_id in ("2", "3")]  # fmt: skip
+
+
+def test_flower_run_flags_override_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import privml.fl.flower.run as run_mod
+    from privml.fl.flower.cli import flower_run
+
+    seen: list[tuple[Any, Any]] = []
+
+    def fake_run_flower(cfg: Any, **kw: Any) -> Any:
+        seen.append((kw["wait_for_sites"], kw["round_timeout"]))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(run_mod, "run_flower", fake_run_flower)
+    for flags, expect in (({}, (None, None)),
+                          ({"wait_for_sites": 7.0, "round_timeout": 9.0}, (7.0, 9.0))):  # fmt: skip
+        with pytest.raises(ConfigError):
+            flower_run(None, insecure=True, **flags)  # type: ignore[arg-type]
+        assert seen[-1] == expect
+    # None: the coordinator takes the config's values
+    cfg = load_config(None, overrides=["training.round_timeout=33", "training.wait_for_sites=44"])
+    c = Coordinator(_grid({}), cfg)
+    assert (c.round_timeout, c.wait_for_sites) == (33.0, 44.0)
+    c = Coordinator(_grid({}), cfg, round_timeout=5, wait_for_sites=6)
+    assert (c.round_timeout, c.wait_for_sites) == (5.0, 6.0)
