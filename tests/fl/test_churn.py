@@ -160,6 +160,10 @@ def test_flower_run_says_which_sites_missed_which_rounds(
     assert "hospital_c 1/3" in flat_out
     assert "site hospital_c missed 1 round(s) (timed_out): 2" in flat_err
     assert f"cover {total - n_c} of {total} test records" in flat_err
+    from privml.report.html import render_report
+
+    page = render_report(res)
+    assert "Degraded run:" in page and "site hospital_c missed 1 round(s)" in page
 
 
 def test_flower_round_short_of_sites_stops_when_they_do_not_come_back(

@@ -244,6 +244,10 @@ def _summary(results: Mapping[str, Any]) -> str:
     warning = baseline_warning(dict(m), classes)
     if warning:
         out.append(_box("warn", f"<b>Degenerate model:</b> {_esc(warning)}."))
+    part = results.get("participation")
+    if isinstance(part, Mapping) and part.get("degraded"):
+        lines = "; ".join(str(w) for w in part.get("warnings") or [])
+        out.append(_box("warn", f"<b>Degraded run:</b> {_esc(lines)}."))
     priv = results.get("privacy")
     if isinstance(priv, Mapping):
         mode = priv.get("mode", "none")
