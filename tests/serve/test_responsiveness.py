@@ -100,10 +100,10 @@ def test_healthz_answers_while_a_large_paillier_request_is_evaluated(
         worker.join()
     assert done["status"] == 200
     assert len(lat) >= 5, f"the request took only {done['seconds']:.2f} s"
-    # a blocked event loop would hold every probe for the whole evaluation (seconds); on a
-    # loaded machine a single probe may wait for a CPU, so the typical probe is bounded
-    # absolutely and the slowest one relative to the evaluation
-    assert statistics.median(lat) < 0.25, sorted(lat)[-5:]
+    # a blocked event loop would hold a probe for the whole evaluation (seconds), leaving a
+    # handful of probes each as long as the evaluation; on a loaded machine any probe may also
+    # wait for a CPU, so the bounds are relative to the evaluation's own duration
+    assert statistics.median(lat) < 0.1 * done["seconds"], (sorted(lat)[-5:], done["seconds"])
     assert max(lat) < 0.5 * done["seconds"], (max(lat), done["seconds"])
 
 
