@@ -103,7 +103,7 @@ def test_healthz_answers_while_a_large_paillier_request_is_evaluated(
     # a blocked event loop would hold a probe for the whole evaluation (seconds), leaving a
     # handful of probes each as long as the evaluation; on a loaded machine any probe may also
     # wait for a CPU, so the bounds are relative to the evaluation's own duration
-    assert statistics.median(lat) < 0.1 * done["seconds"], (sorted(lat)[-5:], done["seconds"])
+    assert statistics.median(lat) < 0.25 * done["seconds"], (sorted(lat)[-5:], done["seconds"])
     assert max(lat) < 0.5 * done["seconds"], (max(lat), done["seconds"])
 
 
