@@ -208,7 +208,8 @@ def private_parts(
 
         n_params = sum(x.numel() for x in build_model(hspec).parameters())
         return distributed_parts(config, fed, hspec, ledger, noise, restored or {},
-                                 n_params=n_params, run_id=run_label(config))  # fmt: skip
+                                 n_params=n_params, run_id=run_label(config),
+                                 parts_type=PrivateParts)  # fmt: skip
     return _client_parts(config, fed, hspec, fmap, ledger, noise, restored or {})
 
 

@@ -174,17 +174,17 @@ def _thresholds(training: Any, n_params: int, clip: float, n: int, q: float) -> 
 
 def distributed_parts(
     config: Any, fed: Any, hspec: Any, ledger: PrivacyLedger, noise: NoiseSource,
-    restored: dict[str, Any], *, n_params: int, run_id: str,
+    restored: dict[str, Any], *, n_params: int, run_id: str, parts_type: Any,
 ) -> Any:  # fmt: skip
     """The stages client-level DP adds under SecAgg+ (see the module docstring): a
     :class:`~privml.fl.plan_private.PrivateParts` whose ``secure`` options configure the
-    masking stages.
+    masking stages (``parts_type`` is that class, passed in so that this stage module does
+    not import the planner that imports it).
 
     Raises:
         ConfigError: settings outside the mechanism's domain, or a modulus that may wrap.
         BudgetExceededError: a site's planned spend does not fit its remaining budget.
     """
-    from privml.fl.plan_private import PrivateParts
     from privml.fl.stages.cohort import cohort_size
     from privml.fl.stages.private import client_cohort
 
@@ -224,7 +224,7 @@ def distributed_parts(
         accounting.book()  # every client's whole spend, before its first update leaves
     empty = [i for i, s in enumerate(fed.sites) if s.n_train == 0]
     share = DiscreteGaussianShare(plan, noise)
-    parts = PrivateParts(fed, hspec, cohort=client_cohort(n, q, t.dropout, noise, empty),
+    parts = parts_type(fed, hspec, cohort=client_cohort(n, q, t.dropout, noise, empty),
                          stateful=[accounting])  # fmt: skip
     parts.secure = {"clip": clip, "weighted": False, "denominator": q * n, "noise": share,
                     "modulus": plan.modulus, "rounding_bound": plan.rounded_norm,
