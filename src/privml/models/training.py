@@ -298,6 +298,10 @@ class CohortSchedule:
     def n_steps(self) -> int:
         return int(self.per_epoch.max(initial=1)) * self.epochs
 
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every step's batches as dense ``(idx, mask)`` ``[S, steps, width]`` arrays."""
+        return _dense(self)
+
     def step(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(active, rows, mask)``: the sites active at step ``k`` (positions, ascending),
         their batches' record indices into the cohort's records ``[A, W]`` (``W`` the longest
@@ -319,6 +323,28 @@ class CohortSchedule:
         flat = epoch[:, None] * n + self.offsets[active][:, None] + col
         rows = self.visits.reshape(-1)[flat] + self.offsets[active][:, None]
         return active, rows, valid.astype(np.float32)
+
+
+def _dense(sch: CohortSchedule) -> tuple[np.ndarray, np.ndarray]:
+    """Every step of ``sch`` at once as ``(idx, mask)`` ``[S, steps, width]`` (indices local to
+    each site, ``width = min(batch_size, largest site)``; a site past its last step gets an
+    empty batch): the same batches :meth:`CohortSchedule.step` gives, vectorized over steps."""
+    S, K, B = len(sch.sizes), sch.n_steps, sch.batch_size
+    W = int(min(B, max(1, int(sch.sizes.max(initial=1)))))
+    pe = sch.per_epoch[:, None]
+    k = np.arange(K)[None, :]
+    on = (k < pe * sch.epochs) & (sch.sizes[:, None] > 0)
+    epoch = np.where(on, k // pe, 0)
+    start = (k % pe) * B
+    length = np.where(on, np.clip(sch.sizes[:, None] - start, 0, B), 0)
+    j = np.arange(W)
+    valid = j[None, None, :] < length[:, :, None]
+    col = start[:, :, None] + np.where(valid, j[None, None, :], 0)
+    n = int(sch.offsets[-1])
+    flat = epoch[:, :, None] * n + sch.offsets[:-1, None, None] + col
+    idx = np.where(valid, sch.visits.reshape(-1)[np.minimum(flat, max(n * sch.epochs - 1, 0))],
+                   0) if n else np.zeros((S, K, W), np.int64)  # fmt: skip
+    return idx.astype(np.int64), valid.astype(np.float32)
 
 
 def cohort_schedule(
@@ -400,6 +426,12 @@ def cohort_batches(
 ROW_INDEPENDENT = "rows_independent"
 
 
+#: Up to this many sites, a schedule is expanded into dense ``[S, steps, width]`` batches up
+#: front and every step is one call over all sites (a few sites pad little; per-step work
+#: then dominates); beyond, each step gathers its active sites only.
+FEW_SITES = 16
+
+
 def _buckets(length: np.ndarray) -> list[np.ndarray]:
     """Split a step's sites by batch length so that little of the work is padding: up to three
     groups (lengths <= W/4, <= W/2, the rest), positions into ``length``."""
@@ -438,6 +470,8 @@ def train_cohort(
     little of the work is padding); other rules see every site each step, with empty batches
     masked.
     """
+    if schedule is not None and len(data.sizes) <= FEW_SITES:
+        batches, schedule = schedule.dense(), None
     if schedule is None:
         idx, mask = (
             batches
@@ -475,7 +509,12 @@ def train_cohort(
                 m,
             )
             with torch.no_grad():
-                if independent:
+                if independent and A == S:  # every site steps: no gather or scatter
+                    g = rule(stacked, batch, k)
+                    if prox_mu:
+                        g = g + prox_mu * (stacked - global_params)
+                    stacked = stacked - lr * g
+                elif independent:
                     ts = torch.from_numpy(sites)
                     current = stacked.index_select(0, ts)
                     g = rule(current, batch, k)
