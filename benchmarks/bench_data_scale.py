@@ -64,7 +64,7 @@ QUICK = {
     "sizes": [(100, 20), (400, 20)],
     "anchor_max_sites": 400,
     "pair_sites": 30,
-    "memory_sites": 100,
+    "memory_sites": 30,
     "memory_rows": 50,
     "reps": 2,
     "memory_reps": 1,
@@ -205,9 +205,12 @@ def load_table(bench: Bench, sizes: list[tuple[int, int]], reps: int, anchor_max
             r = summarize([v / p.median for v in b.values]) if long_anchor else ratios(b, p)
             bench.record(f"load_ratio_{n_sites}x{rows}", r.to_dict())
             rows_out.append(
-                [f"{n_sites:,} x {rows}", fmt_spread(p, digits=2, unit="s"),
-                 fmt_spread(b, digits=2, unit="s") + (" (one run)" if long_anchor else ""),
-                 fmt_ratio(r)]  # fmt: skip
+                [
+                    f"{n_sites:,} x {rows}",
+                    fmt_spread(p, digits=2, unit="s"),
+                    fmt_spread(b, digits=2, unit="s") + (" (one run)" if long_anchor else ""),
+                    fmt_ratio(r),
+                ]  # fmt: skip
             )
         else:
             rows_out.append(
@@ -243,7 +246,10 @@ def memory_table(bench: Bench, pair: int, target: int, rows: int, reps: int) -> 
         reps=reps,
         warmup=0,  # every run is a fresh process: nothing to warm up
     )
-    bench.interleave({"privml": lambda: run("target", "privml", target)}, reps=reps, warmup=0)
+    if target == pair:  # the same run (quick mode): not repeated
+        results["target"] = list(results["privml"])
+    else:
+        bench.interleave({"privml": lambda: run("target", "privml", target)}, reps=reps, warmup=0)
     table = []
     for key, label, n in (
         ("privml", "privml", pair),
@@ -270,8 +276,15 @@ def memory_table(bench: Bench, pair: int, target: int, rows: int, reps: int) -> 
         )
     bench.table(
         "memory",
-        ["loader", "sites x records", "peak RSS", "run bytes/record", "kept bytes/record",
-         "load", "one round"],  # fmt: skip
+        [
+            "loader",
+            "sites x records",
+            "peak RSS",
+            "run bytes/record",
+            "kept bytes/record",
+            "load",
+            "one round",
+        ],  # fmt: skip
         table,
         caption=(
             f"A whole run in a fresh process (load, then one FedAvg round of the logistic model "

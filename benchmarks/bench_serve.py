@@ -75,9 +75,23 @@ def cpu_seconds(pid: int) -> float:
 def start_server(model: Path, state: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [
-        sys.executable, "-m", "privml.serve", "--model", str(model), "--state-dir", str(state),
-        "--port", str(port), "--rate-limit", "1000000", "--patient-rate-limit", "1e9",
-        "--max-contexts", "64", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "privml.serve",
+        "--model",
+        str(model),
+        "--state-dir",
+        str(state),
+        "--port",
+        str(port),
+        "--rate-limit",
+        "1000000",
+        "--patient-rate-limit",
+        "1e9",
+        "--max-contexts",
+        "64",
+        "--log-level",
+        "warning",
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -100,17 +114,29 @@ def start_server(model: Path, state: Path, log: Path) -> tuple[subprocess.Popen[
 # ------------------------------------------------------------------------------------------
 
 
-def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mode: str,
-                 bodies: list[bytes] | None, ready: Any, go: Any, window: Any,
-                 results: Any, interval: float) -> None:
+def _client_proc(
+    url: str,
+    tokens: list[str],
+    keys_dir: Path,
+    X: np.ndarray,
+    mode: str,
+    bodies: list[bytes] | None,
+    ready: Any,
+    go: Any,
+    window: Any,
+    results: Any,
+    interval: float,
+) -> None:
     """One process running ``len(tokens)`` client threads within the parent's time window."""
     from privml.serve.client import PredictionClient
 
     lat: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    clients = [PredictionClient(url, token=t, keys_dir=keys_dir, passphrase=PASSPHRASE,
-                                batch_size=BATCH) for t in tokens]
+    clients = [
+        PredictionClient(url, token=t, keys_dir=keys_dir, passphrase=PASSPHRASE, batch_size=BATCH)
+        for t in tokens
+    ]
     for c in clients:  # warm up: keys loaded once per process, registration checked
         c.keyring = clients[0].keyring
         c.predict_logits(X[:1])
@@ -145,9 +171,14 @@ def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mod
                     start = int(rng.integers(len(X) - BATCH))
                     c.predict_logits(X[start : start + BATCH])
                 else:  # replay pre-encrypted requests: the server alone
-                    r = http.post(f"{url}/v1/predict", content=bodies[i % len(bodies)],
-                                  headers={"Authorization": f"Bearer {tokens[i]}",
-                                           "Content-Type": "application/json"})
+                    r = http.post(
+                        f"{url}/v1/predict",
+                        content=bodies[i % len(bodies)],
+                        headers={
+                            "Authorization": f"Bearer {tokens[i]}",
+                            "Content-Type": "application/json",
+                        },
+                    )
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}")
                 ms = (time.perf_counter() - t0) * 1e3
@@ -167,9 +198,19 @@ def _client_proc(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, mod
     results.put({"lat": lat, "errors": errors})
 
 
-def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, procs: int,
-             seconds: float, mode: str, server_pid: int,
-             bodies: list[bytes] | None = None, rps: float = 0.0) -> dict[str, Any]:
+def run_load(
+    url: str,
+    tokens: list[str],
+    keys_dir: Path,
+    X: np.ndarray,
+    *,
+    procs: int,
+    seconds: float,
+    mode: str,
+    server_pid: int,
+    bodies: list[bytes] | None = None,
+    rps: float = 0.0,
+) -> dict[str, Any]:
     """Start the client processes, wait until all are warmed up, then run them together for
     ``seconds`` and collect every request's latency (the window is measured by the parent)."""
     groups = [g for g in (tokens[i::procs] for i in range(procs)) if g]
@@ -178,9 +219,22 @@ def run_load(url: str, tokens: list[str], keys_dir: Path, X: np.ndarray, *, proc
     window = ctx.Array("d", 2)
     results = ctx.Queue()
     children = [
-        ctx.Process(target=_client_proc,
-                    args=(url, g, keys_dir, X, mode, bodies, ready, go, window, results,
-                          len(tokens) / rps if rps else 0.0))
+        ctx.Process(
+            target=_client_proc,
+            args=(
+                url,
+                g,
+                keys_dir,
+                X,
+                mode,
+                bodies,
+                ready,
+                go,
+                window,
+                results,
+                len(tokens) / rps if rps else 0.0,
+            ),
+        )
         for g in groups
     ]
     for c in children:
@@ -230,8 +284,14 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def healthz_during_paillier(url: str, token: str, keys_dir: Path, X: np.ndarray,
-                            seconds_cap: float, n_big: int = PAILLIER_BIG) -> dict[str, Any]:
+def healthz_during_paillier(
+    url: str,
+    token: str,
+    keys_dir: Path,
+    X: np.ndarray,
+    seconds_cap: float,
+    n_big: int = PAILLIER_BIG,
+) -> dict[str, Any]:
     """/healthz latencies while the server evaluates one ``n_big``-patient Paillier request."""
     import base64
 
@@ -239,8 +299,14 @@ def healthz_during_paillier(url: str, token: str, keys_dir: Path, X: np.ndarray,
     from privml.he.paillier import PaillierCiphertexts
     from privml.serve.client import PredictionClient
 
-    with PredictionClient(url, token=token, keys_dir=keys_dir, passphrase=PASSPHRASE,
-                          scheme="paillier", batch_size=n_big) as c:
+    with PredictionClient(
+        url,
+        token=token,
+        keys_dir=keys_dir,
+        passphrase=PASSPHRASE,
+        scheme="paillier",
+        batch_size=n_big,
+    ) as c:
         kid = c.register()
         keys = c.keys()
         reqs = c.requirements()
@@ -248,18 +314,29 @@ def healthz_during_paillier(url: str, token: str, keys_dir: Path, X: np.ndarray,
         assert isinstance(one, PaillierCiphertexts)
         chunks = -(-n_big // one.per_ct)
         n_chunks_one = -(-64 // one.per_ct)
-        cts = [one.cts[i * n_chunks_one] for i in range(reqs["n_features"])
-               for _ in range(chunks)]
-        big = PaillierCiphertexts("features", keys.public.key_id, "columns", n_big,
-                                  reqs["n_features"], one.slot_bits, one.per_ct, cts,
-                                  holder=keys.public)
+        cts = [one.cts[i * n_chunks_one] for i in range(reqs["n_features"]) for _ in range(chunks)]
+        big = PaillierCiphertexts(
+            "features",
+            keys.public.key_id,
+            "columns",
+            n_big,
+            reqs["n_features"],
+            one.slot_bits,
+            one.per_ct,
+            cts,
+            holder=keys.public,
+        )
         body = {"key_id": kid, "ciphertexts": base64.b64encode(big.to_bytes()).decode()}
     done: dict[str, Any] = {}
 
     def send() -> None:
         t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/predict", json=body,
-                       headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        r = httpx.post(
+            url + "/v1/predict",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=600,
+        )
         done.update(status=r.status_code, seconds=time.perf_counter() - t0)
 
     worker = threading.Thread(target=send)
@@ -274,10 +351,15 @@ def healthz_during_paillier(url: str, token: str, keys_dir: Path, X: np.ndarray,
             lat.append((time.perf_counter() - t0) * 1e3)
             time.sleep(0.02)
     worker.join()
-    return {"patients": n_big, "request_status": done.get("status"),
-            "request_seconds": done.get("seconds"),
-            "probes": len(lat), "p50_ms": pct(lat, 50) if lat else None,
-            "p99_ms": pct(lat, 99) if lat else None, "max_ms": max(lat) if lat else None}
+    return {
+        "patients": n_big,
+        "request_status": done.get("status"),
+        "request_seconds": done.get("seconds"),
+        "probes": len(lat),
+        "p50_ms": pct(lat, 50) if lat else None,
+        "p99_ms": pct(lat, 99) if lat else None,
+        "max_ms": max(lat) if lat else None,
+    }
 
 
 def main() -> None:
@@ -290,8 +372,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--paced-rps", type=float, default=40.0,
-                    help="offered load of the open-loop test, requests/s over all clients")
+    ap.add_argument(
+        "--paced-rps",
+        type=float,
+        default=40.0,
+        help="offered load of the open-loop test, requests/s over all clients",
+    )
     ap.add_argument("--batch-clients", type=int, default=4)
     ap.add_argument("--batch-seconds", type=float, default=20.0)
     add_common_args(ap)
@@ -314,8 +400,12 @@ def main() -> None:
     from privml.serve.tokens import TokenStore
 
     torch.set_num_threads(1)
-    bench = Bench("serve", quick=args.quick, out=args.out, params=vars(args) | {
-        "model": str(args.model) if args.model else None, "out": None})
+    bench = Bench(
+        "serve",
+        quick=args.quick,
+        out=args.out,
+        params=vars(args) | {"model": str(args.model) if args.model else None, "out": None},
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model_dir = args.model
     if model_dir is None:  # train the demo; sign it with a throwaway key, trusted by the server
@@ -342,8 +432,9 @@ def main() -> None:
     proc, url = start_server(model_dir, state, tmp / "server.log")
     rows: list[list[str]] = []
     try:
-        client = PredictionClient(url, token=tokens[-1], keys_dir=keys_dir,
-                                  passphrase=PASSPHRASE, batch_size=BATCH)
+        client = PredictionClient(
+            url, token=tokens[-1], keys_dir=keys_dir, passphrase=PASSPHRASE, batch_size=BATCH
+        )
         client.predict_logits(Xtest[:2])  # keys made, context registered
         keys = client.keys()
         served_ev = he.compile_model(model, _spec, scheme="ckks")
@@ -357,37 +448,58 @@ def main() -> None:
             def call() -> None:
                 i = next(k) % len(Xtest)
                 errs[name] = max(errs[name], abs(f(Xtest[i]) - ref[i]))
+
             return call
 
         def inproc(x: np.ndarray) -> float:
             out = served_ev.predict(he.encrypt_features(keys, x), pool=pool)
             return float(he.decrypt_scores(keys.secret, out)[0, 0])
 
-        t = bench.interleave({
-            "anchor": variant("anchor", anchor.single),
-            "privml_he": variant("privml_he", inproc),
-            "served": variant("served", lambda x: float(client.predict_logits(x)[0, 0])),
-        }, reps=args.single_reps, key="single_ms")
+        t = bench.interleave(
+            {
+                "anchor": variant("anchor", anchor.single),
+                "privml_he": variant("privml_he", inproc),
+                "served": variant("served", lambda x: float(client.predict_logits(x)[0, 0])),
+            },
+            reps=args.single_reps,
+            key="single_ms",
+        )
         r = ratios(t["anchor"], t["served"])
-        bench.record("single", {n: {"p50_ms": t[n].median * 1e3,
-                                    "p99_ms": pct(t[n].values, 99) * 1e3,
-                                    "max_abs_error": errs[n]} for n in t}
-                     | {"ratio_anchor_over_served": r.to_dict()})
-        for name, label in (("served", "privml serve, 1 patient, HTTP round trip (CKKS)"),
-                            ("privml_he", "privml.he in process, same HE work"),
-                            ("anchor", "TenSEAL at equal precision, in process, no HTTP")):
-            rows.append([label, f"{t[name].median * 1e3:.2f}",
-                         f"{pct(t[name].values, 99) * 1e3:.2f}",
-                         fmt_ratio(ratios(t["anchor"], t[name])) if name != "anchor" else "1",
-                         f"{errs[name]:.1e}"])
+        bench.record(
+            "single",
+            {
+                n: {
+                    "p50_ms": t[n].median * 1e3,
+                    "p99_ms": pct(t[n].values, 99) * 1e3,
+                    "max_abs_error": errs[n],
+                }
+                for n in t
+            }
+            | {"ratio_anchor_over_served": r.to_dict()},
+        )
+        for name, label in (
+            ("served", "privml serve, 1 patient, HTTP round trip (CKKS)"),
+            ("privml_he", "privml.he in process, same HE work"),
+            ("anchor", "TenSEAL at equal precision, in process, no HTTP"),
+        ):
+            rows.append(
+                [
+                    label,
+                    f"{t[name].median * 1e3:.2f}",
+                    f"{pct(t[name].values, 99) * 1e3:.2f}",
+                    fmt_ratio(ratios(t["anchor"], t[name])) if name != "anchor" else "1",
+                    f"{errs[name]:.1e}",
+                ]
+            )
 
         # ------------------------------------------------------------ Paillier-3072
-        pclient = PredictionClient(url, token=tokens[-2], keys_dir=keys_dir,
-                                   passphrase=PASSPHRASE, scheme="paillier")
+        pclient = PredictionClient(
+            url, token=tokens[-2], keys_dir=keys_dir, passphrase=PASSPHRASE, scheme="paillier"
+        )
         pclient.register()
         offline_s = pclient.prepare(args.paillier_reps + 4)
         pclient.predict_logits(Xtest[0])  # the server's pool for this key starts filling
-        time.sleep(min(30.0, 0.05 * args.paillier_reps + 5.0))
+        time.sleep(1.0 if args.quick else min(30.0, 0.05 * args.paillier_reps + 5.0))
         apk, ask = phe.generate_paillier_keypair(n_length=3072)
         perr = {"phe": 0.0, "served": 0.0}
 
@@ -402,82 +514,175 @@ def main() -> None:
             def call() -> None:
                 i = next(k) % len(Xtest)
                 perr[name] = max(perr[name], abs(f(Xtest[i]) - ref[i]))
+
             return call
 
-        tp = bench.interleave({
-            "phe": pvariant("phe", phe_query),
-            "served": pvariant("served", lambda x: float(pclient.predict_logits(x)[0, 0])),
-        }, reps=args.paillier_reps, key="paillier_single_ms")
-        bench.record("paillier_single", {
-            "online_p50_ms": tp["served"].median * 1e3, "online_p99_ms":
-            pct(tp["served"].values, 99) * 1e3, "phe_p50_ms": tp["phe"].median * 1e3,
-            "client_offline_s_per_patient": offline_s / (args.paillier_reps + 4),
-            "client_pool_misses": pclient._pool.misses if pclient._pool else None,
-            "max_abs_error": perr["served"],
-        })
-        rows.append([f"privml serve + client, Paillier-3072, 1 patient, online (client pool "
-                     f"offline {offline_s / (args.paillier_reps + 4):.2f} s per patient)",
-                     f"{tp['served'].median * 1e3:.1f}",
-                     f"{pct(tp['served'].values, 99) * 1e3:.1f}",
-                     fmt_ratio(ratios(tp["phe"], tp["served"])) + " vs phe",
-                     f"{perr['served']:.1e}"])
-        rows.append(["phe, 1 patient, in process", f"{tp['phe'].median * 1e3:.0f}",
-                     f"{pct(tp['phe'].values, 99) * 1e3:.0f}", "1", f"{perr['phe']:.1e}"])
+        tp = bench.interleave(
+            {
+                "phe": pvariant("phe", phe_query),
+                "served": pvariant("served", lambda x: float(pclient.predict_logits(x)[0, 0])),
+            },
+            reps=args.paillier_reps,
+            key="paillier_single_ms",
+        )
+        bench.record(
+            "paillier_single",
+            {
+                "online_p50_ms": tp["served"].median * 1e3,
+                "online_p99_ms": pct(tp["served"].values, 99) * 1e3,
+                "phe_p50_ms": tp["phe"].median * 1e3,
+                "client_offline_s_per_patient": offline_s / (args.paillier_reps + 4),
+                "client_pool_misses": pclient._pool.misses if pclient._pool else None,
+                "max_abs_error": perr["served"],
+            },
+        )
+        rows.append(
+            [
+                f"privml serve + client, Paillier-3072, 1 patient, online (client pool "
+                f"offline {offline_s / (args.paillier_reps + 4):.2f} s per patient)",
+                f"{tp['served'].median * 1e3:.1f}",
+                f"{pct(tp['served'].values, 99) * 1e3:.1f}",
+                fmt_ratio(ratios(tp["phe"], tp["served"])) + " vs phe",
+                f"{perr['served']:.1e}",
+            ]
+        )
+        rows.append(
+            [
+                "phe, 1 patient, in process",
+                f"{tp['phe'].median * 1e3:.0f}",
+                f"{pct(tp['phe'].values, 99) * 1e3:.0f}",
+                "1",
+                f"{perr['phe']:.1e}",
+            ]
+        )
         pclient.close()
-        bench.table("single", ["measure", "p50 ms", "p99 ms", "anchor / measure",
-                               "max abs error"], rows,
-                    caption="One patient at a time, one client, sequential (anchor and privml "
-                    "interleaved in every repetition).")
+        bench.table(
+            "single",
+            ["measure", "p50 ms", "p99 ms", "anchor / measure", "max abs error"],
+            rows,
+            caption="One patient at a time, one client, sequential (anchor and privml "
+            "interleaved in every repetition).",
+        )
 
         # ------------------------------------------------------------ responsiveness
-        hz = healthz_during_paillier(url, tokens[-2], keys_dir, Xtest, 600.0,
-                                    1024 if args.quick else PAILLIER_BIG)
+        hz = healthz_during_paillier(
+            url, tokens[-2], keys_dir, Xtest, 600.0, 1024 if args.quick else PAILLIER_BIG
+        )
         bench.record("healthz_during_paillier_8192", hz)
 
         # ------------------------------------------------------------ load tests
-        lp = run_load(url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
-                      seconds=args.seconds, mode="paced", server_pid=proc.pid,
-                      rps=args.paced_rps)
-        ls = run_load(url, tokens[: args.clients], keys_dir, Xtest, procs=args.client_procs,
-                      seconds=args.seconds, mode="single", server_pid=proc.pid)
-        lb = run_load(url, tokens[: args.batch_clients], keys_dir, Xbig,
-                      procs=args.batch_clients, seconds=args.batch_seconds, mode="batch",
-                      server_pid=proc.pid)
+        lp = run_load(
+            url,
+            tokens[: args.clients],
+            keys_dir,
+            Xtest,
+            procs=args.client_procs,
+            seconds=args.seconds,
+            mode="paced",
+            server_pid=proc.pid,
+            rps=args.paced_rps,
+        )
+        ls = run_load(
+            url,
+            tokens[: args.clients],
+            keys_dir,
+            Xtest,
+            procs=args.client_procs,
+            seconds=args.seconds,
+            mode="single",
+            server_pid=proc.pid,
+        )
+        lb = run_load(
+            url,
+            tokens[: args.batch_clients],
+            keys_dir,
+            Xbig,
+            procs=args.batch_clients,
+            seconds=args.batch_seconds,
+            mode="batch",
+            server_pid=proc.pid,
+        )
         bodies = []
         import base64
 
         for i in range(4):
             ct = he.encrypt_features(keys, Xbig[i * BATCH : (i + 1) * BATCH]).to_bytes()
-            bodies.append(json.dumps({"key_id": keys.public.key_id,
-                                      "ciphertexts": base64.b64encode(ct).decode()}).encode())
-        lr_ = run_load(url, tokens[: args.batch_clients], keys_dir, Xbig,
-                       procs=min(2, args.batch_clients), seconds=args.batch_seconds,
-                       mode="replay", server_pid=proc.pid, bodies=bodies)
-        bench.record("load", {"open_loop": lp, "closed_loop": ls, "batch": lb,
-                              "batch_server_only": lr_, "batch_request_bytes": len(bodies[0])})
+            bodies.append(
+                json.dumps(
+                    {"key_id": keys.public.key_id, "ciphertexts": base64.b64encode(ct).decode()}
+                ).encode()
+            )
+        lr_ = run_load(
+            url,
+            tokens[: args.batch_clients],
+            keys_dir,
+            Xbig,
+            procs=min(2, args.batch_clients),
+            seconds=args.batch_seconds,
+            mode="replay",
+            server_pid=proc.pid,
+            bodies=bodies,
+        )
+        bench.record(
+            "load",
+            {
+                "open_loop": lp,
+                "closed_loop": ls,
+                "batch": lb,
+                "batch_server_only": lr_,
+                "batch_request_bytes": len(bodies[0]),
+            },
+        )
         load_rows = [
-            [f"open loop, {lp['clients']} clients, {lp['offered_rps']:.0f} requests/s offered",
-             f"{lp['throughput_rps']:.0f}/s", f"{lp['p50_ms']:.1f}", f"{lp['p99_ms']:.1f}",
-             str(lp["errors"]), f"{lp['server_cpu_ms_per_request']:.1f}"],
-            [f"closed loop, {ls['clients']} clients (saturation)",
-             f"{ls['throughput_rps']:.0f}/s", f"{ls['p50_ms']:.1f}", f"{ls['p99_ms']:.1f}",
-             str(ls["errors"]), f"{ls['server_cpu_ms_per_request']:.1f}"],
-            [f"batched, {lb['clients']} clients x {BATCH} patients, end to end",
-             f"{lb['patients_per_s']:,.0f} patients/s", f"{lb['p50_ms']:.0f}",
-             f"{lb['p99_ms']:.0f}", str(lb["errors"]), f"{lb['server_cpu_ms_per_request']:.1f}"],
-            ["batched, the server alone (pre-encrypted, replayed)",
-             f"{lr_['patients_per_s']:,.0f} patients/s", f"{lr_['p50_ms']:.0f}",
-             f"{lr_['p99_ms']:.0f}", str(lr_["errors"]),
-             f"{lr_['server_cpu_ms_per_request']:.1f}"],
-            [f"GET /healthz every 20 ms during one {hz['patients']}-patient Paillier-3072 "
-             f"request ({hz['request_seconds']:.1f} s, HTTP {hz['request_status']})",
-             f"{hz['probes']} probes", f"{hz['p50_ms']:.1f}", f"{hz['p99_ms']:.1f}",
-             "0" if hz["request_status"] == 200 else "1", "-"],
+            [
+                f"open loop, {lp['clients']} clients, {lp['offered_rps']:.0f} requests/s offered",
+                f"{lp['throughput_rps']:.0f}/s",
+                f"{lp['p50_ms']:.1f}",
+                f"{lp['p99_ms']:.1f}",
+                str(lp["errors"]),
+                f"{lp['server_cpu_ms_per_request']:.1f}",
+            ],
+            [
+                f"closed loop, {ls['clients']} clients (saturation)",
+                f"{ls['throughput_rps']:.0f}/s",
+                f"{ls['p50_ms']:.1f}",
+                f"{ls['p99_ms']:.1f}",
+                str(ls["errors"]),
+                f"{ls['server_cpu_ms_per_request']:.1f}",
+            ],
+            [
+                f"batched, {lb['clients']} clients x {BATCH} patients, end to end",
+                f"{lb['patients_per_s']:,.0f} patients/s",
+                f"{lb['p50_ms']:.0f}",
+                f"{lb['p99_ms']:.0f}",
+                str(lb["errors"]),
+                f"{lb['server_cpu_ms_per_request']:.1f}",
+            ],
+            [
+                "batched, the server alone (pre-encrypted, replayed)",
+                f"{lr_['patients_per_s']:,.0f} patients/s",
+                f"{lr_['p50_ms']:.0f}",
+                f"{lr_['p99_ms']:.0f}",
+                str(lr_["errors"]),
+                f"{lr_['server_cpu_ms_per_request']:.1f}",
+            ],
+            [
+                f"GET /healthz every 20 ms during one {hz['patients']}-patient Paillier-3072 "
+                f"request ({hz['request_seconds']:.1f} s, HTTP {hz['request_status']})",
+                f"{hz['probes']} probes",
+                f"{hz['p50_ms']:.1f}",
+                f"{hz['p99_ms']:.1f}",
+                "0" if hz["request_status"] == 200 else "1",
+                "-",
+            ],
         ]
-        bench.table("load", ["test", "throughput", "p50 ms", "p99 ms", "errors",
-                             "server CPU ms / request"], load_rows,
-                    caption=f"Concurrent clients ({args.seconds:g} s each, one process per "
-                    "client) and responsiveness; CKKS single-patient requests unless stated.")
+        bench.table(
+            "load",
+            ["test", "throughput", "p50 ms", "p99 ms", "errors", "server CPU ms / request"],
+            load_rows,
+            caption=f"Concurrent clients ({args.seconds:g} s each, one process per "
+            "client) and responsiveness; CKKS single-patient requests unless stated.",
+        )
         client.close()
     finally:
         proc.terminate()
@@ -491,25 +696,42 @@ def main() -> None:
     def status(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    bench.table("targets", ["target", "measured", "status"], [
-        ["1 patient through the service (CKKS): p50 <= 20 ms, p99 <= 50 ms, one client",
-         f"p50 {single['p50_ms']:.1f} ms, p99 {single['p99_ms']:.1f} ms",
-         status(single["p50_ms"] <= 20 and single["p99_ms"] <= 50)],
-        [f"same under load: {lp['clients']} clients, {lp['offered_rps']:.0f} requests/s "
-         "offered (open loop)", f"p50 {lp['p50_ms']:.1f} ms, p99 {lp['p99_ms']:.1f} ms",
-         status(lp["p50_ms"] <= 20 and lp["p99_ms"] <= 50)],
-        [f"0 errors under the {ls['clients']}-client load tests",
-         f"{lp['errors'] + ls['errors']} errors in {lp['requests'] + ls['requests']} requests",
-         status(lp["errors"] + ls["errors"] == 0)],
-        ["Paillier-3072, 1 patient, privml serve + client, <= 50 ms online (pools)",
-         f"p50 {pai['online_p50_ms']:.1f} ms (client offline "
-         f"{pai['client_offline_s_per_patient']:.2f} s per patient)",
-         status(pai["online_p50_ms"] <= 50)],
-        ["/healthz p99 <= 50 ms during an 8,192-patient Paillier request",
-         f"p99 {hz['p99_ms']:.1f} ms over {hz['probes']} probes",
-         status(hz["p99_ms"] is not None and hz["p99_ms"] <= 50)],
-    ], caption="Targets of the service (load average in the line below: on a shared machine "
-       "the latencies follow it).")
+    bench.table(
+        "targets",
+        ["target", "measured", "status"],
+        [
+            [
+                "1 patient through the service (CKKS): p50 <= 20 ms, p99 <= 50 ms, one client",
+                f"p50 {single['p50_ms']:.1f} ms, p99 {single['p99_ms']:.1f} ms",
+                status(single["p50_ms"] <= 20 and single["p99_ms"] <= 50),
+            ],
+            [
+                f"same under load: {lp['clients']} clients, {lp['offered_rps']:.0f} requests/s "
+                "offered (open loop)",
+                f"p50 {lp['p50_ms']:.1f} ms, p99 {lp['p99_ms']:.1f} ms",
+                status(lp["p50_ms"] <= 20 and lp["p99_ms"] <= 50),
+            ],
+            [
+                f"0 errors under the {ls['clients']}-client load tests",
+                f"{lp['errors'] + ls['errors']} errors in "
+                f"{lp['requests'] + ls['requests']} requests",
+                status(lp["errors"] + ls["errors"] == 0),
+            ],
+            [
+                "Paillier-3072, 1 patient, privml serve + client, <= 50 ms online (pools)",
+                f"p50 {pai['online_p50_ms']:.1f} ms (client offline "
+                f"{pai['client_offline_s_per_patient']:.2f} s per patient)",
+                status(pai["online_p50_ms"] <= 50),
+            ],
+            [
+                "/healthz p99 <= 50 ms during an 8,192-patient Paillier request",
+                f"p99 {hz['p99_ms']:.1f} ms over {hz['probes']} probes",
+                status(hz["p99_ms"] is not None and hz["p99_ms"] <= 50),
+            ],
+        ],
+        caption="Targets of the service (load average in the line below: on a shared machine "
+        "the latencies follow it).",
+    )
     bench.write()
 
 
