@@ -149,6 +149,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str | Path]], int, str]] = {
     ),
     "rounds = true": (_run("[training]\nrounds = true\n"), 2, "true/false is not one"),
     "rounds = '5'": (_run('[training]\nrounds = "5"\n'), 2, "not text"),
+    "server_lr = 5.8e39 (the server step overflows float32)": (
+        _run("[training]\nrounds = 1\nlocal_epochs = 1\nserver_lr = 5.8e39\n"
+             "[audit]\nenabled = false\n"), 2, "training diverged",  # fmt: skip
+    ),
     "max = inf in a schema": (
         _run('[data.schema.age]\ntype = "numeric"\nmin = 0\nmax = inf\n' + QUICK), 2,
         "finite number",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privml.errors import ConfigError
 from privml.fl.checkpoint import ServerState
 from privml.fl.rounds import Outcome
 from privml.fl.server_opt import ServerOptimizer, server_step
@@ -30,4 +31,14 @@ class ServerOptimizerStep:
         new_params, new_opt = server_step(
             self.optimizer, state.opt, state.params.astype(np.float64), outcome.update
         )
-        return ServerState(nxt, new_params.astype(np.float32), new_opt, outcome.update.copy())
+        with np.errstate(over="ignore", invalid="ignore"):
+            params32 = new_params.astype(np.float32)
+        if not np.isfinite(params32).all():
+            # a step too large for the model's float32 parameters (e.g. a huge server_lr):
+            # refuse rather than evaluate or publish a model of inf/nan
+            raise ConfigError(
+                f"training diverged in round {nxt}: the server step made the model's "
+                f"parameters infinite or NaN (server optimizer {self.optimizer.kind!r}, "
+                f"server lr {self.optimizer.lr:g}); lower training.server_lr or training.lr"
+            )
+        return ServerState(nxt, params32, new_opt, outcome.update.copy())
