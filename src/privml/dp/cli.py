@@ -205,10 +205,7 @@ def ledger_from_config(
         UsageError: the config asks for another budget than the ledger's (exit 2; the message
             names ``privml budget set``).
     """
-    from privml.dp.ledger import PrivacyLedger
-
-    path, dataset, budget_eps, budget_delta = _ledger_settings(config)
-    _check_ledger_file(path)
+    _check_ledger_file(_ledger_settings(config)[0])  # before any data is read
     if records is None:
         loaded_fps, records = site_records(config)
         if fingerprints is not None:
@@ -219,23 +216,7 @@ def ledger_from_config(
                     "was running; nothing was charged. Run again on data that stays put."
                 )
         fingerprints = loaded_fps
-    import sqlite3
-
-    try:
-        return PrivacyLedger(
-            path,
-            dataset=dataset,
-            budget_epsilon=budget_eps,
-            budget_delta=budget_delta,
-            fingerprints=fingerprints,
-            records=records,
-            budget_source=_budget_source(config),
-        )
-    except sqlite3.DatabaseError as exc:
-        raise DataError(
-            f"[privacy] ledger {str(path)!r} cannot be opened as a privml ledger ({exc}); "
-            "point ledger at the ledger's file, or at a new file to start one"
-        ) from None
+    return _open(config, fingerprints=fingerprints, records=records)
 
 
 def open_ledger(config: Any) -> PrivacyLedger:
@@ -244,12 +225,18 @@ def open_ledger(config: Any) -> PrivacyLedger:
     Cheap (no data is read), so commands call it before computing anything: a config that
     asks for another budget than the ledger's is refused at once.
     """
+    return _open(config)
+
+
+def _open(config: Any, **sites: Any) -> PrivacyLedger:
+    """The config's ledger file opened with its budget (``sites``: the sites' fingerprints
+    and records, when charging)."""
+    import sqlite3
+
     from privml.dp.ledger import PrivacyLedger
 
     path, dataset, budget_eps, budget_delta = _ledger_settings(config)
     _check_ledger_file(path)
-    import sqlite3
-
     try:
         return PrivacyLedger(
             path,
@@ -257,6 +244,7 @@ def open_ledger(config: Any) -> PrivacyLedger:
             budget_epsilon=budget_eps,
             budget_delta=budget_delta,
             budget_source=_budget_source(config),
+            **sites,
         )
     except sqlite3.DatabaseError as exc:
         raise DataError(

@@ -306,45 +306,45 @@ class CohortSchedule:
         """``(active, rows, mask)``: the sites active at step ``k`` (positions, ascending),
         their batches' record indices into the cohort's records ``[A, W]`` (``W`` the longest
         batch of the step; padding repeats a valid row) and the mask ``[A, W]`` float32."""
-        B = self.batch_size
-        pe = self.per_epoch
-        active = np.flatnonzero((k < pe * self.epochs) & (self.sizes > 0))
+        active = np.flatnonzero((k < self.per_epoch * self.epochs) & (self.sizes > 0))
         if len(active) == 0:
             return active, np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32)
-        pe_a = pe[active]
-        epoch, batch = k // pe_a, k % pe_a
-        start = batch * B
-        length = np.minimum(B, self.sizes[active] - start)
-        W = int(length.max())
+        local, valid = self.batches(active, np.asarray(k))
+        return active, local + self.offsets[active][:, None], valid.astype(np.float32)
+
+    def batches(self, sites: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(local, valid)`` of the batches sites ``sites`` take at steps ``k`` (broadcast
+        together; a trailing axis of the batch's width, the longest batch among them): record
+        indices local to each site, and which are real (a site past its last step, or past
+        its records, gets invalid entries pointing at a valid row)."""
+        B, pe = self.batch_size, self.per_epoch[sites]
+        on = (k < pe * self.epochs) & (self.sizes[sites] > 0)
+        epoch = np.where(on, k // pe, 0)
+        start = (k % pe) * B
+        length = np.where(on, np.clip(self.sizes[sites] - start, 0, B), 0)
+        W = max(1, int(length.max(initial=1)))
         j = np.arange(W)
-        valid = j[None, :] < length[:, None]
-        col = start[:, None] + np.where(valid, j[None, :], 0)
+        valid = j < length[..., None]
+        col = start[..., None] + np.where(valid, j, 0)
         n = int(self.offsets[-1])
-        flat = epoch[:, None] * n + self.offsets[active][:, None] + col
-        rows = self.visits.reshape(-1)[flat] + self.offsets[active][:, None]
-        return active, rows, valid.astype(np.float32)
+        if n == 0:
+            return np.zeros(valid.shape, np.int64), valid
+        flat = epoch[..., None] * n + self.offsets[sites][..., None] + col
+        flat = np.minimum(flat, n * self.epochs - 1)
+        return np.where(valid, self.visits.reshape(-1)[flat], 0), valid
 
 
 def _dense(sch: CohortSchedule) -> tuple[np.ndarray, np.ndarray]:
     """Every step of ``sch`` at once as ``(idx, mask)`` ``[S, steps, width]`` (indices local to
     each site, ``width = min(batch_size, largest site)``; a site past its last step gets an
     empty batch): the same batches :meth:`CohortSchedule.step` gives, vectorized over steps."""
-    S, K, B = len(sch.sizes), sch.n_steps, sch.batch_size
-    W = int(min(B, max(1, int(sch.sizes.max(initial=1)))))
-    pe = sch.per_epoch[:, None]
-    k = np.arange(K)[None, :]
-    on = (k < pe * sch.epochs) & (sch.sizes[:, None] > 0)
-    epoch = np.where(on, k // pe, 0)
-    start = (k % pe) * B
-    length = np.where(on, np.clip(sch.sizes[:, None] - start, 0, B), 0)
-    j = np.arange(W)
-    valid = j[None, None, :] < length[:, :, None]
-    col = start[:, :, None] + np.where(valid, j[None, None, :], 0)
-    n = int(sch.offsets[-1])
-    flat = epoch[:, :, None] * n + sch.offsets[:-1, None, None] + col
-    idx = np.where(valid, sch.visits.reshape(-1)[np.minimum(flat, max(n * sch.epochs - 1, 0))],
-                   0) if n else np.zeros((S, K, W), np.int64)  # fmt: skip
-    return idx.astype(np.int64), valid.astype(np.float32)
+    S = len(sch.sizes)
+    W = int(min(sch.batch_size, max(1, int(sch.sizes.max(initial=1)))))
+    local, valid = sch.batches(np.arange(S)[:, None], np.arange(sch.n_steps)[None, :])
+    idx = np.zeros((S, sch.n_steps, W), np.int64)
+    mask = np.zeros((S, sch.n_steps, W), np.float32)
+    idx[..., : local.shape[-1]], mask[..., : valid.shape[-1]] = local, valid
+    return idx, mask
 
 
 def cohort_schedule(
