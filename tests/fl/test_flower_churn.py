@@ -76,6 +76,7 @@ class Churn:
         self.procs: list[Any] = []
         self.starts = 0
         self.reported = 0  # rounds reported so far (on_round)
+        self.pending: dict[str, int] = {}  # restarted sites not connected yet: kill round
         self.connected: list[tuple[str, int]] = []  # (site, rounds reported when it connected)
         request.addfinalizer(self.stop_all)
 
@@ -122,6 +123,7 @@ class Churn:
             while time.monotonic() < deadline and proc.poll() is None:
                 if "connected as SuperNode" in log.read_text(errors="replace"):
                     self.connected.append((site, self.reported))
+                    self.pending.pop(site, None)
                     return
                 time.sleep(0.2)
 
@@ -134,9 +136,18 @@ class Churn:
 
     def on_round(self, rec: Any) -> None:
         self.reported = rec.round
+        # a restarted SuperNode may need tens of seconds to sign in again (the SuperLink still
+        # counts its killed predecessor as online); on a fast machine the remaining rounds
+        # could all finish before it does, leaving nothing to rejoin. So from the round after a
+        # kill the coordinator (this callback runs in its loop) waits for it.
+        deadline = time.monotonic() + 150
+        while (any(rec.round >= killed + 1 for killed in list(self.pending.values()))
+               and time.monotonic() < deadline):  # fmt: skip
+            time.sleep(0.2)
         if rec.round in NODE_KILLS:
             site = NODE_KILLS[rec.round]
             self.kill(self.nodes[site])
+            self.pending[site] = rec.round
             self.start_node(site)
         if rec.round == SUPERLINK_KILL:
             self.kill(self.sl)
