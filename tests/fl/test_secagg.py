@@ -87,6 +87,28 @@ def test_unmasked_sum_is_weighted_fedavg_within_quantization(n: int) -> None:
     assert out.accepted == list(range(n))
 
 
+@pytest.mark.parametrize(("modulus", "qrange"), [(1 << 12, 1 << 8), (1 << 40, 1 << 22),
+                                               (1 << 62, 1 << 30)])  # fmt: skip
+def test_masks_cancel_exactly_and_fill_the_modulus(modulus: int, qrange: int) -> None:
+    """Below and above 2**32 (masks drawn as 32- or 64-bit words): the unmasked sum is the
+    exact sum of the senders' quantized vectors mod the modulus, a recovered site's pairwise
+    masks included, and each masked vector spreads over the whole of [0, modulus)."""
+    r = Round(7, drop={"masked_vector": {3}}, modulus=modulus, quantization_range=qrange)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(7, dtype=bool))  # fmt: skip
+    q = r.seal._quantize(batch, 4)
+    r.seal.apply(batch)
+    session = r.server.sessions[1]
+    vectors = {i: v for i, v in enumerate(batch.sealed) if v is not None}
+    assert sorted(vectors) == [0, 1, 2, 4, 5, 6]
+    total = session.on_unmask(r.sites(1, "unmask", session.on_masked(vectors)))
+    assert q is not None and session.dropped == [3]
+    expected = q[sorted(vectors)].sum(axis=0, dtype=np.uint64) & np.uint64(modulus - 1)
+    assert np.array_equal(total, expected)
+    y = np.concatenate(list(vectors.values()))
+    assert int(y.max()) < modulus and int(y.max()) > 0.9 * modulus and int(y.min()) < 0.1 * modulus
+
+
 def test_quantization_is_flowers_arithmetic() -> None:
     """Against Flower's own quantize/dequantize (flwr.common.secure_aggregation.quantization)
     with the same rounding draws."""

@@ -300,19 +300,41 @@ def _load_public(raw: bytes) -> Any:
     return X25519PublicKey.from_public_bytes(raw)
 
 
-def _agree(private: Any, public_raw: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 of the X25519 shared secret of ``private`` and ``public_raw``."""
-    return _hkdf(private.exchange(_load_public(public_raw)), info)
+def _agree(private: Any, public: Any, info: bytes) -> bytes:
+    """HKDF-SHA256 of the X25519 shared secret of ``private`` and ``public`` (raw 32 bytes, or
+    a public-key object already loaded)."""
+    pub = _load_public(public) if isinstance(public, bytes) else public
+    return _hkdf(private.exchange(pub), info)
+
+
+def _word_dtype(modulus: int) -> np.dtype[Any]:
+    """The narrowest unsigned word holding residues mod ``modulus`` (a power of two <= 2**64):
+    sums of such words wrap mod 2**32 or 2**64, a multiple of the modulus, so masks can be
+    added and subtracted without reducing after every step."""
+    return np.dtype("<u4") if modulus <= 1 << 32 else np.dtype("<u8")
 
 
 def _prg(key: bytes, n: int, modulus: int) -> NDArray[np.uint64]:
     """``n`` uniform residues mod ``modulus`` (a power of two): the AES-256-CTR keystream of
-    ``key`` read as 64-bit words, masked to the modulus's bits."""
+    ``key`` read as 32-bit words (64-bit above 2**32), masked to the modulus's bits."""
+    return _masks([key], [], n, modulus)
+
+
+def _masks(plus: Iterable[bytes], minus: Iterable[bytes], n: int,
+           modulus: int) -> NDArray[np.uint64]:  # fmt: skip
+    """``sum(_prg(k) for k in plus) - sum(_prg(k) for k in minus)`` mod ``modulus``, with one
+    keystream buffer and in-place wrapping arithmetic (one reduction at the end)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    words = np.frombuffer(enc.update(bytes(8 * n)), dtype="<u8").astype(np.uint64)
-    return words & np.uint64(modulus - 1)
+    dt = _word_dtype(modulus)
+    zeros = bytes(dt.itemsize * n)
+    acc = np.zeros(n, dtype=dt)
+    for keys, op in ((plus, np.add), (minus, np.subtract)):
+        for key in keys:
+            enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+            op(acc, np.frombuffer(enc.update(zeros), dtype=dt), out=acc)
+    acc &= dt.type(modulus - 1)
+    return acc.astype(np.uint64, copy=False)
 
 
 def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
@@ -368,6 +390,7 @@ class SiteSession:
         self._mask_key: Any = None
         self._neighbours: dict[int, tuple[bytes, bytes]] = {}
         self._pair_keys: dict[int, bytes] = {}
+        self._transport: dict[int, bytes] = {}
         self._self_shares: dict[int, bytes] = {}
         self._mask_shares: dict[int, bytes] = {}
         self._senders: list[int] = []
@@ -416,6 +439,12 @@ class SiteSession:
         keys = [k for pair in nb.values() for k in pair]
         if len(set(keys)) != len(keys) or any(len(k) != 32 for k in keys):
             raise UsageError(f"site {self.site}: repeated or malformed neighbour keys")
+        try:
+            # each neighbour's public keys parsed once (X25519 rejects malformed points here)
+            loaded = {j: (_load_public(a), _load_public(b)) for j, (a, b) in nb.items()
+                      if j != self.site}  # fmt: skip
+        except ValueError:
+            raise UsageError(f"site {self.site}: malformed neighbour keys") from None
         self._neighbours = nb
         order = sorted(nb)
         b_shares = _split(self._self_seed, self._t, len(order))
@@ -425,7 +454,11 @@ class SiteSession:
             if j == self.site:
                 self._self_shares[j], self._mask_shares[j] = bs, ss
                 continue
-            key = _agree(self._share_key, nb[j][1], b"share key" + self._pair(j))
+            # the pair's transport key: agreed once, used for the shares both ways this round
+            key = _agree(self._share_key, loaded[j][1], b"share key" + self._pair(j))
+            self._transport[j] = key
+            # the pair's mask key, for step 3 (fresh keys each round, never reused)
+            self._pair_keys[j] = _agree(self._mask_key, loaded[j][0], b"mask" + self._pair(j))
             nonce = os.urandom(12)
             aad = _ids(self.rnd, self.site, j)
             out[j] = nonce + _aead(key).encrypt(nonce, bs + ss, aad)
@@ -448,9 +481,9 @@ class SiteSession:
             j = int(j)
             if j == self.site or j not in self._neighbours or not isinstance(ct, bytes):
                 raise UsageError(f"site {self.site}: shares from a non-neighbour ({j})")
-            key = _agree(self._share_key, self._neighbours[j][1], b"share key" + self._pair(j))
             try:
-                plain = _aead(key).decrypt(ct[:12], ct[12:], _ids(self.rnd, j, self.site))
+                aad = _ids(self.rnd, j, self.site)
+                plain = _aead(self._transport[j]).decrypt(ct[:12], ct[12:], aad)
             except (InvalidTag, ValueError):
                 raise UsageError(
                     f"site {self.site}: the shares from site {j} do not decrypt"
@@ -460,9 +493,7 @@ class SiteSession:
             self._self_shares[j] = plain[:_SHARE_BYTES]
             self._mask_shares[j] = plain[_SHARE_BYTES:]
         self._senders = sorted(int(j) for j in forwarded)
-        for j in self._senders:
-            self._pair_keys[j] = _agree(self._mask_key, self._neighbours[j][0], b"mask" +
-                                        self._pair(j))  # fmt: skip
+        self._transport.clear()
 
     def mask(self, quantized: NDArray[np.uint64]) -> NDArray[np.uint64]:
         """Step 3, second half: the masked vector of this site's quantized ``[weight, update]``
@@ -470,16 +501,15 @@ class SiteSession:
         - mask with each of higher index, mod the modulus."""
         self._advance("receive", "mask")
         m = self.params.modulus
-        mod = np.uint64(m - 1)
         n = len(quantized)
-        y = (
-            np.asarray(quantized, dtype=np.uint64)
-            + _prg(_hkdf(self._self_seed, b"self mask" + _ids(self.rnd, self.site)), n, m)
-        ) & mod
-        for j in self._senders:
-            pm = _prg(self._pair_keys[j], n, m)
-            y = (y + pm) & mod if self.site > j else (y - pm) & mod
-        return y  # type: ignore[no-any-return]
+        own = _hkdf(self._self_seed, b"self mask" + _ids(self.rnd, self.site))
+        plus = [own] + [self._pair_keys[j] for j in self._senders if self.site > j]
+        minus = [self._pair_keys[j] for j in self._senders if self.site < j]
+        masks = _masks(plus, minus, n, m)
+        masks += np.asarray(quantized, dtype=np.uint64)
+        masks &= np.uint64(m - 1)
+        self._pair_keys.clear()
+        return masks
 
     def unmask(self, *, senders: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
         """Step 4 (answered once per round): this site's share of each sender's self-mask seed
@@ -636,8 +666,9 @@ class ServerSession:
             if int(v.max(initial=0)) >= m:
                 self.rejected[i] = "shape"
                 continue
-            total = (total + v) & np.uint64(m - 1)
+            total += v  # wraps mod 2**64, a multiple of the modulus
             senders.append(i)
+        total &= np.uint64(m - 1)
         self.senders = senders
         self.dropped = sorted(self.shared - set(senders))
         if len(senders) < max(2, self.t):
@@ -668,9 +699,9 @@ class ServerSession:
                         and isinstance(share, bytes) and len(share) == _SHARE_BYTES):  # fmt: skip
                     shares[owner].append(share)
         m = self.params.modulus
-        mod = np.uint64(m - 1)
         n = self.params.n_params + 1
-        total = self._sum.copy()
+        plus: list[bytes] = []  # the masks to add back, and those to remove
+        minus: list[bytes] = []
         for owner in sorted(s_set | d_set):
             got = shares[owner]
             if len(got) < self.t:
@@ -682,15 +713,16 @@ class ServerSession:
                 )
             seed = self._rebuild(owner, got, owner in s_set)
             if owner in s_set:
-                total = (total - _prg(_hkdf(seed, b"self mask" + _ids(self.rnd, owner)), n, m)
-                         ) & mod  # fmt: skip
+                minus.append(_hkdf(seed, b"self mask" + _ids(self.rnd, owner)))
                 continue
             sk = _mask_private_key(seed)
             for j in sorted(self.graph[owner] & s_set):
-                pm = _prg(_agree(sk, self.keys[j][0], b"mask" + _ids(
-                    self.rnd, min(owner, j), max(owner, j))), n, m)  # fmt: skip
+                pm = _agree(sk, self.keys[j][0], b"mask" + _ids(self.rnd, min(owner, j),
+                                                                max(owner, j)))  # fmt: skip
                 # j added +mask when j > owner: remove it
-                total = (total - pm) & mod if j > owner else (total + pm) & mod
+                (minus if j > owner else plus).append(pm)
+        total = self._sum + _masks(plus, minus, n, m)
+        total &= np.uint64(m - 1)
         self._sum = None
         return total
 
