@@ -7,7 +7,9 @@ try to read one site's update from them, the way a curious or lying server would
 
 from __future__ import annotations
 
+import contextlib
 import json
+import struct
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -364,6 +366,44 @@ def test_a_wrong_share_is_worked_around_or_the_round_skipped() -> None:
     r2.combine.exchange = tamper_all
     out2 = r2.run()
     assert out2.update is None and out2.skipped == "secagg_bad_shares"
+
+
+@pytest.mark.parametrize("count", [15, 17])
+def test_shamir_shares_rebuild_only_from_the_threshold(count: int) -> None:
+    """Both sharings (SLIP-0039 up to 16 shares, PyCryptodome above): any ``t`` shares rebuild
+    the seed; ``t - 1`` shares, a wrong share or shares of the two schemes mixed do not."""
+    t = count // 2 + 1
+    seed = bytes(range(16))
+    shares = S._split(seed, t, count)
+    tagged = {struct.unpack("<I", sh[:4])[0] >> 24 for sh in shares}
+    assert tagged == ({1} if count <= 16 else {0})
+    assert len(shares) == count and all(len(sh) == S._SHARE_BYTES for sh in shares)
+    assert S._combine(shares[:t]) == seed and S._combine(shares[-t:]) == seed
+    # t - 1 shares are consistent with every secret: read as a (t - 1)-threshold sharing they
+    # give some other value, never the seed (or, for SLIP-0039, fail its digest)
+    with contextlib.suppress(ValueError):
+        assert S._combine(shares[: t - 1]) != seed
+    wrong = shares[:t]
+    wrong[0] = wrong[0][:4] + bytes(16)
+    if count <= 16:
+        with pytest.raises(ValueError):  # the digest share catches it
+            S._combine(wrong)
+    else:
+        assert S._combine(wrong) != seed  # caught by the seed's commitment (test above)
+    other = S._split(seed, t, 17 if count <= 16 else 15)
+    with pytest.raises(ValueError):
+        S._combine(shares[: t - 1] + other[:1])
+
+
+def test_a_round_beyond_sixteen_shares_falls_back_to_pycryptodome() -> None:
+    r = Round(18, share_count=17, drop={"masked_vector": {5}})
+    out = r.run()
+    assert out.skipped is None
+    senders = [i for i in range(18) if i != 5]
+    step = 2 * CLIP / r.params.quantization_range
+    assert np.abs(out.update - r.expected(senders)).max() < 2 * 18 * step
+    shares = [p for s, _, p in r.server.sessions[1].received if s == "unmask"]
+    assert all(struct.unpack("<I", v[:4])[0] >> 24 == 0 for p in shares for v in p.values())
 
 
 def test_a_site_that_does_not_clip_makes_the_round_skip() -> None:

@@ -26,7 +26,8 @@ A round, between one :class:`ServerSession` and one :class:`SiteSession` per sit
                                        non-sender's mask-key seed (never both for one site)
 
 Building blocks, all vetted: X25519, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
-``cryptography`` (OpenSSL); Shamir secret sharing over GF(2^128) from PyCryptodome (the
+``cryptography`` (OpenSSL); Shamir secret sharing from SLIP-0039's reference implementation
+(``shamir-mnemonic``, GF(256)) for up to 16 shares, else from PyCryptodome (GF(2^128), the
 implementation Flower uses). Nothing cryptographic is written here; this module is the
 protocol around them. Where privml departs from Flower, deliberately:
 
@@ -34,7 +35,16 @@ protocol around them. Where privml departs from Flower, deliberately:
   cipher as a PRG). Flower expands masks with ``numpy.random.RandomState`` seeded by a 32-bit
   XOR-fold of the key: 2**32 seeds and a non-cryptographic generator.
 * **Secret sizes.** The two secrets a site shares are 16-byte seeds (128-bit security, one
-  Shamir chunk each); the X25519 mask key is derived from its seed with HKDF.
+  Shamir chunk each); the X25519 mask key is derived from its seed with HKDF. Two is the
+  fewest the protocol allows: the server rebuilds exactly one of them per site, and either
+  one alone must not open the site's vector.
+* **The Shamir implementation.** With up to 16 shares (the default share count up to 128
+  sites), SLIP-0039's sharing: byte-wise over GF(256), with a digest share
+  (HMAC-SHA256 of the secret, 4 bytes) that makes a wrong share fail the rebuild. Rebuilding
+  a seed costs about 0.2 ms against 7 ms with PyCryptodome's pure-Python GF(2^128). The
+  digest lets ``t - 1`` shares test a guess of the seed, which leaves a guesser 2**128
+  candidates to try, as a guess checked against the site's public mask key or commitment
+  already does.
 * **The threshold must exceed half the share count**, and a site answers the unmask request
   once per round and refuses one that names a neighbour both as sender and as non-sender. A
   server that lies about who dropped out (telling some neighbours that site ``i`` sent its
@@ -278,7 +288,7 @@ def _hkdf(secret: bytes, info: bytes, length: int = _KEY_BYTES) -> bytes:
 
 
 def _ids(*xs: int) -> bytes:
-    return b"".join(struct.pack("<Q", int(x)) for x in xs)
+    return struct.pack(f"<{len(xs)}Q", *xs)
 
 
 def _mask_private_key(seed: bytes) -> Any:
@@ -337,18 +347,55 @@ def _masks(plus: Iterable[bytes], minus: Iterable[bytes], n: int,
     return acc.astype(np.uint64, copy=False)
 
 
+#: Shares made by SLIP-0039's sharing (``shamir-mnemonic``) carry this tag in their index's top
+#: byte; untagged shares are PyCryptodome's.
+_SLIP39 = 1 << 24
+#: SLIP-0039 makes at most 16 shares of a secret.
+_SLIP39_MAX = 16
+
+
 def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
-    """Shamir shares of a 16-byte ``secret`` (PyCryptodome), each ``index || value``."""
+    """Shamir shares of a 16-byte ``secret``, each ``index || value`` (20 bytes).
+
+    Up to 16 shares and a threshold of at least 2: SLIP-0039's sharing over GF(256) (Trezor's
+    reference implementation ``shamir-mnemonic``, its public ``split_ems`` on one group; 25x
+    faster to rebuild than the GF(2^128) sharing below, and each rebuilt secret is checked
+    against a digest share). Otherwise PyCryptodome's sharing over GF(2^128), the one Flower
+    uses."""
+    if 2 <= threshold <= count <= _SLIP39_MAX:
+        from shamir_mnemonic.shamir import EncryptedMasterSecret, split_ems
+
+        (group,) = split_ems(1, [(threshold, count)], EncryptedMasterSecret(0, False, 0, secret))
+        return [struct.pack("<I", _SLIP39 | (sh.index + 1)) + sh.value for sh in group]
     from Crypto.Protocol.SecretSharing import Shamir
 
     return [struct.pack("<I", i) + v for i, v in Shamir.split(threshold, count, secret, ssss=False)]
 
 
 def _combine(shares: list[bytes]) -> bytes:
-    """The secret behind ``shares`` (exactly ``threshold`` of them; PyCryptodome)."""
+    """The secret behind ``shares`` (exactly ``threshold`` of them, all of one scheme; a
+    ``ValueError`` if they do not rebuild a secret)."""
+    pairs = [(struct.unpack("<I", s[:4])[0], s[4:]) for s in shares]
+    tags = {i & ~(_SLIP39 - 1) for i, _ in pairs}
+    if tags == {_SLIP39}:
+        from shamir_mnemonic.shamir import ShareGroup, recover_ems
+        from shamir_mnemonic.share import Share
+        from shamir_mnemonic.utils import MnemonicError
+
+        group = ShareGroup()
+        try:
+            for i, v in pairs:
+                x = (i & (_SLIP39 - 1)) - 1
+                if not 0 <= x < _SLIP39_MAX:
+                    raise ValueError(f"share index {x} out of range")
+                group.add(Share(0, False, 0, 0, 1, 1, x, len(pairs), bytes(v)))
+            return bytes(recover_ems({0: group}).ciphertext)
+        except MnemonicError as exc:  # a wrong share: the digest does not match
+            raise ValueError(str(exc)) from None
+    if tags != {0}:
+        raise ValueError("shares of different schemes")
     from Crypto.Protocol.SecretSharing import Shamir
 
-    pairs = [(struct.unpack("<I", s[:4])[0], s[4:]) for s in shares]
     return bytes(Shamir.combine(pairs, ssss=False))
 
 
@@ -390,7 +437,7 @@ class SiteSession:
         self._mask_key: Any = None
         self._neighbours: dict[int, tuple[bytes, bytes]] = {}
         self._pair_keys: dict[int, bytes] = {}
-        self._transport: dict[int, bytes] = {}
+        self._transport: dict[int, Any] = {}
         self._self_shares: dict[int, bytes] = {}
         self._mask_shares: dict[int, bytes] = {}
         self._senders: list[int] = []
@@ -455,13 +502,13 @@ class SiteSession:
                 self._self_shares[j], self._mask_shares[j] = bs, ss
                 continue
             # the pair's transport key: agreed once, used for the shares both ways this round
-            key = _agree(self._share_key, loaded[j][1], b"share key" + self._pair(j))
-            self._transport[j] = key
+            aead = _aead(_agree(self._share_key, loaded[j][1], b"share key" + self._pair(j)))
+            self._transport[j] = aead
             # the pair's mask key, for step 3 (fresh keys each round, never reused)
             self._pair_keys[j] = _agree(self._mask_key, loaded[j][0], b"mask" + self._pair(j))
             nonce = os.urandom(12)
             aad = _ids(self.rnd, self.site, j)
-            out[j] = nonce + _aead(key).encrypt(nonce, bs + ss, aad)
+            out[j] = nonce + aead.encrypt(nonce, bs + ss, aad)
         return out
 
     def _pair(self, j: int) -> bytes:
@@ -483,7 +530,7 @@ class SiteSession:
                 raise UsageError(f"site {self.site}: shares from a non-neighbour ({j})")
             try:
                 aad = _ids(self.rnd, j, self.site)
-                plain = _aead(self._transport[j]).decrypt(ct[:12], ct[12:], aad)
+                plain = self._transport[j].decrypt(ct[:12], ct[12:], aad)
             except (InvalidTag, ValueError):
                 raise UsageError(
                     f"site {self.site}: the shares from site {j} do not decrypt"

@@ -328,7 +328,8 @@ class MaskedSum:
             "scheme": "secagg+",
             "protocol": "SecAgg+ (Bell et al. 2020) over Bonawitz et al. 2017's masking, as "
             "Flower's SecAggPlusWorkflow: X25519 + HKDF-SHA256 key agreement, AES-256-GCM "
-            "share transport, Shamir shares (PyCryptodome), AES-256-CTR masks",
+            "share transport, Shamir shares (SLIP-0039's shamir-mnemonic up to 16 shares, else "
+            "PyCryptodome), AES-256-CTR masks",
             "parameters": self.params.to_dict(int(n_cohort) if n_cohort else None),
             "clip": self.clip,
             "clipping": "each site clips its update to L2 norm <= clip, weights it by "
