@@ -49,6 +49,8 @@ def _raw_for(row: compat.Combination) -> dict[str, Any] | None:
         elif option == "secure_checks" and v != "none":
             t.update(secure_aggregation_checks=v, aggregator="norm_bound",
                      aggregator_params={"max_norm": 1.0})  # fmt: skip
+        elif option == "secagg_modulus" and v == "above 2**32":
+            t["secagg_modulus"] = 1 << 40
         elif option == "resume":
             return None  # a flag of privml run, checked below
     return raw

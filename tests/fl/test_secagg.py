@@ -456,7 +456,7 @@ def _cfg(**training: Any) -> Config:
         ({"secure_aggregation": "none", "secagg_threshold": 2}, "apply to secure_aggregation"),
         ({"max_update_norm": None}, "needs max_update_norm"),
         ({"aggregator": "median"}, "only the masked sum"),
-        ({"engine": "flower"}, "not yet carried over Flower messages"),
+        ({"engine": "flower", "secagg_modulus": 1 << 40}, "overflows above 2**32"),
     ],
 )
 def test_bad_settings_are_config_errors(training: dict[str, Any], message: str) -> None:

@@ -37,6 +37,7 @@ OPTIONS: dict[str, str] = {
     "accountant": "[privacy] accountant: pld | rdp",
     "resume": "privml run --resume: yes | no",
     "secure_checks": "[training] secure_aggregation_checks: none | norm | norm+cosine",
+    "secagg_modulus": "[training] secagg_modulus: 2**32 or below | above 2**32",
 }
 """The options a row may name, and where each comes from."""
 
@@ -138,11 +139,24 @@ TABLE: tuple[Combination, ...] = (
         "masking; the server checks the unmasked sum's norm)",
     ),
     Combination(
-        {"secure_aggregation": ("secagg+",), "engine": ("flower",)},
+        {"secure_aggregation": ("secagg+",), "engine": ("flower",), "privacy": ("client",)},
         False,
-        "SecAgg+ masking runs in simulation; its four exchanges per round are not yet carried "
-        "over Flower messages",
-        'engine = "simulation", or secure_aggregation = "paillier" / "ckks" on Flower',
+        "distributed DP adds each site's integer noise share after quantization, with "
+        "conditional rounding; on Flower the site's update goes to Flower's secaggplus_mod, "
+        "which weights, quantizes and masks it in one step, with its own rounding",
+        'engine = "simulation" (privml\'s own SecAgg+ protocol), or secure_aggregation = '
+        '"paillier" / "ckks" on Flower',
+    ),
+    Combination(
+        {
+            "secure_aggregation": ("secagg+",),
+            "engine": ("flower",),
+            "secagg_modulus": ("above 2**32",),
+        },
+        False,
+        "Flower's workflow draws its masks as NumPy int64 values below the modulus and adds "
+        "the sites' vectors in int64, which overflows above 2**32",
+        "secagg_modulus = 2**32 or below (the default is 2**32)",
     ),
     Combination(
         {"secure_aggregation": ("secagg+",), "privacy": ("client",), "adaptive_clip": ("on",)},
@@ -275,6 +289,19 @@ TABLE: tuple[Combination, ...] = (
         how="DP-SGD -> accounting -> clip -> quantize -> mask -> masked sum -> unmask",
     ),
     Combination(
+        {"secure_aggregation": ("secagg+",), "engine": ("flower",)},
+        True,
+        "Flower's own SecAgg+: the coordinator runs Flower's SecAggPlusWorkflow from the round "
+        "loop, each site Flower's secaggplus_mod on privml's ClientApp; each site checks the "
+        "server's setup against its own config, clips its update, and only the masked vector "
+        "leaves it; the server unmasks the weighted average only; sites that vanish after "
+        "the key exchange are recovered from their neighbours' shares up to the threshold, "
+        "beyond it the round is skipped",
+        how="setup (keys, checked at each site) -> share keys -> local update -> clip -> "
+        "weight, quantize, mask (secaggplus_mod) -> masked sum -> unmask (shares) -> average "
+        "norm check -> optimizer",
+    ),
+    Combination(
         {"secure_aggregation": ("secagg+",), "engine": ("simulation",)},
         True,
         "SecAgg+ pairwise masking, no key holder: the server unmasks the sum only; sites that "
@@ -317,6 +344,7 @@ def options(config: Any, *, engine: str | None = None, resume: bool = False) -> 
         "accountant": p.accountant,
         "resume": "yes" if resume else "no",
         "secure_checks": t.secure_aggregation_checks,
+        "secagg_modulus": "above 2**32" if t.secagg_modulus > 1 << 32 else "2**32 or below",
     }
 
 

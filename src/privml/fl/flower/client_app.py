@@ -32,6 +32,7 @@ except ImportError:  # an optional extra is missing: say which, and how to insta
 from privml.errors import UsageError
 from privml.fl.flower import protocol as P
 from privml.fl.flower.evaluation import EvalStats
+from privml.fl.flower.secaggplus import SecAggPlusSettings, fit_reply, fit_request, site_mod
 from privml.fl.flower.site import SiteRuntime
 
 __all__ = ["app", "make_client_app", "runtime_from_node_config", "stats_to_config"]
@@ -147,12 +148,16 @@ def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
         )
         return Message(RecordDict({P.SITE: record}), reply_to=msg)
 
-    @client.train()
+    @client.train(mods=[site_mod(get_runtime)])
     def train(msg: Message, context: Context) -> Message:
         rt = get_runtime(context)
-        settings = _settings(msg)
+        secagg = fit_request(msg)  # SecAgg+: Flower's workflow asks for a FitRes
+        settings, params = secagg if secagg is not None else (_settings(msg), None)
         _check(rt, settings)
-        params = _params(rt, msg)
+        if params is None:
+            params = _params(rt, msg)
+        elif rt.config.training.secure_aggregation != "secagg+":
+            raise UsageError(f"site {rt.name!r}: this site's config uses no SecAgg+")
         rnd = settings.get("round")
         result: dict[str, Any] = {}
         if settings.get("evaluate", False):
@@ -163,6 +168,10 @@ def make_client_app(get_runtime: Callable[[Context], SiteRuntime]) -> ClientApp:
         booked = rt.booked()
         if booked is not None:  # what this site has booked in its own ledger (informational)
             result["epsilon"] = booked
+        if secagg is not None:  # the clipped update goes to Flower's mod, which masks it
+            clip = SecAggPlusSettings.from_config(rt.config).clip
+            return Message(fit_reply(batch.updates[0], result["n_train"], clip, result),
+                           reply_to=msg)  # fmt: skip
         if batch.sealed is not None:
             blob = batch.sealed[0]
             if blob is None:

@@ -167,7 +167,7 @@ def run_node(
     stop = stop or threading.Event()
     client = make_client_app(lambda _ctx: runtime)
     stats = NodeStats()
-    runs: dict[int, tuple[Any, dict[str, Any] | None, str | None]] = {}
+    runs: dict[int, tuple[Any, dict[str, Any] | None, str | None, Any]] = {}
     node_config = {"site": runtime.name}
     certs = str(Path(root_certificates).resolve()) if root_certificates is not None else None
 
@@ -328,8 +328,10 @@ def _serve_once(
                     run_config = (
                         get_fused_config_from_fab(fab.content, run) if why is None else None
                     )
-                    runs[run_id] = (run, run_config, why)
-                run, run_config, why = runs[run_id]
+                    # the run's context state lives as long as the run at this node (Flower's
+                    # SecAgg+ mod keeps its keys and shares there between messages)
+                    runs[run_id] = (run, run_config, why, RecordDict())
+                run, run_config, why, state = runs[run_id]
                 message = pull_and_inflate_object_from_tree(
                     tree,
                     functools.partial(pull_object, run_id),
@@ -348,7 +350,7 @@ def _serve_once(
                         run_id=run_id,
                         node_id=node_id,
                         node_config=dict(node_config),
-                        state=RecordDict(),
+                        state=state,
                         run_config=dict(run_config or {}),
                     )
                     try:

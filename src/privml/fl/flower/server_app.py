@@ -637,7 +637,13 @@ class Coordinator:
         combine: Any = CheckedAggregation(server)
         if private is not None and private.combine is not None:
             combine = private.combine
-        if training.secure_aggregation != "none":
+        if training.secure_aggregation == "secagg+":
+            from privml.fl.flower.secaggplus import SecAggPlusSettings, WorkflowRound, WorkflowSum
+
+            settings = SecAggPlusSettings.from_config(self.config)
+            engine.secagg = WorkflowRound(settings, float(max(s.n_train for s in sites)))
+            combine = WorkflowSum(settings, engine.secagg)
+        elif training.secure_aggregation != "none":
             combine = self._secure(sites, n_params, engine,
                                    private.secure if private is not None else None)  # fmt: skip
         checkpoint = Checkpointing(checkpoint_dir, run_id) if checkpoint_dir is not None else None
@@ -673,8 +679,9 @@ class Coordinator:
             "min_sites_per_round": training.min_sites_per_round,
             "fltrust_root": None,
             "resumed_after_round": resumed_after,
-            "secure_aggregation": combine.describe(None, None)
-            if isinstance(combine, SecureSum) else None,
+            "secure_aggregation": combine.describe(None, None)  # type: ignore[attr-defined]
+            if isinstance(combine, SecureSum) or training.secure_aggregation == "secagg+"
+            else None,
         }  # fmt: skip
         if self.config.privacy.mode == "client":
             federation["aggregator"] = "dp-fedavg"
@@ -721,6 +728,7 @@ class FlowerEngine:
         self.model = model
         self.malicious = malicious
         self.key_holder: SiteEntry | None = None
+        self.secagg: Any = None  # SecAgg+: the workflow's rounds (secaggplus.WorkflowRound)
         self.round_seconds: list[float] = []
         self.booked: dict[str, list[list[float]]] = {}
         """site -> ``[round, epsilon]``: what each site reports having booked (informational)."""
@@ -744,6 +752,19 @@ class FlowerEngine:
         # identical content for every site: Flower stores and moves it once
         # asked: the round's participants (a noise share is sized by them, also when the
         # round is sent again to the ones that were missing)
+        if self.secagg is not None:
+            received = self._train_secagg(rnd, state, cohort, participants, evaluate)
+        else:
+            received = self._train_plain(rnd, state, cohort, participants, evaluate)
+        if only is None:
+            self.round_seconds.append(time.perf_counter() - t0)
+        else:
+            self.round_seconds[-1] += time.perf_counter() - t0
+        return received
+
+    def _train_plain(self, rnd: int, state: ServerState, cohort: Cohort, participants: set[int],
+                     evaluate: bool) -> Received:  # fmt: skip
+        c = self.c
         content = c._request(state.params, round=rnd, evaluate=evaluate,
                              asked=max(len(cohort.participants), 1))  # fmt: skip
         msgs = []
@@ -758,12 +779,53 @@ class FlowerEngine:
         if evaluate:
             self._late = self._pool(replies)
             self._evaluate_next = False
-        received = self._received(rnd, participants, replies)
-        if only is None:
-            self.round_seconds.append(time.perf_counter() - t0)
-        else:
-            self.round_seconds[-1] += time.perf_counter() - t0
-        return received
+        return self._received(rnd, participants, replies)
+
+    def _train_secagg(self, rnd: int, state: ServerState, cohort: Cohort,
+                      participants: set[int], evaluate: bool) -> Received:  # fmt: skip
+        """A round under SecAgg+: Flower's workflow with the participants (their training
+        request rides on its collect stage, their evaluation statistics on their answers);
+        the sites outside the cohort get their evaluation request in its first exchange."""
+        c = self.c
+        request = {"fingerprint": c._fp_json, "round": rnd, "evaluate": evaluate,
+                   "asked": max(len(cohort.participants), 1)}  # fmt: skip
+        asked = [s for s in self.sites if s.index in participants and s.node_id not in c.refused]
+        extra = []
+        if evaluate:
+            content = c._request(state.params)
+            extra = [c._message(s.node_id, MessageType.EVALUATE, content, str(rnd))
+                     for s in self.sites
+                     if s.index not in participants and s.node_id not in c.refused]  # fmt: skip
+        nodes = [s.node_id for s in asked]
+        res, collected, evaluated = self.secagg.run(c, rnd, state.params, nodes, request, extra)
+        if evaluate:
+            self._late = self._pool({**evaluated, **collected})
+            self._evaluate_next = False
+        ids, weights = [], []
+        timed_out = failed = 0
+        missed: dict[int, str] = {}
+        senders = set(res.senders)
+        for s in self.sites:
+            if s.index not in participants:
+                continue
+            reply = collected.get(s.node_id)
+            if s.node_id in senders and reply is not None:
+                meta = reply.content.config_records.get(P.RESULT)
+                eps = _number(meta.get("epsilon") if meta is not None else None)
+                if eps:
+                    self.booked.setdefault(s.name, []).append([rnd, eps])
+                ids.append(s.index)
+                weights.append(meta.get("n_train") if meta is not None else None)
+            elif reply is not None or s.node_id in c.refused:
+                failed += 1
+                missed[s.index] = "site_error"
+            else:
+                timed_out += 1
+                missed[s.index] = "timed_out"
+        idx = np.asarray(ids, dtype=np.int64)
+        return Received(idx, [], weights, self.malicious[idx], sealed=[None] * len(ids),
+                        missing={"timed_out": timed_out, "site_errors": failed},
+                        missed=missed, info={"secaggplus": res})  # fmt: skip
 
     def retry(
         self, rnd: int, state: ServerState, cohort: Cohort, received: Received
@@ -791,6 +853,8 @@ class FlowerEngine:
             return None
         log.warning("round %d: %d site(s) short of min_sites_per_round; sending it again to "
                     "%s", rnd, len(missing), sorted(self.sites[i].name for i in ready))  # fmt: skip
+        if self.secagg is not None:  # masked sums do not merge: the whole round again
+            return self.train(rnd, state, cohort, only={int(i) for i in cohort.participants})
         again = self.train(rnd, state, cohort, only=ready)
         return _merge(received, again)
 

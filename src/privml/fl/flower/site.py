@@ -236,7 +236,7 @@ class SiteRuntime:
                 f"site {self.name!r}: private training is not set up for this run; the "
                 "coordinator sends the 'private' request before round 1"
             )
-        if self.config.training.secure_aggregation != "none" and not any(
+        if self.config.training.secure_aggregation in ("paillier", "ckks") and not any(
             isinstance(s, SealUpdates) for s in self.pipeline.stages
         ):
             raise UsageError(
