@@ -53,7 +53,7 @@ from privml.config import parse_config  # noqa: E402
 from privml.data import load_federation  # noqa: E402
 from privml.fl.engine import simulate  # noqa: E402
 from privml.fl.rounds import Received, SiteUpdates  # noqa: E402
-from privml.fl.secagg import SecAggParams  # noqa: E402
+from privml.fl.secagg import SecAggParams, failure_bounds, sound_share_count  # noqa: E402
 from privml.fl.stages.masking import (  # noqa: E402
     MaskedSum,
     MaskingServer,
@@ -103,6 +103,8 @@ class PrivmlRound:
         self.ids = np.arange(n, dtype=np.int64)
         self.rnd = 0
         self.err = 0.0
+        self.sites_s: list[float] = []  # the seal step: every site's key exchange and masking
+        self.server_s: list[float] = []  # the combine step: the server's unmasking
 
     def __call__(self) -> float:
         self.rnd += 1
@@ -110,13 +112,50 @@ class PrivmlRound:
         batch = SiteUpdates(self.rnd, self.ids, torch.zeros(1), self.updates.copy(), self.weights,
                             np.zeros(len(self.ids), dtype=bool))  # fmt: skip
         self.seal.apply(batch)
+        t1 = time.perf_counter()
         got = Received(self.ids, batch.updates, self.weights, batch.malicious, sealed=batch.sealed)
         out = self.combine(None, got, self.rnd)  # type: ignore[arg-type]
         seconds = time.perf_counter() - t0
+        self.sites_s.append(t1 - t0)
+        self.server_s.append(seconds - (t1 - t0))
         w = self.weights / self.weights.max()
         ref = (w @ self.updates) / w.sum()
         self.err = max(self.err, float(np.abs(out.update - ref).max()))  # type: ignore[operator]
         return seconds
+
+
+def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int) -> dict[str, float]:
+    """Median seconds of each building block of a round, one call at a time: an X25519
+    agreement + HKDF, a Shamir split of one 16-byte seed into ``k`` shares, its rebuild from
+    ``t`` shares, and one AES-CTR mask of ``n_words`` residues."""
+    import os as _os
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from privml.fl import secagg as S
+
+    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    pub = b.public_key()
+    seed = _os.urandom(16)
+    shares = S._split(seed, t, k)
+    key = _os.urandom(32)
+    calls = {
+        "agreement": lambda: S._agree(a, pub, b"bench"),
+        "split": lambda: S._split(seed, t, k),
+        "rebuild": lambda: S._combine(shares[:t]),
+        "mask": lambda: S._prg(key, n_words, modulus),
+    }
+    out: dict[str, float] = {}
+    for name, fn in calls.items():
+        batch = 50 if name == "agreement" else 5
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            times.append((time.perf_counter() - t0) / batch)
+        out[name] = statistics.median(times)
+    return out
 
 
 def flower_round(updates: np.ndarray, weights: np.ndarray, k: int, t: int, backend: str,
@@ -205,6 +244,7 @@ def main() -> None:
                     help="Flower on Ray: auto (default; 'no' with --quick), yes, no")  # fmt: skip
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 3)
+    warmup = 0 if args.quick else 1  # quick: a smoke run, its figures are not compared
     rounds = args.rounds or (2 if args.quick else 3)
     n_sites, hidden = (6, 8) if args.quick else (100, 150)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -222,7 +262,7 @@ def main() -> None:
     t_over = bench.interleave(
         {v: (lambda v=v: round_seconds(n_sites, rounds, hidden, v, got))
          for v in ("none", "secagg+")},
-        reps=reps, key="round_seconds")  # fmt: skip
+        reps=reps, warmup=warmup, key="round_seconds")  # fmt: skip
     r_over = ratios(t_over["secagg+"], t_over["none"])
     n_params = got["none"]["n_params"]
     bench.record("runs", got)
@@ -244,10 +284,73 @@ def main() -> None:
     t_fl = bench.interleave(
         {"privml": ours,
          f"flower ({backend})": lambda: flower_round(updates, weights, k, t, backend, fl_out)},
-        reps=reps, key="secure_round_seconds")  # fmt: skip
+        reps=reps, warmup=warmup, key="secure_round_seconds")  # fmt: skip
     name = f"flower ({backend})"
     r_fl = ratios(t_fl[name], t_fl["privml"])
     bench.record("privml_max_error", ours.err)
+    # 3. where a round's time goes, per site, and the floor its building blocks set
+    sites_s = statistics.median(ours.sites_s[1:] or ours.sites_s)
+    server_s = statistics.median(ours.server_s[1:] or ours.server_s)
+    prim = primitive_costs(k, t, n_params + 1, 1 << 32, reps=3 if args.quick else 15)
+    floor_site = 2 * (k - 1) * prim["agreement"] + 2 * prim["split"] + k * prim["mask"]
+    floor_server = prim["rebuild"] + prim["mask"]
+    plain_site = t_over["none"].median / n_sites
+    bench.record("per_site", {"sites_seconds_per_site": sites_s / n_sites,
+                              "server_seconds": server_s, "primitives": prim,
+                              "floor_site_seconds": floor_site,
+                              "floor_server_seconds_per_site": floor_server,
+                              "plain_round_seconds_per_site": plain_site})  # fmt: skip
+    ms = 1e3
+    bench.table("per_site", ["cost", "per site", "100 sites one after another" if n_sites == 100
+                             else f"{n_sites} sites one after another"], [
+        ["plain round (local training, aggregation), for scale", f"{plain_site * ms:.2f} ms",
+         f"{t_over['none'].median:.3f} s"],
+        ["SecAgg+ sites' part, measured (setup, shares, masking)",
+         f"{sites_s / n_sites * ms:.2f} ms",
+         f"{sites_s:.3f} s"],
+        ["SecAgg+ server's part, measured (unmask: seed rebuilds, masks removed)",
+         f"{server_s / n_sites * ms:.2f} ms", f"{server_s:.3f} s"],
+        [f"site: {2 * (k - 1)} X25519 agreements + HKDF",
+         f"{2 * (k - 1) * prim['agreement'] * ms:.2f} ms", ""],
+        [f"site: 2 Shamir splits of a 16-byte seed into {k} shares",
+         f"{2 * prim['split'] * ms:.2f} ms", ""],
+        [f"site: {k} AES-256-CTR masks of {n_params + 1:,} residues",
+         f"{k * prim['mask'] * ms:.2f} ms", ""],
+        ["floor of the sites' part (the three lines above)", f"{floor_site * ms:.2f} ms",
+         f"{floor_site * n_sites:.3f} s"],
+        [f"server: 1 Shamir rebuild from {t} shares + 1 self mask (no dropout)",
+         f"{floor_server * ms:.2f} ms", f"{floor_server * n_sites:.3f} s"],
+    ], caption=f"where a SecAgg+ round of {n_sites} sites x {n_params:,} parameters spends its "
+       f"time (k = {k}, t = {t}, modulus 2**32): the fixed-update round of the Flower "
+       "comparison split into the seal step (every site's part, run here one site after "
+       "another) and the combine step (the server's), and the building blocks timed alone; "
+       "a deployment runs the sites' parts in parallel, the server's part stays "
+       "sequential")  # fmt: skip
+
+    # 4. the share count against the failure bounds SecAgg+ is sized for
+    rows = []
+    for rate in (0.01, 0.05, 0.1):
+        b = failure_bounds(n_sites, k, t, corrupt=rate, dropout=rate)
+        ks = sound_share_count(n_sites, corrupt=rate, dropout=rate)
+        if ks is None:
+            rows.append([f"{rate:.0%} / {rate:.0%}", f"{b['privacy']:.1e} / {b['skipped']:.1e}",
+                         f"none up to {n_sites}", "", ""])  # fmt: skip
+            continue
+        ts = ks // 2 + 1
+        pc = primitive_costs(ks, ts, n_params + 1, 1 << 32, reps=2 if args.quick else 5)
+        site = 2 * (ks - 1) * pc["agreement"] + 2 * pc["split"] + ks * pc["mask"]
+        rows.append([f"{rate:.0%} / {rate:.0%}", f"{b['privacy']:.1e} / {b['skipped']:.1e}",
+                     f"k = {ks}, t = {ts}", f"{site * ms:.2f} ms",
+                     f"{(pc['rebuild'] + pc['mask']) * ms:.2f} ms"])  # fmt: skip
+    bench.table("share_count", [
+        "colluding / dropped sites", f"default k = {k}, t = {t}: P[an update exposed] / "
+        "P[round skipped]", "smallest k for 2**-40 / 2**-30", "sites' floor per site at that k",
+        "server per site at that k"], rows,
+        caption=f"The default share count against the failure bounds Bell et al. size SecAgg+ "
+        f"for, {n_sites} sites (privml.fl.secagg.failure_bounds: union bounds, each other site "
+        "colluding or dropping out independently at the given rate), and the per-site cost of "
+        "the smallest odd share count that meets them (threshold k // 2 + 1; above 16 shares "
+        "the Shamir sharing is PyCryptodome's)")  # fmt: skip
     bench.record("flower_max_error", fl_out["max_error"])
     bench.table("flower", ["variant", "seconds per secure round"], [
         ["privml SecAgg+ (SealMasked + MaskedSum)", fmt_spread(t_fl["privml"], 1, 3, "s")],

@@ -395,6 +395,30 @@ def test_shamir_shares_rebuild_only_from_the_threshold(count: int) -> None:
         S._combine(shares[: t - 1] + other[:1])
 
 
+def test_failure_bounds_match_the_ring_the_server_draws() -> None:
+    """The binomial model behind failure_bounds is the graph the server really draws: over
+    many random rings, how often one site has ``t`` colluding neighbours matches it, and the
+    union bound covers how often any site has."""
+    n, k, t, rate = 30, 7, 4, 0.25
+    rng = np.random.default_rng(0)
+    trials, one, anyone = 3000, 0, 0
+    for _ in range(trials):
+        g = S._ring(list(range(n)), k)
+        bad = set(np.flatnonzero(rng.random(n) < rate).tolist())
+        hit = [len((g[i] - {i}) & bad) >= t for i in range(n)]
+        one += hit[0]
+        anyone += any(hit)
+    p_one = S._tail(k - 1, rate, t)
+    assert abs(one / trials - p_one) < 4 * np.sqrt(p_one / trials)
+    assert anyone / trials <= S.failure_bounds(n, k, t, corrupt=rate, dropout=0.0)["privacy"]
+    # the default share count at 100 sites is far from the paper's 2**-40 at 5% collusion, and
+    # the smallest count that meets it is what the docs say
+    assert S.failure_bounds(100, 15, 8, corrupt=0.05, dropout=0.05)["privacy"] > 2**-20
+    assert S.sound_share_count(100, corrupt=0.05, dropout=0.05) == 35
+    b = S.failure_bounds(100, 35, 18, corrupt=0.05, dropout=0.05)
+    assert b["privacy"] <= 2**-40 and b["skipped"] <= 2**-30
+
+
 def test_a_round_beyond_sixteen_shares_falls_back_to_pycryptodome() -> None:
     r = Round(18, share_count=17, drop={"masked_vector": {5}})
     out = r.run()

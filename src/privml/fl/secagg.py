@@ -85,7 +85,9 @@ __all__ = [
     "cohort_problems",
     "default_share_count",
     "dequantize_sum",
+    "failure_bounds",
     "quantize_rows",
+    "sound_share_count",
 ]
 
 _SEED_BYTES = 16
@@ -114,6 +116,46 @@ def default_share_count(n: int) -> int:
     if n <= 3:
         return n
     return min(n, 2 * math.ceil(math.log2(n)) + 1)
+
+
+def _tail(m: int, p: float, k: int) -> float:
+    """``P(Binomial(m, p) >= k)``."""
+    return float(sum(math.comb(m, i) * p**i * (1 - p) ** (m - i) for i in range(max(k, 0), m + 1)))
+
+
+def failure_bounds(n: int, k: int, t: int, *, corrupt: float, dropout: float) -> dict[str, float]:
+    """Union bounds on what can go wrong in a round of ``n`` sites with share count ``k`` and
+    threshold ``t`` when each other site colludes with the server with probability
+    ``corrupt`` and drops out with probability ``dropout``, independently (the graph is
+    Flower's ring on a uniformly random order, so a site's ``k - 1`` neighbours are a uniform
+    draw):
+
+    * ``privacy``: some honest site's update is exposed to a semi-honest server: ``t`` of its
+      neighbours collude (they hand over shares of both its seeds), or every neighbour
+      colludes or drops out (then all its pairwise masks are known);
+      ``n * (P[Bin(k-1, corrupt) >= t] + (corrupt + dropout)**(k-1))``. Sums of larger groups
+      that a disconnected graph would expose are not counted.
+    * ``skipped``: some dropped site has fewer than ``t`` live neighbours holding its shares
+      (the round is skipped, never a wrong sum): ``n * P[Bin(k-1, dropout) >= k - t]``.
+
+    Bell et al. (CCS 2020) size SecAgg+ for 2**-40 (privacy) and 2**-30 (correctness)."""
+    k = min(k, n)
+    privacy = n * (_tail(k - 1, corrupt, t) + (corrupt + dropout) ** (k - 1))
+    skipped = n * _tail(k - 1, dropout, k - t)
+    return {"privacy": min(1.0, privacy), "skipped": min(1.0, skipped)}
+
+
+def sound_share_count(n: int, *, corrupt: float, dropout: float, privacy: float = 2.0**-40,
+                      skipped: float = 2.0**-30) -> int | None:  # fmt: skip
+    """The smallest odd share count ``k`` (threshold ``k // 2 + 1``) whose
+    :func:`failure_bounds` stay below ``privacy`` and ``skipped`` in a round of ``n`` sites;
+    None when even every site as every site's neighbour does not."""
+    for k in range(3, n + 2, 2):
+        kk = min(k, n)
+        b = failure_bounds(n, kk, kk // 2 + 1, corrupt=corrupt, dropout=dropout)
+        if b["privacy"] <= privacy and b["skipped"] <= skipped:
+            return kk
+    return None
 
 
 def check_settings(training: Any) -> list[str]:
