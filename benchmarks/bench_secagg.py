@@ -124,12 +124,15 @@ class PrivmlRound:
         return seconds
 
 
-def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int) -> dict[str, float]:
+def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int,
+                    pycryptodome: bool = False) -> dict[str, float]:  # fmt: skip
     """Median seconds of each building block of a round, one call at a time: an X25519
     agreement + HKDF, a Shamir split of one 16-byte seed into ``k`` shares, its rebuild from
-    ``t`` shares, and one AES-CTR mask of ``n_words`` residues."""
+    ``t`` shares, and one AES-CTR mask of ``n_words`` residues (``pycryptodome``: also the
+    split and rebuild with PyCryptodome's sharing, for comparison)."""
     import os as _os
 
+    from Crypto.Protocol.SecretSharing import Shamir
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from privml.fl import secagg as S
@@ -145,6 +148,10 @@ def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int) -> di
         "rebuild": lambda: S._combine(shares[:t]),
         "mask": lambda: S._prg(key, n_words, modulus),
     }
+    if pycryptodome:
+        pc_shares = Shamir.split(t, k, seed)
+        calls["split_pycryptodome"] = lambda: Shamir.split(t, k, seed)
+        calls["rebuild_pycryptodome"] = lambda: Shamir.combine(pc_shares[:t])
     out: dict[str, float] = {}
     for name, fn in calls.items():
         batch = 50 if name == "agreement" else 5
@@ -291,7 +298,9 @@ def main() -> None:
     # 3. where a round's time goes, per site, and the floor its building blocks set
     sites_s = statistics.median(ours.sites_s[1:] or ours.sites_s)
     server_s = statistics.median(ours.server_s[1:] or ours.server_s)
-    prim = primitive_costs(k, t, n_params + 1, 1 << 32, reps=3 if args.quick else 15)
+    prim = primitive_costs(
+        k, t, n_params + 1, 1 << 32, reps=3 if args.quick else 15, pycryptodome=True
+    )
     floor_site = 2 * (k - 1) * prim["agreement"] + 2 * prim["split"] + k * prim["mask"]
     floor_server = prim["rebuild"] + prim["mask"]
     plain_site = t_over["none"].median / n_sites
@@ -320,6 +329,11 @@ def main() -> None:
          f"{floor_site * n_sites:.3f} s"],
         [f"server: 1 Shamir rebuild from {t} shares + 1 self mask (no dropout)",
          f"{floor_server * ms:.2f} ms", f"{floor_server * n_sites:.3f} s"],
+        ["for comparison, PyCryptodome's sharing (GF(2^128)): 2 splits (site) / 1 rebuild "
+         "(server)", f"{2 * prim['split_pycryptodome'] * ms:.2f} / "
+         f"{prim['rebuild_pycryptodome'] * ms:.2f} ms",
+         f"{2 * prim['split_pycryptodome'] * n_sites:.3f} / "
+         f"{prim['rebuild_pycryptodome'] * n_sites:.3f} s"],
     ], caption=f"where a SecAgg+ round of {n_sites} sites x {n_params:,} parameters spends its "
        f"time (k = {k}, t = {t}, modulus 2**32): the fixed-update round of the Flower "
        "comparison split into the seal step (every site's part, run here one site after "

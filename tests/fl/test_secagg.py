@@ -266,6 +266,43 @@ def test_a_lying_server_cannot_collect_both_secrets_of_a_site() -> None:
     assert session.t > session.k / 2
 
 
+def test_one_colluding_neighbour_lets_a_lying_server_read_a_site() -> None:
+    """The limit of the test above (documented in docs/threat-model.md): the split works only
+    against honest neighbours. With ``c`` neighbours of site 0 handing the server both of
+    their shares, a server that lies about site 0's dropout needs ``2 t - c`` honest answers
+    from ``k - c`` holders: at the default ``t = k // 2 + 1`` one colluder is enough. SecAgg+
+    here, as Flower's, is secure against a semi-honest server only."""
+    r = Round(7)
+    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(7, dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    session = r.server.sessions[1]
+    assert (session.k, session.t) == (7, 4)
+    holders = sorted(session.graph[0] - {0})
+    colluder, honest = holders[0], holders[1:]
+    others = [x for x in range(7) if x != 0]
+    col = r.sites.sessions[colluder]
+    self_shares = [col._self_shares[0]]  # the colluder hands over both of its shares
+    mask_shares = [col._mask_shares[0]]
+    for h in [0, *honest[:2]]:  # told "site 0 sent its vector" (site 0 itself included)
+        self_shares.append(r.sites.sessions[h].unmask(senders=[0, *others], dropped=[])[0])
+    for h in honest[2:]:  # told "site 0 dropped out"
+        mask_shares.append(r.sites.sessions[h].unmask(senders=others, dropped=[0])[0])
+    assert len(self_shares) == len(mask_shares) == session.t
+    self_seed, mask_seed = S._combine(self_shares), S._combine(mask_shares)
+    assert S._commit(self_seed, 1, 0) == session.commits[0]
+    sk = S._mask_private_key(mask_seed)
+    assert S._public_bytes(sk) == session.keys[0][0]
+    m = r.params.modulus
+    rest = (batch.sealed[0] - S._prg(S._hkdf(self_seed, b"self mask" + S._ids(1, 0)), P + 1, m)
+            ) & np.uint64(m - 1)  # type: ignore[index]  # fmt: skip
+    for j in holders:
+        rest = (rest + S._prg(S._agree(sk, session.keys[j][0], b"mask" + S._ids(1, 0, j)),
+                              P + 1, m)) & np.uint64(m - 1)  # fmt: skip
+    guess, w = S.dequantize_sum(rest, 1, r.params)
+    assert np.abs(guess / w - r.updates[0]).max() < 1e-5
+
+
 def test_thresholds_at_most_half_are_refused() -> None:
     site = S.SiteSession(0, 1, _params())
     with pytest.raises(UsageError, match="must exceed half"):
