@@ -228,6 +228,9 @@ TARGETS: list[Target] = [
            "scale, gaussian (all but FLTrust)", "robustness", _robust, at_most=0.02),
     Target("federation", "Flower deployment, demo: <= 3 s per round on localhost",
            "flower_rounds", _flower_round, at_most=3.0),
+    Target("federation", "Flower deployment, demo, 3 SuperNodes: SecAgg+ rounds within 2x of "
+           "plain rounds", "flower_secagg", _speedup("ratio_secagg_vs_plain", "of plain"),
+           at_most=2.0),
     # foundation
     Target("foundation", "demo pooled test accuracy >= 0.95", "fl_speed", _demo_acc,
            at_least=0.95),
