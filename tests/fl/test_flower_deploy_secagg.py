@@ -61,7 +61,7 @@ def test_secagg_deployment_survives_a_supernode_killed_after_masking(
     demo = (Path(__file__).parents[2] / "src/privml/data/demo/demo.toml").read_text()
     config_path = tmp_path / "study.toml"
     config_path.write_text(
-        demo.replace("rounds = 20", f"rounds = 2\nround_timeout = 8\nmax_update_norm = {CLIP}\n"
+        demo.replace("rounds = 20", f"rounds = 2\nround_timeout = 6\nmax_update_norm = {CLIP}\n"
                      'secure_aggregation = "secagg+"').replace("encrypted = true",
                                                                "encrypted = false")
     )  # fmt: skip
