@@ -163,21 +163,34 @@ def _dropping(runtimes: dict[str, SiteRuntime], gone: dict[str, tuple[int, str]]
     return grid
 
 
-def test_a_site_gone_after_masking_is_recovered_from_shares(
-    runtimes: dict[str, SiteRuntime],
-) -> None:
-    """hospital_c dies after sending its masked vector in round 2 (during the unmask
-    stage): its self mask is rebuilt from its neighbours' shares, the round sums all three;
-    round 3 runs without it. The model equals the simulation in which it missed round 3."""
+@pytest.mark.parametrize(
+    ("stage", "clients", "recovered", "missed"),
+    [
+        # gone before sending its key shares: nobody masked with it, it is left out
+        (Stage.SHARE_KEYS, [3, 2, 2], [0, 0, 0], {2: {2}, 3: {2}}),
+        # gone after its key shares, before its masked vector: the others' pairwise masks
+        # with it are rebuilt from its mask-key shares
+        (Stage.COLLECT_MASKED_VECTORS, [3, 2, 2], [0, 1, 0], {2: {2}, 3: {2}}),
+        # gone after its masked vector: its self mask is rebuilt from its seed's shares and
+        # its update is in the sum
+        (Stage.UNMASK, [3, 3, 2], [0, 1, 0], {3: {2}}),
+    ],
+)
+def test_a_site_gone_mid_round_is_recovered_from_shares(
+    runtimes: dict[str, SiteRuntime], stage: str, clients: list[int], recovered: list[int],
+    missed: dict[int, set[int]],
+) -> None:  # fmt: skip
+    """hospital_c's SuperNode dies at a stage of round 2 (no reply, offline from then on):
+    the round completes with what SecAgg+ can recover, round 3 runs without it, and the
+    model equals the simulation in which it missed the same rounds."""
     cfg = next(iter(runtimes.values())).config
-    grid = _dropping(runtimes, {"hospital_c": (2, Stage.UNMASK)})
+    grid = _dropping(runtimes, {"hospital_c": (2, stage)})
     res = Coordinator(grid, cfg, liveness_interval=0.05).run().result
     assert [r.skipped for r in res.history] == [None, None, None]
-    assert [r.clients for r in res.history] == [3, 3, 2]
-    assert res.history[2].missed == {"timed_out": [2]}
+    assert [r.clients for r in res.history] == clients
     sa = res.extra["federation"]["secure_aggregation"]
-    assert [r["recovered"] for r in sa["per_round"]] == [0, 1, 0]
-    ref = simulate_missing(_config(3), {3: {2}})
+    assert [r["recovered"] for r in sa["per_round"]] == recovered
+    ref = simulate_missing(_config(3), missed)
     np.testing.assert_allclose(res.params.numpy(), ref.params.numpy(), rtol=0,
                                atol=_tolerance(cfg, 3))  # fmt: skip
 
