@@ -471,6 +471,20 @@ class PrivacyConfig(_Strict):
         default=False,
         description="let DP training use bounds inferred from the private data (leaks them)",
     )
+    distributed_min_senders: int | None = Field(
+        default=None,
+        ge=2,
+        description="client mode under secure_aggregation = \"secagg+\" (distributed DP): the "
+        "fewest sites whose noise shares a released sum must contain; each site adds "
+        "1/(m - distributed_colluding_sites) of the noise, and the sites refuse to unmask a "
+        "round with fewer senders (default: 90% of a round's expected cohort, rounded up)",
+    )
+    distributed_colluding_sites: int = Field(
+        default=0,
+        ge=0,
+        description="distributed DP: sites assumed to collude with the server (they know their "
+        "own noise shares); the noise is calibrated for distributed_min_senders minus these",
+    )
     center_inputs: bool = Field(
         default=True,
         description="sample mode (and hog features): centre the model's inputs on a private "

@@ -21,9 +21,14 @@ Federated Learning with Secure Aggregation", ICML 2021). This module is the acco
   ``tau = 10 sum_{k=1}^{m-1} exp(-2 pi^2 sigma^2 k/(k+1))``, is a zCDP bound, which is what is
   booked (:func:`round_rho`; a ``ZCDpEvent`` per round, composed by dp-accounting's RDP
   accountant and converted to (epsilon, delta) with its conversion).
-* **Dropped sites' missing shares.** The noise is calibrated so that the shares of the fewest
-  sites whose sum the protocol ever releases (the SecAgg+ threshold ``t``) already give the
-  booked epsilon (:func:`site_sigma`); every further share only adds noise.
+* **Dropped sites' missing shares, colluding sites.** The run declares ``m``, the fewest senders
+  whose shares a released sum must contain (``[privacy] distributed_min_senders``), and ``c``,
+  the sites assumed to collude with the server (``distributed_colluding_sites``: they know, and
+  can subtract, their own shares). The noise is calibrated so that ``m - c`` shares alone give
+  the booked epsilon (:func:`site_sigma`): each site adds ``1 / (m - c)`` of the total
+  variance. Every further share only adds independent noise (post-processing). A round with
+  fewer than ``m`` senders is never released: the honest sites refuse to unmask it
+  (:meth:`privml.fl.secagg.SiteSession.unmask`).
 * **Client sampling.** Not used to amplify: the guarantee is that of every round taking part
   (a valid upper bound under Poisson client sampling, never smaller than the sampled one).
 * **Modular wrap-around.** The unmasked sum is decoded from its residue modulo ``M``; it is
@@ -187,8 +192,9 @@ class DistributedPlan:
         steps: rounds accounted (centring round included).
         rho_round, rho: zCDP per round and over the run.
         epsilon, delta: the run's guarantee.
-        min_senders: the threshold whose shares alone give ``epsilon`` (the calibration's
-            worst case); per round the scale follows the round's threshold (:meth:`sigma`).
+        min_senders: ``m``, the fewest senders of a released sum.
+        colluding: ``c``, the senders assumed to collude with the server; ``m - c`` honest
+            shares alone give ``epsilon`` (:attr:`honest_shares`).
         max_senders: the largest cohort (the wrap-around bound).
         modulus: the modulus the sum is taken in.
         wrap_probability: bound on any wrap-around in the run.
@@ -209,14 +215,39 @@ class DistributedPlan:
     quantization_range: int
     modulus: int
     wrap_probability: float
+    colluding: int = 0
     sigmas: dict[int, float] = field(default_factory=dict, compare=False)
 
-    def sigma(self, threshold: int) -> float:
-        """Per-site noise scale (units) in a round whose threshold is ``threshold``."""
-        t = int(threshold)
+    @property
+    def honest_shares(self) -> int:
+        """``m - c``: the shares the calibration counts on in every released sum."""
+        return self.min_senders - self.colluding
+
+    @property
+    def site_sigma(self) -> float:
+        """Each site's noise scale (units): ``honest_shares`` shares give ``epsilon``."""
+        return self.sigma(self.honest_shares)
+
+    def sigma(self, shares: int) -> float:
+        """Per-site noise scale (units) that gives ``rho_round`` with ``shares`` shares."""
+        t = int(shares)
         if t not in self.sigmas:
             self.sigmas[t] = site_sigma(self.rho_round, t, self.sensitivity, self.dim)
         return self.sigmas[t]
+
+    def epsilon_with(self, shares: int) -> float:
+        """The run's epsilon if the adversary is left with only ``shares`` honest shares per
+        released sum (more colluding sites than declared: each subtracts its own share)."""
+        if shares < 1:
+            return math.inf
+        rho = round_rho(self.site_sigma, int(shares), self.sensitivity, self.dim) * self.steps
+        return zcdp_epsilon(rho, self.delta)
+
+    def colluding_epsilons(self) -> dict[int, float]:
+        """epsilon by number of colluding sites, from the declared count up."""
+        m, c = self.min_senders, self.colluding
+        ks = sorted({c, c + 1, c + 2, m // 10, m // 4, m // 2, m - 1} - {*range(c)})
+        return {k: self.epsilon_with(m - k) for k in ks if c <= k < m}
 
     def event(self) -> Any:
         """The DpEvent booked: ``steps`` rounds of ``rho_round``-zCDP."""
@@ -224,9 +255,11 @@ class DistributedPlan:
 
         return SelfComposedDpEvent(ZCDpEvent(self.rho_round), self.steps)
 
-    def sum_std(self, threshold: int) -> float:
-        """Standard deviation (real units) of the noise on a sum of ``threshold`` shares."""
-        return math.sqrt(threshold) * self.sigma(threshold) / self.scale
+    def sum_std(self, senders: int | None = None) -> float:
+        """Standard deviation (real units) of the noise on a sum of ``senders`` sites' shares
+        (default ``honest_shares``: the least an adversary is left with)."""
+        k = self.honest_shares if senders is None else int(senders)
+        return math.sqrt(k) * self.site_sigma / self.scale
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,9 +270,14 @@ class DistributedPlan:
             "l2_sensitivity_units": self.sensitivity,
             "rho_per_round": self.rho_round, "rho": self.rho, "steps": self.steps,
             "epsilon": self.epsilon, "delta": self.delta,
-            "calibrated_for_senders": self.min_senders,
-            "site_sigma_units": self.sigma(self.min_senders),
-            "noise_std_of_sum_at_threshold": self.sum_std(self.min_senders),
+            "min_senders": self.min_senders, "colluding_sites": self.colluding,
+            "calibrated_for_senders": self.honest_shares,
+            "site_sigma_units": self.site_sigma,
+            "noise_std_of_sum_at_min_senders": self.sum_std(self.min_senders),
+            "noise_std_of_honest_shares": self.sum_std(),
+            "released_only_with": f"at least {self.min_senders} senders (the sites refuse to "
+            "unmask a sum of fewer)",
+            "epsilon_if_colluding": {str(k): e for k, e in self.colluding_epsilons().items()},
             "max_senders": self.max_senders, "modulus": self.modulus,
             "wrap_probability_bound": self.wrap_probability,
             "sampling_amplification": "none (every round accounted as if every site took part)",
@@ -251,14 +289,14 @@ class DistributedPlan:
 def plan_distributed(
     *, epsilon: float | None, noise_multiplier: float | None, delta: float, clip: float,
     clipping_range: float, quantization_range: int, dim: int, steps: int, min_senders: int,
-    max_senders: int, modulus: int | None,
+    max_senders: int, modulus: int | None, colluding: int = 0,
 ) -> DistributedPlan:  # fmt: skip
     """Calibrates the distributed discrete Gaussian of a run.
 
     ``epsilon``: the target (the per-site noise is the smallest that gives at most it with
-    ``min_senders`` shares); or ``noise_multiplier``: the noise of ``min_senders`` shares is
-    ``noise_multiplier * clip`` per coordinate (real units). ``modulus``: a fixed one (checked
-    against :data:`WRAP_PROBABILITY`), or None to choose it (:func:`choose_modulus`).
+    ``min_senders - colluding`` shares); or ``noise_multiplier``: the noise of that many shares
+    is ``noise_multiplier * clip`` per coordinate (real units). ``modulus``: a fixed one
+    (checked against :data:`WRAP_PROBABILITY`), or None to choose it (:func:`choose_modulus`).
 
     Raises:
         ConfigError: a modulus that lets the sum wrap around, or settings outside the
@@ -266,8 +304,16 @@ def plan_distributed(
     """
     if min_senders < 2 or max_senders < min_senders:
         raise ConfigError(
-            f"distributed DP needs at least 2 senders per round; the threshold is {min_senders}"
+            f"privacy.distributed_min_senders = {min_senders}: distributed DP needs at least 2 "
+            f"senders per released sum and at most the {max_senders} sites of a round; "
+            f"set it in [2, {max_senders}]"
         )
+    if not 0 <= colluding < min_senders:
+        raise ConfigError(
+            f"privacy.distributed_colluding_sites = {colluding} must be below "
+            f"distributed_min_senders = {min_senders} (at least one honest share per sum)"
+        )
+    honest = min_senders - colluding
     scale = quantization_range / (2 * clipping_range)
     rn = rounded_norm_bound(clip * scale, dim)
     l2 = 2 * rn
@@ -276,11 +322,10 @@ def plan_distributed(
         rho_round = rho / steps
     else:
         assert noise_multiplier is not None
-        sig = float(noise_multiplier) * clip * scale / math.sqrt(min_senders)
-        rho_round = round_rho(sig, min_senders, l2, dim)
+        sig = float(noise_multiplier) * clip * scale / math.sqrt(honest)
+        rho_round = round_rho(sig, honest, l2, dim)
         rho = rho_round * steps
-    sigma_min = site_sigma(rho_round, min_senders, l2, dim)
-    # the per-site scale is largest at the smallest threshold
+    sigma_min = site_sigma(rho_round, honest, l2, dim)
     if modulus is None:
         modulus = choose_modulus(max_senders, quantization_range, sigma_min, dim, steps)
     wrap = wrap_probability(modulus, max_senders, quantization_range, sigma_min, dim, steps)
@@ -294,9 +339,9 @@ def plan_distributed(
     plan = DistributedPlan(
         float(clip), scale, int(dim), rn, l2, int(steps), rho_round, rho_round * steps, eps,
         float(delta), int(min_senders), int(max_senders), int(quantization_range), int(modulus),
-        wrap,
+        wrap, int(colluding),
     )  # fmt: skip
-    plan.sigmas[int(min_senders)] = sigma_min
+    plan.sigmas[honest] = sigma_min
     return plan
 
 

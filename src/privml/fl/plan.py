@@ -288,6 +288,8 @@ def _masking_stages(
                                         max_weight=float(max(counts)))  # fmt: skip
     if "modulus" in o:
         params = replace(params, modulus=int(o["modulus"]))
+    if "min_senders" in o:
+        params = replace(params, min_senders=int(o["min_senders"]))
     server = MaskingServer(params, record=record)
     sites = SimulatedSites(params)
     weighted = bool(o.get("weighted", True))

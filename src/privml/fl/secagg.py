@@ -223,6 +223,9 @@ class SecAggParams:
         modulus: masks are uniform in ``[0, modulus)``; vectors and sums are mod it.
         max_weight: a site's weight is ``n_i / max_weight`` (at most 1).
         n_params: the update length (the masked vector has one more entry: the weight).
+        min_senders: the fewest senders a released sum may have (distributed DP: the sum
+            must carry that many noise shares); 0: only the threshold's rule. Each site
+            holds its own copy, from its own config, and refuses to unmask a smaller sum.
     """
 
     share_count: int | None
@@ -232,6 +235,7 @@ class SecAggParams:
     modulus: int
     max_weight: float
     n_params: int
+    min_senders: int = 0
 
     @classmethod
     def from_training(
@@ -553,6 +557,29 @@ class SiteSession:
             out[j] = nonce + aead.encrypt(nonce, bs + ss, aad)
         return out
 
+    def _check_senders(self, s: set[int], d: set[int], listed: Iterable[int] | None) -> None:
+        m = self.params.min_senders
+        if listed is None:
+            raise UsageError(
+                f"site {self.site}: the server did not say how many sites sent a vector; the "
+                f"sum must have at least {m} noise shares, refusing to unmask"
+            )
+        raw = list(listed)
+        a = {int(x) for x in raw}
+        if len(a) != len(raw):
+            raise UsageError(f"site {self.site}: repeated senders in the server's list")
+        if len(a) < m:
+            raise UsageError(
+                f"site {self.site}: {len(a)} sites sent a vector; a released sum needs at least "
+                f"{m} noise shares (distributed DP), refusing to unmask"
+            )
+        known = set(self._neighbours)
+        if a & known != s or a & d or not (a & known) <= set(self._self_shares):
+            raise UsageError(
+                f"site {self.site}: the server's list of senders disagrees with what it says "
+                "of this site's neighbours; refusing to unmask"
+            )
+
     def _pair(self, j: int) -> bytes:
         return _ids(self.rnd, min(self.site, j), max(self.site, j))
 
@@ -600,9 +627,18 @@ class SiteSession:
         self._pair_keys.clear()
         return masks
 
-    def unmask(self, *, senders: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+    def unmask(
+        self, *, senders: Iterable[int], dropped: Iterable[int],
+        all_senders: Iterable[int] | None = None,
+    ) -> dict[int, bytes]:  # fmt: skip
         """Step 4 (answered once per round): this site's share of each sender's self-mask seed
-        and of each dropped neighbour's mask seed, never both for one site."""
+        and of each dropped neighbour's mask seed, never both for one site.
+
+        ``all_senders``: every site whose vector the server summed. Under a minimum sender
+        count (``params.min_senders``, distributed DP) the site refuses unless the list has
+        at least that many sites and agrees with what it knows: its sending neighbours are
+        exactly the listed ones among its neighbours, each of them shared keys with it, and
+        no listed site is named dropped."""
         if self._stage not in ("receive", "mask"):
             raise UsageError(
                 f"site {self.site}: SecAgg+ unmask request out of order (after {self._stage!r})"
@@ -622,6 +658,8 @@ class SiteSession:
                 f"site {self.site}: only {len(s)} of its neighbours sent a vector; the threshold "
                 f"is {self._t}, refusing to unmask"
             )
+        if self.params.min_senders:
+            self._check_senders(s, d, all_senders)
         out = {j: self._self_shares[j] for j in s}
         out.update({j: self._mask_shares[j] for j in d})
         self._self_seed = self._mask_seed = b""  # nothing more to give this round
@@ -766,11 +804,19 @@ class ServerSession:
                 f"{len(senders)} masked vectors arrived; at least {max(2, self.t)} are needed "
                 "(the threshold, and never one site's update alone)",
             )
+        if len(senders) < self.params.min_senders:
+            raise RoundAborted(
+                "dp_too_few_senders",
+                f"{len(senders)} masked vectors arrived; a released sum must carry the noise "
+                f"shares of at least {self.params.min_senders} sites (distributed DP): the "
+                "sites would refuse to unmask it",
+            )
         s = set(senders)
         self._need(s, self.shared, "masking")
         self._sum = total
+        extra = {"all_senders": list(senders)} if self.params.min_senders else {}
         return {i: {"senders": sorted(self.graph[i] & s),
-                    "dropped": sorted(self.graph[i] & set(self.dropped))}
+                    "dropped": sorted(self.graph[i] & set(self.dropped)), **extra}
                 for i in senders}  # fmt: skip
 
     def on_unmask(self, replies: Mapping[int, Any]) -> NDArray[np.uint64]:

@@ -11,7 +11,10 @@ The stages, around SecAgg+'s (:mod:`privml.fl.stages.masking`):
   discrete Gaussian noise (:class:`DiscreteGaussianShare`, the site's stream
   ``("ddg-share", round, site)``), mask;
 * combine, at the server: unmask the sum (which carries the noise of every sender), decode it
-  around the middle of its range, divide by the expected number of clients.
+  around the middle of its range, divide by the expected number of clients. A round with
+  fewer than ``m`` senders (``[privacy] distributed_min_senders``) is skipped
+  (``dp_too_few_senders``): the server stops, and were it to go on, every honest site would
+  refuse its unmask request (each checks the list of senders against ``m`` itself).
 
 The calibration and its accounting (quantization, modular wrap-around, dropped sites' missing
 shares) are :mod:`privml.dp.distributed`'s.
@@ -44,16 +47,17 @@ __all__ = [
 
 @dataclass
 class DiscreteGaussianShare:
-    """Each sender's share of the noise: ``N_Z(0, sigma_t^2)`` per coordinate, in quantization
-    units, where ``sigma_t`` makes the shares of the round's threshold ``t`` alone give the
-    booked epsilon (:meth:`~privml.dp.distributed.DistributedPlan.sigma`)."""
+    """Each sender's share of the noise: ``N_Z(0, sigma^2)`` per coordinate, in quantization
+    units, where ``sigma`` makes ``m - c`` shares alone give the booked epsilon
+    (:attr:`~privml.dp.distributed.DistributedPlan.site_sigma`; the round's SecAgg+ threshold
+    plays no part: sums of fewer than ``m`` senders are never released)."""
 
     plan: DistributedPlan
     noise: NoiseSource
     draws: int = 0
 
     def __call__(self, batch: SiteUpdates, threshold: int) -> NDArray[np.int64]:
-        sigma = self.plan.sigma(threshold)
+        sigma = self.plan.site_sigma
         streams = [self.noise.stream("ddg-share", batch.rnd, int(i)) for i in batch.ids]
         n = int(np.asarray(batch.updates).shape[1])
         self.draws += len(streams) * n
@@ -101,7 +105,8 @@ class DistributedAccounting:
         meta = {"run": self.run_id, "mode": "client", "mechanism": "distributed discrete "
                 "Gaussian under SecAgg+", "accountant": "zcdp", "neighboring_relation":
                 RELATION_NAME, "delta": p.delta, "rho": p.rho, "steps": p.steps,
-                "calibrated_for_senders": p.min_senders,
+                "min_senders": p.min_senders, "colluding_sites": p.colluding,
+                "calibrated_for_senders": p.honest_shares,
                 "sampling_rate": self.sampling_rate}  # fmt: skip
         for n in self.sites:
             self.ledger.charge(site=n, epsilon=p.epsilon, delta=p.delta,
@@ -122,7 +127,7 @@ def distributed_privacy(
 ) -> dict[str, Any]:  # fmt: skip
     """results.json ``privacy`` of a run with distributed DP."""
     p = privacy
-    z = plan.sum_std(plan.min_senders) / plan.clip
+    z = plan.sum_std() / plan.clip
     return {
         "mode": "client",
         "unit": "one client (all records of a site)",
@@ -157,19 +162,24 @@ def distributed_privacy(
         "run": accounting.run_id,
         "noise": noise.describe(),
         "reproducible_noise": not noise.secure,
-        "not_accounted": [*NOT_ACCOUNTED, "colluding senders: a site that omits its share "
-                          "lowers the noise; the guarantee assumes at least threshold honest "
-                          "senders in every unmasked sum"],
+        "assumes": f"an honest-but-curious server and at most {plan.colluding} sites colluding "
+        f"with it; every released sum has at least {plan.min_senders} senders (the sites "
+        "refuse to unmask fewer), so at least "
+        f"{plan.honest_shares} honest noise shares",
+        "not_accounted": [*NOT_ACCOUNTED, f"more than {plan.colluding} colluding sites: each "
+                          "further one that subtracts (or omits) its share leaves epsilon that "
+                          f"of {plan.honest_shares} - 1, ... shares (results.json privacy."
+                          "distributed.epsilon_if_colluding)"],
     }  # fmt: skip
 
 
-def _thresholds(training: Any, n_params: int, clip: float, n: int, q: float) -> tuple[int, int]:
-    """(smallest threshold of a round that can run, largest cohort)."""
-    from privml.fl.secagg import SecAggParams
-
-    sp = SecAggParams.from_training(training, n_params=n_params, clip=clip, max_weight=1.0)
-    cohorts = [n] if q >= 1 else list(range(2, n + 1))
-    return min(max(2, sp.for_cohort(c)[1]) for c in cohorts), n
+def min_senders(privacy: Any, training: Any, n: int, q: float) -> int:
+    """``m``: the configured ``distributed_min_senders``, or 90% of a round's expected
+    senders (``q n`` sampled, less ``dropout``), rounded up, at least 2."""
+    if privacy.distributed_min_senders is not None:
+        return int(privacy.distributed_min_senders)
+    expected = q * n * (1 - float(training.dropout))
+    return max(2, math.ceil(0.9 * expected - 1e-9))
 
 
 def distributed_parts(
@@ -198,7 +208,7 @@ def distributed_parts(
             f"training.secagg_clipping_range = {c:g} is below privacy.clip = {clip:g}: "
             "coordinate clipping would change the sensitivity; remove it or raise it"
         )
-    min_t, max_n = _thresholds(t, n_params, clip, n, q)
+    m = min_senders(p, t, n, q)
     # a modulus other than the default is the user's (checked); the default is replaced by
     # the smallest one the noised sum cannot wrap around
     default = type(t).model_fields["secagg_modulus"].default
@@ -207,12 +217,13 @@ def distributed_parts(
         epsilon=p.epsilon if p.noise_multiplier is None else None,
         noise_multiplier=p.noise_multiplier, delta=p.delta, clip=clip, clipping_range=float(c),
         quantization_range=int(t.secagg_quantization_range), dim=n_params, steps=t.rounds,
-        min_senders=min_t, max_senders=max_n, modulus=fixed,
+        min_senders=m, max_senders=n, modulus=fixed, colluding=int(p.distributed_colluding_sites),
     )  # fmt: skip
     if p.epsilon is not None and plan.epsilon > p.epsilon * (1 + 1e-9):
         raise ConfigError(
             f"noise_multiplier = {p.noise_multiplier:g} gives client-level epsilon "
-            f"{plan.epsilon:.4g} over {t.rounds} rounds with {min_t} noise shares, above the "
+            f"{plan.epsilon:.4g} over {t.rounds} rounds with {plan.honest_shares} noise shares, "
+            "above the "
             f"target epsilon = {p.epsilon:g}; raise it or remove it to calibrate"
         )
     names = [s.name for s in fed.sites]
@@ -228,7 +239,7 @@ def distributed_parts(
                          stateful=[accounting])  # fmt: skip
     parts.secure = {"clip": clip, "weighted": False, "denominator": q * n, "noise": share,
                     "modulus": plan.modulus, "rounding_bound": plan.rounded_norm,
-                    "uniforms": StreamUniforms(noise)}  # fmt: skip
+                    "uniforms": StreamUniforms(noise), "min_senders": plan.min_senders}  # fmt: skip
     parts.privacy = lambda: distributed_privacy(p, plan, accounting, q, n, t.rounds, ledger,
                                                 noise, share)  # fmt: skip
     assert math.isfinite(plan.epsilon)
