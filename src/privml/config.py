@@ -474,7 +474,7 @@ class PrivacyConfig(_Strict):
     distributed_min_senders: int | None = Field(
         default=None,
         ge=2,
-        description="client mode under secure_aggregation = \"secagg+\" (distributed DP): the "
+        description='client mode under secure_aggregation = "secagg+" (distributed DP): the '
         "fewest sites whose noise shares a released sum must contain; each site adds "
         "1/(m - distributed_colluding_sites) of the noise, and the sites refuse to unmask a "
         "round with fewer senders (default: 90% of a round's expected cohort, rounded up)",

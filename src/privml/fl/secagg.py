@@ -86,6 +86,7 @@ __all__ = [
     "default_share_count",
     "dequantize_sum",
     "failure_bounds",
+    "identity_keys",
     "quantize_rows",
     "sound_share_count",
 ]
@@ -452,6 +453,28 @@ def _commit(seed: bytes, rnd: int, site: int) -> bytes:
     return hashlib.sha256(_INFO + b"self seed" + _ids(rnd, site) + seed).digest()
 
 
+def _senders_message(rnd: int, entries: Iterable[tuple[int, bytes]]) -> bytes:
+    """What each sender signs in the consistency check: the round and the list of senders
+    with this round's public mask keys (fresh per round: an old signature never fits)."""
+    import hashlib
+
+    h = hashlib.sha256(_INFO + b"senders" + _ids(rnd))
+    for j, pk in entries:
+        h.update(_ids(j) + pk)
+    return h.digest()
+
+
+def identity_keys(ids: Iterable[int]) -> tuple[dict[int, Any], dict[int, bytes]]:
+    """Fresh Ed25519 identity keys for ``ids`` and the registry of their public keys (in
+    a deployment each site makes its own and the registry is distributed out of band)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keys = {int(i): Ed25519PrivateKey.generate() for i in ids}
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return keys, {i: k.public_key().public_bytes(*raw) for i, k in keys.items()}
+
+
 def _aead(key: bytes) -> Any:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -471,10 +494,22 @@ class SiteSession:
     that would weaken the protocol.
     """
 
-    def __init__(self, site: int, rnd: int, params: SecAggParams) -> None:
+    def __init__(
+        self, site: int, rnd: int, params: SecAggParams, *, identity: Any = None,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> None:  # fmt: skip
         self.site = int(site)
         self.rnd = int(rnd)
         self.params = params
+        # distributed DP's consistency check: this site's Ed25519 identity key and every
+        # site's public identity key (a PKI the sites share; the server only relays)
+        self._identity = identity
+        self._registry = dict(registry or {})
+        self._confirmed: tuple[tuple[int, bytes], ...] | None = None
+        if params.min_senders and (identity is None or not self._registry):
+            raise UsageError(
+                f"site {self.site}: a minimum sender count needs the sites' identity keys"
+            )
         self._stage = "new"
         self._k = self._t = 0
         self._mask_seed = b""
@@ -557,24 +592,31 @@ class SiteSession:
             out[j] = nonce + aead.encrypt(nonce, bs + ss, aad)
         return out
 
-    def _check_senders(self, s: set[int], d: set[int], listed: Iterable[int] | None) -> None:
-        m = self.params.min_senders
-        if listed is None:
+    def _check_senders(
+        self, s: set[int], d: set[int], listed: Any, signatures: Mapping[int, bytes] | None
+    ) -> None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        entries = self._entries(listed if listed is not None else ())
+        if entries != self._confirmed:
             raise UsageError(
-                f"site {self.site}: the server did not say how many sites sent a vector; the "
-                f"sum must have at least {m} noise shares, refusing to unmask"
+                f"site {self.site}: the list of senders differs from the one it confirmed; "
+                "refusing to unmask"
             )
-        raw = list(listed)
-        a = {int(x) for x in raw}
-        if len(a) != len(raw):
-            raise UsageError(f"site {self.site}: repeated senders in the server's list")
-        if len(a) < m:
-            raise UsageError(
-                f"site {self.site}: {len(a)} sites sent a vector; a released sum needs at least "
-                f"{m} noise shares (distributed DP), refusing to unmask"
-            )
-        known = set(self._neighbours)
-        if a & known != s or a & d or not (a & known) <= set(self._self_shares):
+        msg = _senders_message(self.rnd, entries)
+        sigs = dict(signatures or {})
+        for j, _ in entries:
+            try:
+                Ed25519PublicKey.from_public_bytes(self._registry[j]).verify(
+                    bytes(sigs.get(j, b"")), msg)  # fmt: skip
+            except (InvalidSignature, TypeError, ValueError):
+                raise UsageError(
+                    f"site {self.site}: site {j} did not sign the list of senders; refusing to "
+                    "unmask"
+                ) from None
+        a = {j for j, _ in entries}
+        if a & set(self._neighbours) != s or a & d:
             raise UsageError(
                 f"site {self.site}: the server's list of senders disagrees with what it says "
                 "of this site's neighbours; refusing to unmask"
@@ -627,19 +669,60 @@ class SiteSession:
         self._pair_keys.clear()
         return masks
 
+    def confirm(self, *, all_senders: Any) -> bytes:
+        """Step 4a, under a minimum sender count (``params.min_senders``, distributed DP):
+        the consistency check of Bonawitz et al. 2017's actively secure protocol. The server
+        sends every sender the list of senders, ``[(site, public mask key), ...]``; the site
+        checks it (at least ``min_senders`` distinct registered sites, itself among them with
+        this round's key, its neighbours with the keys it was given and only those it holds
+        shares of) and signs it with its identity key, once per round."""
+        self._advance("mask", "confirm")
+        entries = self._entries(all_senders)
+        m = self.params.min_senders
+        if len(entries) < m:
+            raise UsageError(
+                f"site {self.site}: {len(entries)} sites sent a vector; a released sum needs at "
+                f"least {m} noise shares (distributed DP), refusing to go on"
+            )
+        listed = dict(entries)
+        if listed.get(self.site) != _public_bytes(self._mask_key):
+            raise UsageError(f"site {self.site}: the list of senders misstates this site")
+        for j, pk in listed.items():
+            if j not in self._registry:
+                raise UsageError(f"site {self.site}: unknown site {j} among the senders")
+            if j in self._neighbours and (pk != self._neighbours[j][0]
+                                          or j not in self._self_shares):  # fmt: skip
+                raise UsageError(f"site {self.site}: the list of senders misstates neighbour {j}")
+        self._confirmed = entries
+        return self._identity.sign(_senders_message(self.rnd, entries))  # type: ignore[no-any-return]
+
+    def _entries(self, raw: Any) -> tuple[tuple[int, bytes], ...]:
+        try:
+            entries = tuple(sorted((int(j), bytes(pk)) for j, pk in raw))
+        except (TypeError, ValueError):
+            raise UsageError(f"site {self.site}: malformed list of senders") from None
+        if len({j for j, _ in entries}) != len(entries) or any(len(pk) != 32 for _, pk in entries):
+            raise UsageError(f"site {self.site}: repeated or malformed senders in the list")
+        return entries
+
     def unmask(
-        self, *, senders: Iterable[int], dropped: Iterable[int],
-        all_senders: Iterable[int] | None = None,
+        self, *, senders: Iterable[int], dropped: Iterable[int], all_senders: Any = None,
+        signatures: Mapping[int, bytes] | None = None,
     ) -> dict[int, bytes]:  # fmt: skip
         """Step 4 (answered once per round): this site's share of each sender's self-mask seed
         and of each dropped neighbour's mask seed, never both for one site.
 
-        ``all_senders``: every site whose vector the server summed. Under a minimum sender
-        count (``params.min_senders``, distributed DP) the site refuses unless the list has
-        at least that many sites and agrees with what it knows: its sending neighbours are
-        exactly the listed ones among its neighbours, each of them shared keys with it, and
-        no listed site is named dropped."""
-        if self._stage not in ("receive", "mask"):
+        Under a minimum sender count (``params.min_senders``, distributed DP) the site answers
+        only after :meth:`confirm`, for the very list it confirmed (``all_senders``), signed by
+        every site on it (``signatures``, checked against the registry of identity keys), and
+        only if its neighbours named as senders are exactly the listed ones and no listed
+        site is named dropped."""
+        if self.params.min_senders and self._stage != "confirm":
+            raise UsageError(
+                f"site {self.site}: unmask request before the list of senders was confirmed; "
+                "refusing to unmask"
+            )
+        if self._stage not in ("receive", "mask", "confirm"):
             raise UsageError(
                 f"site {self.site}: SecAgg+ unmask request out of order (after {self._stage!r})"
             )
@@ -659,7 +742,7 @@ class SiteSession:
                 f"is {self._t}, refusing to unmask"
             )
         if self.params.min_senders:
-            self._check_senders(s, d, all_senders)
+            self._check_senders(s, d, all_senders, signatures)
         out = {j: self._self_shares[j] for j in s}
         out.update({j: self._mask_shares[j] for j in d})
         self._self_seed = self._mask_seed = b""  # nothing more to give this round
@@ -716,6 +799,7 @@ class ServerSession:
         self.dropped: list[int] = []
         self._sum: NDArray[np.uint64] | None = None
         self.rejected: dict[int, str] = {}
+        self.listed: list[tuple[int, bytes]] = []
 
     def _log(self, step: str, replies: Mapping[int, Any]) -> None:
         if self.record:
@@ -771,7 +855,7 @@ class ServerSession:
                     fwd[dst][src] = ct
         return fwd
 
-    def on_masked(self, vectors: Mapping[int, Any]) -> dict[int, dict[str, list[int]]]:
+    def on_masked(self, vectors: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
         """Step 3's replies (masked vectors) in: summed mod the modulus; step 4's requests out
         (each live site's neighbours that sent a vector and those that did not)."""
         self._log("masked_vector", vectors)
@@ -814,10 +898,32 @@ class ServerSession:
         s = set(senders)
         self._need(s, self.shared, "masking")
         self._sum = total
-        extra = {"all_senders": list(senders)} if self.params.min_senders else {}
-        return {i: {"senders": sorted(self.graph[i] & s),
-                    "dropped": sorted(self.graph[i] & set(self.dropped)), **extra}
-                for i in senders}  # fmt: skip
+        if self.params.min_senders:  # the consistency check first (:meth:`on_confirmed`)
+            self.listed = [(i, self.keys[i][0]) for i in senders]
+            return {i: {"all_senders": self.listed} for i in senders}
+        return self._unmask_requests({})
+
+    def _unmask_requests(self, extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        s, d = set(self.senders), set(self.dropped)
+        return {i: {"senders": sorted(self.graph[i] & s), "dropped": sorted(self.graph[i] & d),
+                    **extra} for i in self.senders}  # fmt: skip
+
+    def on_confirmed(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
+        """Step 4a's replies (each sender's signature on the list of senders) in; step 4's
+        requests out, with the list and every signature. A sender that does not sign (it
+        vanished, or refused the list) leaves the sites nothing to unmask: the round is
+        skipped."""
+        self._log("confirm", replies)
+        sigs = {int(i): r for i, r in replies.items() if isinstance(r, bytes)}
+        missing = sorted(set(self.senders) - set(sigs))
+        if missing:
+            raise RoundAborted(
+                "dp_senders_unconfirmed",
+                f"{len(missing)} of the {len(self.senders)} senders did not sign the list of "
+                "senders (vanished or refused it); the sites unmask only a list every sender "
+                "signed",
+            )
+        return self._unmask_requests({"all_senders": self.listed, "signatures": sigs})
 
     def on_unmask(self, replies: Mapping[int, Any]) -> NDArray[np.uint64]:
         """Step 4's replies in; the unmasked sum of the senders' quantized vectors out."""

@@ -95,7 +95,8 @@ class SimulatedSites:
     """Every site's side of the protocol, in this process: the server's requests are calls.
 
     ``drop``: step -> site ids that vanish at that step (they answer nothing from then on);
-    steps are ``setup``, ``share_keys``, ``masked_vector``, ``unmask``. ``refuse``: sites
+    steps are ``setup``, ``share_keys``, ``masked_vector``, ``confirm`` (distributed DP),
+    ``unmask``. ``refuse``: sites
     whose :class:`SiteSession` raised, by round (an honest site refusing a bad request).
     """
 
@@ -104,9 +105,23 @@ class SimulatedSites:
     sessions: dict[int, SiteSession] = field(default_factory=dict)
     refused: dict[int, dict[int, str]] = field(default_factory=dict)
     _gone: set[int] = field(default_factory=set)
+    _identity: dict[int, Any] = field(default_factory=dict)
+    _registry: dict[int, bytes] = field(default_factory=dict)
 
     def open(self, rnd: int, ids: list[int]) -> None:
-        self.sessions = {int(i): SiteSession(int(i), rnd, self.params) for i in ids}
+        if self.params.min_senders:  # identity keys (the consistency check's PKI), once
+            from privml.fl.secagg import identity_keys
+
+            new = [int(i) for i in ids if int(i) not in self._identity]
+            if new:
+                keys, pub = identity_keys(new)
+                self._identity.update(keys)
+                self._registry.update(pub)
+            self.sessions = {int(i): SiteSession(int(i), rnd, self.params,
+                                                 identity=self._identity[int(i)],
+                                                 registry=self._registry) for i in ids}  # fmt: skip
+        else:
+            self.sessions = {int(i): SiteSession(int(i), rnd, self.params) for i in ids}
         self._gone = set()
 
     def gone(self, step: str) -> set[int]:
@@ -127,6 +142,8 @@ class SimulatedSites:
                     out[i] = s.setup(**req)
                 elif step == "share_keys":
                     out[i] = s.share_keys(req)
+                elif step == "confirm":
+                    out[i] = s.confirm(**req)
                 elif step == "unmask":
                     out[i] = s.unmask(**req)
                 else:
@@ -274,6 +291,8 @@ class MaskedSum:
         t0 = time.perf_counter()
         try:
             requests = session.on_masked(vectors)
+            if session.params.min_senders:  # distributed DP: the sites confirm the senders
+                requests = session.on_confirmed(self.exchange(rnd, "confirm", requests))
             replies = self.exchange(rnd, "unmask", requests)
             total = session.on_unmask(replies)
         except RoundAborted as exc:
