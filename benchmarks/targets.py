@@ -78,6 +78,12 @@ def _client_gap(d: dict[str, Any]) -> tuple[float, str]:
     return dp - plain, f"{dp:.3f} vs {plain:.3f} non-private ({100 * (dp - plain):+.1f} points)"
 
 
+def _ddp_gap(d: dict[str, Any]) -> tuple[float, str]:
+    gap = float(d["results"]["default_gap_points"])
+    seeds = d["params"]["seeds"]
+    return gap, f"{gap:+.1f} points below central (mean of {seeds} paired seeds)"
+
+
 def _seconds(key: str, variant: str, unit: float = 1.0, label: str = "s") -> Getter:
     def get(d: dict[str, Any]) -> tuple[float, str]:
         s = d["results"][key][variant]
@@ -217,6 +223,8 @@ TARGETS: list[Target] = [
            _utility("digits, epsilon 3"), at_least=0.96),
     Target("training", "1,000 clients, client-level, epsilon 2: within 3 points of non-private",
            "dpsgd_utility", _client_gap, at_least=-0.03),
+    Target("training", "distributed DP under SecAgg+ (m = 90%), 100 sites, epsilon 1: within 2 "
+           "points of central DP-FedAvg", "distributed_dp", _ddp_gap, at_most=2.0),
     # federation
     Target("federation", "simulation >= 50x Flower run_simulation on Ray (100 clients x 10 "
            "rounds)", "fl_flower_sim", _speedup("ratio_flower_ray", ""), at_least=50.0),

@@ -117,6 +117,10 @@ def test_noise_multiplier_above_target_and_bad_clipping_range_are_config_errors(
     raw = _raw(tmp_path, training={"secagg_clipping_range": 0.5})
     with pytest.raises(ConfigError, match="secagg_clipping_range"):
         _run_config(raw)
+    # the demo has 3 sites: m = 4 can never be met, c = 3 leaves no honest share
+    for bad in ({"distributed_min_senders": 4}, {"distributed_colluding_sites": 3}):
+        with pytest.raises(ConfigError, match="privacy.distributed_"):
+            _run_config(_raw(tmp_path, privacy=bad))
 
 
 # --------------------------------------------------------------------------------------------

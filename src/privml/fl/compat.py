@@ -275,11 +275,12 @@ TABLE: tuple[Combination, ...] = (
         True,
         "distributed DP: each site clips its update, quantizes it with conditional randomized "
         "rounding and adds its share of discrete Gaussian noise before masking; the shares of "
-        "the threshold's sites alone give the booked epsilon (dropped sites' shares are the "
-        "worst case), the modulus keeps the noised sum from wrapping; nobody sees an un-noised "
-        "sum",
+        "distributed_min_senders (m) sites, less the declared colluding ones, alone give the "
+        "booked epsilon; the sites sign the list of senders and refuse to unmask a sum of "
+        "fewer than m; the modulus keeps the noised sum from wrapping; nobody sees an "
+        "un-noised sum",
         how="clip -> quantize (conditional rounding) -> noise share -> mask -> masked sum -> "
-        "unmask -> decode -> fixed denominator",
+        "signed list of senders (>= m) -> unmask -> decode -> fixed denominator",
     ),
     Combination(
         {"privacy": ("sample",), "secure_aggregation": ("secagg+",)},

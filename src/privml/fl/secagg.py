@@ -25,6 +25,12 @@ A round, between one :class:`ServerSession` and one :class:`SiteSession` per sit
                      site  -> server   its share of each sender's self-mask seed and of each
                                        non-sender's mask-key seed (never both for one site)
 
+Under a minimum sender count (distributed DP: every released sum must carry ``min_senders``
+noise shares) a consistency check precedes step 4, as in Bonawitz et al.'s actively secure
+protocol: the server sends every sender the list of senders, each checks it and signs it with
+its Ed25519 identity key (:meth:`SiteSession.confirm`), and a site answers step 4 only for the
+list it signed, signed by every site on it and at least ``min_senders`` long.
+
 Building blocks, all vetted: X25519, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
 ``cryptography`` (OpenSSL); Shamir secret sharing from SLIP-0039's reference implementation
 (``shamir-mnemonic``, GF(256)) for up to 16 shares, else from PyCryptodome (GF(2^128), the
@@ -496,7 +502,7 @@ class SiteSession:
 
     def __init__(
         self, site: int, rnd: int, params: SecAggParams, *, identity: Any = None,
-        registry: Mapping[int, bytes] | None = None,
+        registry: Mapping[int, bytes] | None = None, verified: set[bytes] | None = None,
     ) -> None:  # fmt: skip
         self.site = int(site)
         self.rnd = int(rnd)
@@ -506,6 +512,9 @@ class SiteSession:
         self._identity = identity
         self._registry = dict(registry or {})
         self._confirmed: tuple[tuple[int, bytes], ...] | None = None
+        # signatures already found valid (public key || message || signature): verification
+        # is a pure function, so sites simulated in one process may share what they verified
+        self._verified = verified if verified is not None else set()
         if params.min_senders and (identity is None or not self._registry):
             raise UsageError(
                 f"site {self.site}: a minimum sender count needs the sites' identity keys"
@@ -607,9 +616,13 @@ class SiteSession:
         msg = _senders_message(self.rnd, entries)
         sigs = dict(signatures or {})
         for j, _ in entries:
+            sig = sigs.get(j, b"")
+            key = self._registry[j] + msg + (sig if isinstance(sig, bytes) else b"")
+            if key in self._verified:
+                continue
             try:
-                Ed25519PublicKey.from_public_bytes(self._registry[j]).verify(
-                    bytes(sigs.get(j, b"")), msg)  # fmt: skip
+                Ed25519PublicKey.from_public_bytes(self._registry[j]).verify(bytes(sig), msg)
+                self._verified.add(key)
             except (InvalidSignature, TypeError, ValueError):
                 raise UsageError(
                     f"site {self.site}: site {j} did not sign the list of senders; refusing to "

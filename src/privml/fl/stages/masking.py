@@ -107,6 +107,7 @@ class SimulatedSites:
     _gone: set[int] = field(default_factory=set)
     _identity: dict[int, Any] = field(default_factory=dict)
     _registry: dict[int, bytes] = field(default_factory=dict)
+    _verified: set[bytes] = field(default_factory=set)
 
     def open(self, rnd: int, ids: list[int]) -> None:
         if self.params.min_senders:  # identity keys (the consistency check's PKI), once
@@ -117,9 +118,11 @@ class SimulatedSites:
                 keys, pub = identity_keys(new)
                 self._identity.update(keys)
                 self._registry.update(pub)
+            self._verified.clear()
             self.sessions = {int(i): SiteSession(int(i), rnd, self.params,
                                                  identity=self._identity[int(i)],
-                                                 registry=self._registry) for i in ids}  # fmt: skip
+                                                 registry=self._registry,
+                                                 verified=self._verified) for i in ids}  # fmt: skip
         else:
             self.sessions = {int(i): SiteSession(int(i), rnd, self.params) for i in ids}
         self._gone = set()
