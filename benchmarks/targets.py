@@ -80,8 +80,9 @@ def _client_gap(d: dict[str, Any]) -> tuple[float, str]:
 
 def _ddp_gap(d: dict[str, Any]) -> tuple[float, str]:
     gap = float(d["results"]["default_gap_points"])
+    se = float(d["results"].get("default_gap_standard_error") or 0.0)
     seeds = d["params"]["seeds"]
-    return gap, f"{gap:+.1f} points below central (mean of {seeds} paired seeds)"
+    return gap, f"{gap:+.1f} +- {se:.1f} (s.e.) points below central (mean of {seeds} paired seeds)"
 
 
 def _seconds(key: str, variant: str, unit: float = 1.0, label: str = "s") -> Getter:
