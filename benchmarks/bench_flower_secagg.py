@@ -39,6 +39,31 @@ QUICK_REASON = (
 )
 
 
+EXCHANGES: list[tuple[str, int, str, float]] = []
+"""(kind, round, what, seconds) of every message exchange the coordinator made."""
+
+
+def time_exchanges(kind: list[str]) -> None:
+    """Wrap the coordinator's one exchange function to time every exchange by what it
+    carried (a SecAgg+ stage, or the message types), for the table of where the time goes."""
+    from privml.fl.flower.server_app import Coordinator
+
+    exchange = Coordinator.exchange
+
+    def timed(self: Any, messages: list[Any], *, timeout: float) -> dict[int, Any]:
+        t0 = time.perf_counter()
+        out = exchange(self, messages, timeout=timeout)
+        what = set()
+        for m in messages:
+            cfg = m.content.config_records.get("secaggplus_configs")
+            what.add(str(cfg.get("stage")) if cfg is not None else m.metadata.message_type)
+        EXCHANGES.append((kind[0], self._round, "+".join(sorted(what)),
+                          time.perf_counter() - t0))  # fmt: skip
+        return out
+
+    Coordinator.exchange = timed  # type: ignore[method-assign]
+
+
 class Deployment:
     """A SuperLink and three SuperNodes serving one config, kept for several runs."""
 
@@ -135,6 +160,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     res: dict[str, list[dict[str, Any]]] = {"plain": [], "secagg+": []}
+    current = ["warm-up"]
+    time_exchanges(current)
     with tempfile.TemporaryDirectory() as tmp:
         deps = {k: Deployment(k, Path(tmp), args.rounds) for k in res}
         try:
@@ -144,6 +171,7 @@ def main() -> None:
             print("deployments started; waiting for the sites", flush=True)
 
             def run(kind: str) -> float:
+                current[0] = kind if len(res[kind]) else "warm-up"
                 r = deps[kind].run()
                 res[kind].append(r)
                 print(f"  {kind}: rounds {[round(s, 2) for s in r['round_seconds']]} s, "
@@ -182,6 +210,22 @@ def main() -> None:
             "over all rounds; ratio: median (min-max) over the repetitions of the runs' median "
             f"rounds. The plain simulation reaches {sim_acc:.4f} with the same seed."
         ),
+    )  # fmt: skip
+    stages: dict[tuple[str, str], list[float]] = {}
+    for kind, rnd, what, secs in EXCHANGES:
+        if kind != "warm-up" and rnd >= 1:
+            stages.setdefault((kind, what), []).append(secs)
+    bench.record("exchange_seconds", {f"{k} {w}": summarize(v).to_dict()
+                                      for (k, w), v in stages.items()})  # fmt: skip
+    bench.table(
+        "exchanges", ["run", "exchange (what the coordinator sent)", "seconds", "exchanges"],
+        [[k, w, fmt_spread(summarize(v), digits=2, unit="s"), str(len(v))]
+         for (k, w), v in sorted(stages.items())],
+        caption="Where a round's time goes: every message exchange of the timed runs, timed "
+        "by the coordinator from pushing its messages to having every reply (or giving up), "
+        "by what it carried; median (min-max). The training request rides on SecAgg+'s "
+        "collect_masked_vectors stage; evaluation of the previous model rides on the training "
+        "request (evaluate: the last model's).",
     )  # fmt: skip
     bench.write()
 
