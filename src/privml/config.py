@@ -477,7 +477,8 @@ class PrivacyConfig(_Strict):
         description='client mode under secure_aggregation = "secagg+" (distributed DP): the '
         "fewest sites whose noise shares a released sum must contain; each site adds "
         "1/(m - distributed_colluding_sites) of the noise, and the sites refuse to unmask a "
-        "round with fewer senders (default: 90% of a round's expected cohort, rounded up)",
+        "round with fewer senders (default: 90% of a round's expected senders, the expected "
+        "cohort less training.dropout, rounded up)",
     )
     distributed_colluding_sites: int = Field(
         default=0,

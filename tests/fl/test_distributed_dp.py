@@ -443,3 +443,19 @@ def test_sample_level_dp_with_secagg_runs(tmp_path: Path) -> None:
     out = _run_config(raw)
     assert out.privacy["mode"] == "sample" and out.privacy["epsilon"] <= 3.0
     assert out.result.metrics["accuracy"] > 0.5
+
+
+def test_a_run_skips_the_rounds_with_fewer_than_m_senders(tmp_path: Path) -> None:
+    """Through the round loop: with m = 3 of the demo's 3 sites and dropouts, a round that
+    lost a site is skipped with its reason (never released with less noise than booked)."""
+    from privml.dp.randomness import reproducible_noise
+
+    raw = _raw(tmp_path, training={"rounds": 4, "dropout": 0.3},
+               privacy={"distributed_min_senders": 3})  # fmt: skip
+    with warnings.catch_warnings(), reproducible_noise():  # the same dropouts on every run
+        warnings.simplefilter("ignore")
+        out = _run_config(raw)
+    skipped = out.result.extra["updates"]["skipped_rounds"]
+    assert skipped["dp_too_few_senders"] == [2, 4]
+    sa = out.result.extra["federation"]["secure_aggregation"]
+    assert [r["round"] for r in sa["per_round"]] == [1] and sa["per_round"][0]["senders"] == 3
