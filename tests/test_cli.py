@@ -301,6 +301,34 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "No such option" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--resume", "\x00", "--out", "o"], ["run", "--out", "a\x00b"],
+     ["run", "--config", "c\x00.toml"], ["report", "r\x00"], ["verify", "\x00"],
+     ["budget", "--ledger", "l\x00"]],  # fmt: skip
+)
+def test_a_nul_character_in_an_argument_is_a_usage_error(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no operating system call takes such a name; it used to end in an internal error (exit 1)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *argv)
+    assert code == 2, err
+    assert "NUL character" in err and "internal error" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nul_character_in_a_config_path_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\ndataset = "breast_cancer"\n[output]\ndir = "a\\u0000b"\n')
+    code, _, err = cli(capsys, "run", "--config", config)
+    assert code == 2, err
+    assert "output.dir: a path cannot contain a NUL character" in err
+
+
 @pytest.mark.slow
 def test_console_script_end_to_end(tmp_path: Path) -> None:
     """The installed ``privml`` executable: JSON only on stdout; bad input exits 2 cleanly."""

@@ -552,6 +552,13 @@ def main(argv: list[str] | None = None) -> None:
             # make_context + invoke rather than command.main: typer's main turns Ctrl-C into a
             # silent exit status and EOFError into "Aborted"; here each gets its own message
             args = list(argv) if argv is not None else sys.argv[1:]
+            for i, arg in enumerate(args):
+                if "\x00" in arg:
+                    # no file name or value can hold one; Python's os calls raise ValueError
+                    raise click.UsageError(
+                        f"argument {i + 1} ({arg[:60]!r}) contains a NUL character (\\x00); "
+                        "remove it"
+                    )
             with command.make_context("privml", args) as ctx:
                 command.invoke(ctx)
         except click.exceptions.Exit as exc:

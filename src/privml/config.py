@@ -23,7 +23,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from privml.errors import ConfigError
 
@@ -38,7 +46,16 @@ DEFAULT_EPSILON = 1.0
 _STRICT = ConfigDict(
     extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
 )
-FilePath = Annotated[Path, Field(strict=False)]
+
+
+def _no_nul(p: Path) -> Path:
+    # the operating system cannot open such a name; without this it fails late as a ValueError
+    if "\x00" in str(p):
+        raise ValueError("a path cannot contain a NUL character (\\x00); write the file name")
+    return p
+
+
+FilePath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]
 #: Largest seed accepted (numpy's generators take any integer >= 0; 2**63 - 1 keeps it an int64).
 MAX_SEED = 2**63 - 1
 

@@ -25,7 +25,12 @@ from privml.cli import main
 #: What a hostile input may legitimately end with (docs/reliability.md).
 DOCUMENTED = frozenset({0, 2, 3, 4, 5})
 
+#: ``PRIVML_FUZZ_EXPLORE=N`` draws new examples, N times as many per category; otherwise every
+#: run replays the same derandomized examples, so a CI result never depends on the draw.
+EXPLORE = int(os.environ.get("PRIVML_FUZZ_EXPLORE", "0") or 0)
+
 FUZZ_SETTINGS = dict(
+    derandomize=EXPLORE <= 0,
     deadline=None,
     database=None,  # nothing written into the repository
     suppress_health_check=list(HealthCheck),
@@ -34,7 +39,7 @@ FUZZ_SETTINGS = dict(
 
 
 def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, **FUZZ_SETTINGS)  # type: ignore[arg-type]
+    return settings(max_examples=n * max(EXPLORE, 1), **FUZZ_SETTINGS)  # type: ignore[arg-type]
 
 
 @dataclass

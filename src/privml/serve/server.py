@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import logging.config
 import os
 import sys
 from typing import Any
@@ -25,20 +23,39 @@ def tune_process() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
-def log_config(level: str = "info") -> dict[str, Any]:
-    """uvicorn's logging setup plus privml's service loggers, all on stderr.
+#: Loggers the service configures; nothing else in the process is touched.
+SERVICE_LOGGERS = ("uvicorn", "uvicorn.error", "privml.serve", "privml.serve.access")
+LOG_LEVEL_ENV = "PRIVML_SERVE_LOG_LEVEL"
 
-    uvicorn's own access log is off (it would print query strings); privml's access log has the
-    method, path, status, token name and time, and never a header or a body.
+
+class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure_logging` attaches (so a second call replaces, not adds)."""
+
+
+def configure_logging(level: str = "info") -> None:
+    """uvicorn's log format on stderr for uvicorn's and privml's service loggers, and nothing else.
+
+    Not ``logging.config.dictConfig`` (which uvicorn uses when handed a ``log_config``): that
+    shuts down and removes every handler of the process, so a program that embeds
+    :func:`run_server` would lose its own logging. uvicorn's own access log is off (it would
+    print query strings); privml's access log has the method, path, status, token name and time,
+    and never a header or a body.
     """
-    from uvicorn.config import LOGGING_CONFIG
+    from uvicorn.logging import DefaultFormatter
 
-    cfg = copy.deepcopy(LOGGING_CONFIG)
     lvl = level.upper()
-    cfg["loggers"]["uvicorn"]["level"] = lvl
-    for name in ("privml.serve", "privml.serve.access"):
-        cfg["loggers"][name] = {"handlers": ["default"], "level": lvl, "propagate": False}
-    return cfg
+    for name in SERVICE_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, _ServiceHandler)]:
+            logger.removeHandler(h)
+        if name == "uvicorn.error":  # propagates to "uvicorn", as in uvicorn's own setup
+            logger.setLevel(lvl)
+            continue
+        handler = _ServiceHandler(sys.stderr)
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
+        logger.addHandler(handler)
+        logger.setLevel(lvl)
+        logger.propagate = False
 
 
 def header_timeout_protocol(seconds: float) -> Any:
@@ -105,6 +122,7 @@ def app_from_env() -> Any:
     if not text:
         raise RuntimeError(f"{SETTINGS_ENV} is not set; start the service with `privml serve`")
     tune_process()
+    configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
     return create_app(ServeSettings.from_json(text))
 
 
@@ -120,11 +138,12 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
 
     settings = settings.validate()
     tune_process()
-    logging.config.dictConfig(log_config(log_level))
+    configure_logging(log_level)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "log_config": log_config(log_level),
+        "log_config": None,  # configure_logging, here and in each worker (app_from_env)
+        "log_level": log_level,
         "access_log": False,
         "server_header": False,
         "timeout_keep_alive": 15,
@@ -145,6 +164,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         return
     del app
     os.environ[SETTINGS_ENV] = settings.to_json()
+    os.environ[LOG_LEVEL_ENV] = log_level
     common["http"] = "privml.serve.server:HeaderTimeoutProtocol"
     uvicorn.run(
         "privml.serve.server:app_from_env", factory=True, workers=settings.workers, **common
