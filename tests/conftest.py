@@ -11,9 +11,9 @@ import pytest
 
 def _absl_handler_on_the_real_stderr() -> None:
     """absl (dp-accounting's logging) makes its handler at import on the ``sys.stderr`` of that
-    moment, which under pytest is a capture buffer; a later ``logging.config.dictConfig`` (the
-    prediction service configures logging in process before refusing bad options) shuts every
-    handler down and absl's closes that buffer, breaking the capture of every later test.
+    moment, which under pytest is a capture buffer; a later ``logging.config.dictConfig`` in the
+    test process (a library's logging setup) shuts every handler down and absl's closes that
+    buffer, breaking the capture of every later test.
     Pointed at the real stderr, absl's handler leaves it open (it never closes sys.stderr)."""
     try:
         import absl.logging
