@@ -22,6 +22,13 @@ excluded, medians with min-max):
   backend (benchmarks/bench_fl_flower_sim.py); the JSON says which. Target: privml >= 5x
   faster.
 
+And two tables that explain the first figure: **per site** -- the SecAgg+ runs' seal step (every
+site's part, per site) and combine step (the server's unmasking), from the engine's own record,
+beside each building block (X25519 agreement, Shamir split and rebuild, AES-CTR mask) timed
+alone, round robin, and the floor those set per site; **share count** -- the default share
+count's failure bounds (``privml.fl.secagg.failure_bounds``) and the per-site cost of the
+smallest share count that meets Bell et al.'s 2**-40 / 2**-30.
+
     .venv/bin/python benchmarks/bench_secagg.py [--reps 3] [--rounds 3] [--quick]
 """
 
@@ -86,6 +93,13 @@ def round_seconds(n_sites: int, rounds: int, hidden: int, secure: str,
     got[secure] = {"accuracy": res.metrics["accuracy"],
                    "n_params": int(res.params.numel()),
                    "skipped": res.extra["updates"]["skipped_rounds"]}  # fmt: skip
+    sa = res.extra["federation"].get("secure_aggregation") or {}
+    if sa.get("median_seal_seconds_per_site") is not None:
+        # the engine's own record of its seal step (every site's key exchange, quantization and
+        # masking, per site) and of the server's unmasking, median over the run's rounds
+        got.setdefault("parts", []).append(
+            (sa["median_seal_seconds_per_site"], sa["median_unmask_seconds"])
+        )
     return statistics.median(r.seconds for r in res.history)
 
 
@@ -103,8 +117,6 @@ class PrivmlRound:
         self.ids = np.arange(n, dtype=np.int64)
         self.rnd = 0
         self.err = 0.0
-        self.sites_s: list[float] = []  # the seal step: every site's key exchange and masking
-        self.server_s: list[float] = []  # the combine step: the server's unmasking
 
     def __call__(self) -> float:
         self.rnd += 1
@@ -112,12 +124,9 @@ class PrivmlRound:
         batch = SiteUpdates(self.rnd, self.ids, torch.zeros(1), self.updates.copy(), self.weights,
                             np.zeros(len(self.ids), dtype=bool))  # fmt: skip
         self.seal.apply(batch)
-        t1 = time.perf_counter()
         got = Received(self.ids, batch.updates, self.weights, batch.malicious, sealed=batch.sealed)
         out = self.combine(None, got, self.rnd)  # type: ignore[arg-type]
         seconds = time.perf_counter() - t0
-        self.sites_s.append(t1 - t0)
-        self.server_s.append(seconds - (t1 - t0))
         w = self.weights / self.weights.max()
         ref = (w @ self.updates) / w.sum()
         self.err = max(self.err, float(np.abs(out.update - ref).max()))  # type: ignore[operator]
@@ -152,17 +161,15 @@ def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int,
         pc_shares = Shamir.split(t, k, seed)
         calls["split_pycryptodome"] = lambda: Shamir.split(t, k, seed)
         calls["rebuild_pycryptodome"] = lambda: Shamir.combine(pc_shares[:t])
-    out: dict[str, float] = {}
-    for name, fn in calls.items():
-        batch = 50 if name == "agreement" else 5
-        times = []
-        for _ in range(reps):
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):  # round robin, so that a burst of load hits every block alike
+        for name, fn in calls.items():
+            batch = 50 if name == "agreement" else 5
             t0 = time.perf_counter()
             for _ in range(batch):
                 fn()
-            times.append((time.perf_counter() - t0) / batch)
-        out[name] = statistics.median(times)
-    return out
+            times[name].append((time.perf_counter() - t0) / batch)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def flower_round(updates: np.ndarray, weights: np.ndarray, k: int, t: int, backend: str,
@@ -282,22 +289,10 @@ def main() -> None:
     ], caption=f"{n_sites} sites x {n_params:,} parameters, privml's simulation, seconds per "
        "round (median of each run's rounds)")  # fmt: skip
 
-    # 2. against Flower's SecAgg+ on the same updates
-    rng = np.random.default_rng(0)
-    updates = rng.normal(0, 0.05, (n_sites, n_params))
-    weights = rng.integers(10, 20, n_sites).astype(np.float64)
-    ours = PrivmlRound(updates, weights, k, t)
-    fl_out: dict[str, Any] = {}
-    t_fl = bench.interleave(
-        {"privml": ours,
-         f"flower ({backend})": lambda: flower_round(updates, weights, k, t, backend, fl_out)},
-        reps=reps, warmup=warmup, key="secure_round_seconds")  # fmt: skip
-    name = f"flower ({backend})"
-    r_fl = ratios(t_fl[name], t_fl["privml"])
-    bench.record("privml_max_error", ours.err)
-    # 3. where a round's time goes, per site, and the floor its building blocks set
-    sites_s = statistics.median(ours.sites_s[1:] or ours.sites_s)
-    server_s = statistics.median(ours.server_s[1:] or ours.server_s)
+    # 2. where a round's time goes, per site, and the floor its building blocks set
+    parts = got["parts"]
+    sites_s = statistics.median(p[0] for p in parts) * n_sites
+    server_s = statistics.median(p[1] for p in parts)
     prim = primitive_costs(
         k, t, n_params + 1, 1 << 32, reps=3 if args.quick else 15, pycryptodome=True
     )
@@ -314,7 +309,7 @@ def main() -> None:
                              else f"{n_sites} sites one after another"], [
         ["plain round (local training, aggregation), for scale", f"{plain_site * ms:.2f} ms",
          f"{t_over['none'].median:.3f} s"],
-        ["SecAgg+ sites' part, measured (setup, shares, masking)",
+        ["SecAgg+ sites' part, measured (key exchange, quantization, masking)",
          f"{sites_s / n_sites * ms:.2f} ms",
          f"{sites_s:.3f} s"],
         ["SecAgg+ server's part, measured (unmask: seed rebuilds, masks removed)",
@@ -335,13 +330,14 @@ def main() -> None:
          f"{2 * prim['split_pycryptodome'] * n_sites:.3f} / "
          f"{prim['rebuild_pycryptodome'] * n_sites:.3f} s"],
     ], caption=f"where a SecAgg+ round of {n_sites} sites x {n_params:,} parameters spends its "
-       f"time (k = {k}, t = {t}, modulus 2**32): the fixed-update round of the Flower "
-       "comparison split into the seal step (every site's part, run here one site after "
-       "another) and the combine step (the server's), and the building blocks timed alone; "
+       f"time (k = {k}, t = {t}, modulus 2**32): the SecAgg+ runs of the overhead table split "
+       "into their seal step (every site's part: key exchange, quantization, masking; run "
+       "here one site after another) and their combine step (the server's unmasking), "
+       "medians over rounds and runs, and the building blocks timed alone; "
        "a deployment runs the sites' parts in parallel, the server's part stays "
        "sequential")  # fmt: skip
 
-    # 4. the share count against the failure bounds SecAgg+ is sized for
+    # 3. the share count against the failure bounds SecAgg+ is sized for
     rows = []
     for rate in (0.01, 0.05, 0.1):
         b = failure_bounds(n_sites, k, t, corrupt=rate, dropout=rate)
@@ -365,6 +361,19 @@ def main() -> None:
         "colluding or dropping out independently at the given rate), and the per-site cost of "
         "the smallest odd share count that meets them (threshold k // 2 + 1; above 16 shares "
         "the Shamir sharing is PyCryptodome's)")  # fmt: skip
+    # 4. against Flower's SecAgg+ on the same updates
+    rng = np.random.default_rng(0)
+    updates = rng.normal(0, 0.05, (n_sites, n_params))
+    weights = rng.integers(10, 20, n_sites).astype(np.float64)
+    ours = PrivmlRound(updates, weights, k, t)
+    fl_out: dict[str, Any] = {}
+    t_fl = bench.interleave(
+        {"privml": ours,
+         f"flower ({backend})": lambda: flower_round(updates, weights, k, t, backend, fl_out)},
+        reps=reps, warmup=warmup, key="secure_round_seconds")  # fmt: skip
+    name = f"flower ({backend})"
+    r_fl = ratios(t_fl[name], t_fl["privml"])
+    bench.record("privml_max_error", ours.err)
     bench.record("flower_max_error", fl_out["max_error"])
     bench.table("flower", ["variant", "seconds per secure round"], [
         ["privml SecAgg+ (SealMasked + MaskedSum)", fmt_spread(t_fl["privml"], 1, 3, "s")],
