@@ -59,3 +59,17 @@ def _isolated_user_data(
     data = tmp_path_factory.mktemp("xdg-data")
     monkeypatch.setenv("XDG_DATA_HOME", str(data))
     return data
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules holding slow tests run first (each module's tests stay together and in order).
+
+    With ``-n 2`` the workers take tests from one list; a long test drawn last keeps one worker
+    busy while the other idles, and slow-first (longest-processing-time-first scheduling) keeps
+    the end of the run short. Module order is otherwise unchanged, and a module's tests stay
+    contiguous, so its module-scoped fixtures (live deployments) start once.
+    """
+    slow_modules = {item.module.__name__ for item in items
+                    if item.module is not None and item.get_closest_marker("slow")}  # fmt: skip
+    items.sort(key=lambda item: 0 if item.module is not None
+               and item.module.__name__ in slow_modules else 1)  # fmt: skip
