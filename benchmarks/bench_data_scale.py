@@ -61,12 +61,12 @@ FULL = {
     "memory_reps": 1,
 }
 QUICK = {
-    "sizes": [(100, 20), (400, 20)],
-    "anchor_max_sites": 400,
-    "pair_sites": 30,
-    "memory_sites": 30,
-    "memory_rows": 50,
-    "reps": 2,
+    "sizes": [(10, 20), (40, 20)],
+    "anchor_max_sites": 40,
+    "pair_sites": 10,
+    "memory_sites": 10,
+    "memory_rows": 20,
+    "reps": 1,
     "memory_reps": 1,
 }
 BYTES_ENCODED = 12 * 4 + 8  # float32 features + int64 label per record

@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="default 5 (quick 1)")
     args = ap.parse_args()
     seeds = args.seeds or (1 if args.quick else 5)
-    n_sites, rounds = (8, 2) if args.quick else (100, 20)
+    n_sites, rounds = (8, 1) if args.quick else (100, 20)
     variants = list(VARIANTS) if not args.quick else list(VARIANTS)[:3]
     torch.set_num_threads(1)
     bench = Bench("distributed_dp", quick=args.quick, out=args.out,

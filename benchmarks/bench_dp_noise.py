@@ -108,14 +108,14 @@ def epoch(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 15, quick 3)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 15, quick 1)")
     args = ap.parse_args()
-    reps = args.reps or (3 if args.quick else 15)
+    reps = args.reps or (1 if args.quick else 15)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     bench = Bench("dp_noise", quick=args.quick, out=args.out, params={"reps": reps})
     rng = np.random.default_rng(0)
-    n_sites = 10 if args.quick else 100
+    n_sites = 3 if args.quick else 100
     w = rng.normal(size=30)
     Xs = [rng.random((256, 30), dtype=np.float32) for _ in range(n_sites)]
     ys = [((x - 0.5) @ w > 0).astype(np.int64) for x in Xs]
@@ -133,6 +133,7 @@ def main() -> None:
         got = bench.interleave(
             {"secure": epoch(spec, X, y, B, True), "seeded": epoch(spec, X, y, B, False)},
             reps=reps,
+            warmup=0 if args.quick else 1,  # quick (a smoke run): no warm-up
             key=label,
         )
         r = ratios(got["secure"], got["seeded"])

@@ -118,7 +118,7 @@ def main() -> None:
     }
     rows = []
     for query, variants in queries.items():
-        t = bench.interleave(variants, reps=reps, key=query)
+        t = bench.interleave(variants, reps=reps, warmup=0 if args.quick else 1, key=query)
         ours = next(iter(t.values()))
         for name, s in t.items():
             r = ratios(s, ours)

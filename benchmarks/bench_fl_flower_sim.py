@@ -321,7 +321,7 @@ def main() -> None:
     # warm-up: privml and the in-process runtime once each; a run on Ray starts and stops its
     # own Ray cluster, so there is nothing of it to warm up (and a run costs about a minute)
     for name, fn in variants.items():
-        if "Ray" not in name:
+        if "Ray" not in name and not args.quick:  # quick (a smoke run): no warm-up
             fn()
     t = bench.interleave(variants, reps=reps, warmup=0, key="seconds")
 

@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Bench, add_common_args, fmt_spread, summarize  # noqa: E402
 
 SITES = ("hospital_a", "hospital_b", "hospital_c")
+#: Quick mode (a smoke run): two hospitals of the demo, two SuperNodes to start.
+QUICK_SITES = 2
 
 
-def deploy_and_run(kind: str, rounds: int, root: Path) -> dict[str, Any]:
+def deploy_and_run(kind: str, rounds: int, root: Path, *, quick: bool = False) -> dict[str, Any]:
     from privml.config import load_config
     from privml.fl.flower.certs import generate_certificates
     from privml.fl.flower.env import flower_env
@@ -55,11 +57,14 @@ def deploy_and_run(kind: str, rounds: int, root: Path) -> dict[str, Any]:
     keys = generate_certificates(work / "certs")
     demo = (Path(__file__).parents[1] / "src/privml/data/demo/demo.toml").read_text()
     config_path = work / "demo.toml"
-    config_path.write_text(
-        demo.replace("rounds = 20", f"rounds = {rounds}").replace(
-            "encrypted = true", "encrypted = false"
-        )
+    text = demo.replace("rounds = 20", f"rounds = {rounds}").replace(
+        "encrypted = true", "encrypted = false"
     )
+    sites = SITES[:QUICK_SITES] if quick else SITES
+    if quick:  # a smoke run: the rounds only, no membership-inference audit after them
+        text = text.replace("n_sites = 3", f"n_sites = {QUICK_SITES}")
+        text += "\n[audit]\nenabled = false\n"
+    config_path.write_text(text)
     home = work / "flwr-home"
     port = free_port()
     superlink = f"127.0.0.1:{port}"
@@ -74,7 +79,7 @@ def deploy_and_run(kind: str, rounds: int, root: Path) -> dict[str, Any]:
         )
         procs.append(sl)
         wait_for_port("127.0.0.1", port, timeout=120, proc=sl)
-        for site in SITES:
+        for site in sites:
             if kind == "flower":
                 cmd = supernode_command(
                     superlink=superlink,
@@ -143,6 +148,7 @@ def main() -> None:
     kinds = [args.only] if args.only else ["privml", "flower"]
     if args.quick and not args.only:
         kinds = ["privml"]  # Flower's own SuperNode takes about a minute per round
+    n_nodes = QUICK_SITES if args.quick else len(SITES)
     bench = Bench("flower_rounds", quick=args.quick, out=args.out,
                   params={"rounds": rounds, "reps": args.reps, "kinds": kinds})  # fmt: skip
     res: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -153,8 +159,11 @@ def main() -> None:
             counter[0] += 1
             root = Path(tmp) / str(counter[0])
             root.mkdir()
-            print(f"{kind}: {rounds} rounds of the demo, 3 SuperNodes on localhost", flush=True)
-            r = deploy_and_run(kind, rounds, root)
+            print(
+                f"{kind}: {rounds} rounds of the demo, {n_nodes} SuperNodes on localhost",
+                flush=True,
+            )
+            r = deploy_and_run(kind, rounds, root, quick=args.quick)
             res[kind].append(r)
             return float(statistics.median(r["round_seconds"]))
 
@@ -164,6 +173,10 @@ def main() -> None:
 
     raw = load_config(None).resolved()
     raw["training"]["rounds"] = rounds
+    if args.quick:  # the accuracy only: no audit, no encrypted inference
+        raw["data"]["n_sites"] = QUICK_SITES
+        raw["audit"]["enabled"] = False
+        raw["inference"]["encrypted"] = False
     sim = run_simulation(parse_config(raw), write=False)
     sim_acc = float(sim.results["metrics"]["accuracy"])
     per_round = {k: summarize([x for r in rs for x in r["round_seconds"]]) for k, rs in res.items()}
@@ -190,7 +203,7 @@ def main() -> None:
         ["SuperNodes", "seconds per round", "ratio of medians", "handshake", "accuracy"],
         rows,
         caption=(
-            f"The demo on a real Flower deployment on localhost (SuperLink with TLS, 3 "
+            f"The demo on a real Flower deployment on localhost (SuperLink with TLS, {n_nodes} "
             f"SuperNodes), {rounds} rounds per deployment, {args.reps} deployment(s) of each; "
             f"median (min-max) over all rounds. The simulation reaches {sim_acc:.4f} with the "
             "same seed."

@@ -56,12 +56,24 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return train_test_split(X, y.astype(np.float32), test_size=0.3, random_state=0)  # type: ignore[no-any-return]
 
 
-def train(spec: ModelSpec, Xtr: np.ndarray, ytr: np.ndarray, epochs: int = 400) -> torch.nn.Module:
+def train(spec: ModelSpec, Xtr: np.ndarray, ytr: np.ndarray, epochs: int = 400,
+          *, quick: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     X = torch.tensor(Xtr, dtype=torch.float32)
     y = torch.tensor(ytr)[:, None]
+    if quick:
+        # a smoke run: a few plain gradient steps (torch.optim's first use imports
+        # torch._dynamo, seconds of a run whose figures are never compared)
+        params = list(model.parameters())
+        for _ in range(20):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X), y)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p -= 0.5 * g
+        return model.eval()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(epochs):
         opt.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(model(X), y).backward()
@@ -187,8 +199,9 @@ def run(fn: Callable[[], Any]) -> Callable[[], None]:
     return call
 
 
-def quick_ms(fn: Callable[[], Any], n: int = 5) -> float:
-    fn()
+def quick_ms(fn: Callable[[], Any], n: int = 5, *, warm: bool = True) -> float:
+    if warm:
+        fn()
     t = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -205,28 +218,42 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore", InsecureOptionWarning)
     torch.set_num_threads(1)
-    reps = 3 if args.quick else args.reps
-    preps = 2 if args.quick else args.paillier_reps
+    # quick (a smoke run): one repetition, no warm-up, a few patients
+    reps = 1 if args.quick else args.reps
+    preps = 1 if args.quick else args.paillier_reps
+    warm = 0 if args.quick else 1
+    qms = 1 if args.quick else 5  # calibration timings per candidate
     bench = Bench("he_inference", quick=args.quick, out=args.out,
                   params={"reps": reps, "paillier_reps": preps})
     Xtr, Xte, ytr, _ = data()
-    n_cal = 20 if args.quick else len(Xte)  # the bound must hold on every test patient
-    # quick (a smoke run): the two most precise TenSEAL sets, the first MLP set, one key size
-    linear_sets = LINEAR_CANDIDATES[-2:] if args.quick else LINEAR_CANDIDATES
+    n_cal = 1 if args.quick else len(Xte)  # the bound must hold on every test patient
+    # quick (a smoke run): the most precise TenSEAL set, the first MLP set, one key size
+    linear_sets = LINEAR_CANDIDATES[-1:] if args.quick else LINEAR_CANDIDATES
     mlp_sets = MLP_CANDIDATES[:1] if args.quick else MLP_CANDIDATES
+    linear_anchors: dict[str, LinearAnchor] = {}
+
+    def linear_anchor(cfg: tuple[int, list[int], int]) -> LinearAnchor:
+        if not args.quick:
+            return LinearAnchor(cfg, w, b)
+        # quick: one context per set for every calibration (galois keys take a while)
+        if str(cfg) not in linear_anchors:
+            linear_anchors[str(cfg)] = LinearAnchor(cfg, w, b)
+        return linear_anchors[str(cfg)]
+
     it = iter(range(10**9))
     pick = lambda: Xte[next(it) % len(Xte)]  # noqa: E731
 
     # ------------------------------------------------------------------ logistic regression
     spec = ModelSpec("logistic", 30, 1)
-    lr = train(spec, Xtr, ytr)
+    lr = train(spec, Xtr, ytr, quick=args.quick)
     w = lr[0].weight.detach().double().numpy()[0]
     b = float(lr[0].bias.detach().double().numpy()[0])
     ref = plain(lr, Xte)[:, 0]
     ev = he.compile_model(lr, spec)
     keys = he.keygen(scheme="ckks", requirements=ev.requirements)
     server_pub = he.load_public(keys.public.to_bytes())
-    pool = ev.make_pool(server_pub, patients=4 * (reps + 2) + n_cal, chunks=8 * (reps + 2))
+    pool = ev.make_pool(server_pub, patients=4 * (reps + 2) + n_cal, chunks=8 * (reps + 2)) \
+        if not args.quick else ev.make_pool(server_pub, patients=8 + n_cal, chunks=4)
 
     def ours_single(x: np.ndarray) -> float:
         out = ev.predict(he.encrypt_features(keys, x), pool=pool)
@@ -244,9 +271,9 @@ def main() -> None:
     rows, results = [], {}
     for label, bound in bounds.items():
         anchor, trials = calibrate(
-            lambda cfg: LinearAnchor(cfg, w, b), linear_sets,
+            linear_anchor, linear_sets,
             lambda a: float(max(abs(a.single(Xte[i]) - ref[i]) for i in range(n_cal))),
-            lambda a: quick_ms(lambda: a.single(Xte[0])), bound,
+            lambda a: quick_ms(lambda: a.single(Xte[0]), qms, warm=not args.quick), bound,
         )
         bench.record(f"calibration_single_{label}", trials)
         if anchor is None:
@@ -254,24 +281,26 @@ def main() -> None:
                          "", "", "", ""])
             continue
         t = bench.interleave({"tenseal": run(lambda a=anchor: a.single(pick())),
-                              "privml": run(lambda: ours_single(pick()))}, reps=reps)
+                              "privml": run(lambda: ours_single(pick()))}, reps=reps,
+                             warmup=warm)
         r = ratios(t["tenseal"], t["privml"])
         a_err = float(max(abs(anchor.single(Xte[i]) - ref[i]) for i in range(n_cal)))
         results[label] = {"anchor_config": anchor.cfg, "tenseal_ms": t["tenseal"].to_dict(),
                           "privml_ms": t["privml"].to_dict(), "ratio": r.to_dict(),
                           "tenseal_max_abs_error": a_err, "privml_max_abs_error": ours_err,
-                          "tenseal_context_bytes": anchor.context_bytes}
+                          "tenseal_context_bytes": None if args.quick else anchor.context_bytes}
         n, bits, sb = anchor.cfg
         rows.append([f"CKKS logistic, 1 patient ({label})",
                      f"N={n} {bits} 2**{sb}", fmt_spread(t["tenseal"], 1e3, 2, "ms"),
                      fmt_spread(t["privml"], 1e3, 2, "ms"), fmt_ratio(r),
                      f"{a_err:.1e} / {ours_err:.1e}"])
     bench.record("ckks_logistic_single", results)
-    tw = bench.interleave({"privml_wire": run(lambda: ours_single_wire(pick()))}, reps=reps)
+    tw = bench.interleave({"privml_wire": run(lambda: ours_single_wire(pick()))}, reps=reps,
+                          warmup=warm)
     bench.record("ckks_logistic_single_wire_ms", tw["privml_wire"].to_dict())
 
     # batches
-    nb = 1024 if args.quick else 8192
+    nb = 64 if args.quick else 8192
     Xb = Xte[np.arange(nb) % len(Xte)]
     refb = plain(lr, Xb)[:, 0]
 
@@ -284,9 +313,9 @@ def main() -> None:
     for label, bound in {"equal precision": max(1e-5, ours_berr),
                          "1e-4 error": 1e-4}.items():
         anchor, trials = calibrate(
-            lambda cfg: LinearAnchor(cfg, w, b), linear_sets,
+            linear_anchor, linear_sets,
             lambda a: float(np.max(np.abs(a.batch(Xb) - refb))),
-            lambda a: quick_ms(lambda: a.batch(Xb), 1), bound,
+            lambda a: quick_ms(lambda: a.batch(Xb), 1, warm=not args.quick), bound,
         )
         bench.record(f"calibration_batch_{label}", trials)
         if anchor is None:
@@ -294,7 +323,8 @@ def main() -> None:
                          "", ""])
             continue
         t = bench.interleave({"tenseal": run(lambda a=anchor: a.batch(Xb)),
-                              "privml": run(ours_batch)}, reps=max(3, reps // 3))
+                              "privml": run(ours_batch)},
+                             reps=1 if args.quick else max(3, reps // 3), warmup=warm)
         r = ratios(t["tenseal"], t["privml"])
         a_err = float(np.max(np.abs(anchor.batch(Xb) - refb)))
         bres[label] = {"anchor_config": anchor.cfg, "n": nb,
@@ -310,43 +340,46 @@ def main() -> None:
 
     # ------------------------------------------------------------------ MLP 30-16-1 square
     mspec = ModelSpec("mlp", 30, 1, hidden=(16,), activation="square")
-    mlp = train(mspec, Xtr, ytr)
+    mlp = train(mspec, Xtr, ytr, quick=args.quick)
     mref = plain(mlp, Xte)[:, 0]
     mev = he.compile_model(mlp, mspec)
     mkeys = he.keygen(scheme="ckks", requirements=mev.requirements)
     mpub = he.load_public(mkeys.public.to_bytes())
-    mpool = mev.make_pool(mpub, patients=2 * reps + 10 + (20 if args.quick else len(Xte)))
+    mpool = mev.make_pool(mpub, patients=(2 * reps + 2 + n_cal) if args.quick
+                          else (2 * reps + 10 + len(Xte)))
 
     def ours_mlp(x: np.ndarray) -> float:
         out = mev.predict(he.encrypt_features(mkeys, x), pool=mpool)
         return float(he.decrypt_scores(mkeys.secret, out)[0, 0])
 
-    n_m = 20 if args.quick else len(Xte)
+    n_m = n_cal if args.quick else len(Xte)
     ours_merr = float(max(abs(ours_mlp(Xte[i]) - mref[i]) for i in range(n_m)))
     anchor, trials = calibrate(
         lambda cfg: MLPAnchor(cfg, mlp), mlp_sets,
         lambda a: float(max(abs(a.single(Xte[i]) - mref[i]) for i in range(min(n_cal, 20)))),
-        lambda a: quick_ms(lambda: a.single(Xte[0]), 3), 1e-3,
+        lambda a: quick_ms(lambda: a.single(Xte[0]), 1 if args.quick else 3,
+                           warm=not args.quick), 1e-3,
     )
     bench.record("calibration_mlp", trials)
     best_err = min((tr["max_abs_error"] for tr in trials if "max_abs_error" in tr),
                    default=float("nan"))
     if anchor is not None:
         t = bench.interleave({"tenseal": run(lambda a=anchor: a.single(pick())),
-                              "privml": run(lambda: ours_mlp(pick()))}, reps=max(3, reps // 2))
+                              "privml": run(lambda: ours_mlp(pick()))},
+                             reps=1 if args.quick else max(3, reps // 2), warmup=warm)
         r = ratios(t["tenseal"], t["privml"])
         bench.record("ckks_mlp_single", {
             "anchor_config": anchor.cfg, "tenseal_ms": t["tenseal"].to_dict(),
             "privml_ms": t["privml"].to_dict(), "ratio": r.to_dict(),
             "tenseal_best_max_abs_error_20": best_err, "privml_max_abs_error": ours_merr,
-            "tenseal_context_bytes": anchor.context_bytes,
+            "tenseal_context_bytes": None if args.quick else anchor.context_bytes,
             "privml_context_bytes": mkeys.public.size_bytes,
             "privml_flood_resolution": mev.flood_resolution,
         })
         n, bits, sb = anchor.cfg
         rows.append(["CKKS MLP 30-16-1 square, 1 patient", f"N={n} {bits} 2**{sb}",
                      fmt_spread(t["tenseal"], 1e3, 1, "ms"), fmt_spread(t["privml"], 1e3, 1, "ms"),
-                     fmt_ratio(r), f"{best_err:.1e} (20) / {ours_merr:.1e}"])
+                     fmt_ratio(r), f"{best_err:.1e} ({min(n_cal, 20)}) / {ours_merr:.1e}"])
 
     # ------------------------------------------------------------------ Paillier
     pev = he.compile_model(lr, spec, scheme="paillier")
@@ -354,9 +387,10 @@ def main() -> None:
         pkeys = he.keygen(scheme="paillier", requirements=pev.requirements, key_bits=bits)
         apk, ask = phe.generate_paillier_keypair(n_length=bits)
         t0 = time.perf_counter()
-        cpool = he.PaillierRandomnessPool(pkeys.public, size=30 * (preps + 3))
-        spool = he.PaillierRandomnessPool(pkeys.public, size=preps + 3)
-        pool_s = (time.perf_counter() - t0) / (preps + 3)
+        queries = preps + 1 if args.quick else preps + 3  # quick: no spare, no warm-up
+        cpool = he.PaillierRandomnessPool(pkeys.public, size=30 * queries)
+        spool = he.PaillierRandomnessPool(pkeys.public, size=queries)
+        pool_s = (time.perf_counter() - t0) / queries
 
         def anchor_p(x: np.ndarray, apk: Any = apk, ask: Any = ask) -> float:
             enc = [apk.encrypt(float(v)) for v in x]
@@ -371,7 +405,8 @@ def main() -> None:
 
         err = abs(ours_p(Xte[0]) - ref[0])
         t = bench.interleave({"phe": run(lambda f=anchor_p: f(pick())),
-                              "privml": run(lambda f=ours_p: f(pick()))}, reps=preps)
+                              "privml": run(lambda f=ours_p: f(pick()))}, reps=preps,
+                             warmup=warm)
         r = ratios(t["phe"], t["privml"])
         bench.record(f"paillier_{bits}_single", {
             "phe_ms": t["phe"].to_dict(), "privml_online_ms": t["privml"].to_dict(),

@@ -110,12 +110,10 @@ class PerVersionLedger:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument(
-        "--records", type=int, default=None, help="default 1,000,000 (quick 10,000)"
-    )
+    parser.add_argument("--records", type=int, default=None, help="default 1,000,000 (quick 2,000)")
     parser.add_argument("--reps", type=int, default=None, help="default 3 (quick 1)")
     args = parser.parse_args()
-    n = args.records or (10_000 if args.quick else 1_000_000)
+    n = args.records or (2_000 if args.quick else 1_000_000)
     reps = args.reps or (1 if args.quick else 3)
     bench = Bench("ledger", quick=args.quick, out=args.out,
                   params={"records": n, "reps": reps, "rounds": ROUNDS})  # fmt: skip

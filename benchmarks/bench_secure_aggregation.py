@@ -190,7 +190,8 @@ def main() -> None:
     demo_bits = 2048 if args.quick else 3072
     variants = {lab: demo_variant(sc, b, lab) for lab, (sc, b) in labels.items()}
     variants[f"phe-{demo_bits} anchor"] = phe_anchor(3, 31, demo_bits, measured=31)
-    t = bench.interleave(variants, reps=reps, key="demo_round_seconds")
+    warm = 0 if args.quick else 1  # quick (a smoke run): no warm-up
+    t = bench.interleave(variants, reps=reps, warmup=warm, key="demo_round_seconds")
     bench.record("demo", got)
     rows = []
     for lab, s in t.items():
@@ -218,7 +219,7 @@ def main() -> None:
         variants = {f"privml {label}": big}
         if scheme == "paillier":
             variants[f"phe-{bits} anchor"] = phe_anchor(n_sites, n_params, bits, measured=measured)
-        t = bench.interleave(variants, reps=reps, key=f"big_{label}")
+        t = bench.interleave(variants, reps=reps, warmup=warm, key=f"big_{label}")
         d = big.describe()
         ours = t[f"privml {label}"]
         for name, s in t.items():

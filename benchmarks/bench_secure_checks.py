@@ -89,11 +89,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="default 3 (quick 1)")
     args = ap.parse_args()
     seeds = args.seeds or (1 if args.quick else 3)
-    rounds, n_sites = (2, 10) if args.quick else (20, 10)
+    rounds, n_sites = (1, 5) if args.quick else (20, 10)
     torch.set_num_threads(1)
     bench = Bench("secure_checks", quick=args.quick, out=args.out,
                   params={"seeds": seeds, "rounds": rounds, "sites": n_sites,
-                          "attackers": 2, "attack": "sign_flip x10",
+                          "attackers": round(0.2 * n_sites), "attack": "sign_flip x10",
                           "max_norm": MAX_NORM})  # fmt: skip
     names = list(VARIANTS)
     acc: dict[str, list[float]] = {v: [] for v in names}
@@ -131,9 +131,9 @@ def main() -> None:
     rows.append(["majority class", f"{maj:.4f}", f"{100 * (maj - clean):+.1f}", ""])
     bench.table("accuracy", ["variant", "accuracy, median (min-max)", "points vs clean",
                              "seconds per round"], rows,
-                caption=f"Breast cancer IID over {n_sites} sites, {rounds} rounds, 2 sites "
-                f"sign-flipping x10, max_norm {MAX_NORM:g}; pooled test accuracy over {seeds} "
-                "seed(s)")  # fmt: skip
+                caption=f"Breast cancer IID over {n_sites} sites, {rounds} rounds, "
+                f"{round(0.2 * n_sites)} sites sign-flipping x10, max_norm {MAX_NORM:g}; pooled "
+                f"test accuracy over {seeds} seed(s)")  # fmt: skip
     enc = statistics.median(acc[names[3]])
     cos = statistics.median(acc[names[4]])
     fed_att = statistics.median(acc[names[1]])
