@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--opacus", action="store_true", help="also time Opacus (imports torch)")
     args = parser.parse_args()
     reps = args.reps or (1 if args.quick else 5)
+    warmup = 0 if args.quick else 1  # quick: proof that it runs, no warm-up repetition
     q, delta = 0.01, 1e-5
     steps = 100 if args.quick else 10_000
     bench = Bench("dp_accounting", quick=args.quick, out=args.out,
@@ -100,7 +101,10 @@ def main() -> None:
 
             cases |= {"Opacus RDP": opacus_rdp, "Opacus PRV": opacus_prv}
         t = bench.interleave(
-            {k: keep(k, f) for k, f in cases.items()}, reps=reps, key=f"sigma_{sigma}"
+            {k: keep(k, f) for k, f in cases.items()},
+            reps=reps,
+            warmup=warmup,
+            key=f"sigma_{sigma}",
         )
         bench.record(f"sigma_{sigma}_epsilon", eps)
         for name, s in t.items():
@@ -138,7 +142,10 @@ def main() -> None:
                 )
 
             t = bench.interleave(
-                {"calibrate": calibrate}, reps=reps, key=f"calibrate_{target}_{kind}"
+                {"calibrate": calibrate},
+                reps=reps,
+                warmup=warmup,
+                key=f"calibrate_{target}_{kind}",
             )
             res = got["res"]
             rows.append(

@@ -6,8 +6,8 @@ Run:  .venv/bin/python benchmarks/bench_dpsgd_utility.py            # the chosen
       .venv/bin/python benchmarks/bench_dpsgd_utility.py --quick    # one seed, few rounds
 
 Accuracies (no timing) go to the JSON results and the ``utility`` table (benchmarks/harness.py,
-benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed, 2 rounds, no validation
-split, digits at epsilon 1 only and 200 clients (a smoke run: its
+benchmarks/render_docs.py); with ``--quick`` each experiment runs one seed, 1 round, no validation
+split, digits at epsilon 1 only and 20 clients (a smoke run: its
 accuracies are not the targets').
 
 Experiments (each through :func:`privml.fl.training.train`, the code ``privml run``
@@ -218,14 +218,14 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
 
 
 def _quick(raw: dict[str, Any]) -> dict[str, Any]:
-    """A smoke run: 2 rounds, 200 clients at most (private training accounts replace-one
+    """A smoke run: 1 round, 20 clients at most (private training accounts replace-one
     neighbours, which only the PLD accountant computes)."""
     t, d = raw["training"], raw["data"]
-    return merge(
-        raw,
-        training={"rounds": min(2, t["rounds"])},
-        data={"n_sites": min(200, d["n_sites"])},
-    )
+    n_sites = min(20, d["n_sites"])
+    training: dict[str, Any] = {"rounds": 1}
+    if "clients_per_round" in t:
+        training["clients_per_round"] = min(t["clients_per_round"], n_sites // 2)
+    return merge(raw, training=training, data={"n_sites": n_sites})
 
 
 def report(

@@ -131,7 +131,7 @@ def _void(fn: Callable[[], Any]) -> Callable[[], None]:
 
 
 def bench_case(
-    bench: Bench, key: str, name: str, cfg: Config, reps: int
+    bench: Bench, key: str, name: str, cfg: Config, reps: int, quick: bool = False
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     fed = load_federation(cfg)
@@ -140,21 +140,33 @@ def bench_case(
     X_test, y_test = fed.pooled_test()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    last: dict[str, Any] = {}  # quick: the timed runs' own results, not run again
+
+    def keep(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            last[name] = fn()
+
+        return run
+
     try:
         t = bench.interleave(
             {
-                "privml simulate": _void(lambda: simulate(fed, spec, cfg.training)),
-                "per-site PyTorch loop": _void(lambda: per_site_loop(fed, spec, cfg)),
-                "centralized scikit-learn": _void(lambda: centralized(fed)),
+                "privml simulate": keep("res", lambda: simulate(fed, spec, cfg.training)),
+                "per-site PyTorch loop": keep("loop", lambda: per_site_loop(fed, spec, cfg)),
+                "centralized scikit-learn": keep("sk", lambda: centralized(fed)),
             },
             reps=reps,
+            warmup=0 if quick else 1,
             key=f"{key}_seconds",
         )
     finally:
         torch.set_num_threads(before)
-    res = simulate(fed, spec, cfg.training)
-    loop_params = per_site_loop(fed, spec, cfg)
-    _, sk_acc = centralized(fed)
+    if quick:
+        res, loop_params, (_, sk_acc) = last["res"], last["loop"], last["sk"]
+    else:
+        res = simulate(fed, spec, cfg.training)
+        loop_params = per_site_loop(fed, spec, cfg)
+        _, sk_acc = centralized(fed)
     model, _ = init_params(spec, cfg.training.seed)
     loop_acc = evaluate(model, loop_params, X_test, y_test)["accuracy"]
     out = {
@@ -178,8 +190,11 @@ def bench_case(
     return out
 
 
-def accuracy_over_splits(make: Callable[[int], Config], splits: int) -> dict[str, Any]:
-    """Federated vs centralized accuracy over ``splits`` data seeds (partition + held-out)."""
+def accuracy_over_splits(
+    make: Callable[[int], Config], splits: int, cv_grid: tuple[int, int] = (10, 5)
+) -> dict[str, Any]:
+    """Federated vs centralized accuracy over ``splits`` data seeds (partition + held-out);
+    ``cv_grid``: the (Cs, folds) of ``LogisticRegressionCV``."""
     fed_acc, sk_acc, cv_acc = [], [], []
     for seed in range(splits):
         cfg = make(seed)
@@ -190,7 +205,7 @@ def accuracy_over_splits(make: Callable[[int], Config], splits: int) -> dict[str
         Xt, yt = fed.pooled_test()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9 parameter notices
-            cv = LogisticRegressionCV(Cs=10, cv=5, max_iter=5000).fit(X, y)
+            cv = LogisticRegressionCV(Cs=cv_grid[0], cv=cv_grid[1], max_iter=5000).fit(X, y)
         cv_acc.append(float(cv.score(Xt, yt)))
     f, s, c = np.array(fed_acc), np.array(sk_acc), np.array(cv_acc)
     return {
@@ -212,7 +227,7 @@ def main() -> None:
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 5)
     rounds = args.rounds or (2 if args.quick else 20)
-    sites = args.sites or (10 if args.quick else 100)
+    sites = args.sites or (4 if args.quick else 100)
     splits = args.splits if args.splits is not None else (2 if args.quick else 10)
     bench = Bench(
         "fl_speed",
@@ -222,8 +237,8 @@ def main() -> None:
     )
     cases = [
         bench_case(bench, "iid", f"breast cancer IID, {sites} sites", iid_config(sites, rounds),
-                   reps),
-        bench_case(bench, "demo", "demo, 3 hospitals", demo_config(rounds), reps),
+                   reps, args.quick),
+        bench_case(bench, "demo", "demo, 3 hospitals", demo_config(rounds), reps, args.quick),
     ]  # fmt: skip
     rows = []
     for r in cases:
@@ -278,7 +293,7 @@ def main() -> None:
     rows = []
     for key, name, make in (("iid", f"breast cancer IID, {sites} sites", iid_seed),
                             ("demo", "demo, 3 hospitals", demo_seed)):  # fmt: skip
-        a = accuracy_over_splits(make, splits)
+        a = accuracy_over_splits(make, splits, (2, 2) if args.quick else (10, 5))
         bench.record(f"{key}_splits", {k: list(v) for k, v in a.items()})
         rows.append(
             [name, f"{a['fed'][0]:.4f} +- {a['fed'][1]:.4f}",

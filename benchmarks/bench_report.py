@@ -60,9 +60,12 @@ def main() -> None:
     bench = Bench("report", quick=args.quick, out=args.out)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "demo"
-        privml.run(None, out_dir=run_dir)
+        # quick (proof that it runs): a 2-round demo without the audit, one repetition
+        quick_demo = ["training.rounds=2", "audit.enabled=false"] if args.quick else []
+        privml.run(None, out_dir=run_dir, overrides=quick_demo)
         results = read_results(run_dir)
-        reps = 3 if args.quick else 9
+        reps = 1 if args.quick else 9
+        warmup = 0 if args.quick else 1
         cpu: list[float] = []
         render_cpu: list[float] = []
 
@@ -85,10 +88,12 @@ def main() -> None:
         got = bench.interleave(
             {"privml report (in process)": render_timed,
              "matplotlib, same plots only": _plots_only},
-            reps=reps, key="timings",
+            reps=reps, warmup=warmup, key="timings",
         )  # fmt: skip
         ours, anchor = got["privml report (in process)"], got["matplotlib, same plots only"]
-        cmd = bench.interleave({"privml report RUN_DIR": command}, reps=reps, key="command")
+        cmd = bench.interleave(
+            {"privml report RUN_DIR": command}, reps=reps, warmup=warmup, key="command"
+        )
         wall = cmd["privml report RUN_DIR"]
         size = (run_dir / "report.html").stat().st_size
         cmd_cpu, ren_cpu = summarize(cpu[1:] or cpu), summarize(render_cpu[1:] or render_cpu)

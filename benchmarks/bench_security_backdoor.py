@@ -58,11 +58,11 @@ def demo(partition: str, seed: int, rounds: int) -> dict[str, Any]:
     return dict(out["configured"])
 
 
-def digits(seed: int, rounds: int) -> dict[str, Any]:
+def digits(seed: int, rounds: int, epochs: int = 2) -> dict[str, Any]:
     cfg = parse_config({
         "data": {"dataset": "digits", "n_sites": 10, "partition": "iid", "seed": seed},
         "model": {"kind": "mlp", "hidden": [64]},
-        "training": {"rounds": rounds, "local_epochs": 2, "batch_size": 32, "lr": 0.5,
+        "training": {"rounds": rounds, "local_epochs": epochs, "batch_size": 32, "lr": 0.5,
                      "seed": seed},
     })  # fmt: skip
     fed = load_federation(cfg)
@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
-    rounds = 3 if args.quick else 20
+    rounds = 2 if args.quick else 20
     bench = Bench("security_backdoor", quick=args.quick, out=args.out,
                   params={"seeds": seeds, "rounds": rounds, "sites": 4, "alpha": 0.5,
                           "target": "benign", "boost": "replace"})  # fmt: skip
@@ -158,7 +158,7 @@ def main() -> None:
                 "rate on honest hospitals and detection rate on the attacker, medians (min-max) "
                 f"over {seeds} seeds, 20 rounds each.")  # fmt: skip
     if not args.no_digits:
-        d = digits(0, 2 if args.quick else 30)
+        d = digits(0, 2, 1) if args.quick else digits(0, 30)
         bench.record("digits", d)
         r = d["rows"]
         bench.table("digits", ["scenario", "main-task accuracy", "attack success"], [

@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = 1 if args.quick else args.runs
     m = 100 if args.quick else args.canaries
-    rounds, epochs = (3, 4) if args.quick else (30, 20)
+    rounds, epochs = (1, 1) if args.quick else (30, 20)
     bench = Bench("security_canary", quick=args.quick, out=args.out,
                   params={"canaries": m, "dp_runs": runs, "rounds": rounds,
                           "local_epochs": epochs, "delta": 1e-5})  # fmt: skip

@@ -91,7 +91,7 @@ def tabular_demo(bench: Bench, quick: bool) -> None:
 
     cfg = load_config(None)
     if quick:
-        cfg.training.rounds, cfg.training.local_epochs = 3, 2
+        cfg.training.rounds, cfg.training.local_epochs = 1, 1
     fed = load_federation(cfg)
     spec = model_spec(cfg, fed)
     X, y = fed.pooled_test()
@@ -210,7 +210,7 @@ def digits_cnn(bench: Bench, args: Any) -> None:
         X, d.target, test_size=0.25, random_state=0, stratify=d.target
     )
     if args.quick:
-        Xtr, ytr, Xte, yte = Xtr[:300], ytr[:300], Xte[:100], yte[:100]
+        Xtr, ytr, Xte, yte = Xtr[:100], ytr[:100], Xte[:30], yte[:30]
     spec = ModelSpec("cnn", 64, 10, image_shape=(8, 8))
     eps, step = args.eps, args.eps / 10
     out: dict[str, object] = {"eps": eps, "pgd_steps": 20, "step": step, "n_test": len(yte)}
@@ -255,7 +255,8 @@ def digits_cnn(bench: Bench, args: Any) -> None:
 
     from harness import ratios
 
-    timing = bench.interleave({"art": run_art, "privml": run_ours}, reps=reps, key="speed_pgd20")
+    timing = bench.interleave({"art": run_art, "privml": run_ours}, reps=reps,
+                              warmup=0 if args.quick else 1, key="speed_pgd20")  # fmt: skip
     out["speed"] = {
         "art_median_s": timing["art"].median,
         "privml_median_s": timing["privml"].median,

@@ -63,10 +63,11 @@ def main() -> None:
     ap.add_argument("--dp-batch", type=int, default=125)
     ap.add_argument("--dp-lr", type=float, default=2.0)
     ap.add_argument("--dp-epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=200, help="non-private (overfit) epochs")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.quick:
-        args.pool, args.models, args.dp_epochs = 100, 4, 3
+        args.pool, args.models, args.dp_epochs, args.epochs = 100, 4, 1, 5
     torch.set_num_threads(args.threads)
     d = load_digits()
     rng = np.random.default_rng(0)
@@ -77,7 +78,7 @@ def main() -> None:
     delta = 1e-5
     out: dict[str, object] = {"pool": args.pool, "models": args.models, "delta": delta}
     t0 = time.perf_counter()
-    plain = sgd_shadow_trainer(spec, lr=0.5, epochs=200, batch_size=32)
+    plain = sgd_shadow_trainer(spec, lr=0.5, epochs=args.epochs, batch_size=32)
     for online in (True, False):
         r = lira_game(X, y, spec, trainer=plain, n_models=args.models, online=online,
                       delta=delta)  # fmt: skip

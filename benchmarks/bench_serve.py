@@ -126,6 +126,7 @@ def _client_proc(
     window: Any,
     results: Any,
     interval: float,
+    warm_batch: bool = True,
 ) -> None:
     """One process running ``len(tokens)`` client threads within the parent's time window."""
     from privml.serve.client import PredictionClient
@@ -140,7 +141,7 @@ def _client_proc(
     for c in clients:  # warm up: keys loaded once per process, registration checked
         c.keyring = clients[0].keyring
         c.predict_logits(X[:1])
-        if mode == "batch":
+        if mode == "batch" and warm_batch:
             c.predict_logits(X[:BATCH])
     ready.wait()
     go.wait()
@@ -210,6 +211,7 @@ def run_load(
     server_pid: int,
     bodies: list[bytes] | None = None,
     rps: float = 0.0,
+    warm_batch: bool = True,
 ) -> dict[str, Any]:
     """Start the client processes, wait until all are warmed up, then run them together for
     ``seconds`` and collect every request's latency (the window is measured by the parent)."""
@@ -233,6 +235,7 @@ def run_load(
                 window,
                 results,
                 len(tokens) / rps if rps else 0.0,
+                warm_batch,
             ),
         )
         for g in groups
@@ -382,11 +385,12 @@ def main() -> None:
     ap.add_argument("--batch-seconds", type=float, default=20.0)
     add_common_args(ap)
     args = ap.parse_args()
-    if args.quick:
-        args.single_reps, args.paillier_reps = 20, 3
-        args.clients = args.client_procs = 4
-        args.seconds, args.batch_seconds, args.paced_rps = 3.0, 2.0, 10.0
-        args.batch_clients = 2
+    if args.quick:  # proof that it runs end to end: every part once, tiny
+        args.single_reps, args.paillier_reps = 3, 1
+        args.clients, args.client_procs = 2, 1
+        args.seconds, args.batch_seconds, args.paced_rps = 0.5, 0.5, 10.0
+        args.batch_clients = 1
+    warmup = 0 if args.quick else 1
 
     import torch
     from bench_he_inference import LinearAnchor
@@ -414,7 +418,11 @@ def main() -> None:
         os.environ["PRIVML_SIGNING_KEY"] = str(tmp / "signing" / "signing-key.pem")
         os.environ.pop("PRIVML_TRUSTED_KEYS", None)
         model_dir = tmp / "model"
-        run(load_config(None), out_dir=model_dir)
+        # quick: a 2-round demo without its audit (the service is what is measured)
+        quick_demo = (
+            ["training.rounds=2", "audit.enabled=false", "output.html=false"] if args.quick else []
+        )
+        run(load_config(None, overrides=quick_demo), out_dir=model_dir)
     model, _spec, _enc, _task, _ = load_model(model_dir)
     lin = model[0]
     w = lin.weight.detach().double().numpy()[0]
@@ -462,6 +470,7 @@ def main() -> None:
                 "served": variant("served", lambda x: float(client.predict_logits(x)[0, 0])),
             },
             reps=args.single_reps,
+            warmup=warmup,
             key="single_ms",
         )
         r = ratios(t["anchor"], t["served"])
@@ -497,9 +506,11 @@ def main() -> None:
             url, token=tokens[-2], keys_dir=keys_dir, passphrase=PASSPHRASE, scheme="paillier"
         )
         pclient.register()
-        offline_s = pclient.prepare(args.paillier_reps + 4)
-        pclient.predict_logits(Xtest[0])  # the server's pool for this key starts filling
-        time.sleep(1.0 if args.quick else min(30.0, 0.05 * args.paillier_reps + 5.0))
+        prepared = args.paillier_reps + (0 if args.quick else 4)
+        offline_s = pclient.prepare(prepared)
+        if not args.quick:  # quick: no wait for the server's pool (the figures are not used)
+            pclient.predict_logits(Xtest[0])  # the server's pool for this key starts filling
+            time.sleep(min(30.0, 0.05 * args.paillier_reps + 5.0))
         apk, ask = phe.generate_paillier_keypair(n_length=3072)
         perr = {"phe": 0.0, "served": 0.0}
 
@@ -523,6 +534,7 @@ def main() -> None:
                 "served": pvariant("served", lambda x: float(pclient.predict_logits(x)[0, 0])),
             },
             reps=args.paillier_reps,
+            warmup=warmup,
             key="paillier_single_ms",
         )
         bench.record(
@@ -531,7 +543,7 @@ def main() -> None:
                 "online_p50_ms": tp["served"].median * 1e3,
                 "online_p99_ms": pct(tp["served"].values, 99) * 1e3,
                 "phe_p50_ms": tp["phe"].median * 1e3,
-                "client_offline_s_per_patient": offline_s / (args.paillier_reps + 4),
+                "client_offline_s_per_patient": offline_s / prepared,
                 "client_pool_misses": pclient._pool.misses if pclient._pool else None,
                 "max_abs_error": perr["served"],
             },
@@ -539,7 +551,7 @@ def main() -> None:
         rows.append(
             [
                 f"privml serve + client, Paillier-3072, 1 patient, online (client pool "
-                f"offline {offline_s / (args.paillier_reps + 4):.2f} s per patient)",
+                f"offline {offline_s / prepared:.2f} s per patient)",
                 f"{tp['served'].median * 1e3:.1f}",
                 f"{pct(tp['served'].values, 99) * 1e3:.1f}",
                 fmt_ratio(ratios(tp["phe"], tp["served"])) + " vs phe",
@@ -566,7 +578,7 @@ def main() -> None:
 
         # ------------------------------------------------------------ responsiveness
         hz = healthz_during_paillier(
-            url, tokens[-2], keys_dir, Xtest, 600.0, 1024 if args.quick else PAILLIER_BIG
+            url, tokens[-2], keys_dir, Xtest, 600.0, 256 if args.quick else PAILLIER_BIG
         )
         bench.record("healthz_during_paillier_8192", hz)
 
@@ -601,6 +613,7 @@ def main() -> None:
             seconds=args.batch_seconds,
             mode="batch",
             server_pid=proc.pid,
+            warm_batch=not args.quick,  # quick: no 1,000-patient warm-up request
         )
         bodies = []
         import base64
