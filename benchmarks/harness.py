@@ -26,6 +26,8 @@ measured itself (to exclude set-up that belongs to neither variant).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -76,13 +78,13 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": _git_commit(),
     }
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:  # the threads the benchmark ran with
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    else:  # a benchmark that never used torch: not imported (seconds) only to be named
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info["torch"] = importlib.metadata.version("torch")
     return info
 
 
