@@ -223,6 +223,8 @@ _SECAGG_FIELDS = (
     "secagg_clipping_range",
     "secagg_quantization_range",
     "secagg_modulus",
+    "secagg_min_senders",
+    "secagg_colluding_sites",
 )
 
 
@@ -339,6 +341,21 @@ class TrainingConfig(_Strict):
     secagg_modulus: int = Field(
         default=1 << 32,
         description="SecAgg+: masks and sums are taken modulo this power of two (2**32)",
+    )
+    secagg_colluding_sites: int | None = Field(
+        default=None,
+        ge=0,
+        description="SecAgg+ in simulation: how many sites may collude with a malicious server "
+        "(the consistency check's c; default threshold - 1, as many as the masking tolerates "
+        "in one neighbourhood); must be below the threshold",
+    )
+    secagg_min_senders: int | None = Field(
+        default=None,
+        ge=2,
+        description="SecAgg+ in simulation: the fewest senders a round may unmask; the sites "
+        "sign the list of senders and unmask only a list every site on it signed, at least "
+        "this long (default (cohort + secagg_colluding_sites) // 2 + 1, the least that makes "
+        "the list unique; a smaller value is refused)",
     )
 
     @model_validator(mode="after")

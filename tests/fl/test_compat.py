@@ -51,6 +51,8 @@ def _raw_for(row: compat.Combination) -> dict[str, Any] | None:
                      aggregator_params={"max_norm": 1.0})  # fmt: skip
         elif option == "secagg_modulus" and v == "above 2**32":
             t["secagg_modulus"] = 1 << 40
+        elif option == "secagg_consistency" and v == "set":
+            t["secagg_colluding_sites"] = 1
         elif option == "resume":
             return None  # a flag of privml run, checked below
     return raw

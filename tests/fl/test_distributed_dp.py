@@ -168,7 +168,8 @@ class DPRound:
                  drop: dict[str, set[int]] | None = None, dim: int = P,
                  server_m: int | None = None, **kw: Any) -> None:  # fmt: skip
         self.params = S.SecAggParams(kw.get("k"), kw.get("t"), CLIP, plan.quantization_range,
-                                     plan.modulus, 1.0, dim, plan.min_senders)  # fmt: skip
+                                     plan.modulus, 1.0, dim, plan.min_senders,
+                                     plan.colluding)  # fmt: skip
         sp = self.params if server_m is None else replace(self.params, min_senders=server_m)
         self.server = MaskingServer(sp, record=True)
         self.sites = SimulatedSites(self.params, drop=dict(drop or {}))
@@ -256,19 +257,24 @@ def test_fewer_senders_than_m_release_no_sum() -> None:
 
 
 def test_a_server_that_skips_the_check_gets_no_shares() -> None:
-    """A server whose own copy of the parameters has no minimum (or that ignores it) sends the
-    unmask request straight away: every site refuses, nothing is unmasked."""
+    """A server whose own copy of the parameters has no minimum shows the sites the short
+    list of senders: they refuse to sign it, the round is skipped. One that skips the check
+    and sends the unmask request straight away: every site refuses, nothing is unmasked."""
     n, m = 8, 6
     plan = _plan(n=n, t=m, steps=5)
     r = DPRound(n, plan, NoiseSource.fresh(), drop={"masked_vector": {0, 1, 2}}, server_m=0,
                 k=n, t=5)  # fmt: skip
     out = r.run(1)
-    assert out.skipped == "secagg_too_few_shares"
+    assert out.skipped == "secagg_senders_unconfirmed"
     refused = r.sites.refused[1]
     assert set(refused) == set(range(3, n))
+    assert all("needs at least 6 noise shares" in e for e in refused.values())
+    session, _ = r.masked(2)
+    r.sites.refused.clear()
+    assert not r.sites(2, "unmask", session._unmask_requests({}))
+    refused = r.sites.refused[2]
+    assert set(refused) == set(range(3, n))
     assert all("before the list of senders was confirmed" in e for e in refused.values())
-    assert not any(step == "unmask" and reply for step, _, reply in
-                   r.server.sessions[1].received)  # fmt: skip
 
 
 def _answers(r: DPRound, rnd: int, step: str, requests: dict[int, Any]) -> dict[int, Any]:

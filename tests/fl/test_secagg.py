@@ -8,6 +8,7 @@ try to read one site's update from them, the way a curious or lying server would
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import struct
 import tomllib
@@ -103,7 +104,8 @@ def test_masks_cancel_exactly_and_fill_the_modulus(modulus: int, qrange: int) ->
     session = r.server.sessions[1]
     vectors = {i: v for i, v in enumerate(batch.sealed) if v is not None}
     assert sorted(vectors) == [0, 1, 2, 4, 5, 6]
-    total = session.on_unmask(r.sites(1, "unmask", session.on_masked(vectors)))
+    signed = session.on_confirmed(r.sites(1, "confirm", session.on_masked(vectors)))
+    total = session.on_unmask(r.sites(1, "unmask", signed))
     assert q is not None and session.dropped == [3]
     expected = q[sorted(vectors)].sum(axis=0, dtype=np.uint64) & np.uint64(modulus - 1)
     assert np.array_equal(total, expected)
@@ -172,7 +174,7 @@ def test_no_message_the_server_receives_reveals_one_update() -> None:
     assert out.skipped is None
     session = r.server.sessions[1]
     steps = {step for step, _, _ in session.received}
-    assert steps == {"setup", "share_keys", "masked_vector", "unmask"}
+    assert steps == {"setup", "share_keys", "masked_vector", "confirm", "unmask"}
     # everything the server holds about site 0: its masked vector and the shares it collected
     target = 0
     y = next(p for s, i, p in session.received if s == "masked_vector" and i == target)
@@ -226,81 +228,168 @@ def test_with_both_secrets_the_attack_would_work() -> None:
     assert np.abs(guess / w - r.updates[0]).max() < 1e-5
 
 
+def _sealed(r: Round, rnd: int = 1) -> tuple[Any, S.ServerSession, dict[int, Any]]:
+    """A round up to the masked vectors: the batch, the server's session, the vectors."""
+    batch = SiteUpdates(rnd, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
+                        np.zeros(len(r.ids), dtype=bool))  # fmt: skip
+    r.seal.apply(batch)
+    vectors = {i: v for i, v in enumerate(batch.sealed) if v is not None}
+    return batch, r.server.sessions[rnd], vectors
+
+
+def _lists(session: S.ServerSession, *groups: list[int]) -> list[list[tuple[int, bytes]]]:
+    return [[(i, session.keys[i][0]) for i in sorted(g)] for g in groups]
+
+
+def _unmask_requests(
+    session: S.ServerSession, listed: list[tuple[int, bytes]], sigs: dict[int, bytes],
+    to: list[int],
+) -> dict[int, dict[str, Any]]:  # fmt: skip
+    a = {i for i, _ in listed}
+    return {i: {"senders": sorted(session.graph[i] & a), "dropped": sorted(session.graph[i] - a),
+                "all_senders": listed, "signatures": sigs} for i in to}  # fmt: skip
+
+
 def test_a_site_refuses_contradictory_or_repeated_unmask_requests() -> None:
     r = Round(5)
-    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
-                        np.zeros(5, dtype=bool))  # fmt: skip
-    r.seal.apply(batch)
-    site = r.sites.sessions[1]
+    _, session, vectors = _sealed(r)
+    # a server that skips the consistency check (Flower's workflow has none) gets nothing
+    with pytest.raises(UsageError, match="before the list of senders was confirmed"):
+        r.sites.sessions[1].unmask(senders=[0, 1, 2, 3, 4], dropped=[])
+    r2 = Round(5)
+    _, session, vectors = _sealed(r2)
+    sigs = r2.sites(1, "confirm", session.on_masked(vectors))
+    (listed,) = _lists(session, list(range(5)))
+    site = r2.sites.sessions[1]
     with pytest.raises(UsageError, match="both as senders and as dropped"):
-        site.unmask(senders=[0, 1, 2], dropped=[2])
-    site2 = r.sites.sessions[2]
-    site2.unmask(senders=[0, 1, 2, 3, 4], dropped=[])
-    with pytest.raises(UsageError, match="out of order"):
-        site2.unmask(senders=[0, 1], dropped=[2, 3, 4])  # a second request: refused
+        site.unmask(senders=[0, 1, 2, 3, 4], dropped=[2], all_senders=listed, signatures=sigs)
+    site2 = r2.sites.sessions[2]
+    site2.unmask(senders=[0, 1, 2, 3, 4], dropped=[], all_senders=listed, signatures=sigs)
+    with pytest.raises(UsageError, match="out of order"):  # a second request: refused
+        site2.unmask(senders=[0, 1], dropped=[2, 3, 4], all_senders=listed, signatures=sigs)
 
 
-def test_a_lying_server_cannot_collect_both_secrets_of_a_site() -> None:
-    """The server tells half of site 0's neighbours that it sent its vector and the other half
-    that it dropped out. Each honest site answers once; the threshold exceeds half the share
-    count, so the server gets fewer than ``threshold`` shares of at least one secret."""
-    r = Round(7)
-    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
-                        np.zeros(7, dtype=bool))  # fmt: skip
-    r.seal.apply(batch)
-    session = r.server.sessions[1]
-    holders = sorted(session.graph[0] - {0})
-    others = sorted(set(range(7)) - {0})
-    half = len(holders) // 2
-    self_shares, mask_shares = [], []
-    for h in holders[:half]:
-        got = r.sites.sessions[h].unmask(senders=others + [0], dropped=[])
-        self_shares.append(got[0])
-    for h in holders[half:]:
-        try:
-            got = r.sites.sessions[h].unmask(senders=[x for x in others], dropped=[0])
-        except UsageError:
-            continue
-        mask_shares.append(got[0])
-    assert len(self_shares) < session.t or len(mask_shares) < session.t
-    assert session.t > session.k / 2
+def _split_attack(
+    r: Round, sent_side: list[int], dropped_side: list[int], colluders: list[int]
+) -> tuple[Any, S.ServerSession, list[bytes], list[bytes]]:
+    """A lying server against site 0 (every site sent its vector): it lists site 0 as a sender
+    to ``sent_side`` and leaves it off the list it shows ``dropped_side``; the colluders sign
+    both lists and hand over both of their shares of site 0's secrets. Returns the batch,
+    the server's session and the shares of site 0's self-mask seed and mask-key seed the
+    server ends with."""
+    batch, session, vectors = _sealed(r)
+    session.on_masked(vectors)  # the server's bookkeeping; the lie follows
+    got: dict[bool, list[bytes]] = {True: [], False: []}
+    for side, sent in ((sent_side, True), (dropped_side, False)):
+        members = sorted({*side, *colluders, *([0] if sent else [])})
+        (listed,) = _lists(session, members)
+        honest = [i for i in members if i not in colluders]
+        sigs = r.sites(1, "confirm", {i: {"all_senders": listed} for i in honest})
+        msg = S._senders_message(1, listed)
+        sigs |= {c: r.sites._identity[c].sign(msg) for c in colluders}
+        answers = r.sites(1, "unmask", _unmask_requests(session, listed, sigs, honest))
+        got[sent] += [a[0] for a in answers.values() if 0 in a]
+    col = [r.sites.sessions[c] for c in colluders]
+    self_shares = got[True] + [c._self_shares[0] for c in col]
+    mask_shares = got[False] + [c._mask_shares[0] for c in col]
+    return batch, session, self_shares, mask_shares
 
 
-def test_one_colluding_neighbour_lets_a_lying_server_read_a_site() -> None:
-    """The limit of the test above (documented in docs/threat-model.md): the split works only
-    against honest neighbours. With ``c`` neighbours of site 0 handing the server both of
-    their shares, a server that lies about site 0's dropout needs ``2 t - c`` honest answers
-    from ``k - c`` holders: at the default ``t = k // 2 + 1`` one colluder is enough. SecAgg+
-    here, as Flower's, is secure against a semi-honest server only."""
-    r = Round(7)
-    batch = SiteUpdates(1, r.ids, torch.zeros(1), r.updates.copy(), r.weights,
-                        np.zeros(7, dtype=bool))  # fmt: skip
-    r.seal.apply(batch)
-    session = r.server.sessions[1]
-    assert (session.k, session.t) == (7, 4)
-    holders = sorted(session.graph[0] - {0})
-    colluder, honest = holders[0], holders[1:]
-    others = [x for x in range(7) if x != 0]
-    col = r.sites.sessions[colluder]
-    self_shares = [col._self_shares[0]]  # the colluder hands over both of its shares
-    mask_shares = [col._mask_shares[0]]
-    for h in [0, *honest[:2]]:  # told "site 0 sent its vector" (site 0 itself included)
-        self_shares.append(r.sites.sessions[h].unmask(senders=[0, *others], dropped=[])[0])
-    for h in honest[2:]:  # told "site 0 dropped out"
-        mask_shares.append(r.sites.sessions[h].unmask(senders=others, dropped=[0])[0])
-    assert len(self_shares) == len(mask_shares) == session.t
+def _read_site_0(r: Round, batch: Any, session: S.ServerSession, self_shares: list[bytes],
+                 mask_shares: list[bytes]) -> np.ndarray:  # fmt: skip
+    """With both of site 0's seeds, strip every mask off its vector: its update."""
     self_seed, mask_seed = S._combine(self_shares), S._combine(mask_shares)
     assert S._commit(self_seed, 1, 0) == session.commits[0]
     sk = S._mask_private_key(mask_seed)
     assert S._public_bytes(sk) == session.keys[0][0]
     m = r.params.modulus
     rest = (batch.sealed[0] - S._prg(S._hkdf(self_seed, b"self mask" + S._ids(1, 0)), P + 1, m)
-            ) & np.uint64(m - 1)  # type: ignore[index]  # fmt: skip
-    for j in holders:
+            ) & np.uint64(m - 1)  # fmt: skip
+    for j in sorted(session.graph[0] - {0}):
         rest = (rest + S._prg(S._agree(sk, session.keys[j][0], b"mask" + S._ids(1, 0, j)),
                               P + 1, m)) & np.uint64(m - 1)  # fmt: skip
     guess, w = S.dequantize_sum(rest, 1, r.params)
-    assert np.abs(guess / w - r.updates[0]).max() < 1e-5
+    return guess / w  # type: ignore[no-any-return]
+
+
+def test_a_lying_server_cannot_collect_both_secrets_of_a_site() -> None:
+    """The server tells half of site 0's neighbours that it sent its vector and the other half
+    that it dropped out. Each honest site signs one list and unmasks only a list every site on
+    it signed, longer than the minimum: the server gets fewer than ``threshold`` shares of at
+    least one secret."""
+    r = Round(7)
+    _, session, self_shares, mask_shares = _split_attack(r, [1, 2, 3], [4, 5, 6], [])
+    assert len(self_shares) < session.t or len(mask_shares) < session.t
+    assert r.sites.refused[1]
+
+
+@pytest.mark.parametrize(("n", "colluders", "declared"), [(7, [1], None), (7, [1, 2], 2)])
+def test_colluding_neighbours_do_not_let_a_lying_server_read_a_site(
+    n: int, colluders: list[int], declared: int | None
+) -> None:
+    """One colluding neighbour (default ``c = threshold - 1``), and ``c`` declared colluders,
+    sign both of the server's contradictory lists and hand over both of their shares of site
+    0's secrets. Every way of splitting the honest sites between the two lists leaves one list
+    short of the minimum (refused when it is shown) or unsigned by some site on it (refused
+    when the server asks to unmask): the server rebuilds at most one of site 0's seeds."""
+    honest = [i for i in range(1, n) if i not in colluders]
+    for size in range(len(honest) + 1):
+        for sent in itertools.combinations(honest, size):
+            r = Round(n, colluding=declared)
+            rest = [i for i in honest if i not in sent]
+            _, session, self_shares, mask_shares = _split_attack(r, list(sent), rest, colluders)
+            assert session.k == n and len(colluders) < session.t
+            assert len(self_shares) < session.t or len(mask_shares) < session.t, sent
+
+
+def test_colluders_beyond_the_declared_count_break_the_check() -> None:
+    """Positive control for the test above, and the check's assumption: declare no colluder
+    (``secagg_colluding_sites = 0``) while one neighbour colludes, and the minimum (4 of 7)
+    leaves room for two lists signed by disjoint halves: the server collects ``t`` shares of
+    both of site 0's seeds and reads its update."""
+    r = Round(7, colluding=0)
+    batch, session, self_shares, mask_shares = _split_attack(r, [2, 3], [4, 5, 6], [1])
+    assert (session.k, session.t) == (7, 4)
+    assert len(self_shares) == len(mask_shares) == session.t
+    update = _read_site_0(r, batch, session, self_shares, mask_shares)
+    assert np.abs(update - r.updates[0]).max() < 1e-5
+
+
+def test_two_lists_below_the_minimum_unmask_nothing() -> None:
+    """The server shows each half of the sites a list of that half only (both under the
+    minimum), then lists padded with the other half: the short lists are refused when shown,
+    the padded ones lack the other half's signatures; no site hands over a single share."""
+    n = 8
+    r = Round(n)
+    _, session, vectors = _sealed(r)
+    session.on_masked(vectors)
+    need = r.params.senders_needed(n)
+    halves = [list(range(4)), list(range(4, 8))]
+    assert need > 4
+    for half, listed in zip(halves, _lists(session, *halves), strict=True):
+        assert not r.sites(1, "confirm", {i: {"all_senders": listed} for i in half})
+    refused = r.sites.refused[1]
+    assert set(refused) == set(range(n))
+    assert all(f"needs at least {need} senders" in e for e in refused.values())
+    # lists padded with two sites of the other half: each half signs its own (long enough),
+    # but the padding sites signed the other list and sign nothing more
+    r = Round(n)
+    _, session, vectors = _sealed(r)
+    session.on_masked(vectors)
+    padded = [halves[0] + [4, 5], halves[1] + [0, 1]]
+    lists = _lists(session, *padded)
+    sigs = [r.sites(1, "confirm", {i: {"all_senders": listed} for i in half})
+            for half, listed in zip(halves, lists, strict=True)]  # fmt: skip
+    assert [set(x) for x in sigs] == [set(h) for h in halves]
+    answers: dict[int, Any] = {}
+    for half, listed, got in zip(halves, lists, sigs, strict=True):
+        pad = [i for i, _ in listed if i not in half]
+        assert not r.sites(1, "confirm", {i: {"all_senders": listed} for i in pad})
+        answers |= r.sites(1, "unmask", _unmask_requests(session, listed, got, half))
+    assert not answers
+    refused = r.sites.refused[1]
+    assert all("did not sign" in e or "out of order" in e for e in refused.values())
+    assert sum("did not sign" in e for e in refused.values()) >= 4
 
 
 def test_thresholds_at_most_half_are_refused() -> None:
@@ -518,6 +607,11 @@ def _cfg(**training: Any) -> Config:
         ({"max_update_norm": None}, "needs max_update_norm"),
         ({"aggregator": "median"}, "only the masked sum"),
         ({"engine": "flower", "secagg_modulus": 1 << 40}, "overflows above 2**32"),
+        ({"secagg_colluding_sites": 2}, "reaches the threshold 2"),
+        ({"secagg_min_senders": 2}, "a lying server could get two disjoint lists"),
+        ({"secagg_min_senders": 4}, "exceeds the 3 sites"),
+        ({"engine": "flower", "secagg_colluding_sites": 0}, "has no consistency check"),
+        ({"secure_aggregation": "none", "secagg_min_senders": 3}, "apply to secure_aggregation"),
     ],
 )
 def test_bad_settings_are_config_errors(training: dict[str, Any], message: str) -> None:

@@ -38,6 +38,7 @@ OPTIONS: dict[str, str] = {
     "resume": "privml run --resume: yes | no",
     "secure_checks": "[training] secure_aggregation_checks: none | norm | norm+cosine",
     "secagg_modulus": "[training] secagg_modulus: 2**32 or below | above 2**32",
+    "secagg_consistency": "[training] secagg_colluding_sites, secagg_min_senders: default | set",
 }
 """The options a row may name, and where each comes from."""
 
@@ -157,6 +158,18 @@ TABLE: tuple[Combination, ...] = (
         "Flower's workflow draws its masks as NumPy int64 values below the modulus and adds "
         "the sites' vectors in int64, which overflows above 2**32",
         "secagg_modulus = 2**32 or below (the default is 2**32)",
+    ),
+    Combination(
+        {
+            "secure_aggregation": ("secagg+",),
+            "engine": ("flower",),
+            "secagg_consistency": ("set",),
+        },
+        False,
+        "they configure the consistency check of privml's own SecAgg+ protocol; Flower's "
+        "SecAggPlusWorkflow has no consistency check (on Flower, SecAgg+ protects against a "
+        "semi-honest server only)",
+        'engine = "simulation", or remove secagg_colluding_sites and secagg_min_senders',
     ),
     Combination(
         {"secure_aggregation": ("secagg+",), "privacy": ("client",), "adaptive_clip": ("on",)},
@@ -346,6 +359,9 @@ def options(config: Any, *, engine: str | None = None, resume: bool = False) -> 
         "resume": "yes" if resume else "no",
         "secure_checks": t.secure_aggregation_checks,
         "secagg_modulus": "above 2**32" if t.secagg_modulus > 1 << 32 else "2**32 or below",
+        "secagg_consistency": "set"
+        if (t.secagg_colluding_sites is not None or t.secagg_min_senders is not None)
+        else "default",
     }
 
 

@@ -25,11 +25,17 @@ A round, between one :class:`ServerSession` and one :class:`SiteSession` per sit
                      site  -> server   its share of each sender's self-mask seed and of each
                                        non-sender's mask-key seed (never both for one site)
 
-Under a minimum sender count (distributed DP: every released sum must carry ``min_senders``
-noise shares) a consistency check precedes step 4, as in Bonawitz et al.'s actively secure
+In every round a consistency check precedes step 4, as in Bonawitz et al.'s actively secure
 protocol: the server sends every sender the list of senders, each checks it and signs it with
 its Ed25519 identity key (:meth:`SiteSession.confirm`), and a site answers step 4 only for the
-list it signed, signed by every site on it and at least ``min_senders`` long.
+list it signed, signed by every site on it and at least :meth:`SecAggParams.senders_needed`
+long: more than half of the round's ``n`` sites plus the ``c`` that may collude with the
+server (``[training] secagg_colluding_sites``, default ``threshold - 1``), and at least
+``min_senders`` (distributed DP: every released sum must carry that many noise shares). Two
+lists that both pass would need ``2 (m - c) > n - c`` honest signers, each signing once: there
+is one list per round, and every honest neighbour of a site says the same of it (sent, or
+dropped). A server that lies about a site's dropout, even with ``c`` colluding neighbours of
+that site, gets shares of one of its two secrets only.
 
 Building blocks, all vetted: X25519, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
 ``cryptography`` (OpenSSL); Shamir secret sharing from SLIP-0039's reference implementation
@@ -55,13 +61,19 @@ protocol around them. Where privml departs from Flower, deliberately:
   once per round and refuses one that names a neighbour both as sender and as non-sender. A
   server that lies about who dropped out (telling some neighbours that site ``i`` sent its
   vector and others that it did not) would need ``threshold`` shares of both of ``i``'s
-  secrets from disjoint sets of neighbours, more than ``share_count`` exist.
+  secrets from disjoint sets of neighbours, more than ``share_count`` exist. This alone
+  falls to one colluding neighbour (it hands over both its shares); the consistency check
+  above is what stops the lie with up to ``c`` colluders. Flower's SecAgg+ has neither.
+* **The consistency check in every round**, not only under distributed DP (Flower's
+  workflow has none): one more exchange, one Ed25519 signature per sender and one
+  verification per signature (sites simulated in one process share the verified ones).
 * **Stochastic rounding** draws from a generator privml controls (the run's seed, or the
   secure noise source under distributed DP), not NumPy's global state.
 
-What the server can still do (semi-honest model of SecAgg+, as Flower's): choose the neighbour
-graph and the survivors, drop honest sites at will, and learn the sum of any set of at least
-``threshold`` sites' updates of its choosing by declaring the others dropped. A site can send
+What the server can still do (with up to ``c`` sites colluding): choose the neighbour graph
+and the survivors, drop honest sites at will, and learn the sum of any set of at least
+:meth:`SecAggParams.senders_needed` sites' updates of its choosing by declaring the others
+dropped (it can release one list per round, not two). A site can send
 any value in ``[0, modulus)`` for any coordinate: masking hides updates, it does not check
 them (see :class:`~privml.fl.stages.masking.MaskedSum` for the one check on the sum). See
 docs/threat-model.md.
@@ -214,6 +226,37 @@ def cohort_problems(training: Any, cohort: int) -> list[str]:
             f"training.secagg_threshold = {t} exceeds the {k_eff} shares a site can make "
             f"in a round of {cohort} sites; lower it to at most {k_eff}"
         )
+        return out
+    if cohort < 2:
+        return out
+    k_r, t_r = SecAggParams(k, t, 1.0, 2, 4, 1.0, 0).for_cohort(cohort)
+    c = training.secagg_colluding_sites
+    c_eff = t_r - 1 if c is None else int(c)
+    m = training.secagg_min_senders
+    if c is not None and c >= t_r:
+        out.append(
+            f"training.secagg_colluding_sites = {c} reaches the threshold {t_r} of a round of "
+            f"{cohort} sites: colluders alone would rebuild a neighbour's secrets; declare at "
+            f"most {t_r - 1} or raise secagg_threshold"
+        )
+    elif m is not None and 2 * m <= cohort + c_eff:
+        out.append(
+            f"training.secagg_min_senders = {m} is at most half of the round's {cohort} sites "
+            f"plus the {c_eff} colluding ones: a lying server could get two disjoint lists of "
+            f"senders unmasked and read a site's update; use at least "
+            f"{(cohort + c_eff) // 2 + 1}, or remove it"
+        )
+    elif m is not None and m > cohort:
+        out.append(
+            f"training.secagg_min_senders = {m} exceeds the {cohort} sites of a round: no round "
+            "could be unmasked; lower it"
+        )
+    elif (cohort + c_eff) // 2 + 1 > cohort:
+        out.append(
+            f"training: with {c_eff} colluding sites, SecAgg+'s consistency check needs "
+            f"{(cohort + c_eff) // 2 + 1} senders of a round of {cohort} sites, more than "
+            "there are; declare fewer secagg_colluding_sites or sample more sites per round"
+        )
     return out
 
 
@@ -230,9 +273,13 @@ class SecAggParams:
         modulus: masks are uniform in ``[0, modulus)``; vectors and sums are mod it.
         max_weight: a site's weight is ``n_i / max_weight`` (at most 1).
         n_params: the update length (the masked vector has one more entry: the weight).
-        min_senders: the fewest senders a released sum may have (distributed DP: the sum
-            must carry that many noise shares); 0: only the threshold's rule. Each site
+        min_senders: the fewest senders a released sum may have, at least (distributed DP:
+            the sum must carry that many noise shares; ``[training] secagg_min_senders``);
+            0: only the consistency check's own minimum (:meth:`senders_needed`). Each site
             holds its own copy, from its own config, and refuses to unmask a smaller sum.
+        colluding: how many sites may collude with the server (the consistency check's
+            ``c``; None: ``threshold - 1``, as many as the masking itself tolerates in one
+            neighbourhood).
     """
 
     share_count: int | None
@@ -243,16 +290,19 @@ class SecAggParams:
     max_weight: float
     n_params: int
     min_senders: int = 0
+    colluding: int | None = None
 
     @classmethod
     def from_training(
         cls, training: Any, *, n_params: int, clip: float, max_weight: float
     ) -> SecAggParams:
         c = training.secagg_clipping_range
+        m = training.secagg_min_senders
         return cls(
             training.secagg_share_count, training.secagg_threshold,
             float(c) if c is not None else float(clip), int(training.secagg_quantization_range),
             int(training.secagg_modulus), float(max_weight), int(n_params),
+            int(m) if m is not None else 0, training.secagg_colluding_sites,
         )  # fmt: skip
 
     def for_cohort(self, n: int) -> tuple[int, int]:
@@ -263,14 +313,43 @@ class SecAggParams:
         t = k // 2 + 1 if self.threshold is None else self.threshold
         return k, t
 
+    def colluding_for(self, n: int) -> int:
+        """The consistency check's ``c`` in a round of ``n`` sites."""
+        return self.for_cohort(n)[1] - 1 if self.colluding is None else int(self.colluding)
+
+    def senders_needed(self, n: int) -> int:
+        """The fewest senders a round of ``n`` sites may unmask: ``min_senders``, and more than
+        ``(n + c) / 2`` (``c``: :meth:`colluding_for`). Every honest sender signs one list of
+        senders per round and unmasks only a list signed by every site on it, so two lists
+        that both pass have disjoint honest signers, at least ``m - c`` each; with
+        ``2 (m - c) > n - c`` there is room for one list only, and every honest site answers
+        the unmask request for the same senders (Bonawitz et al. 2017, section 4).
+
+        Raises:
+            UsageError: ``c`` reaches the threshold (then the colluders alone rebuild both
+                secrets of a neighbour, whatever the server says).
+        """
+        t = self.for_cohort(n)[1]
+        c = self.colluding_for(n)
+        if not 0 <= c < t:
+            raise UsageError(
+                f"SecAgg+: {c} colluding sites reach the threshold {t} of a round of {n} "
+                "sites: they could rebuild a neighbour's secrets on their own; raise "
+                "secagg_threshold or declare fewer secagg_colluding_sites"
+            )
+        return max(int(self.min_senders), (n + c) // 2 + 1)
+
     def to_dict(self, n: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "share_count": self.share_count, "threshold": self.threshold,
             "clipping_range": self.clipping_range, "quantization_range": self.quantization_range,
             "modulus": self.modulus, "max_weight": self.max_weight,
+            "min_senders": self.min_senders or None, "colluding_sites": self.colluding,
         }  # fmt: skip
         if n is not None:
             out["share_count"], out["threshold"] = self.for_cohort(n)
+            out["colluding_sites"] = self.colluding_for(n)
+            out["min_senders"] = max(int(self.min_senders), (n + out["colluding_sites"]) // 2 + 1)
         return out
 
 
@@ -503,22 +582,23 @@ class SiteSession:
     def __init__(
         self, site: int, rnd: int, params: SecAggParams, *, identity: Any = None,
         registry: Mapping[int, bytes] | None = None, verified: set[bytes] | None = None,
+        cohort: int | None = None,
     ) -> None:  # fmt: skip
         self.site = int(site)
         self.rnd = int(rnd)
         self.params = params
-        # distributed DP's consistency check: this site's Ed25519 identity key and every
-        # site's public identity key (a PKI the sites share; the server only relays)
+        # the consistency check: this site's Ed25519 identity key and every site's public
+        # identity key (a PKI the sites share; the server only relays). Without them the
+        # site signs nothing and so never unmasks.
         self._identity = identity
         self._registry = dict(registry or {})
         self._confirmed: tuple[tuple[int, bytes], ...] | None = None
+        # how many sites take part in the round (the sites' own knowledge of the roster; by
+        # default every registered site, the most a round can have)
+        self._cohort = int(cohort) if cohort is not None else len(self._registry)
         # signatures already found valid (public key || message || signature): verification
         # is a pure function, so sites simulated in one process may share what they verified
         self._verified = verified if verified is not None else set()
-        if params.min_senders and (identity is None or not self._registry):
-            raise UsageError(
-                f"site {self.site}: a minimum sender count needs the sites' identity keys"
-            )
         self._stage = "new"
         self._k = self._t = 0
         self._mask_seed = b""
@@ -683,19 +763,30 @@ class SiteSession:
         return masks
 
     def confirm(self, *, all_senders: Any) -> bytes:
-        """Step 4a, under a minimum sender count (``params.min_senders``, distributed DP):
-        the consistency check of Bonawitz et al. 2017's actively secure protocol. The server
-        sends every sender the list of senders, ``[(site, public mask key), ...]``; the site
-        checks it (at least ``min_senders`` distinct registered sites, itself among them with
+        """Step 4a, in every round: the consistency check of Bonawitz et al. 2017's actively
+        secure protocol. The server sends every sender the list of senders,
+        ``[(site, public mask key), ...]``; the site checks it (at least
+        :meth:`SecAggParams.senders_needed` distinct registered sites, itself among them with
         this round's key, its neighbours with the keys it was given and only those it holds
         shares of) and signs it with its identity key, once per round."""
         self._advance("mask", "confirm")
+        if self._identity is None or not self._registry or self._cohort < 2:
+            raise UsageError(
+                f"site {self.site}: no identity key or registry of the sites' keys; it cannot "
+                "sign the list of senders and will not unmask"
+            )
         entries = self._entries(all_senders)
-        m = self.params.min_senders
+        m = self.params.senders_needed(self._cohort)
         if len(entries) < m:
+            why = (
+                "noise shares (distributed DP)"
+                if m == self.params.min_senders
+                else f"senders in a round of {self._cohort} sites (a list of senders no other "
+                "list can rival)"
+            )
             raise UsageError(
                 f"site {self.site}: {len(entries)} sites sent a vector; a released sum needs at "
-                f"least {m} noise shares (distributed DP), refusing to go on"
+                f"least {m} {why}, refusing to go on"
             )
         listed = dict(entries)
         if listed.get(self.site) != _public_bytes(self._mask_key):
@@ -725,17 +816,16 @@ class SiteSession:
         """Step 4 (answered once per round): this site's share of each sender's self-mask seed
         and of each dropped neighbour's mask seed, never both for one site.
 
-        Under a minimum sender count (``params.min_senders``, distributed DP) the site answers
-        only after :meth:`confirm`, for the very list it confirmed (``all_senders``), signed by
-        every site on it (``signatures``, checked against the registry of identity keys), and
-        only if its neighbours named as senders are exactly the listed ones and no listed
-        site is named dropped."""
-        if self.params.min_senders and self._stage != "confirm":
+        The site answers only after :meth:`confirm`, for the very list it confirmed
+        (``all_senders``), signed by every site on it (``signatures``, checked against the
+        registry of identity keys), and only if its neighbours named as senders are exactly
+        the listed ones and no listed site is named dropped."""
+        if self._stage in ("receive", "mask"):
             raise UsageError(
                 f"site {self.site}: unmask request before the list of senders was confirmed; "
                 "refusing to unmask"
             )
-        if self._stage not in ("receive", "mask", "confirm"):
+        if self._stage != "confirm":
             raise UsageError(
                 f"site {self.site}: SecAgg+ unmask request out of order (after {self._stage!r})"
             )
@@ -754,8 +844,7 @@ class SiteSession:
                 f"site {self.site}: only {len(s)} of its neighbours sent a vector; the threshold "
                 f"is {self._t}, refusing to unmask"
             )
-        if self.params.min_senders:
-            self._check_senders(s, d, all_senders, signatures)
+        self._check_senders(s, d, all_senders, signatures)
         out = {j: self._self_shares[j] for j in s}
         out.update({j: self._mask_shares[j] for j in d})
         self._self_seed = self._mask_seed = b""  # nothing more to give this round
@@ -869,8 +958,8 @@ class ServerSession:
         return fwd
 
     def on_masked(self, vectors: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Step 3's replies (masked vectors) in: summed mod the modulus; step 4's requests out
-        (each live site's neighbours that sent a vector and those that did not)."""
+        """Step 3's replies (masked vectors) in: summed mod the modulus; step 4a's requests out
+        (the list of senders, for each sender to check and sign: :meth:`on_confirmed`)."""
         self._log("masked_vector", vectors)
         n = self.params.n_params + 1
         m = self.params.modulus
@@ -908,13 +997,24 @@ class ServerSession:
                 f"shares of at least {self.params.min_senders} sites (distributed DP): the "
                 "sites would refuse to unmask it",
             )
+        try:
+            need = self.params.senders_needed(len(self.ids))
+        except UsageError as exc:
+            raise RoundAborted("secagg_too_few_sites", str(exc)) from None
+        if len(senders) < need:
+            raise RoundAborted(
+                "secagg_too_few_senders",
+                f"{len(senders)} of the round's {len(self.ids)} sites sent a masked vector; the "
+                f"consistency check needs {need} (more than half of the sites plus the "
+                f"{self.params.colluding_for(len(self.ids))} that may collude): the sites "
+                "would refuse to unmask",
+            )
         s = set(senders)
         self._need(s, self.shared, "masking")
         self._sum = total
-        if self.params.min_senders:  # the consistency check first (:meth:`on_confirmed`)
-            self.listed = [(i, self.keys[i][0]) for i in senders]
-            return {i: {"all_senders": self.listed} for i in senders}
-        return self._unmask_requests({})
+        # the consistency check first (:meth:`on_confirmed`)
+        self.listed = [(i, self.keys[i][0]) for i in senders]
+        return {i: {"all_senders": self.listed} for i in senders}
 
     def _unmask_requests(self, extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
         s, d = set(self.senders), set(self.dropped)
@@ -931,7 +1031,9 @@ class ServerSession:
         missing = sorted(set(self.senders) - set(sigs))
         if missing:
             raise RoundAborted(
-                "dp_senders_unconfirmed",
+                "dp_senders_unconfirmed"
+                if self.params.min_senders
+                else "secagg_senders_unconfirmed",
                 f"{len(missing)} of the {len(self.senders)} senders did not sign the list of "
                 "senders (vanished or refused it); the sites unmask only a list every sender "
                 "signed",

@@ -8,15 +8,18 @@ The protocol is :mod:`privml.fl.secagg`; these are its stages in the round loop:
 * :class:`MaskedSum` (step ``combine``, at the server): sums the masked vectors, asks the
   senders for the shares that remove the masks (the ``unmask`` exchange), rebuilds the
   masks, dequantizes and divides by the total weight. A round the protocol cannot finish
-  safely is skipped (``secagg_too_few_sites``, ``secagg_too_few_shares``,
-  ``secagg_bad_shares``, ``secagg_sum_out_of_bounds``): never a wrong sum.
+  safely is skipped (``secagg_too_few_sites``, ``secagg_too_few_senders``,
+  ``secagg_senders_unconfirmed``, ``secagg_too_few_shares``, ``secagg_bad_shares``,
+  ``secagg_sum_out_of_bounds``): never a wrong sum.
 
-A round needs four exchanges between the server and the sites (setup, share keys, masked
-vector, unmask); the engine carries them (:class:`Exchange`). In simulation,
-:class:`SimulatedSites` holds every site's :class:`~privml.fl.secagg.SiteSession` and answers
-the server's requests with function calls; it can drop sites at any step (tests). The first two
-exchanges happen in the seal step, before the sites mask (as in Flower's workflow, where they
-precede the training request); the last happens in the combine step. A cohort's stragglers
+A round needs five exchanges between the server and the sites (setup, share keys, masked
+vector, confirm, unmask; confirm is the consistency check: every sender signs the list of
+senders, and the sites unmask only that list); the engine carries them (:class:`Exchange`).
+In simulation, :class:`SimulatedSites` holds every site's
+:class:`~privml.fl.secagg.SiteSession` and answers the server's requests with function calls;
+it can drop sites at any step (tests). The first two exchanges happen in the seal step, before
+the sites mask (as in Flower's workflow, where they precede the training request); the last two
+happen in the combine step. A cohort's stragglers
 (``[training] straggler``) take part in the key exchange and then never send their vector:
 exactly the sites SecAgg+ recovers from, by rebuilding their mask keys from their neighbours'
 shares. Sites that drop out (``dropout``) leave before the protocol starts.
@@ -95,9 +98,9 @@ class SimulatedSites:
     """Every site's side of the protocol, in this process: the server's requests are calls.
 
     ``drop``: step -> site ids that vanish at that step (they answer nothing from then on);
-    steps are ``setup``, ``share_keys``, ``masked_vector``, ``confirm`` (distributed DP),
-    ``unmask``. ``refuse``: sites
-    whose :class:`SiteSession` raised, by round (an honest site refusing a bad request).
+    steps are ``setup``, ``share_keys``, ``masked_vector``, ``confirm``, ``unmask``.
+    ``refused``: sites whose :class:`SiteSession` raised, by round (an honest site refusing a
+    bad request).
     """
 
     params: SecAggParams
@@ -110,21 +113,19 @@ class SimulatedSites:
     _verified: set[bytes] = field(default_factory=set)
 
     def open(self, rnd: int, ids: list[int]) -> None:
-        if self.params.min_senders:  # identity keys (the consistency check's PKI), once
-            from privml.fl.secagg import identity_keys
+        from privml.fl.secagg import identity_keys
 
-            new = [int(i) for i in ids if int(i) not in self._identity]
-            if new:
-                keys, pub = identity_keys(new)
-                self._identity.update(keys)
-                self._registry.update(pub)
-            self._verified.clear()
-            self.sessions = {int(i): SiteSession(int(i), rnd, self.params,
-                                                 identity=self._identity[int(i)],
-                                                 registry=self._registry,
-                                                 verified=self._verified) for i in ids}  # fmt: skip
-        else:
-            self.sessions = {int(i): SiteSession(int(i), rnd, self.params) for i in ids}
+        # identity keys (the consistency check's PKI), made once per site
+        new = [int(i) for i in ids if int(i) not in self._identity]
+        if new:
+            keys, pub = identity_keys(new)
+            self._identity.update(keys)
+            self._registry.update(pub)
+        self._verified.clear()
+        self.sessions = {int(i): SiteSession(int(i), rnd, self.params,
+                                             identity=self._identity[int(i)],
+                                             registry=self._registry, verified=self._verified,
+                                             cohort=len(ids)) for i in ids}  # fmt: skip
         self._gone = set()
 
     def gone(self, step: str) -> set[int]:
@@ -259,6 +260,7 @@ class _Cost:
     senders: int
     dropped: int
     unmask_seconds: float
+    confirm_seconds: float = 0.0
 
 
 @dataclass
@@ -294,8 +296,9 @@ class MaskedSum:
         t0 = time.perf_counter()
         try:
             requests = session.on_masked(vectors)
-            if session.params.min_senders:  # distributed DP: the sites confirm the senders
-                requests = session.on_confirmed(self.exchange(rnd, "confirm", requests))
+            t1 = time.perf_counter()  # the consistency check: the senders sign the list
+            requests = session.on_confirmed(self.exchange(rnd, "confirm", requests))
+            confirm_s = time.perf_counter() - t1
             replies = self.exchange(rnd, "unmask", requests)
             total = session.on_unmask(replies)
         except RoundAborted as exc:
@@ -304,7 +307,7 @@ class MaskedSum:
         n = len(session.senders)
         summed, total_w = dequantize_sum(total, n, self.params, centered=self.centered)
         self.costs.append(_Cost(rnd, len(session.ids), n, len(session.dropped),
-                                time.perf_counter() - t0))  # fmt: skip
+                                time.perf_counter() - t0, confirm_s))  # fmt: skip
         info: dict[str, Any] = {"clip": self.clip, "secagg_senders": n,
                                 "secagg_recovered": len(session.dropped)}  # fmt: skip
         # the one check the server can make: the clipped, weighted sum's norm
@@ -351,7 +354,9 @@ class MaskedSum:
             "protocol": "SecAgg+ (Bell et al. 2020) over Bonawitz et al. 2017's masking, as "
             "Flower's SecAggPlusWorkflow: X25519 + HKDF-SHA256 key agreement, AES-256-GCM "
             "share transport, Shamir shares (SLIP-0039's shamir-mnemonic up to 16 shares, else "
-            "PyCryptodome), AES-256-CTR masks",
+            "PyCryptodome), AES-256-CTR masks; Bonawitz et al.'s consistency check in every "
+            "round (each sender signs the list of senders with Ed25519, the sites unmask only "
+            "a list every sender on it signed, longer than half the round plus the colluders)",
             "parameters": self.params.to_dict(int(n_cohort) if n_cohort else None),
             "clip": self.clip,
             "clipping": "each site clips its update to L2 norm <= clip, weights it by "
@@ -367,6 +372,8 @@ class MaskedSum:
             "rounding_redraws": None if seal is None else seal.n_rerounded,
             "median_seal_seconds_per_site": med(seal_s) if seal_s else None,
             "median_unmask_seconds": med([c.unmask_seconds for c in self.costs])
+            if self.costs else None,
+            "median_confirm_seconds": med([c.confirm_seconds for c in self.costs])
             if self.costs else None,
             "recovered_sites": sum(c.dropped for c in self.costs),
             "per_round": [c.__dict__ for c in self.costs],
