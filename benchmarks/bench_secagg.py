@@ -96,17 +96,29 @@ def round_seconds(n_sites: int, rounds: int, hidden: int, secure: str,
     sa = res.extra["federation"].get("secure_aggregation") or {}
     if sa.get("median_seal_seconds_per_site") is not None:
         # the engine's own record of its seal step (every site's key exchange, quantization and
-        # masking, per site) and of the server's unmasking, median over the run's rounds
+        # masking, per site) and of the server's unmasking, median over the run's rounds; the
+        # consistency check (every sender signs the list of senders, the sites verify the
+        # signatures) is part of the unmasking, and recorded on its own too
         got.setdefault("parts", []).append(
-            (sa["median_seal_seconds_per_site"], sa["median_unmask_seconds"])
-        )
+            (sa["median_seal_seconds_per_site"], sa["median_unmask_seconds"],
+             sa["median_confirm_seconds"])
+        )  # fmt: skip
     return statistics.median(r.seconds for r in res.history)
 
 
-class PrivmlRound:
-    """One SecAgg+ round over fixed updates: key exchange, masking, unmasking."""
+def _unsigned_confirm(self: Any, *, all_senders: Any) -> bytes:
+    self._advance("mask", "confirm")
+    return b""
 
-    def __init__(self, updates: np.ndarray, weights: np.ndarray, k: int, t: int) -> None:
+
+class PrivmlRound:
+    """One SecAgg+ round over fixed updates: key exchange, masking, consistency check,
+    unmasking. ``check=False``, for measuring the check's cost only: the sites' signing and
+    verifying patched out (an insecure round, never offered outside this benchmark)."""
+
+    def __init__(self, updates: np.ndarray, weights: np.ndarray, k: int, t: int,
+                 check: bool = True) -> None:  # fmt: skip
+        self.check = check
         n, p = updates.shape
         self.params = SecAggParams(k, t, CLIP, 1 << 22, 1 << 32, float(weights.max()), p)
         self.server = MaskingServer(self.params)
@@ -119,6 +131,17 @@ class PrivmlRound:
         self.err = 0.0
 
     def __call__(self) -> float:
+        if self.check:
+            return self._round()
+        from unittest import mock
+
+        from privml.fl.secagg import SiteSession
+
+        with mock.patch.object(SiteSession, "confirm", _unsigned_confirm), \
+                mock.patch.object(SiteSession, "_check_senders", lambda *a, **k: None):  # fmt: skip
+            return self._round()
+
+    def _round(self) -> float:
         self.rnd += 1
         t0 = time.perf_counter()
         batch = SiteUpdates(self.rnd, self.ids, torch.zeros(1), self.updates.copy(), self.weights,
@@ -293,6 +316,7 @@ def main() -> None:
     parts = got["parts"]
     sites_s = statistics.median(p[0] for p in parts) * n_sites
     server_s = statistics.median(p[1] for p in parts)
+    confirm_s = statistics.median(p[2] for p in parts)
     prim = primitive_costs(
         k, t, n_params + 1, 1 << 32, reps=3 if args.quick else 15, pycryptodome=True
     )
@@ -303,6 +327,7 @@ def main() -> None:
                               "server_seconds": server_s, "primitives": prim,
                               "floor_site_seconds": floor_site,
                               "floor_server_seconds_per_site": floor_server,
+                              "consistency_check_seconds": confirm_s,
                               "plain_round_seconds_per_site": plain_site})  # fmt: skip
     ms = 1e3
     bench.table("per_site", ["cost", "per site", "100 sites one after another" if n_sites == 100
@@ -312,8 +337,11 @@ def main() -> None:
         ["SecAgg+ sites' part, measured (key exchange, quantization, masking)",
          f"{sites_s / n_sites * ms:.2f} ms",
          f"{sites_s:.3f} s"],
-        ["SecAgg+ server's part, measured (unmask: seed rebuilds, masks removed)",
-         f"{server_s / n_sites * ms:.2f} ms", f"{server_s:.3f} s"],
+        ["SecAgg+ server's part, measured (unmask: consistency check, seed rebuilds, masks "
+         "removed)", f"{server_s / n_sites * ms:.2f} ms", f"{server_s:.3f} s"],
+        ["of which the consistency check (each sender signs the list of senders, every site "
+         "checks every signature once: verifications shared in the simulation)",
+         f"{confirm_s / n_sites * ms:.2f} ms", f"{confirm_s:.3f} s"],
         [f"site: {2 * (k - 1)} X25519 agreements + HKDF",
          f"{2 * (k - 1) * prim['agreement'] * ms:.2f} ms", ""],
         [f"site: 2 Shamir splits of a 16-byte seed into {k} shares",
@@ -366,6 +394,25 @@ def main() -> None:
     updates = rng.normal(0, 0.05, (n_sites, n_params))
     weights = rng.integers(10, 20, n_sites).astype(np.float64)
     ours = PrivmlRound(updates, weights, k, t)
+    # 4a. what the consistency check adds to a round (the same fixed updates)
+    t_cc = bench.interleave(
+        {"with the check": PrivmlRound(updates, weights, k, t),
+         "check patched out": PrivmlRound(updates, weights, k, t, check=False)},
+        reps=max(reps, 3), warmup=warmup, key="secure_round_seconds")  # fmt: skip
+    r_cc = ratios(t_cc["with the check"], t_cc["check patched out"])
+    added = t_cc["with the check"].median - t_cc["check patched out"].median
+    bench.record("consistency_check_added_seconds", added)
+    bench.table("consistency", ["variant", "seconds per secure round"], [
+        ["SecAgg+ as privml runs it (consistency check in every round)",
+         fmt_spread(t_cc["with the check"], 1, 3, "s")],
+        ["the same, signing and verifying patched out (measurement only; insecure)",
+         fmt_spread(t_cc["check patched out"], 1, 3, "s")],
+        ["added by the check: difference of medians / ratio",
+         f"{added * 1e3:.1f} ms / {fmt_ratio(r_cc)}"],
+    ], caption=f"one secure aggregation of the same {n_sites} fixed updates of {n_params:,} "
+       f"values (k = {k}, t = {t}): each sender signs the list of senders with Ed25519 and "
+       "each site checks every signature on it (the simulated sites share verified "
+       "ones)")  # fmt: skip
     fl_out: dict[str, Any] = {}
     t_fl = bench.interleave(
         {"privml": ours,

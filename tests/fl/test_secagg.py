@@ -267,6 +267,12 @@ def test_a_site_refuses_contradictory_or_repeated_unmask_requests() -> None:
     site2.unmask(senders=[0, 1, 2, 3, 4], dropped=[], all_senders=listed, signatures=sigs)
     with pytest.raises(UsageError, match="out of order"):  # a second request: refused
         site2.unmask(senders=[0, 1], dropped=[2, 3, 4], all_senders=listed, signatures=sigs)
+    # the simulated sites share the signatures they verified: bytes moved from one signature
+    # to the next (the same concatenation) do not pass for the verified list
+    bad = {**sigs, 0: sigs[0][:-1], 1: sigs[0][-1:] + sigs[1]}
+    with pytest.raises(UsageError, match="did not sign"):
+        r2.sites.sessions[3].unmask(senders=[0, 1, 2, 3, 4], dropped=[], all_senders=listed,
+                                    signatures=bad)  # fmt: skip
 
 
 def _split_attack(

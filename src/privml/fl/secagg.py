@@ -684,6 +684,8 @@ class SiteSession:
     def _check_senders(
         self, s: set[int], d: set[int], listed: Any, signatures: Mapping[int, bytes] | None
     ) -> None:
+        import hashlib
+
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -695,9 +697,15 @@ class SiteSession:
             )
         msg = _senders_message(self.rnd, entries)
         sigs = dict(signatures or {})
-        for j, _ in entries:
-            sig = sigs.get(j, b"")
-            key = self._registry[j] + msg + (sig if isinstance(sig, bytes) else b"")
+        got = [sig if isinstance(sig := sigs.get(j, b""), bytes) else b"" for j, _ in entries]
+        # the whole list's signatures (each length-prefixed), once all found valid, are one
+        # entry of the shared cache
+        h = hashlib.sha256()
+        for sig in got:
+            h.update(struct.pack("<I", len(sig)) + sig)
+        whole = b"list" + msg + h.digest()
+        for (j, _), sig in zip(entries if whole not in self._verified else (), got, strict=False):
+            key = self._registry[j] + msg + sig
             if key in self._verified:
                 continue
             try:
@@ -708,6 +716,7 @@ class SiteSession:
                     f"site {self.site}: site {j} did not sign the list of senders; refusing to "
                     "unmask"
                 ) from None
+        self._verified.add(whole)
         a = {j for j, _ in entries}
         if a & set(self._neighbours) != s or a & d:
             raise UsageError(
