@@ -582,7 +582,7 @@ class SiteSession:
     def __init__(
         self, site: int, rnd: int, params: SecAggParams, *, identity: Any = None,
         registry: Mapping[int, bytes] | None = None, verified: set[bytes] | None = None,
-        cohort: int | None = None,
+        cohort: int | None = None, memo: dict[Any, Any] | None = None,
     ) -> None:  # fmt: skip
         self.site = int(site)
         self.rnd = int(rnd)
@@ -599,6 +599,9 @@ class SiteSession:
         # signatures already found valid (public key || message || signature): verification
         # is a pure function, so sites simulated in one process may share what they verified
         self._verified = verified if verified is not None else set()
+        # lists of senders already parsed (the same list object shown to several simulated
+        # sites is read once; a pure function of the list's content, compared on every use)
+        self._memo = memo if memo is not None else {}
         self._stage = "new"
         self._k = self._t = 0
         self._mask_seed = b""
@@ -689,13 +692,12 @@ class SiteSession:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        entries = self._entries(listed if listed is not None else ())
+        entries, msg, _ = self._parsed(listed if listed is not None else ())
         if entries != self._confirmed:
             raise UsageError(
                 f"site {self.site}: the list of senders differs from the one it confirmed; "
                 "refusing to unmask"
             )
-        msg = _senders_message(self.rnd, entries)
         sigs = dict(signatures or {})
         got = [sig if isinstance(sig := sigs.get(j, b""), bytes) else b"" for j, _ in entries]
         # the whole list's signatures (each length-prefixed), once all found valid, are one
@@ -784,7 +786,7 @@ class SiteSession:
                 f"site {self.site}: no identity key or registry of the sites' keys; it cannot "
                 "sign the list of senders and will not unmask"
             )
-        entries = self._entries(all_senders)
+        entries, msg, listed = self._parsed(all_senders)
         m = self.params.senders_needed(self._cohort)
         if len(entries) < m:
             why = (
@@ -797,17 +799,33 @@ class SiteSession:
                 f"site {self.site}: {len(entries)} sites sent a vector; a released sum needs at "
                 f"least {m} {why}, refusing to go on"
             )
-        listed = dict(entries)
         if listed.get(self.site) != _public_bytes(self._mask_key):
             raise UsageError(f"site {self.site}: the list of senders misstates this site")
-        for j, pk in listed.items():
-            if j not in self._registry:
-                raise UsageError(f"site {self.site}: unknown site {j} among the senders")
-            if j in self._neighbours and (pk != self._neighbours[j][0]
-                                          or j not in self._self_shares):  # fmt: skip
+        unknown = listed.keys() - self._registry.keys()
+        if unknown:
+            raise UsageError(f"site {self.site}: unknown site {min(unknown)} among the senders")
+        for j, (mask_key, _) in self._neighbours.items():
+            if j in listed and (listed[j] != mask_key or j not in self._self_shares):
                 raise UsageError(f"site {self.site}: the list of senders misstates neighbour {j}")
         self._confirmed = entries
-        return self._identity.sign(_senders_message(self.rnd, entries))  # type: ignore[no-any-return]
+        return self._identity.sign(msg)  # type: ignore[no-any-return]
+
+    def _parsed(self, raw: Any) -> tuple[tuple[tuple[int, bytes], ...], bytes, dict[int, bytes]]:
+        """``raw`` read as a list of senders: its sorted entries, the message each sender signs
+        and the entries as a dict. A list of ``(int, bytes)`` tuples already read by another
+        simulated site (the same object, still equal to what was read) is not read again."""
+        key = (id(raw), self.rnd)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is raw and raw == hit[1]:
+            return hit[2]  # type: ignore[no-any-return]
+        entries = self._entries(raw)
+        out = (entries, _senders_message(self.rnd, entries), dict(entries))
+        if isinstance(raw, list) and all(
+            type(x) is tuple and len(x) == 2 and type(x[0]) is int and type(x[1]) is bytes
+            for x in raw
+        ):
+            self._memo[key] = (raw, list(raw), out)
+        return out
 
     def _entries(self, raw: Any) -> tuple[tuple[int, bytes], ...]:
         try:

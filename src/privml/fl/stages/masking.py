@@ -111,6 +111,7 @@ class SimulatedSites:
     _identity: dict[int, Any] = field(default_factory=dict)
     _registry: dict[int, bytes] = field(default_factory=dict)
     _verified: set[bytes] = field(default_factory=set)
+    _memo: dict[Any, Any] = field(default_factory=dict)
 
     def open(self, rnd: int, ids: list[int]) -> None:
         from privml.fl.secagg import identity_keys
@@ -122,10 +123,13 @@ class SimulatedSites:
             self._identity.update(keys)
             self._registry.update(pub)
         self._verified.clear()
-        self.sessions = {int(i): SiteSession(int(i), rnd, self.params,
-                                             identity=self._identity[int(i)],
-                                             registry=self._registry, verified=self._verified,
-                                             cohort=len(ids)) for i in ids}  # fmt: skip
+        self._memo.clear()
+        self.sessions = {
+            int(i): SiteSession(int(i), rnd, self.params, identity=self._identity[int(i)],
+                                registry=self._registry, verified=self._verified,
+                                cohort=len(ids), memo=self._memo)
+            for i in ids
+        }  # fmt: skip
         self._gone = set()
 
     def gone(self, step: str) -> set[int]:
