@@ -275,6 +275,19 @@ def test_a_site_refuses_contradictory_or_repeated_unmask_requests() -> None:
                                     signatures=bad)  # fmt: skip
 
 
+def test_a_list_changed_after_one_site_read_it_is_read_again() -> None:
+    """The simulated sites read the same list object once; a server that changes it in place
+    between two sites gets the change read, not the first site's reading."""
+    r = Round(5)
+    _, session, vectors = _sealed(r)
+    session.on_masked(vectors)
+    (listed,) = _lists(session, list(range(5)))
+    assert r.sites(1, "confirm", {0: {"all_senders": listed}})
+    listed[4] = (4, bytes(32))  # the same list, neighbour 4's key changed
+    assert not r.sites(1, "confirm", {1: {"all_senders": listed}})
+    assert "misstates neighbour 4" in r.sites.refused[1][1]
+
+
 def _split_attack(
     r: Round, sent_side: list[int], dropped_side: list[int], colluders: list[int]
 ) -> tuple[Any, S.ServerSession, list[bytes], list[bytes]]:
