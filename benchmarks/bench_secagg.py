@@ -156,6 +156,25 @@ class PrivmlRound:
         return seconds
 
 
+def signature_seconds(reps: int) -> dict[str, float]:
+    """Median seconds of one Ed25519 signature of a 32-byte digest and of its verification
+    (``cryptography``), each call timed alone."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pub, msg = key.public_key(), bytes(32)
+    sig = key.sign(msg)
+    out: dict[str, list[float]] = {"sign": [], "verify": []}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        key.sign(msg)
+        t1 = time.perf_counter()
+        pub.verify(sig, msg)
+        out["sign"].append(t1 - t0)
+        out["verify"].append(time.perf_counter() - t1)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def primitive_costs(k: int, t: int, n_words: int, modulus: int, reps: int,
                     pycryptodome: bool = False) -> dict[str, float]:  # fmt: skip
     """Median seconds of each building block of a round, one call at a time: an X25519
@@ -400,8 +419,10 @@ def main() -> None:
          "check patched out": PrivmlRound(updates, weights, k, t, check=False)},
         reps=3 if args.quick else 11, warmup=warmup, key="secure_round_seconds")  # fmt: skip
     r_cc = ratios(t_cc["with the check"], t_cc["check patched out"])
+    sig_s = signature_seconds(reps=5 if args.quick else 25)
     added = t_cc["with the check"].median - t_cc["check patched out"].median
     bench.record("consistency_check_added_seconds", added)
+    bench.record("ed25519_seconds", sig_s)
     bench.table("consistency", ["variant", "seconds per secure round"], [
         ["SecAgg+ as privml runs it (consistency check in every round)",
          fmt_spread(t_cc["with the check"], 1, 3, "s")],
@@ -409,6 +430,8 @@ def main() -> None:
          fmt_spread(t_cc["check patched out"], 1, 3, "s")],
         ["added by the check: difference of medians / ratio",
          f"{added * 1e3:.1f} ms / {fmt_ratio(r_cc)}"],
+        [f"its floor: {n_sites} Ed25519 signatures + {n_sites} verifications, timed alone",
+         f"{n_sites * (sig_s['sign'] + sig_s['verify']) * 1e3:.1f} ms"],
     ], caption=f"one secure aggregation of the same {n_sites} fixed updates of {n_params:,} "
        f"values (k = {k}, t = {t}): each sender signs the list of senders with Ed25519 and "
        "each site checks every signature on it (the simulated sites share verified "
