@@ -326,13 +326,33 @@ def main() -> None:
             if args.quick:
                 raw = _quick(raw)
             if name == "demo":
-                rows.append(report(bench, "demo, epsilon 1", raw, ledger_dir, ">= 0.95", seeds,
-                                   args.validation, 0.95))
+                rows.append(
+                    report(
+                        bench,
+                        "demo, epsilon 1",
+                        raw,
+                        ledger_dir,
+                        ">= 0.95",
+                        seeds,
+                        args.validation,
+                        0.95,
+                    )
+                )
                 settings.append(["demo: breast cancer, 3 hospitals, logistic, sample-level, "
                                  "eps = 1, inputs centred privately", describe(raw)])  # fmt: skip
             elif name == "digits":
-                rows.append(report(bench, "digits, epsilon 1", raw, ledger_dir, ">= 0.93", seeds,
-                                   args.validation, 0.93))
+                rows.append(
+                    report(
+                        bench,
+                        "digits, epsilon 1",
+                        raw,
+                        ledger_dir,
+                        ">= 0.93",
+                        seeds,
+                        args.validation,
+                        0.93,
+                    )
+                )
                 settings.append(["digits, 1 site, HOG + logistic, sample-level, eps = 1",
                                  describe(raw)])  # fmt: skip
                 if not args.quick:  # the same code path as epsilon 1
@@ -341,8 +361,16 @@ def main() -> None:
                         eps3 = tune("digits eps 3", eps3, SEARCH["digits3"], ledger_dir,
                                     seeds=[0, 1, 2])  # fmt: skip
                     rows.append(
-                        report(bench, "digits, epsilon 3", eps3, ledger_dir, ">= 0.96", seeds,
-                               args.validation, 0.96)
+                        report(
+                            bench,
+                            "digits, epsilon 3",
+                            eps3,
+                            ledger_dir,
+                            ">= 0.96",
+                            seeds,
+                            args.validation,
+                            0.96,
+                        )
                     )
                     settings.append(["digits, same, eps = 3", describe(eps3)])
             else:
@@ -356,8 +384,13 @@ def main() -> None:
                 private[3] += " (met)" if gap <= 0.03 else " (**not met**)"
                 rows += [private, plain]
                 n = raw["data"]["n_sites"]
-                settings.append([f"{n:,} synthetic clients ({raw['data']['rows']} rows each), "
-                                 "logistic, client-level DP-FedAvg, eps = 2", describe(raw)])
+                settings.append(
+                    [
+                        f"{n:,} synthetic clients ({raw['data']['rows']} rows each), "
+                        "logistic, client-level DP-FedAvg, eps = 2",
+                        describe(raw),
+                    ]
+                )
                 settings.append(["same federation without DP (FedAvg)", "same"])
     bench.table(
         "utility",
