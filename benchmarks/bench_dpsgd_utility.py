@@ -23,8 +23,9 @@ uses, with a throw-away ledger):
 
 Hyper-parameters were chosen with ``--tune``: every site's *training* records are split 75/25
 into train/validation (seeded), each candidate is trained on the 75% and scored on the 25%
-(mean over seeds), and the best is then trained once on the full training records and scored
-on the held-out test records, which played no part in the choice. The search itself runs on
+(every candidate with seed 0, then the 8 best again with seeds 0-2, their mean deciding), and
+the best is then trained on the full training records and scored on the held-out test records,
+which played no part in the choice. The search itself runs on
 private data and is not accounted (docs/privacy_training.md).
 """
 
@@ -201,44 +202,104 @@ def tune(
     return best[2]
 
 
-#: The searches behind the chosen settings above (validation accuracy, mean of seeds 0-2).
+def _grids(*grids: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The union of several grids (each candidate once, in order)."""
+    seen: set[str] = set()
+    out = []
+    for grid in grids:
+        for cand in _candidates(grid):
+            key = repr(sorted(cand.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(cand)
+    return out
+
+
+_SGD = {"training.server_optimizer": ["sgd"], "training.server_lr": [1.0]}
+
+#: The searches behind the chosen settings above, re-run when the accounting moved to
+#: replace-one neighbours (about twice the noise of add/remove at the same epsilon). tune()
+#: screens each candidate with seed 0, then re-scores the 8 best on seeds 0-2 (the validation
+#: figures quoted here are those means).
 SEARCH: dict[str, list[dict[str, Any]]] = {
-    # demo (epsilon 1), inputs centred privately. Best validation mean: rounds 10, batch 128,
-    # lr 8, C 0.5, server momentum with server_lr 0.5 (0.956; without momentum 0.953).
-    "demo": _candidates(
+    # demo (epsilon 1), inputs centred privately, 144 candidates. Best: 20 rounds, B 64, lr 4,
+    # C 0.5, no server momentum (0.924); next 5 rounds, B 64, lr 8 (0.909); the previous
+    # choice (10 rounds, B 128, lr 8, momentum 0.5) screened at 0.912 and was not kept. The
+    # validation set is 114 records from 3 small sites: one seed's score moves by several points.
+    "demo": _grids(
         {
-            "training.rounds": [5, 10, 20],
-            "training.batch_size": [32, 64, 128],
-            "training.lr": [2.0, 4.0, 8.0],
+            "training.server_optimizer": ["momentum"],
+            "training.server_lr": [0.5],
             "privacy.max_grad_norm": [0.5, 1.0],
-        }
-    )
-    + [
-        {"training.rounds": 10, "training.batch_size": 256, "training.lr": 8.0},
-        {"training.rounds": 20, "training.batch_size": 256, "training.lr": 8.0},
-        {"training.rounds": 10, "training.batch_size": 256, "training.lr": 16.0},
-        {"training.rounds": 10, "training.lr": 16.0, "privacy.max_grad_norm": 0.25},
-        {"training.server_optimizer": "momentum", "training.server_lr": 0.5},
-    ],
-    # digits, HOG features (norm 4), searched at epsilon 1 and 3 (validation): best at
-    # epsilon 1 rounds 20 (0.950), at epsilon 3 rounds 40 (0.978); batch 512, lr 4, C 0.5
-    "digits": [
+            "training.batch_size": [64, 128, 256],
+            "training.rounds": [5, 10, 20, 40],
+            "training.lr": [4.0, 8.0, 16.0],
+        },
         {
-            "training.rounds": r,
-            "training.batch_size": b,
-            "training.lr": lr,
-            "privacy.max_grad_norm": c,
+            **_SGD,
+            "privacy.max_grad_norm": [0.5, 1.0],
+            "training.batch_size": [64, 128, 256],
+            "training.rounds": [5, 10, 20, 40],
+            "training.lr": [4.0, 8.0, 16.0],
+        },
+    ),
+    # digits at epsilon 1, HOG features (norm 4), 322 candidates: batch sizes up to the whole
+    # site (q = 1), 10-80 rounds, lr 0.5-32, C 0.25-2, server momentum or Adam. Best: 20
+    # rounds, B 1024, lr 4, C 0.5 (0.894); B 512, lr 2 (0.893); momentum did not help (<= 0.882).
+    # Large lr loses most (lr 32: 0.46-0.81); the plateau is 0.87-0.92 for one seed.
+    "digits": _grids(
+        {
+            **_SGD,
+            "privacy.max_grad_norm": [0.5],
+            "training.batch_size": [512, 1024, 2048],
+            "training.rounds": [10, 20, 40, 80],
+            "training.lr": [4.0, 8.0, 16.0, 32.0],
+        },
+        {
+            **_SGD,
+            "privacy.max_grad_norm": [0.25, 0.5, 1.0],
+            "training.batch_size": [512, 1024, 2048],
+            "training.rounds": [10, 20, 40, 80],
+            "training.lr": [0.5, 1.0, 2.0, 4.0],
+        },
+        {
+            "training.server_optimizer": ["momentum"],
+            "training.server_lr": [0.05, 0.1, 0.2],
+            "privacy.max_grad_norm": [0.5, 1.0],
+            "training.batch_size": [512, 2048],
+            "training.rounds": [20, 40, 80],
+            "training.lr": [1.0, 2.0, 4.0],
+        },
+        {
+            "training.server_optimizer": ["adam"],
+            "training.server_lr": [0.01, 0.03],
+            "privacy.max_grad_norm": [1.0],
+            "training.batch_size": [512, 2048],
+            "training.rounds": [20, 40],
+            "training.lr": [1.0, 4.0],
+        },
+        *(
+            {
+                **_SGD,
+                "training.batch_size": [1024, 2048],
+                "training.rounds": [40, 60, 80],
+                "training.lr": [lr],
+                "privacy.max_grad_norm": [c],
+            }
+            for lr, c in [(0.5, 1.0), (0.5, 2.0), (1.0, 2.0), (2.0, 1.0), (1.0, 0.5)]
+        ),
+    ),
+    # digits at epsilon 3, 72 candidates. Best: 40 rounds, B 512, lr 2, C 0.5 (0.965); next
+    # B 1024 with C 1 (0.958).
+    "digits3": _grids(
+        {
+            **_SGD,
+            "privacy.max_grad_norm": [0.5, 1.0],
+            "training.batch_size": [512, 1024, 2048],
+            "training.rounds": [20, 40, 80],
+            "training.lr": [1.0, 2.0, 4.0, 8.0],
         }
-        for r, b, lr, c in [
-            (40, 512, 4.0, 0.5),
-            (40, 512, 2.0, 0.5),
-            (40, 512, 8.0, 0.5),
-            (40, 512, 2.0, 1.0),
-            (40, 512, 4.0, 1.0),
-            (20, 512, 4.0, 0.5),
-            (40, 256, 4.0, 0.5),
-        ]
-    ],
+    ),
     # client level (epsilon 2): lr 2, clip 1 (0.735 vs 0.737 non-private, seed 0-1)
     "client": _candidates({"training.lr": [1.0, 2.0], "privacy.clip": [0.25, 0.5, 1.0]}),
 }
@@ -294,7 +355,7 @@ def report(
     print(f"{name:<24} validation {shown}  test {statistics.mean(test):.4f} [{seconds:.0f} s]",
           flush=True)  # fmt: skip
     if threshold is not None:
-        target += " (met)" if round(statistics.mean(test), 3) >= threshold else " (**not met**)"
+        target += " (met)" if statistics.mean(test) >= threshold else " (**not met**)"
     return [name, shown,
             f"**{statistics.mean(test):.3f}** ({', '.join(f'{a:.3f}' for a in test)})",
             target]  # fmt: skip
@@ -380,7 +441,9 @@ def main() -> None:
                 plain = report(bench, "1,000 clients, non-private",
                                merge(raw, privacy={"mode": "none"}), ledger_dir, "-", seeds,
                                args.validation)  # fmt: skip
-                gap = float(plain[2].split("**")[1]) - float(private[2].split("**")[1])
+                gap = statistics.mean(bench.results[plain[0]]["test"]) - statistics.mean(
+                    bench.results[private[0]]["test"]
+                )
                 private[3] += " (met)" if gap <= 0.03 else " (**not met**)"
                 rows += [private, plain]
                 n = raw["data"]["n_sites"]
@@ -399,7 +462,8 @@ def main() -> None:
         caption=(
             f"Test accuracy, delta = 1e-5, PLD accountant, mean over training seeds "
             f"{', '.join(map(str, seeds))} (the data split is fixed by data.seed = 0); settings "
-            "in the script (DEMO, DIGITS, CLIENT) and in the JSON results."
+            "in the table above, the script (DEMO, DIGITS, DIGITS_EPS3, CLIENT) and the JSON "
+            "results."
         ),
     )
     bench.table(
