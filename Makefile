@@ -45,7 +45,7 @@ browser:
 	       [ -z "$$CI" ] || exit 1; }; }
 
 test: install-dev lint browser
-	$(VENV)/bin/python -m pytest -n 2 --timeout 600
+	$(VENV)/bin/python -m pytest -n 2 --timeout 600 --durations=25
 
 # Every benchmark at full size (JSON in benchmarks/results/), then the targets collected and the
 # docs tables regenerated from it (benchmarks/targets.py, benchmarks/render_docs.py); what each
