@@ -810,12 +810,8 @@ class FlowerEngine:
                 continue
             reply = collected.get(s.node_id)
             if s.node_id in senders and reply is not None:
-                meta = reply.content.config_records.get(P.RESULT)
-                eps = _number(meta.get("epsilon") if meta is not None else None)
-                if eps:
-                    self.booked.setdefault(s.name, []).append([rnd, eps])
                 ids.append(s.index)
-                weights.append(meta.get("n_train") if meta is not None else None)
+                weights.append(self._accept(s, reply, rnd))
             elif reply is not None or s.node_id in c.refused:
                 failed += 1
                 missed[s.index] = "site_error"
@@ -858,6 +854,15 @@ class FlowerEngine:
         again = self.train(rnd, state, cohort, only=ready)
         return _merge(received, again)
 
+    def _accept(self, s: SiteEntry, reply: Message, rnd: int) -> Any:
+        """A site's answer taken into the round: the epsilon it booked in its own ledger is
+        recorded (informational), and its record count is the update's weight."""
+        meta = reply.content.config_records.get(P.RESULT)
+        eps = _number(meta.get("epsilon") if meta is not None else None)
+        if eps:
+            self.booked.setdefault(s.name, []).append([rnd, eps])
+        return meta.get("n_train") if meta is not None else None
+
     def _received(self, rnd: int, participants: set[int], replies: dict[int, Message]) -> Received:
         ids, updates, weights, sealed = [], [], [], []
         timed_out = failed = 0
@@ -882,12 +887,8 @@ class FlowerEngine:
                 missed[s.index] = "site_error"
                 log.warning("round %d: site %s failed: %s", rnd, s.name, _reason(reply))
                 continue
-            meta = reply.content.config_records.get(P.RESULT)
-            eps = _number(meta.get("epsilon") if meta is not None else None)
-            if eps:
-                self.booked.setdefault(s.name, []).append([rnd, eps])
             ids.append(s.index)
-            weights.append(meta.get("n_train") if meta is not None else None)
+            weights.append(self._accept(s, reply, rnd))
             if secure:
                 blob = P.unpack(reply.content, P.RESULT, "sealed")
                 sealed.append(None if blob is None else blob.astype(np.uint8).tobytes())
