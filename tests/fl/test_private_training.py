@@ -431,3 +431,30 @@ def test_digits_with_hog_features_trains_a_linear_head(tmp_path: Path) -> None:
     ev = evaluate(out.result.model, out.result.params, X, y)
     assert ev["accuracy"] == pytest.approx(out.result.metrics["accuracy"])
     assert ev["accuracy"] > 0.8
+
+
+def test_client_level_dp_bounds_what_a_scaling_attacker_moves_the_sum_by() -> None:
+    """DP-FedAvg's combine step against a site sending a boosted update: with max_update_norm
+    the update is rejected before clipping; without it, it is clipped to the clip like any
+    other (norm_bound's smaller max_norm then clips every update to that)."""
+    from types import SimpleNamespace
+
+    from privml.fl.rounds import Received
+    from privml.fl.stages.private import ClippedSum, ClipState
+
+    rng = np.random.default_rng(0)
+    honest = rng.normal(size=(3, 8)) * 0.1  # norms well under the clip
+    attack = np.full((1, 8), 1e6)
+    rows = np.vstack([honest, attack])
+    received = Received(np.arange(4), rows, np.ones(4), np.array([False, False, False, True]))
+    state = SimpleNamespace(params=np.zeros(8))
+
+    out = ClippedSum(ClipState(1.0), max_update_norm=5.0)(state, received, 1)  # type: ignore[arg-type]
+    assert out.rejected == [(3, "norm")] and list(out.accepted) == [0, 1, 2]
+    assert np.allclose(out.update, honest.sum(axis=0))
+
+    out = ClippedSum(ClipState(1.0))(state, received, 1)  # type: ignore[arg-type]
+    assert np.allclose(out.update - honest.sum(axis=0), attack[0] / np.linalg.norm(attack[0]))
+
+    out = ClippedSum(ClipState(1.0), norm_bound=0.01)(state, received, 1)  # type: ignore[arg-type]
+    assert np.linalg.norm(out.update) <= 4 * 0.01 + 1e-12
