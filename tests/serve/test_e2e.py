@@ -302,7 +302,7 @@ def test_server_logs_hold_no_token_ciphertext_or_key(server: Server, trained: Tr
     with _client(server, keys_dir) as c:
         c.predict_logits(trained.X_test[:4])
         blob = c.keys().public.to_bytes()
-    log = server.log_text()
+    log = server.wait_for_log("POST /v1/predict 200 owner=alice")
     assert "POST /v1/predict 200 owner=alice" in log  # the access log works
     for token in server.tokens.values():
         assert token not in log and token[len("privml_"):][:16] not in log
