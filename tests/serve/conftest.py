@@ -114,13 +114,15 @@ class Server:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
-        """The log once it holds ``text``: the access log line of a request is written
-        after its response has left, so a client can see the answer before the line."""
+    def wait_for_log(self, text: str, timeout: float = 60.0, *, after: int = 0) -> str:
+        """The log once it holds ``text`` past its first ``after`` characters (what it held
+        before the request, so that an earlier test's line does not count): the access log
+        line of a request is written after its response has left, so a client can see the
+        answer before the line."""
         deadline = time.monotonic() + timeout
         while True:
             log = self.log_text()
-            if text in log or time.monotonic() > deadline:
+            if text in log[after:] or time.monotonic() > deadline:
                 return log
             time.sleep(0.05)
 
