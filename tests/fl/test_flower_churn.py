@@ -94,7 +94,7 @@ class Churn:
             log=(self.logs / f"superlink-{len(self.procs)}.log").open("wb"),
         )
         self.procs.append(self.sl)
-        wait_for_port("127.0.0.1", self.port, timeout=90, proc=self.sl)
+        wait_for_port("127.0.0.1", self.port, timeout=300, proc=self.sl)
         from privml.fl.flower.run import register_supernode
 
         for site in SITES:  # its state is in memory: the operator registers the keys again
@@ -119,7 +119,7 @@ class Churn:
         self.nodes[site] = proc
 
         def watch() -> None:  # when did it connect, counted in rounds reported
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900
             while time.monotonic() < deadline and proc.poll() is None:
                 if "connected as SuperNode" in log.read_text(errors="replace"):
                     self.connected.append((site, self.reported))
@@ -140,7 +140,7 @@ class Churn:
         # counts its killed predecessor as online); on a fast machine the remaining rounds
         # could all finish before it does, leaving nothing to rejoin. So from the round after a
         # kill the coordinator (this callback runs in its loop) waits for it.
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 600  # ends as soon as it has connected
         while (any(rec.round >= killed + 1 for killed in list(self.pending.values()))
                and time.monotonic() < deadline):  # fmt: skip
             time.sleep(0.2)

@@ -144,7 +144,7 @@ def link(
             stop_process(sl)
 
         request.addfinalizer(stop_all)
-        wait_for_port("127.0.0.1", port, timeout=90, proc=sl)
+        wait_for_port("127.0.0.1", port, timeout=300, proc=sl)
         from privml.fl.flower.run import register_supernode
 
         for site in SITES:
@@ -178,7 +178,7 @@ def _run_both(link: Link, setup: str, tmp_path: Path) -> tuple[Any, Any]:
     cfg = load_config(link.config(setup, "coordinator"))
     try:
         flower = run_flower(cfg, deployment=_deployment(link), out_dir=tmp_path / "run",
-                            wait_for_sites=120, round_timeout=120)  # fmt: skip
+                            wait_for_sites=300, round_timeout=120)  # fmt: skip
     except Exception:
         print(link.text())
         raise
@@ -259,7 +259,7 @@ def test_a_rogue_coordinator_cannot_spend_beyond_a_sites_budget(
     with pytest.raises(_Refused) as refused:
         coordinator = load_config(link.config("sample+attack", "coordinator"))
         flower_run.run_flower(coordinator, deployment=_deployment(link), write=False,
-                              wait_for_sites=120)  # fmt: skip
+                              wait_for_sites=300)  # fmt: skip
     answers = refused.value.answers
     *booked, reason = answers
     assert len(booked) >= 2 and "BudgetExceededError" in reason and "hospital_a" in reason

@@ -129,7 +129,7 @@ def test_secagg_deployment_survives_a_supernode_killed_after_masking(
     dep = Deployment(superlink, keys.ca_cert, keys.superexec_secret)
     t0 = time.perf_counter()
     try:
-        out = run_flower(cfg, deployment=dep, write=False, wait_for_sites=120)
+        out = run_flower(cfg, deployment=dep, write=False, wait_for_sites=300)
     except Exception:
         print("\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
                         for p in sorted(logs.iterdir())))  # fmt: skip
