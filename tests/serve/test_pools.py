@@ -58,7 +58,7 @@ class FakePublic:
     scheme = "ckks"
 
 
-def wait_for(cond: Any, timeout: float = 10.0) -> bool:
+def wait_for(cond: Any, timeout: float = 60.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
@@ -87,9 +87,14 @@ def test_warm_fills_a_pool_before_any_request(keeper: PoolKeeper) -> None:
     assert wait_for(lambda: len(pool) == 10)
     assert loads == ["privml-pools"]  # parsed on the pool thread, not by the caller
     assert keeper.stats() == {"a" * 16: {"ready": 10, "misses": 0}}
-    keeper.warm("b" * 64, lambda: None)  # a key gone meanwhile: nothing happens
-    time.sleep(0.2)
-    assert list(keeper.stats()) == ["a" * 16]
+    asked = threading.Event()
+
+    def gone() -> None:  # a key deleted meanwhile
+        asked.set()
+
+    keeper.warm("b" * 64, gone)
+    assert asked.wait(60)  # the thread looked the key up ...
+    assert list(keeper.stats()) == ["a" * 16]  # ... and made no pool for it
 
 
 def test_refills_wait_while_requests_are_in_flight(keeper: PoolKeeper) -> None:

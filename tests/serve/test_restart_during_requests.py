@@ -78,8 +78,10 @@ def test_server_killed_and_restarted_during_requests(
 
             worker = threading.Thread(target=loop)
             worker.start()
-            while outcomes.count("ok") < 3:
+            deadline = time.monotonic() + 120
+            while outcomes.count("ok") < 3 and worker.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert outcomes.count("ok") >= 3, outcomes[-20:]
             proc.send_signal(signal.SIGKILL)  # no graceful shutdown
             proc.wait(timeout=30)
             down = len(outcomes)
