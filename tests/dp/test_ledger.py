@@ -212,7 +212,7 @@ def test_forty_concurrent_query_processes_cannot_overspend(
     ]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=120) for _ in procs]
+    outcomes = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -238,7 +238,7 @@ def test_killed_process_leaves_a_consistent_ledger(tmp_path: Path) -> None:
     for kill in range(3):
         proc = ctx.Process(target=ledger_workers.charge_forever, args=(path, str(released_path)))
         proc.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # ends when the worker has released enough
         target = 10 * (kill + 1) + kill * 7
         while time.monotonic() < deadline:
             if released_path.exists() and len(released_path.read_text().split()) >= target:
