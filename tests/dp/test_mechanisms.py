@@ -4,7 +4,7 @@ Each mechanism is checked three ways:
 
 * distribution: 10^5 draws of the insecure numpy sampler at a fixed seed, and 2-3 x 10^3 to
   2 x 10^4 draws of the secure OpenDP sampler (a CSPRNG cannot be seeded, so these use a
-  stricter p-value floor of 1e-4), pass a KS or chi-square test against the intended law;
+  p-value floor of 1e-7, see P_SECURE), pass a KS or chi-square test against the intended law;
 * privacy: the empirical DP ratio P[M(D1) in S] <= e^eps P[M(D2) in S] + slack holds on
   neighbouring inputs for a family of output sets S, and a negative control shows the check
   fails when the claimed epsilon is too small;
@@ -35,7 +35,12 @@ from privml.errors import InsecureOptionWarning, UsageError
 N_FAST = 100_000  # insecure sampler, fixed seed
 N_SECURE = 20_000  # secure vector samplers (one OpenDP call)
 P_FIXED = 1e-3  # fixed seed: deterministic outcome
-P_SECURE = 1e-4  # unseedable CSPRNG: a false alarm at most once in 10^4 runs
+#: Unseedable CSPRNG: each secure-sampler check is a false alarm with probability 1e-7 (its
+#: p-value is uniform when the law is right); nine such checks here, so a correct sampler fails
+#: this module at most once in 10^6 runs. (At 1e-4 it was about once in 1,100 runs of the suite.)
+#: They still catch a scale off by 20 % or more (KS distance 0.034 for the Laplace at 2 x 10^4
+#: draws, against 0.021 at this floor); the fixed-seed checks catch 5 %.
+P_SECURE = 1e-7
 
 
 def _rng(seed: int = 12345) -> np.random.Generator:
@@ -434,7 +439,13 @@ def test_laplace_dp_ratio_secure() -> None:
     eps = 1.0
     a = m.laplace(np.zeros(N_SECURE), epsilon=eps, sensitivity=1.0).value
     b = m.laplace(np.ones(N_SECURE), epsilon=eps, sensitivity=1.0).value
-    assert _max_ratio_violation(a, b, eps, np.linspace(-4, 5, 19)) <= 2.5 * SLACK
+    # Unseedable, 2 x 10^4 draws per side: at the tight sets (half-lines from the shift on)
+    # P_a(S) - e^eps P_b(S) has mean 0 and standard deviation up to
+    # sqrt((0.25 + e^2 * 0.184 * 0.816) / 20000) = 0.0082, and the maximum over the correlated
+    # sets exceeded 0.025 in 2.35e-3 of 20,000 simulated runs (a flaky bound). 0.045 is 5.5
+    # of those deviations: a false alarm below 1e-7. A mechanism whose true epsilon is 10 %
+    # above the claim already violates it by 0.048 at the half-line from 1.
+    assert _max_ratio_violation(a, b, eps, np.linspace(-4, 5, 19)) <= 4.5 * SLACK
 
 
 def test_gaussian_dp_ratio(quiet_insecure: None) -> None:

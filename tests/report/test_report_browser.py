@@ -69,14 +69,14 @@ def _browse(html_path: Path, tmp: Path, width: int) -> dict:
     args = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp / f'profile-{width}'}",
             f"--window-size={width},900", "--virtual-time-budget=10000"]  # fmt: skip
     dom = subprocess.run([*args, "--dump-dom", probe.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout  # fmt: skip
+                         text=True, timeout=300).stdout  # fmt: skip
     start = dom.index('<pre id="privml-check">') + len('<pre id="privml-check">')
     data = json.loads(dom[start : dom.index("</pre>", start)].replace("&quot;", '"')
                       .replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))  # fmt: skip
     shot = tmp / f"report-{width}.png"
     subprocess.run([*[a for a in args if not a.startswith("--window-size")],
                     f"--window-size={width},5000", f"--screenshot={shot}", html_path.as_uri()],
-                   capture_output=True, timeout=120)  # fmt: skip
+                   capture_output=True, timeout=300)  # fmt: skip
     assert shot.is_file() and shot.stat().st_size > 10_000
     return data
 
