@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -183,6 +184,28 @@ class DataConfig(_Strict):
         return self.schema_
 
 
+class HogConfig(_Strict):
+    """``[model.hog]``: the HOG feature map's settings (:class:`privml.dp.features.HogFeatures`).
+
+    All of them are fixed before training and independent of the data, so choosing them costs
+    no privacy by itself (choosing them on private validation data is a search like any other).
+    """
+
+    bins: int = Field(default=8, ge=2, le=64, description="signed gradient orientation bins")
+    cell: int = Field(default=2, ge=1, le=10_000, description="cell side in pixels")
+    stride: int = Field(
+        default=2, ge=1, le=10_000, description="distance between cells in pixels (< cell overlaps)"
+    )
+    cell_eps: float = Field(
+        default=0.01, gt=0, le=1e6, description="floor added to a cell's squared norm"
+    )
+    scale: float = Field(default=4.0, gt=0, le=1e6, description="L2 norm of the feature vectors")
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`privml.dp.features.HogFeatures`."""
+        return self.model_dump()
+
+
 class ModelConfig(_Strict):
     kind: Literal["logistic", "mlp", "cnn"] = "logistic"
     hidden: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
@@ -195,6 +218,19 @@ class ModelConfig(_Strict):
         description="fixed, data-independent feature map before the model (hog: gradient "
         "orientation histograms of image_shape inputs; see privml.dp.features)",
     )
+    hog: HogConfig = Field(
+        default_factory=HogConfig,
+        description='[model.hog]: the HOG map\'s settings (features = "hog" only)',
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # The default [model.hog] is left out, so the resolved config (and its hash) of every
+        # config that does not set it is what it was before the table existed.
+        out: dict[str, Any] = handler(self)
+        if self.hog == HogConfig():
+            out.pop("hog", None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -214,6 +250,23 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f'features = "{self.features}" feeds a logistic or mlp model, not a cnn'
             )
+        if self.features != "hog" and self.hog != HogConfig():
+            raise ValueError(
+                'hog: [model.hog] sets the HOG map, which only features = "hog" uses; set '
+                'features = "hog" or remove [model.hog]'
+            )
+        if self.features == "hog" and self.image_shape is not None:
+            h, w = self.image_shape
+            if self.hog.cell > min(h, w):
+                raise ValueError(
+                    f"hog.cell ({self.hog.cell}) is larger than the {h}x{w} image; use a cell "
+                    f"<= {min(h, w)}"
+                )
+            if min(h, w) < 3:
+                raise ValueError(
+                    f'features = "hog" needs an image of at least 3x3 pixels (image_shape is '
+                    f"{self.image_shape})"
+                )
         return self
 
 

@@ -207,6 +207,24 @@ class HogFeatures(nn.Module):
             "center": self.center.tolist() if self.centered else None,
         }
 
+    @classmethod
+    def from_dict(cls, d: Any) -> HogFeatures:
+        """Rebuilds a map from :meth:`to_dict` (results.json ``features``, model.json
+        ``feature_map``): the same settings and centre, hence the same features.
+
+        Raises:
+            UsageError: not a HOG map's record, or one with invalid settings.
+        """
+        if not isinstance(d, dict) or d.get("name") != "hog":
+            raise UsageError(f"not a HOG feature map's record: {str(d)[:80]!r}")
+        try:
+            return cls(
+                d["image_shape"], bins=d["bins"], cell=d["cell"], stride=d["stride"],
+                cell_eps=d["cell_eps"], scale=d["scale"], center=d.get("center"),
+            )  # fmt: skip
+        except KeyError as exc:
+            raise UsageError(f"the HOG feature map's record lacks {exc.args[0]!r}") from None
+
     def extra_repr(self) -> str:
         H, W = self.image_shape
         return (

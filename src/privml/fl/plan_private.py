@@ -110,7 +110,9 @@ def run_label(config: Any) -> str:
 
 def feature_map(config: Any) -> HogFeatures | None:
     m = config.model
-    return None if m.features == "none" else make_feature_map(m.features, m.image_shape)
+    if m.features == "none":
+        return None
+    return make_feature_map(m.features, m.image_shape, **m.hog.options())
 
 
 def head_spec(spec: ModelSpec, fmap: HogFeatures | None) -> ModelSpec:
