@@ -181,7 +181,9 @@ def test_sampling_plan_uses_batch_over_n() -> None:
 @pytest.mark.parametrize("kind", ["numpy", "secure"])
 def test_poisson_batches_have_the_planned_rate_and_steps(kind: str) -> None:
     sizes = np.array([400, 100])
-    source = NoiseSource.fresh()
+    # the secure keystream under a fixed key: the KS check at 1e-3 below has one outcome
+    # (under NoiseSource.fresh() it failed a correct sampler once in 1,000 runs)
+    source = NoiseSource(bytes(range(32)), secure=True)
     rngs: list[Any] = (
         [np.random.default_rng([1, s]) for s in range(2)]
         if kind == "numpy"
@@ -209,7 +211,7 @@ def test_poisson_batches_have_the_planned_rate_and_steps(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["torch", "secure"])
 def test_noise_has_the_calibrated_scale_and_skips_finished_sites(kind: str) -> None:
-    source = NoiseSource.fresh()
+    source = NoiseSource(bytes(range(32)), secure=True)  # fixed key: as above
     spec = ModelSpec("logistic", 199, 1)
     model = build_model(spec)
     P = flat_params(model).numel()
