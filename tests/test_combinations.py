@@ -66,8 +66,13 @@ def run_text(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, *arg
 
 @pytest.mark.parametrize("scheme", ["paillier", "ckks"])
 def test_sample_level_dp_with_secure_aggregation(
-    scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The utility of one DP-SGD run is random: with fresh noise, 16 of 200 runs of this config
+    # (CKKS) ended below AUC 0.9 and one at chance (0.49); the test-only reproducible noise
+    # makes the run one fixed draw, so the bound below checks that it learns, not the luck.
+    monkeypatch.setenv("PRIVML_INSECURE_REPRODUCIBLE_NOISE", "1")
     text = _demo_with(f'secure_aggregation = "{scheme}"\nmax_update_norm = 30.0\n'
                       "secure_aggregation_key_bits = 2048\n", DP_SAMPLE)  # fmt: skip
     res = run_text(tmp_path, capsys, text)
@@ -78,7 +83,8 @@ def test_sample_level_dp_with_secure_aggregation(
     booked = priv["epsilon_by_round"]
     assert all([r for r, _ in v if r > 0] == list(range(1, 21)) for v in booked.values())
     assert res["updates"]["accepted"] == 60
-    assert res["metrics"]["auc"] > 0.9  # DP-SGD at epsilon 1 still learns the demo
+    assert priv["reproducible_noise"]
+    assert res["metrics"]["auc"] > 0.9, res["metrics"]  # DP-SGD at epsilon 1 learns the demo
 
 
 def test_client_level_dp_with_secure_aggregation_hides_the_sum_from_the_server(
