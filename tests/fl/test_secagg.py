@@ -182,7 +182,8 @@ def test_no_message_the_server_receives_reveals_one_update() -> None:
                                      np.zeros(10, dtype=bool)), session.t)  # fmt: skip
     assert q is not None
     # the masked vector alone is uniform noise: uncorrelated with the update, spread over [0, m)
-    assert abs(_corr(y[1:], q[target, 1:])) < 0.3
+    # (199 values: |r| > 0.4 by chance has probability 5e-9; 0.3 gave 1.7e-5 per check)
+    assert abs(_corr(y[1:], q[target, 1:])) < 0.4
     assert y.max() > r.params.modulus * 0.9 and y.min() < r.params.modulus * 0.1
     # the best the server can do: remove the self mask it learns (it rebuilds the seed from
     # the unmask shares, as the protocol lets it), which leaves the pairwise masks
@@ -192,7 +193,7 @@ def test_no_message_the_server_receives_reveals_one_update() -> None:
     m = r.params.modulus
     self_mask = S._prg(S._hkdf(seed, b"self mask" + S._ids(1, target)), P + 1, m)
     rest = (y - self_mask) & np.uint64(m - 1)
-    assert abs(_corr(rest[1:], q[target, 1:])) < 0.3
+    assert abs(_corr(rest[1:], q[target, 1:])) < 0.4
     guess, _ = S.dequantize_sum(rest, 1, r.params)
     assert np.abs(guess - r.updates[target]).mean() > 10 * np.abs(r.updates[target]).mean()
     # and no share of site 0's mask-key seed ever reached the server (it sent its vector)
