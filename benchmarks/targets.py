@@ -65,8 +65,10 @@ def _plain(key: str) -> Getter:
 def _utility(name: str) -> Getter:
     def get(d: dict[str, Any]) -> tuple[float, str]:
         test = d["results"][name]["test"]
+        sd = statistics.stdev(test) if len(test) > 1 else 0.0
         return statistics.mean(test), (
-            f"{statistics.mean(test):.3f} (seeds: {', '.join(f'{a:.3f}' for a in test)})"
+            f"{statistics.mean(test):.3f} (sd {sd:.3f}, {min(test):.3f}-{max(test):.3f}, "
+            f"{len(test)} seeds)"
         )
 
     return get
