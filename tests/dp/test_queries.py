@@ -245,7 +245,9 @@ def test_query_answers_are_sane(schema: dict, frame: pd.DataFrame) -> None:
     count = Q.answer_query(frame, "count()", schema=schema, epsilon=eps).value
     assert isinstance(count, int) and abs(count - 1000) < 10
     total = Q.answer_query(frame, "sum(age)", schema=schema, epsilon=eps).value
-    assert abs(total - frame["age"].sum()) < 200
+    # Laplace noise of scale 100 / 5 = 20 (secure, unseeded): |noise| >= 300 has probability
+    # exp(-15) = 3e-7 (200 gave exp(-10) = 4.5e-5: one false failure in 22,000 runs)
+    assert abs(total - frame["age"].sum()) < 300
     var = Q.answer_query(frame, "variance(age)", schema=schema, epsilon=eps).value
     assert abs(var - frame["age"].var(ddof=0)) < 60
     hist = Q.answer_query(frame, "histogram(sex)", schema=schema, epsilon=eps).value
@@ -326,5 +328,11 @@ def test_bounded_mean_error_matches_analytic_expectation(secure: bool) -> None:
         ]
     mae = float(np.mean(np.abs(errs)))
     print(f"secure={secure}: mean |error| {mae:.5f}, analytic {expected:.5f}")
-    assert mae == pytest.approx(expected, rel=0.10)
-    assert abs(float(np.mean(errs))) < 3 * expected / math.sqrt(reps) + 0.01  # ~unbiased
+    # The seeded run has one outcome. The secure one cannot be seeded: over 1,500 draws the
+    # mean |error| has a standard error of 0.0029 (2.3 % of 0.123, from 20,000 draws) and the
+    # mean error 0.0043 around a ratio-estimator bias of -0.002; 10 % and 3 / sqrt(reps)
+    # failed a correct sampler about once in 16,000 runs, 15 % and 5 / sqrt(reps) below 1e-7.
+    # A noise scale off by a third (a wrong sensitivity or budget split) still fails the first.
+    rel, k = (0.15, 5) if secure else (0.10, 3)
+    assert mae == pytest.approx(expected, rel=rel)
+    assert abs(float(np.mean(errs))) < k * expected / math.sqrt(reps) + 0.01  # ~unbiased
