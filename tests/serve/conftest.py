@@ -185,6 +185,28 @@ def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory,
         srv.stop()
 
 
+class StoreClock:
+    """The state store's wall clock, stopped: token buckets refill only when a test moves it
+    (``clock.now += seconds``), so a rate-limit test does not depend on how fast the machine
+    serves the requests in between (a bucket refilling at 1 unit/s let a third request through
+    whenever the first two took a second)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store_clock(monkeypatch: pytest.MonkeyPatch) -> StoreClock:
+    import privml.serve.store
+
+    clock = StoreClock()
+    monkeypatch.setattr(privml.serve.store, "time", clock)
+    return clock
+
+
 @pytest.fixture(scope="session")
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("client-keys") / "keys"

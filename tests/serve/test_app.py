@@ -26,7 +26,7 @@ from privml.serve.client import PredictionClient
 from privml.serve.model import ServedModel
 from privml.serve.settings import Limits, ServeSettings
 from privml.serve.tokens import TokenStore
-from tests.serve.conftest import PASSPHRASE, Trained, trusting
+from tests.serve.conftest import PASSPHRASE, StoreClock, Trained, trusting
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -390,13 +390,16 @@ def test_body_size_batch_size_and_context_quota(
 
 
 def test_rate_limits_per_token(make_api: Callable[..., Api], keys: he.KeyPair,
-                               trained: Trained) -> None:
+                               trained: Trained, store_clock: StoreClock) -> None:
     api = make_api(rate_requests=1.0)  # bursts of 2
     assert api.get("/v1/model").status_code == 200
     assert api.get("/v1/model").status_code == 200
     r = api.get("/v1/model")
     assert error(r, 429, None)["error"] == "rate_limited"
     assert int(r.headers["retry-after"]) >= 1
+    store_clock.now += 1.0  # a second later, one request's worth has come back
+    assert api.get("/v1/model").status_code == 200
+    assert api.get("/v1/model").status_code == 429
     other = TokenStore(api.settings.resolved_state_dir).add("bob")
     assert api.http.get("/v1/model", headers={"Authorization": f"Bearer {other}"}).status_code \
         == 200

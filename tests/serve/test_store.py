@@ -15,6 +15,7 @@ import pytest
 from privml.errors import UsageError
 from privml.serve.store import ContextQuotaError, StateStore
 from privml.serve.tokens import TOKEN_PREFIX, TokenStore
+from tests.serve.conftest import StoreClock
 
 TTL = 3600.0
 
@@ -103,11 +104,13 @@ def test_quota_and_owner_removal(tmp_path: Path) -> None:
     assert st.read_blob(ids[0]) is None and st.read_blob(ids[2]) == b"c"
 
 
-def test_token_bucket(tmp_path: Path) -> None:
+def test_token_bucket(tmp_path: Path, store_clock: StoreClock) -> None:
     st = StateStore(tmp_path)
     assert st.take("alice", "patients", 8, rate=2.0, burst=10.0) == 0.0
     wait = st.take("alice", "patients", 8, rate=2.0, burst=10.0)
-    assert 2.5 <= wait <= 3.1  # 6 missing units at 2 per second
+    assert wait == pytest.approx(3.0)  # 6 missing units at 2 per second
+    store_clock.now += 1.0  # a second later: 2 + 2 units, still 2 s to wait
+    assert st.take("alice", "patients", 8, rate=2.0, burst=10.0) == pytest.approx(2.0)
     assert st.take("bob", "patients", 8, rate=2.0, burst=10.0) == 0.0  # per token
     with sqlite3.connect(tmp_path / "state.db") as conn:  # 4 seconds later: 2 + 8 units
         conn.execute("UPDATE buckets SET updated = updated - 4 WHERE owner='alice'")
