@@ -25,6 +25,24 @@ def _absl_handler_on_the_real_stderr() -> None:
 _absl_handler_on_the_real_stderr()
 
 
+def _hypothesis_replays_fixed_examples() -> None:
+    """Every property test replays the same derandomized examples, so a CI result never
+    depends on the draw (as the fuzz harness does, tests/fuzz/hostile.py); tests that pass
+    their own ``@settings`` inherit it. ``PRIVML_HYPOTHESIS_EXPLORE=1`` draws new examples
+    (for a local search, not for CI)."""
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("privml-fixed", derandomize=True, database=None)
+    settings.register_profile("privml-explore", derandomize=False)
+    explore = os.environ.get("PRIVML_HYPOTHESIS_EXPLORE", "") not in ("", "0")
+    settings.load_profile("privml-explore" if explore else "privml-fixed")
+
+
+_hypothesis_replays_fixed_examples()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_user_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Point privml's per-user files (model signing key, key rings, service state) into a
