@@ -112,7 +112,7 @@ def test_token_bucket(tmp_path: Path, store_clock: StoreClock) -> None:
     store_clock.now += 1.0  # a second later: 2 + 2 units, still 2 s to wait
     assert st.take("alice", "patients", 8, rate=2.0, burst=10.0) == pytest.approx(2.0)
     assert st.take("bob", "patients", 8, rate=2.0, burst=10.0) == 0.0  # per token
-    with sqlite3.connect(tmp_path / "state.db") as conn:  # 4 seconds later: 2 + 8 units
+    with sqlite3.connect(tmp_path / "state.db") as conn:  # 4 s more: 2 + 10 units, 10 kept
         conn.execute("UPDATE buckets SET updated = updated - 4 WHERE owner='alice'")
     assert st.take("alice", "patients", 8, rate=2.0, burst=10.0) == 0.0
 
