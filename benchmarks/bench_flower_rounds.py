@@ -19,9 +19,7 @@ the final accuracy of each (equal to the simulation's with the same seed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -45,7 +43,7 @@ def deploy_and_run(kind: str, rounds: int, root: Path, *, quick: bool = False) -
     from privml.fl.flower.processes import (
         free_port,
         start_process,
-        stop_process,
+        stop_processes,
         superlink_command,
         supernode_command,
         wait_for_port,
@@ -120,11 +118,7 @@ def deploy_and_run(kind: str, rounds: int, root: Path, *, quick: bool = False) -
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            stop_process(p)
+        stop_processes(procs)
     timing = out.results["deployment"]["timing"]
     return {
         "round_seconds": timing["round_seconds"],

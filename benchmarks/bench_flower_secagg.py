@@ -17,9 +17,7 @@ quick run's budget; it prints why and writes a table saying so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -132,13 +130,9 @@ class Deployment:
         }
 
     def stop(self) -> None:
-        from privml.fl.flower.processes import stop_process
+        from privml.fl.flower.processes import stop_processes
 
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            stop_process(p)
+        stop_processes(self.procs)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from privml.fl.flower.env import flower_env
 from privml.fl.flower.processes import (
     free_port,
     start_process,
-    stop_process,
+    stop_processes,
     superlink_command,
     wait_for_port,
 )
@@ -81,11 +81,7 @@ class Churn:
         request.addfinalizer(self.stop_all)
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            stop_process(p)
+        stop_processes(self.procs)
 
     def start_superlink(self) -> None:
         self.sl = start_process(

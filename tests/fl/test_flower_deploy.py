@@ -9,10 +9,7 @@ killed), also when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +28,7 @@ from privml.fl.flower.processes import (
     free_port,
     start_process,
     stop_process,
+    stop_processes,
     superlink_command,
     wait_for_port,
 )
@@ -73,11 +71,7 @@ def live(
     procs: list[Any] = []
 
     def stop_all() -> None:
-        for p in procs:  # SIGTERM every group first, then wait for each
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            stop_process(p)
+        stop_processes(procs)
 
     request.addfinalizer(stop_all)
     with pytest.MonkeyPatch.context() as mp:

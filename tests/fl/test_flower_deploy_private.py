@@ -30,6 +30,7 @@ from privml.fl.flower.processes import (
     free_port,
     start_process,
     stop_process,
+    stop_processes,
     superlink_command,
     wait_for_port,
 )
@@ -92,11 +93,7 @@ class Link:
         return path
 
     def stop_nodes(self) -> None:
-        for p in self.nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.nodes:
-            stop_process(p)
+        stop_processes(self.nodes)
         self.nodes = []
 
     def use(self, setup: str) -> None:

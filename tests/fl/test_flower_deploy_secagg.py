@@ -13,7 +13,6 @@ Every process started here is stopped by a finalizer (process groups are killed)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ from privml.fl.flower.env import flower_env
 from privml.fl.flower.processes import (
     free_port,
     start_process,
-    stop_process,
+    stop_processes,
     superlink_command,
     wait_for_port,
 )
@@ -71,11 +70,7 @@ def test_secagg_deployment_survives_a_supernode_killed_after_masking(
     procs: list[Any] = []
 
     def stop_all() -> None:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            stop_process(p)
+        stop_processes(procs)
 
     request.addfinalizer(stop_all)
     for key, value in flower_env(home, base={}).items():

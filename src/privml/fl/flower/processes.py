@@ -28,6 +28,7 @@ __all__ = [
     "free_port",
     "start_process",
     "stop_process",
+    "stop_processes",
     "superlink_command",
     "supernode_command",
     "wait_for_port",
@@ -204,3 +205,12 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> Non
         os.killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.wait(timeout=timeout)
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], *, timeout: float = 10.0) -> None:
+    """Stop several processes: SIGTERM to every process group first, so they shut down
+    together, then :func:`stop_process` on each, the last started first."""
+    for proc in procs:  # a group may outlive its leader: signal it either way
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        stop_process(proc, timeout=timeout)
